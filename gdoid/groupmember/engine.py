@@ -1,0 +1,295 @@
+"""The group member's registration logic: no sockets, no clock of its own.
+
+One :class:`Registration` per configured group walks phase 1 and
+GROUPKEY-PULL against the group's key servers in order, installs the result
+in the :class:`~gdoid.groupmember.sadb.Sadb`, and schedules re-registration
+before the keys run out.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from ipaddress import IPv4Address
+
+from gdoid import log
+from gdoid.config import GmGroupConfig
+from gdoid.groupmember.sadb import Sadb
+from gdoid.keylog import KeyLog
+from gdoid.protocol.constants import ExchangeType, NotifyType
+from gdoid.protocol.errors import ProtocolError
+from gdoid.protocol.header import IsakmpHeader
+from gdoid.protocol.ike import (
+    IkeSa,
+    MainModeInitiator,
+    Phase1Config,
+    Phase1Established,
+    Phase1Failed,
+)
+from gdoid.protocol.payloads import NotifyPayload
+from gdoid.protocol.pull import PullFailed, PullInitiator, PullOutput, Registered
+
+Address = tuple[str, int]
+Outgoing = list[tuple[bytes, Address]]
+
+RETRY_BACKOFF_MAX = 60.0
+
+
+class RegState(Enum):
+    IDLE = auto()
+    PHASE1 = auto()
+    PULL = auto()
+    REGISTERED = auto()
+    BACKOFF = auto()
+
+
+@dataclass
+class Registration:
+    group: GmGroupConfig
+    state: RegState = RegState.IDLE
+    ks_index: int = 0
+    round_failures: int = 0
+    attempt_deadline: float | None = None
+    retry_at: float | None = None
+    rereg_at: float | None = None
+    mm: MainModeInitiator | None = None
+    sa: IkeSa | None = None
+    pull: PullInitiator | None = None
+    registered_ks: IPv4Address | None = None
+    registered_at: float | None = None
+    ks_version: str = "unknown"
+    last_failure: str = ""
+    registrations: int = 0
+    failures: int = 0
+    attempt_cookies: set[bytes] = field(default_factory=set)
+
+    @property
+    def ks(self) -> IPv4Address:
+        return self.group.servers[self.ks_index % len(self.group.servers)]
+
+    @property
+    def ks_addr(self) -> Address:
+        return (str(self.ks), self.group.server_port)
+
+
+class GroupMemberEngine:
+    def __init__(
+        self,
+        local_address: IPv4Address,
+        groups: tuple[GmGroupConfig, ...],
+        phase1: Phase1Config,
+        *,
+        registration_timeout: float = 10.0,
+        rereg_jitter: float = 0.1,
+        keylog: KeyLog | None = None,
+        logger: object | None = None,
+        rng: random.Random | None = None,
+        on_event: Callable[[str, Registration], None] | None = None,
+    ) -> None:
+        self.address = local_address
+        self.phase1 = phase1
+        self.registration_timeout = registration_timeout
+        self.rereg_jitter = rereg_jitter
+        self.keylog = keylog
+        self.log = logger or log.get_logger("gdoid.gm")
+        self.rng = rng or random.Random()
+        self.on_event = on_event
+        self.sadb = Sadb()
+        self.registrations: dict[int, Registration] = {g.number: Registration(g) for g in groups}
+        self._by_icky: dict[bytes, Registration] = {}
+        self.counters: Counter[str] = Counter()
+
+    # --- control ------------------------------------------------------------------
+
+    def start(self, now: float) -> Outgoing:
+        out: Outgoing = []
+        for reg in self.registrations.values():
+            out += self._begin(reg, now)
+        return out
+
+    def reregister(self, group_number: int, now: float) -> Outgoing:
+        reg = self.registrations[group_number]
+        self._abandon(reg)
+        return self._begin(reg, now)
+
+    def _abandon(self, reg: Registration) -> None:
+        for icky in reg.attempt_cookies:
+            self._by_icky.pop(icky, None)
+        reg.attempt_cookies.clear()
+        reg.mm = None
+        reg.pull = None
+        reg.sa = None
+        reg.attempt_deadline = None
+
+    def _begin(self, reg: Registration, now: float) -> Outgoing:
+        self._abandon(reg)
+        reg.state = RegState.PHASE1
+        reg.retry_at = None
+        reg.rereg_at = None
+        mm = MainModeInitiator(self.phase1, reg.ks, now)
+        out = mm.start(now)
+        reg.mm = mm
+        reg.attempt_cookies.add(mm.icky)
+        self._by_icky[mm.icky] = reg
+        reg.attempt_deadline = now + self.registration_timeout
+        self.log.info("registration_start", group=reg.group.name, ks=str(reg.ks))
+        return [(d, reg.ks_addr) for d in out.send]
+
+    def _failed(self, reg: Registration, reason: str, now: float) -> Outgoing:
+        reg.failures += 1
+        reg.last_failure = reason
+        self.counters["registrations_failed"] += 1
+        log.emit(self.log, log.GM_REG_FAILURE, ks=str(reg.ks), group=reg.group.name, reason=reason)
+        self._abandon(reg)
+        self._notify("failed", reg)
+        reg.ks_index += 1
+        reg.round_failures += 1
+        if reg.round_failures % len(reg.group.servers):
+            return self._begin(reg, now)  # try the next KS at once
+        rounds = reg.round_failures // len(reg.group.servers)
+        delay = min(RETRY_BACKOFF_MAX, 2.0 ** min(rounds, 6)) * (1 + 0.2 * self.rng.random())
+        reg.state = RegState.BACKOFF
+        reg.retry_at = now + delay
+        return []
+
+    def _notify(self, what: str, reg: Registration) -> None:
+        if self.on_event is not None:
+            self.on_event(what, reg)
+
+    # --- input ---------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, peer: Address, now: float) -> Outgoing:
+        try:
+            header = IsakmpHeader.decode(data)
+        except ProtocolError as exc:
+            return self._drop(peer, str(exc))
+        reg = self._by_icky.get(header.initiator_cookie)
+        if reg is None:
+            return self._drop(peer, "no exchange with these cookies")
+        if peer != reg.ks_addr:
+            return self._drop(peer, "datagram from an address that is not our KS")
+        try:
+            if header.exchange_type == ExchangeType.IDENTITY_PROTECTION or (
+                header.exchange_type == ExchangeType.INFORMATIONAL and not header.encrypted
+            ):
+                if reg.mm is None or reg.state != RegState.PHASE1:
+                    return self._drop(peer, "Main Mode message outside phase 1")
+                mm_out = reg.mm.receive(data, now)
+                out = [(d, reg.ks_addr) for d in mm_out.send]
+                for ev in mm_out.events:
+                    out += self._phase1_event(reg, ev, now)
+                return out
+            if reg.sa is None or header.cookies != reg.sa.cookies:
+                return self._drop(peer, "message for no established phase-1 SA")
+            if header.exchange_type == ExchangeType.GROUPKEY_PULL and reg.pull is not None:
+                return self._pull_output(reg, reg.pull.receive(data, now), now)
+            if header.exchange_type == ExchangeType.INFORMATIONAL:
+                msg = reg.sa.open_informational(data)
+                for n in msg.all(NotifyPayload):
+                    if reg.pull is not None and not reg.pull.finished:
+                        return self._pull_output(reg, reg.pull.notify_received(n.notify_type, n.data), now)
+                return []
+        except ProtocolError as exc:
+            return self._drop(peer, str(exc))
+        return self._drop(peer, f"exchange type {header.exchange_type} not expected")
+
+    def _drop(self, peer: Address, reason: str) -> Outgoing:
+        self.counters["dropped"] += 1
+        self.log.debug("dropped", peer=peer[0], reason=reason)
+        return []
+
+    def _phase1_event(self, reg: Registration, ev: object, now: float) -> Outgoing:
+        if isinstance(ev, Phase1Failed):
+            reason = ev.reason
+            if ev.notify is not None:
+                reason += f" ({'received' if ev.received else 'sent'} {ev.notify.name})"
+            log.emit(self.log, log.PHASE1_FAILED, peer=str(reg.ks), reason=reason)
+            return self._failed(reg, reason, now)
+        if isinstance(ev, Phase1Established):
+            reg.sa = ev.sa
+            reg.mm = None
+            reg.ks_version = str(ev.sa.peer_version or "unknown")
+            if self.keylog is not None:
+                self.keylog.ike(ev.sa)
+            reg.state = RegState.PULL
+            reg.pull = PullInitiator(
+                ev.sa,
+                reg.group.number,
+                retransmit_interval=self.phase1.retransmit_interval,
+                retransmit_count=self.phase1.retransmit_count,
+            )
+            return [(d, reg.ks_addr) for d in reg.pull.start(now).send]
+        return []
+
+    def _pull_output(self, reg: Registration, out: PullOutput, now: float) -> Outgoing:
+        sends = [(d, reg.ks_addr) for d in out.send]
+        for reason in out.drops:
+            self._drop(reg.ks_addr, reason)
+        for ev in out.events:
+            if isinstance(ev, Registered):
+                sends += self._registered(reg, ev, now)
+            elif isinstance(ev, PullFailed):
+                reason = ev.reason
+                if ev.notify is not None:
+                    reason += f" ({'received' if ev.received else 'sent'} {ev.notify.name})"
+                sends += self._failed(reg, reason, now)
+        return sends
+
+    def _registered(self, reg: Registration, ev: Registered, now: float) -> Outgoing:
+        new = self.sadb.install(ev.keys, ev.sender_ids, now)
+        if self.keylog is not None:
+            for t in new:
+                self.keylog.esp(t)
+        reg.state = RegState.REGISTERED
+        reg.registered_ks = reg.ks
+        reg.registered_at = now
+        reg.registrations += 1
+        reg.round_failures = 0
+        reg.attempt_deadline = None
+        reg.pull = None
+        reg.mm = None
+        self.counters["registrations"] += 1
+        reg.rereg_at = self._rereg_time(reg, now)
+        log.emit(self.log, log.GM_REGS_COMPL, ks=str(reg.ks), group=reg.group.name, address=str(self.address))
+        self._notify("registered", reg)
+        return []
+
+    def _rereg_time(self, reg: Registration, now: float) -> float | None:
+        expiry = self.sadb.next_expiry(reg.group.number)
+        if expiry is None:
+            return None
+        remaining = max(0.0, expiry - now)
+        # Re-register at 80-90% of the remaining lifetime: random so GMs spread out.
+        return now + remaining * (0.9 - self.rereg_jitter * self.rng.random())
+
+    # --- time ----------------------------------------------------------------------
+
+    def on_timer(self, now: float) -> Outgoing:
+        out: Outgoing = []
+        for reg in self.registrations.values():
+            if reg.mm is not None:
+                mm_out = reg.mm.on_timeout(now)
+                out += [(d, reg.ks_addr) for d in mm_out.send]
+                for ev in mm_out.events:
+                    out += self._phase1_event(reg, ev, now)
+            if reg.pull is not None:
+                out += self._pull_output(reg, reg.pull.on_timeout(now), now)
+            if reg.attempt_deadline is not None and now >= reg.attempt_deadline:
+                out += self._failed(reg, f"no answer from KS {reg.ks} within {self.registration_timeout:g} s", now)
+            elif reg.state == RegState.BACKOFF and reg.retry_at is not None and now >= reg.retry_at:
+                out += self._begin(reg, now)
+            elif reg.state == RegState.REGISTERED and reg.rereg_at is not None and now >= reg.rereg_at:
+                self.log.info("reregistration_due", group=reg.group.name)
+                out += self._begin(reg, now)
+        for t in self.sadb.expire(now):
+            self.log.info("tek_expired", spi=f"0x{t.spi:08x}")
+        return out
+
+    def notify_name(self, value: int) -> str:
+        try:
+            return NotifyType(value).name
+        except ValueError:
+            return str(value)

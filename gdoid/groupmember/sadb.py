@@ -1,0 +1,85 @@
+"""The GM's SA database: per group, the KEK and the TEKs with their lifetimes.
+
+Pure state: callers pass ``now``.  The data path (a later layer) reads TEKs
+from here; rekeys and removals (GET VPN features) act on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from gdoid.protocol.policy import GroupKeys, Kek, SenderIds, Tek
+
+TEK_SLT_FLOOR = 90  # seconds
+TEK_SLT_CAP = 3600
+
+
+def shortened_lifetime(remaining: float, configured: float) -> float:
+    """TEK_SLT = MIN(TEK_RLT, MAX(90s, MIN(5% of TEK_CLT, 3600s))) (getvpn-features §2.2)."""
+    return min(remaining, max(TEK_SLT_FLOOR, min(0.05 * configured, TEK_SLT_CAP)))
+
+
+@dataclass
+class GroupSas:
+    group_number: int
+    kek: Kek | None = None
+    teks: dict[int, Tek] = field(default_factory=dict)
+    seq: int = 0
+    sender_ids: SenderIds | None = None
+    pseudotime_ms: int | None = None
+    pseudotime_at: float = 0.0  # local time the pseudotime was received
+
+    def active_teks(self, now: float) -> list[Tek]:
+        return sorted((t for t in self.teks.values() if t.expires_at > now), key=lambda t: t.created_at)
+
+
+class Sadb:
+    def __init__(self) -> None:
+        self.groups: dict[int, GroupSas] = {}
+
+    def group(self, number: int) -> GroupSas:
+        return self.groups.setdefault(number, GroupSas(number))
+
+    def install(self, keys: GroupKeys, sender_ids: SenderIds | None, now: float) -> list[Tek]:
+        """Install a registration's (or rekey's) keys; returns the TEKs that are new."""
+        g = self.group(keys.group_number)
+        if keys.kek is not None:
+            g.kek = keys.kek
+        new = [t for t in keys.teks if t.spi not in g.teks]
+        for t in keys.teks:
+            g.teks[t.spi] = t
+        g.seq = max(g.seq, keys.seq)
+        if sender_ids is not None:
+            g.sender_ids = sender_ids
+        if keys.pseudotime_ms is not None:
+            g.pseudotime_ms = keys.pseudotime_ms
+            g.pseudotime_at = now
+        return new
+
+    def shorten_teks(self, group_number: int, now: float) -> None:
+        """Cut every TEK of the group to TEK_SLT (GM removal, policy replace)."""
+        g = self.group(group_number)
+        for spi, t in g.teks.items():
+            slt = shortened_lifetime(t.expires_at - now, t.policy.configured_lifetime)
+            g.teks[spi] = replace(t, expires_at=now + slt)
+
+    def clear(self, group_number: int) -> None:
+        self.groups.pop(group_number, None)
+
+    def expire(self, now: float) -> list[Tek]:
+        gone: list[Tek] = []
+        for g in self.groups.values():
+            for spi in [s for s, t in g.teks.items() if t.expires_at <= now]:
+                gone.append(g.teks.pop(spi))
+            if g.kek is not None and g.kek.expires_at <= now:
+                g.kek = None
+        return gone
+
+    def next_expiry(self, group_number: int) -> float | None:
+        g = self.groups.get(group_number)
+        if g is None:
+            return None
+        times = [t.expires_at for t in g.teks.values()]
+        if g.kek is not None:
+            times.append(g.kek.expires_at)
+        return min(times) if times else None

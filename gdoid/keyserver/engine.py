@@ -1,0 +1,275 @@
+"""The key server's datagram dispatcher: no sockets, no clock of its own.
+
+``datagram_received(data, peer, now)`` routes a datagram by exchange type and
+cookies to a Main Mode responder, an established phase-1 SA, or a
+GROUPKEY-PULL responder, and returns the datagrams to send.  Bad input is a
+counted, logged drop, never an exception.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from gdoid import log
+from gdoid.keylog import KeyLog
+from gdoid.keyserver.group import Group
+from gdoid.protocol.constants import ExchangeType, NotifyType
+from gdoid.protocol.errors import ProtocolError
+from gdoid.protocol.header import IsakmpHeader
+from gdoid.protocol.ike import (
+    IkeSa,
+    MainModeResponder,
+    Phase1Config,
+    Phase1Established,
+    Phase1Failed,
+)
+from gdoid.protocol.payloads import DeletePayload, NotifyPayload
+from gdoid.protocol.policy import GroupKeys, SenderIds
+from gdoid.protocol.pull import MemberRegistered, PullFailed, PullOutput, PullResponder
+
+Address = tuple[str, int]
+Outgoing = list[tuple[bytes, Address]]
+
+SA_LINGER = 120.0  # keep a phase-1 SA this long after its last use (retransmits, errors)
+MAX_PULLS_PER_SA = 8
+MAX_SAS_PER_PEER = 4
+
+
+@dataclass
+class _SaEntry:
+    sa: IkeSa
+    addr: Address
+    last_used: float
+
+
+class KeyServerEngine:
+    def __init__(
+        self,
+        phase1: Phase1Config,
+        groups: dict[int, Group],
+        *,
+        max_half_open: int = 4096,
+        keylog: KeyLog | None = None,
+        logger: object | None = None,
+    ) -> None:
+        self.phase1 = phase1
+        self.groups = groups
+        self.max_half_open = max_half_open
+        self.keylog = keylog
+        self.log = logger or log.get_logger("gdoid.ks")
+        self.responders: dict[bytes, tuple[MainModeResponder, Address]] = {}
+        self.sas: dict[bytes, _SaEntry] = {}
+        self.pulls: dict[tuple[bytes, int], PullResponder] = {}
+        self.counters: Counter[str] = Counter()
+        self._last_drop_log = 0.0
+        if keylog is not None:
+            for g in groups.values():
+                for t in g.teks:
+                    keylog.esp(t)
+
+    # --- GroupDirectory for the PULL responder -------------------------------
+
+    def snapshot(self, group_number: int, now: float) -> GroupKeys | None:
+        g = self.groups.get(group_number)
+        return g.snapshot(now) if g is not None else None
+
+    def allocate_sender_ids(self, group_number: int, count: int, member: str) -> SenderIds | None:
+        g = self.groups[group_number]
+        values = g.sids.allocate(member, count)
+        return SenderIds(g.sids.bits, values) if values is not None else None
+
+    def authorize(self, group_number: int, sa: IkeSa) -> str | None:
+        return None  # phase 1 already authenticated the GM with today's credentials
+
+    # --- input ------------------------------------------------------------------
+
+    def drop(self, peer: Address, reason: str, now: float) -> None:
+        self.counters["dropped"] += 1
+        # A flood must not turn into a log flood: at most ~10 lines a second.
+        if now - self._last_drop_log >= 0.1:
+            self._last_drop_log = now
+            log.emit(self.log, log.MALFORMED_DROP, peer=peer[0], reason=reason)
+
+    def datagram_received(self, data: bytes, peer: Address, now: float) -> Outgoing:
+        self.counters["received"] += 1
+        try:
+            header = IsakmpHeader.decode(data)
+        except ProtocolError as exc:
+            self.drop(peer, str(exc), now)
+            return []
+        try:
+            if header.exchange_type == ExchangeType.IDENTITY_PROTECTION:
+                return self._main_mode(header, data, peer, now)
+            if header.exchange_type == ExchangeType.GROUPKEY_PULL:
+                return self._pull(header, data, peer, now)
+            if header.exchange_type == ExchangeType.INFORMATIONAL:
+                return self._informational(header, data, peer, now)
+        except ProtocolError as exc:
+            self.drop(peer, str(exc), now)
+            return []
+        self.drop(peer, f"exchange type {header.exchange_type} not served", now)
+        return []
+
+    def _main_mode(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
+        entry = self.responders.get(header.initiator_cookie)
+        if entry is None:
+            if header.responder_cookie != bytes(8):
+                self.drop(peer, "Main Mode message for an unknown exchange", now)
+                return []
+            if len(self.responders) >= self.max_half_open:
+                self.counters["half_open_refused"] += 1
+                self.drop(peer, f"half-open phase-1 limit {self.max_half_open} reached", now)
+                return []
+            responder = MainModeResponder(self.phase1, IPv4Address(peer[0]), now)
+            self.responders[header.initiator_cookie] = (responder, peer)
+        else:
+            responder, known = entry
+            if known != peer:
+                self.drop(peer, "Main Mode cookie from another address", now)
+                return []
+            if header.responder_cookie not in (bytes(8), responder.rcky):
+                self.drop(peer, "Main Mode responder cookie mismatch", now)
+                return []
+        out = responder.receive(data, now)
+        self._phase1_events(out.events, header.initiator_cookie, peer, now)
+        return [(d, peer) for d in out.send]
+
+    def _phase1_events(self, events: Iterable[object], icky: bytes, peer: Address, now: float) -> None:
+        for ev in events:
+            if isinstance(ev, Phase1Established):
+                self.responders.pop(icky, None)
+                self._add_sa(ev.sa, peer, now)
+                self.counters["phase1_established"] += 1
+                if self.keylog is not None:
+                    self.keylog.ike(ev.sa)
+                self.log.info(
+                    "phase1_established",
+                    peer=peer[0],
+                    proposal=ev.sa.proposal.describe(),
+                    peer_version=str(ev.sa.peer_version or "unknown"),
+                )
+            elif isinstance(ev, Phase1Failed):
+                self.responders.pop(icky, None)
+                self.counters["phase1_failed"] += 1
+                if ev.notify is not None or ev.received:
+                    log.emit(self.log, log.PHASE1_FAILED, peer=peer[0], reason=_with_notify(ev.reason, ev.notify, ev.received))
+
+    def _add_sa(self, sa: IkeSa, peer: Address, now: float) -> None:
+        same_peer = [k for k, e in self.sas.items() if e.addr == peer]
+        for k in same_peer[: max(0, len(same_peer) - MAX_SAS_PER_PEER + 1)]:
+            self._drop_sa(k)
+        self.sas[sa.cookies] = _SaEntry(sa, peer, now)
+
+    def _drop_sa(self, cookies: bytes) -> None:
+        self.sas.pop(cookies, None)
+        for key in [k for k in self.pulls if k[0] == cookies]:
+            del self.pulls[key]
+
+    def _pull(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
+        entry = self.sas.get(header.cookies)
+        if entry is None:
+            self.drop(peer, "GROUPKEY-PULL for no phase-1 SA", now)
+            return []
+        entry.last_used = now
+        key = (header.cookies, header.message_id)
+        pull = self.pulls.get(key)
+        if pull is None:
+            if sum(1 for k in self.pulls if k[0] == header.cookies) >= MAX_PULLS_PER_SA:
+                self.drop(peer, "too many GROUPKEY-PULL exchanges on one SA", now)
+                return []
+            pull = PullResponder(entry.sa, self, header.message_id, now)
+            self.pulls[key] = pull
+        out = pull.receive(data, now)
+        self._pull_events(out, entry, now)
+        return [(d, entry.addr) for d in out.send]
+
+    def _pull_events(self, out: PullOutput, entry: _SaEntry, now: float) -> None:
+        for reason in out.drops:
+            self.drop(entry.addr, reason, now)
+        for ev in out.events:
+            if isinstance(ev, MemberRegistered):
+                g = self.groups[ev.group_number]
+                g.record_member(
+                    IPv4Address(entry.addr[0]),
+                    entry.sa.peer_identity(),
+                    entry.sa.peer_version,
+                    ev.keys,
+                    ev.sender_ids,
+                    now,
+                )
+                self.counters["registrations"] += 1
+                log.emit(self.log, log.KS_REGS_COMPL, group=g.name, gm=entry.addr[0])
+            elif isinstance(ev, PullFailed):
+                self.counters["registrations_failed"] += 1
+                g = self.groups.get(ev.group_number or -1)
+                name = g.name if g else str(ev.group_number)
+                log.emit(
+                    self.log,
+                    log.KS_REGS_FAILURE,
+                    gm=entry.addr[0],
+                    group=name,
+                    reason=_with_notify(ev.reason, ev.notify, ev.received),
+                )
+
+    def _informational(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
+        if not header.encrypted:
+            entry = self.responders.get(header.initiator_cookie)
+            if entry is not None and entry[1] == peer:
+                out = entry[0].receive(data, now)
+                self._phase1_events(out.events, header.initiator_cookie, peer, now)
+                return []
+            self.drop(peer, "unprotected Informational for no exchange", now)
+            return []
+        entry_sa = self.sas.get(header.cookies)
+        if entry_sa is None:
+            self.drop(peer, "Informational for no phase-1 SA", now)
+            return []
+        msg = entry_sa.sa.open_informational(data)
+        for n in msg.all(NotifyPayload):
+            self.log.warning("notify_received", peer=peer[0], notify=_notify_name(n.notify_type), text=n.data[:200].decode("utf-8", "replace"))
+            for (cookies, _), pull in list(self.pulls.items()):
+                if cookies == header.cookies and not pull.finished:
+                    pull.abort()  # the GM gave up on this exchange
+        for d in msg.all(DeletePayload):
+            if d.spis and d.spis[0] == header.cookies:
+                self._drop_sa(header.cookies)
+        return []
+
+    # --- time ------------------------------------------------------------------
+
+    def on_timer(self, now: float) -> Outgoing:
+        for icky, (responder, peer) in list(self.responders.items()):
+            out = responder.on_timeout(now)
+            if responder.failed:
+                self.responders.pop(icky, None)
+                self.counters["half_open_expired"] += 1
+            self._phase1_events(out.events, icky, peer, now)
+        for key, pull in list(self.pulls.items()):
+            pull.on_timeout(now)
+            entry = self.sas.get(key[0])
+            if pull.finished and (entry is None or now - entry.last_used > SA_LINGER):
+                del self.pulls[key]
+        for cookies, entry in list(self.sas.items()):
+            if now >= entry.sa.expires_at or now - entry.last_used > SA_LINGER:
+                self._drop_sa(cookies)
+        return []
+
+    @property
+    def half_open(self) -> int:
+        return len(self.responders)
+
+
+def _notify_name(value: int) -> str:
+    try:
+        return NotifyType(value).name
+    except ValueError:
+        return str(value)
+
+
+def _with_notify(reason: str, notify: NotifyType | None, received: bool) -> str:
+    if notify is None:
+        return reason
+    return f"{reason} ({'received' if received else 'sent'} {notify.name})"

@@ -1,0 +1,327 @@
+"""Every IOS-style console message of gdoid, and the structlog setup rendering them.
+
+Messages are :class:`Mnemonic` constants so the exact console texts of the
+GET VPN documentation live in one place and tests can compare them verbatim.
+Daemons log them with :func:`emit`; ordinary diagnostics use plain structlog
+calls on a logger from :func:`get_logger`.
+
+Two output formats:
+
+* ``ios``:  ``2024-05-01 12:00:00.123 %GDOI-5-GM_REGS_COMPL: Registration to ...``
+  (ordinary events: ``2024-05-01 12:00:00.123 event key=value ...``)
+* ``json``: one object per line with ``timestamp``, ``level``, ``event`` (the
+  full IOS text for mnemonic events), ``mnemonic`` and every field.
+
+Key material never reaches a log line: :func:`redact` runs before rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+import sys
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, TextIO
+
+import structlog
+
+__all__ = [
+    "GM_RECV_DELETE",
+    "GM_RECV_DELETE_IMMEDIATE",
+    "GM_RECV_REKEY",
+    "GM_REG_FAILURE",
+    "GM_REGS_COMPL",
+    "GM_REKEY_REJECTED",
+    "KS_MEMBER_DROPPED",
+    "KS_REGS_COMPL",
+    "KS_REGS_FAILURE",
+    "KS_SEND_GM_REMOVAL",
+    "KS_SEND_UNICAST_REKEY",
+    "MALFORMED_DROP",
+    "MNEMONICS",
+    "PHASE1_FAILED",
+    "POLICY_CHANGE",
+    "REDACTED",
+    "Mnemonic",
+    "configure_logging",
+    "emit",
+    "get_logger",
+    "redact",
+    "severity_to_level",
+]
+
+REDACTED = "<redacted>"
+
+# Internal event-dict keys used to carry a mnemonic from emit() to the renderer.
+_MNEMONIC_KEY = "_gdoi_mnemonic"
+_LOGGER_KEY = "logger_name"  # "logger" is a reserved wrap_logger() argument
+
+
+@dataclass(frozen=True)
+class Mnemonic:
+    """One IOS syslog message: ``%FACILITY-SEVERITY-NAME: text``."""
+
+    severity: int
+    name: str
+    template: str
+    facility: str = "GDOI"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.severity <= 7:
+            raise ValueError(f"severity {self.severity} outside 0..7")
+
+    @property
+    def tag(self) -> str:
+        """``GDOI-5-GM_REGS_COMPL``: the mnemonic as IOS prints it, without ``%``."""
+        return f"{self.facility}-{self.severity}-{self.name}"
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """Names of the template's placeholders (all required by :meth:`text`)."""
+        return frozenset(
+            name.split(".")[0].split("[")[0]
+            for _, name, _, _ in string.Formatter().parse(self.template)
+            if name
+        )
+
+    def text(self, **fields: Any) -> str:
+        return f"%{self.tag}: {self.template.format(**fields)}"
+
+
+GM_REGS_COMPL = Mnemonic(
+    5, "GM_REGS_COMPL", "Registration to KS {ks} complete for group {group} using address {address}"
+)
+KS_REGS_COMPL = Mnemonic(
+    5, "KS_REGS_COMPL", "KS completed successful registration in group {group} with GM {gm}"
+)
+GM_REG_FAILURE = Mnemonic(
+    4, "GM_REG_FAILURE", "Registration to KS {ks} failed for group {group}: {reason}"
+)
+KS_REGS_FAILURE = Mnemonic(
+    4, "KS_REGS_FAILURE", "KS registration of GM {gm} failed for group {group}: {reason}"
+)
+PHASE1_FAILED = Mnemonic(
+    4, "PHASE1_FAILED", "IKE phase 1 with {peer} failed: {reason}", facility="IKE"
+)
+GM_RECV_REKEY = Mnemonic(
+    5, "GM_RECV_REKEY", "Received Rekey for group {group} from {ks} to {address} with seq # {seq}"
+)
+# ``extra`` is "" or a qualifier ending in a space, e.g. "with policy-replace ".
+KS_SEND_UNICAST_REKEY = Mnemonic(
+    5,
+    "KS_SEND_UNICAST_REKEY",
+    "Sending Unicast Rekey {extra}for group {group} from address {address} with seq # {seq}",
+)
+GM_RECV_DELETE = Mnemonic(
+    4,
+    "GM_RECV_DELETE",
+    "GM received delete-msg from KS in group {group}. "
+    "TEKs lifetime are reduced and re-registration will start before SA expiry",
+)
+GM_RECV_DELETE_IMMEDIATE = Mnemonic(
+    4,
+    "GM_RECV_DELETE_IMMEDIATE",
+    "GM receive REMOVAL-NOW in group {group} to cleanup downloaded policy now. "
+    "Re-registration will start in a randomly chosen period of {seconds} sec",
+)
+# "will be send" is Cisco's wording; reproduced verbatim.
+POLICY_CHANGE = Mnemonic(
+    5,
+    "POLICY_CHANGE",
+    "GDOI group {group} policy has changed. Use 'crypto gdoi ks rekey' to send a rekey, "
+    "or the changes will be send in the next scheduled rekey",
+)
+GM_REKEY_REJECTED = Mnemonic(
+    4, "GM_REKEY_REJECTED", "Rekey for group {group} from {ks} rejected: {reason}"
+)
+KS_MEMBER_DROPPED = Mnemonic(
+    4, "KS_MEMBER_DROPPED", "GM {gm} dropped from group {group} after {missed} missed rekeys"
+)
+KS_SEND_GM_REMOVAL = Mnemonic(
+    5, "KS_SEND_GM_REMOVAL", "Sending GM-Removal message to group {group}..."
+)
+MALFORMED_DROP = Mnemonic(4, "MALFORMED_DROP", "Dropped malformed message from {peer}: {reason}")
+
+MNEMONICS: Mapping[str, Mnemonic] = {
+    m.name: m
+    for m in (
+        GM_REGS_COMPL,
+        KS_REGS_COMPL,
+        GM_REG_FAILURE,
+        KS_REGS_FAILURE,
+        PHASE1_FAILED,
+        GM_RECV_REKEY,
+        KS_SEND_UNICAST_REKEY,
+        GM_RECV_DELETE,
+        GM_RECV_DELETE_IMMEDIATE,
+        POLICY_CHANGE,
+        GM_REKEY_REJECTED,
+        KS_MEMBER_DROPPED,
+        KS_SEND_GM_REMOVAL,
+        MALFORMED_DROP,
+    )
+}
+
+
+def severity_to_level(severity: int) -> int:
+    """IOS severity (0 emergencies .. 7 debugging) to a stdlib logging level."""
+    if severity <= 3:
+        return logging.ERROR
+    if severity == 4:
+        return logging.WARNING
+    if severity <= 6:  # 5 notifications, 6 informational: stdlib has no NOTICE
+        return logging.INFO
+    return logging.DEBUG
+
+
+# --------------------------------------------------------------------------- redaction
+
+_SECRET_NAME_PARTS = ("key", "secret", "psk", "password", "skeyid")
+_MAX_CLEAR_BYTES = 8  # SPIs and cookies are <= 8 octets; anything longer may be key material
+
+
+def _is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(part in lowered for part in _SECRET_NAME_PARTS)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        return REDACTED if len(raw) > _MAX_CLEAR_BYTES else raw.hex()
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if isinstance(k, str) and _is_secret_name(k) else _redact_value(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def redact(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: hide secret-named fields and long byte strings.
+
+    Short byte strings (SPIs, cookies) are shown as hex so JSON can carry them.
+    """
+    for name, value in list(event_dict.items()):
+        if name in ("event", _MNEMONIC_KEY):
+            continue
+        event_dict[name] = REDACTED if _is_secret_name(name) else _redact_value(value)
+    return event_dict
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _add_timestamp(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    event_dict["timestamp"] = datetime.now().astimezone()
+    return event_dict
+
+
+def _add_level(
+    _logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # "exception" is structlog's alias for error-with-traceback.
+    event_dict["level"] = "error" if method == "exception" else method
+    return event_dict
+
+
+def _render_mnemonic(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Turn an emit() event into its IOS text; runs after redaction on purpose."""
+    mnemonic = event_dict.pop(_MNEMONIC_KEY, None)
+    if isinstance(mnemonic, Mnemonic):
+        event_dict["event"] = mnemonic.text(**event_dict)
+        event_dict["mnemonic"] = mnemonic.tag
+        event_dict["severity"] = mnemonic.severity
+    return event_dict
+
+
+def _kv_value(value: Any) -> str:
+    text = (
+        value
+        if isinstance(value, str)
+        else str(value)
+        if isinstance(value, int | float)
+        else repr(value)
+    )
+    if text == "" or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text)
+    return text
+
+
+def _ios_renderer(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+    stamp: datetime = event_dict.pop("timestamp")
+    head = stamp.strftime("%Y-%m-%d %H:%M:%S.") + f"{stamp.microsecond // 1000:03d}"
+    exc = event_dict.pop("exception", None)
+    event = str(event_dict.pop("event", ""))
+    if "mnemonic" in event_dict:
+        line = f"{head} {event}"  # the IOS text alone, exactly as on the console
+    else:
+        for internal in ("level", _LOGGER_KEY):
+            event_dict.pop(internal, None)
+        pairs = " ".join(f"{k}={_kv_value(v)}" for k, v in event_dict.items())
+        line = f"{head} {event} {pairs}" if pairs else f"{head} {event}"
+    if exc:
+        line = f"{line}\n{exc}"
+    return line
+
+
+def _json_renderer(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+    stamp: datetime = event_dict["timestamp"]
+    event_dict["timestamp"] = stamp.isoformat(timespec="milliseconds")
+    return json.dumps(dict(event_dict), default=str)
+
+
+def configure_logging(
+    fmt: Literal["ios", "json"] = "ios",
+    stream: TextIO = sys.stderr,
+    level: int = logging.INFO,
+) -> None:
+    """Configure structlog process-wide; callable again (tests, SIGHUP) to switch."""
+    if fmt not in ("ios", "json"):
+        raise ValueError(f"unknown log format {fmt!r} (expected 'ios' or 'json')")
+    renderer = _ios_renderer if fmt == "ios" else _json_renderer
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            _add_level,
+            _add_timestamp,
+            structlog.processors.format_exc_info,
+            redact,
+            _render_mnemonic,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        # Not cached: loggers created at import time must follow a later reconfigure.
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger whose events carry ``logger_name=<name>`` (shown in JSON only)."""
+    return structlog.get_logger(**{_LOGGER_KEY: name})
+
+
+def emit(logger: Any, mnemonic: Mnemonic, **fields: Any) -> None:
+    """Log ``mnemonic`` at the level its severity implies.
+
+    Missing template fields raise at once (a programming error, better caught in
+    tests than logged as a broken line). Extra fields go to JSON output only.
+    """
+    missing = mnemonic.fields - fields.keys()
+    if missing:
+        raise TypeError(f"{mnemonic.name}: missing field(s) {', '.join(sorted(missing))}")
+    logger.log(
+        severity_to_level(mnemonic.severity), mnemonic.name, **{_MNEMONIC_KEY: mnemonic}, **fields
+    )

@@ -1,0 +1,279 @@
+"""GDOI payloads of RFC 6407 §5: SA (DOI 2), SAK, SAT, KD, SEQ, GAP.
+
+Layouts follow wire.md §4 (which matches Wireshark's dissector): the SA
+payload of DOI 2 carries its SAK/SAT/GAP chain inside its own length.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+from gdoid.protocol.attributes import Attribute, decode_attributes, encode_attributes
+from gdoid.protocol.constants import Doi, IdType, KeyPacketType, PayloadType
+from gdoid.protocol.errors import DecodeError
+from gdoid.protocol.payloads import Payload, generic_header, split_generic
+from gdoid.protocol.reader import Reader
+
+# Fixed identification-data sizes we can check (RFC 2407 §4.6.2).
+_ID_DATA_LEN = {IdType.ID_IPV4_ADDR: 4, IdType.ID_IPV4_ADDR_SUBNET: 8, IdType.ID_IPV4_ADDR_RANGE: 8}
+
+
+@dataclass(frozen=True)
+class TrafficId:
+    """Source or destination identification inside a SAK or SAT."""
+
+    id_type: int
+    port: int
+    data: bytes
+
+    @classmethod
+    def from_network(cls, net: ipaddress.IPv4Network, port: int = 0) -> TrafficId:
+        if net.prefixlen == 32:
+            return cls(IdType.ID_IPV4_ADDR, port, net.network_address.packed)
+        return cls(IdType.ID_IPV4_ADDR_SUBNET, port, net.network_address.packed + net.netmask.packed)
+
+    def to_network(self) -> ipaddress.IPv4Network:
+        if self.id_type == IdType.ID_IPV4_ADDR and len(self.data) == 4:
+            return ipaddress.IPv4Network((self.data, 32))
+        if self.id_type == IdType.ID_IPV4_ADDR_SUBNET and len(self.data) == 8:
+            addr = ipaddress.IPv4Address(self.data[:4])
+            mask = ipaddress.IPv4Address(self.data[4:])
+            return ipaddress.IPv4Network(f"{addr}/{mask}", strict=False)
+        raise DecodeError("TrafficId", "id_type", f"type {self.id_type} is not an IPv4 address/subnet")
+
+    def check(self, payload: str, side: str) -> None:
+        want = _ID_DATA_LEN.get(self.id_type)  # type: ignore[call-overload]
+        if want is not None and len(self.data) != want:
+            raise DecodeError(payload, f"{side}_id_data", f"{len(self.data)} octets, type needs {want}")
+
+
+def _decode_traffic_id(r: Reader, side: str, wide_length: bool) -> TrafficId:
+    id_type = r.u8(f"{side}_id_type")
+    port = r.u16(f"{side}_id_port")
+    length = r.u16(f"{side}_id_length") if wide_length else r.u8(f"{side}_id_length")
+    tid = TrafficId(id_type, port, r.take(length, f"{side}_id_data"))
+    tid.check(r.payload, side)
+    return tid
+
+
+def _encode_traffic_id(tid: TrafficId, wide_length: bool) -> bytes:
+    size = struct.pack("!H", len(tid.data)) if wide_length else bytes([len(tid.data)])
+    return struct.pack("!BH", tid.id_type, tid.port) + size + tid.data
+
+
+@dataclass(frozen=True)
+class SakPayload(Payload):
+    """SA KEK (RFC 6407 §5.3): the rekey SA.  SPI = the cookie pair of pushes."""
+
+    payload_type: ClassVar[int] = PayloadType.SAK
+    protocol: int
+    src: TrafficId
+    dst: TrafficId
+    spi: bytes
+    attributes: tuple[Attribute, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.spi) != 16:
+            raise ValueError("a KEK SPI is 16 octets (CKY-I | CKY-R)")
+
+    def encode_body(self) -> bytes:
+        return (
+            bytes([self.protocol])
+            + _encode_traffic_id(self.src, False)
+            + _encode_traffic_id(self.dst, False)
+            + self.spi
+            + bytes(4)
+            + encode_attributes(self.attributes)
+        )
+
+    @classmethod
+    def decode_body(cls, data: bytes) -> SakPayload:
+        r = Reader(data, "SAK")
+        proto = r.u8("protocol")
+        src = _decode_traffic_id(r, "src", False)
+        dst = _decode_traffic_id(r, "dst", False)
+        spi = r.take(16, "spi")
+        r.zero(4, "reserved2")
+        return cls(proto, src, dst, spi, decode_attributes(r.rest(), "SAK"))
+
+
+@dataclass(frozen=True)
+class SatPayload(Payload):
+    """SA TEK (RFC 6407 §5.4) with the ESP protocol-specific layout (§5.4.1)."""
+
+    payload_type: ClassVar[int] = PayloadType.SAT
+    protocol_id: int
+    ip_protocol: int
+    src: TrafficId
+    dst: TrafficId
+    transform_id: int
+    spi: int
+    attributes: tuple[Attribute, ...]
+
+    def encode_body(self) -> bytes:
+        return (
+            bytes([self.protocol_id, self.ip_protocol])
+            + _encode_traffic_id(self.src, True)
+            + _encode_traffic_id(self.dst, True)
+            + struct.pack("!BI", self.transform_id, self.spi)
+            + encode_attributes(self.attributes)
+        )
+
+    @classmethod
+    def decode_body(cls, data: bytes) -> SatPayload:
+        r = Reader(data, "SAT")
+        proto_id = r.u8("protocol_id")
+        ip_proto = r.u8("ip_protocol")
+        src = _decode_traffic_id(r, "src", True)
+        dst = _decode_traffic_id(r, "dst", True)
+        transform = r.u8("transform_id")
+        spi = r.u32("spi")
+        return cls(proto_id, ip_proto, src, dst, transform, spi, decode_attributes(r.rest(), "SAT"))
+
+
+@dataclass(frozen=True)
+class GapPayload(Payload):
+    """Group Associated Policy (RFC 6407 §5.6)."""
+
+    payload_type: ClassVar[int] = PayloadType.GAP
+    attributes: tuple[Attribute, ...]
+
+    def encode_body(self) -> bytes:
+        return encode_attributes(self.attributes)
+
+    @classmethod
+    def decode_body(cls, data: bytes) -> GapPayload:
+        return cls(decode_attributes(data, "GAP"))
+
+
+_SA_ATTRIBUTE_PAYLOADS: dict[int, type[Payload]] = {
+    PayloadType.SAK: SakPayload,
+    PayloadType.SAT: SatPayload,
+    PayloadType.GAP: GapPayload,
+}
+
+
+@dataclass(frozen=True)
+class GdoiSaPayload(Payload):
+    """SA payload of DOI 2: situation, then the SAK/SAT/GAP chain inside it."""
+
+    payload_type: ClassVar[int] = PayloadType.SA
+    attributes: tuple[Payload, ...]  # SakPayload | SatPayload | GapPayload
+    situation: int = 0
+
+    def encode_body(self) -> bytes:
+        if not self.attributes:
+            raise ValueError("a GDOI SA carries at least one SAK or SAT")
+        first = self.attributes[0].payload_type
+        # wire.md §4: "00 <type> 00 00"; the type in the first octet breaks Wireshark.
+        out = [struct.pack("!IIBBH", Doi.GDOI, self.situation, 0, first, 0)]
+        for i, p in enumerate(self.attributes):
+            body = p.encode_body()
+            nxt = self.attributes[i + 1].payload_type if i + 1 < len(self.attributes) else 0
+            out.append(generic_header(nxt, len(body), type(p).__name__) + body)
+        return b"".join(out)
+
+    @classmethod
+    def decode_body(cls, data: bytes) -> GdoiSaPayload:
+        r = Reader(data, "SA(GDOI)")
+        doi = r.u32("doi")
+        if doi != Doi.GDOI:
+            raise DecodeError("SA(GDOI)", "doi", f"{doi}, expected 2")
+        situation = r.u32("situation")
+        r.zero(1, "reserved")
+        np = r.u8("sa_attribute_next_payload")
+        r.zero(2, "reserved2")
+        attrs: list[Payload] = []
+        while np != PayloadType.NONE:
+            klass = _SA_ATTRIBUTE_PAYLOADS.get(np)
+            if klass is None:
+                raise DecodeError("SA(GDOI)", "sa_attribute_next_payload", f"type {np} not allowed")
+            np_next, body = split_generic(r, klass.__name__)
+            attrs.append(klass.decode_body(body))
+            np = np_next
+        r.end("sa_attributes")
+        if not attrs:
+            raise DecodeError("SA(GDOI)", "sa_attribute_next_payload", "no SAK or SAT")
+        return cls(tuple(attrs), situation)
+
+    @property
+    def sak(self) -> SakPayload | None:
+        return next((p for p in self.attributes if isinstance(p, SakPayload)), None)
+
+    @property
+    def sats(self) -> tuple[SatPayload, ...]:
+        return tuple(p for p in self.attributes if isinstance(p, SatPayload))
+
+    @property
+    def gap(self) -> GapPayload | None:
+        return next((p for p in self.attributes if isinstance(p, GapPayload)), None)
+
+
+@dataclass(frozen=True)
+class KeyPacket:
+    """One key packet of a KD payload: TEK, KEK, LKH or SID."""
+
+    kd_type: int
+    spi: bytes
+    attributes: tuple[Attribute, ...]
+
+    def encode(self) -> bytes:
+        body = bytes([len(self.spi)]) + self.spi + encode_attributes(self.attributes)
+        length = 4 + len(body)
+        if length > 0xFFFF:
+            raise ValueError("key packet too long")
+        return struct.pack("!BBH", self.kd_type, 0, length) + body
+
+
+@dataclass(frozen=True)
+class KdPayload(Payload):
+    """Key Download (RFC 6407 §5.5)."""
+
+    payload_type: ClassVar[int] = PayloadType.KD
+    packets: tuple[KeyPacket, ...]
+
+    def encode_body(self) -> bytes:
+        return struct.pack("!HH", len(self.packets), 0) + b"".join(p.encode() for p in self.packets)
+
+    @classmethod
+    def decode_body(cls, data: bytes) -> KdPayload:
+        r = Reader(data, "KD")
+        count = r.u16("number_of_key_packets")
+        r.zero(2, "reserved2")
+        packets = []
+        for i in range(count):
+            kd_type = r.u8(f"key_packet[{i}].type")
+            if kd_type not in KeyPacketType.__members__.values():
+                raise DecodeError("KD", f"key_packet[{i}].type", f"unknown type {kd_type}")
+            r.zero(1, f"key_packet[{i}].reserved")
+            length = r.u16(f"key_packet[{i}].length")
+            if length < 5:
+                raise DecodeError("KD", f"key_packet[{i}].length", f"{length} < 5")
+            body = Reader(r.take(length - 4, f"key_packet[{i}].body"), "KD")
+            spi = body.take(body.u8(f"key_packet[{i}].spi_size"), f"key_packet[{i}].spi")
+            packets.append(KeyPacket(kd_type, spi, decode_attributes(body.rest(), f"KD key_packet[{i}]")))
+        r.end("number_of_key_packets")
+        return cls(tuple(packets))
+
+    def of_type(self, kd_type: int) -> list[KeyPacket]:
+        return [p for p in self.packets if p.kd_type == kd_type]
+
+
+@dataclass(frozen=True)
+class SeqPayload(Payload):
+    """Sequence Number (RFC 6407 §5.7): exactly four octets."""
+
+    payload_type: ClassVar[int] = PayloadType.SEQ
+    seq: int
+
+    def encode_body(self) -> bytes:
+        return struct.pack("!I", self.seq)
+
+    @classmethod
+    def decode_body(cls, data: bytes) -> SeqPayload:
+        if len(data) != 4:
+            raise DecodeError("SEQ", "sequence_number", f"{len(data)} octets, must be 4")
+        return cls(int.from_bytes(data, "big"))
