@@ -56,7 +56,10 @@ def register_payload(payload_type: int, klass: type[Payload]) -> None:
 
 def _decode_one(payload_type: int, body: bytes) -> Payload:
     if payload_type == PayloadType.SA:
-        if len(body) >= 4 and int.from_bytes(body[:4], "big") == Doi.GDOI:
+        # DOI 2 is a GDOI SA, or a phase-1 SA (accepted on receive, wire.md §2).  Octet 9
+        # is the first SA attribute type of a GDOI SA ("00 <type> 00 00"), but the
+        # must-be-zero reserved octet of a phase-1 SA's first proposal header.
+        if len(body) >= 10 and int.from_bytes(body[:4], "big") == Doi.GDOI and body[9]:
             return GdoiSaPayload.decode_body(body)
         return SaPayload.decode_body(body)
     klass = _TOP_LEVEL.get(payload_type) or _EXTENSIONS.get(payload_type)

@@ -1,0 +1,95 @@
+"""``gdoid``: run a key server, a group member, or the built-in lab."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from gdoid import log
+from gdoid.config import ConfigError, load_gm_config, load_ks_config
+from gdoid.protocol.pki import PkiError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keylog", type=Path, metavar="DIR", help="append Wireshark key-log lines to DIR")
+    p.add_argument("--log-format", choices=("ios", "json"), default="ios")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gdoid", description="GDOI (RFC 6407) key server and group member")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ks = sub.add_parser("ks", help="run a key server")
+    ks.add_argument("--config", type=Path, required=True)
+    _common(ks)
+    gm = sub.add_parser("gm", help="run a group member")
+    gm.add_argument("--config", type=Path, required=True)
+    _common(gm)
+    lab = sub.add_parser("lab", help="one KS and N GMs on loopback in one process")
+    lab.add_argument("--gms", type=int, default=2, help="number of group members (default 2)")
+    lab.add_argument("--duration", type=float, default=0.0, help="keep running SECONDS after registration")
+    lab.add_argument("--base-port", type=int, default=848, help="UDP port for every daemon (default 848)")
+    lab.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for registrations")
+    lab.add_argument("--export", type=Path, metavar="DIR", help="write configs and keys to DIR and exit")
+    _common(lab)
+    return parser
+
+
+async def _run_daemon(daemon: object) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await daemon.start()  # type: ignore[attr-defined]
+    try:
+        await stop.wait()
+    finally:
+        await daemon.close()  # type: ignore[attr-defined]
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.configure_logging(args.log_format, level=getattr(logging, args.log_level.upper()))
+    try:
+        if args.command == "ks":
+            from gdoid.keyserver.daemon import KeyServerDaemon
+
+            return asyncio.run(_run_daemon(KeyServerDaemon(load_ks_config(args.config), args.keylog)))
+        if args.command == "gm":
+            from gdoid.groupmember.daemon import GroupMemberDaemon
+
+            return asyncio.run(_run_daemon(GroupMemberDaemon(load_gm_config(args.config), args.keylog)))
+        from gdoid import lab
+
+        if not 1 <= args.gms <= 250:
+            print("gdoid lab: --gms must be 1..250", file=sys.stderr)
+            return 2
+        if args.export is not None:
+            files = lab.export(args.export, args.gms, args.base_port)
+            print(f"gdoid lab: wrote {files.ks}" + "".join(f", {p.name}" for p in files.gms))
+            return 0
+        return asyncio.run(
+            lab.run_lab(args.gms, args.base_port, args.keylog, args.duration, args.timeout)
+        )
+    except (ConfigError, PkiError) as exc:
+        print(f"gdoid: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"gdoid: {exc} (binding port 848 needs root or CAP_NET_BIND_SERVICE; try --base-port)", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"gdoid: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
