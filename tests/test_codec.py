@@ -119,7 +119,11 @@ attribute_lists = st.lists(attributes, max_size=4).map(tuple)
 
 transforms = st.builds(Transform, u8, u8, attribute_lists)
 proposals = st.builds(
-    Proposal, u8, u8, st.binary(max_size=16), st.lists(transforms, min_size=1, max_size=3).map(tuple)
+    Proposal,
+    u8,
+    u8,
+    st.binary(max_size=16),
+    st.lists(transforms, min_size=1, max_size=3).map(tuple),
 )
 
 
@@ -151,27 +155,32 @@ def delete_payloads(draw: st.DrawFn) -> DeletePayload:
 
 vid_payloads = st.builds(VendorIdPayload, st.binary(min_size=1, max_size=32))
 
-_FIXED_ID_LEN = {IdType.ID_IPV4_ADDR: 4, IdType.ID_IPV4_ADDR_SUBNET: 8, IdType.ID_IPV4_ADDR_RANGE: 8}
+_FIXED_ID_LEN = {
+    IdType.ID_IPV4_ADDR: 4,
+    IdType.ID_IPV4_ADDR_SUBNET: 8,
+    IdType.ID_IPV4_ADDR_RANGE: 8,
+}
 traffic_ids = st.one_of(
     st.sampled_from(sorted(_FIXED_ID_LEN)).flatmap(
         lambda t: st.builds(
-            TrafficId, st.just(t), u16, st.binary(min_size=_FIXED_ID_LEN[t], max_size=_FIXED_ID_LEN[t])
+            TrafficId,
+            st.just(t),
+            u16,
+            st.binary(min_size=_FIXED_ID_LEN[t], max_size=_FIXED_ID_LEN[t]),
         )
     ),
-    st.builds(
-        TrafficId, u8.filter(lambda t: t not in _FIXED_ID_LEN), u16, st.binary(max_size=40)
-    ),
+    st.builds(TrafficId, u8.filter(lambda t: t not in _FIXED_ID_LEN), u16, st.binary(max_size=40)),
 )
 sak_payloads = st.builds(
     SakPayload, u8, traffic_ids, traffic_ids, st.binary(min_size=16, max_size=16), attribute_lists
 )
-sat_payloads = st.builds(
-    SatPayload, u8, u8, traffic_ids, traffic_ids, u8, u32, attribute_lists
-)
+sat_payloads = st.builds(SatPayload, u8, u8, traffic_ids, traffic_ids, u8, u32, attribute_lists)
 gap_payloads = st.builds(GapPayload, attribute_lists)
 gdoi_sa_payloads = st.builds(
     GdoiSaPayload,
-    st.lists(st.one_of(sak_payloads, sat_payloads, gap_payloads), min_size=1, max_size=4).map(tuple),
+    st.lists(st.one_of(sak_payloads, sat_payloads, gap_payloads), min_size=1, max_size=4).map(
+        tuple
+    ),
     u32,
 )
 
@@ -222,8 +231,15 @@ def full_kds(draw: st.DrawFn) -> KdPayload:
 
 seq_payloads = st.builds(SeqPayload, u32)
 
-_CHAIN_ONLY = {PayloadType.NONE, PayloadType.SA, PayloadType.PROPOSAL, PayloadType.TRANSFORM,
-               PayloadType.SAK, PayloadType.SAT, PayloadType.GAP}
+_CHAIN_ONLY = {
+    PayloadType.NONE,
+    PayloadType.SA,
+    PayloadType.PROPOSAL,
+    PayloadType.TRANSFORM,
+    PayloadType.SAK,
+    PayloadType.SAT,
+    PayloadType.GAP,
+}
 
 
 def _is_unknown(t: int) -> bool:
@@ -268,24 +284,48 @@ SELF_DELIMITED = {Proposal, SaPayload, GdoiSaPayload, KdPayload, SeqPayload, Del
 
 # Payloads that may stand in a message's top-level chain.
 TOP_LEVEL_CASES: list[st.SearchStrategy[Payload]] = [
-    phase1_sa_payloads, gdoi_sa_payloads, full_gdoi_sas(), ke_payloads, id_payloads,
-    cert_payloads, cr_payloads, hash_payloads, sig_payloads, nonce_payloads, notify_payloads,
-    delete_payloads(), vid_payloads, kd_payloads, full_kds(), seq_payloads, gap_payloads,
+    phase1_sa_payloads,
+    gdoi_sa_payloads,
+    full_gdoi_sas(),
+    ke_payloads,
+    id_payloads,
+    cert_payloads,
+    cr_payloads,
+    hash_payloads,
+    sig_payloads,
+    nonce_payloads,
+    notify_payloads,
+    delete_payloads(),
+    vid_payloads,
+    kd_payloads,
+    full_kds(),
+    seq_payloads,
+    gap_payloads,
     unknown_payloads,
 ]
 top_level_payloads = st.one_of(*TOP_LEVEL_CASES)
 payload_chains = st.lists(top_level_payloads, min_size=1, max_size=5)
 
 exchanges = st.sampled_from([int(x) for x in ExchangeType] + [0, 200, 255])
-plain_flags = st.sampled_from([HeaderFlag.NONE, HeaderFlag.COMMIT, HeaderFlag.AUTHENTICATION_ONLY,
-                               HeaderFlag.COMMIT | HeaderFlag.AUTHENTICATION_ONLY])
+plain_flags = st.sampled_from(
+    [
+        HeaderFlag.NONE,
+        HeaderFlag.COMMIT,
+        HeaderFlag.AUTHENTICATION_ONLY,
+        HeaderFlag.COMMIT | HeaderFlag.AUTHENTICATION_ONLY,
+    ]
+)
 
 
 @st.composite
 def messages(draw: st.DrawFn, chain: st.SearchStrategy[list[Payload]] = payload_chains) -> bytes:
     return encode_plain(
-        draw(cookies), draw(st.binary(min_size=8, max_size=8)), draw(exchanges), draw(u32),
-        draw(chain), draw(plain_flags),
+        draw(cookies),
+        draw(st.binary(min_size=8, max_size=8)),
+        draw(exchanges),
+        draw(u32),
+        draw(chain),
+        draw(plain_flags),
     )
 
 
@@ -293,7 +333,10 @@ def messages(draw: st.DrawFn, chain: st.SearchStrategy[list[Payload]] = payload_
 def push_like_messages(draw: st.DrawFn) -> bytes:
     """GDOI SA (SAK + SATs + GAP), KD (TEK, KEK, SID), SEQ, with a HASH and NONCE around."""
     chain = [
-        draw(hash_payloads), draw(seq_payloads), draw(full_gdoi_sas()), draw(full_kds()),
+        draw(hash_payloads),
+        draw(seq_payloads),
+        draw(full_gdoi_sas()),
+        draw(full_kds()),
         draw(nonce_payloads),
     ]
     return draw(messages(st.just(chain)))
@@ -336,12 +379,22 @@ def test_attribute_round_trip(attrs: tuple[Attribute, ...]) -> None:
 
 
 @FAST
-@given(icky=cookies, rcky=st.binary(min_size=8, max_size=8), np=u8, xchg=u8,
-       flags=st.integers(0, 7), mid=u32, version=st.integers(0x10, 0x1F), extra=st.binary(max_size=8))
+@given(
+    icky=cookies,
+    rcky=st.binary(min_size=8, max_size=8),
+    np=u8,
+    xchg=u8,
+    flags=st.integers(0, 7),
+    mid=u32,
+    version=st.integers(0x10, 0x1F),
+    extra=st.binary(max_size=8),
+)
 def test_header_round_trip(
     icky: bytes, rcky: bytes, np: int, xchg: int, flags: int, mid: int, version: int, extra: bytes
 ) -> None:
-    hdr = IsakmpHeader(icky, rcky, np, xchg, HeaderFlag(flags), mid, HEADER_LEN + len(extra), version)
+    hdr = IsakmpHeader(
+        icky, rcky, np, xchg, HeaderFlag(flags), mid, HEADER_LEN + len(extra), version
+    )
     raw = hdr.encode()
     assert len(raw) == HEADER_LEN
     got = IsakmpHeader.decode(raw + extra)
@@ -377,8 +430,9 @@ def test_message_round_trip(data: bytes) -> None:
     assert reencode(data) == data
     icky, rcky = msg.header.initiator_cookie, msg.header.responder_cookie
     payloads = [d.payload for d in msg.payloads]
-    again = encode_plain(icky, rcky, msg.header.exchange_type, msg.header.message_id, payloads,
-                         msg.header.flags)
+    again = encode_plain(
+        icky, rcky, msg.header.exchange_type, msg.header.message_id, payloads, msg.header.flags
+    )
     assert again == data
 
 
@@ -386,13 +440,21 @@ def test_message_round_trip(data: bytes) -> None:
 @given(data=push_like_messages())
 def test_push_message_contents(data: bytes) -> None:
     msg = decode_plain(data)
-    assert msg.types == (PayloadType.HASH, PayloadType.SEQ, PayloadType.SA, PayloadType.KD,
-                         PayloadType.NONCE)
+    assert msg.types == (
+        PayloadType.HASH,
+        PayloadType.SEQ,
+        PayloadType.SA,
+        PayloadType.KD,
+        PayloadType.NONCE,
+    )
     sa = msg.require(GdoiSaPayload, "test")
     assert sa.sak is not None and sa.gap is not None and len(sa.sats) >= 2
     kd = msg.require(KdPayload, "test")
-    assert {p.kd_type for p in kd.packets} == {KeyPacketType.TEK, KeyPacketType.KEK,
-                                               KeyPacketType.SID}
+    assert {p.kd_type for p in kd.packets} == {
+        KeyPacketType.TEK,
+        KeyPacketType.KEK,
+        KeyPacketType.SID,
+    }
     assert msg.raw(SeqPayload) == encode_payload(msg.require(SeqPayload, "test"), PayloadType.SA)
 
 
@@ -418,8 +480,13 @@ def test_padding_allowed_up_to_max(chain: list[Payload], pad: int, fill: int) ->
 
 def test_header_bytes() -> None:
     hdr = IsakmpHeader(
-        bytes.fromhex("0102030405060708"), bytes.fromhex("1112131415161718"), PayloadType.HASH,
-        ExchangeType.GROUPKEY_PULL, HeaderFlag.ENCRYPTION, 0xA1B2C3D4, 0x4C,
+        bytes.fromhex("0102030405060708"),
+        bytes.fromhex("1112131415161718"),
+        PayloadType.HASH,
+        ExchangeType.GROUPKEY_PULL,
+        HeaderFlag.ENCRYPTION,
+        0xA1B2C3D4,
+        0x4C,
     )
     raw = h("""
         0102030405060708  # CKY-I
@@ -437,7 +504,8 @@ def test_attribute_bytes() -> None:
     assert Attribute.long(4, 86400).encode() == h("0004 0004 00015180")
     assert Attribute(5, b"").encode() == h("0005 0000")
     assert decode_attributes(h("8002 0003 0004 0004 00015180"), "t") == (
-        Attribute(2, 3), Attribute(4, h("00015180")),
+        Attribute(2, 3),
+        Attribute(4, h("00015180")),
     )
 
 
@@ -460,10 +528,12 @@ SAT_BODY = h("""
     800f 0003                        # SA direction symmetric
 """)
 SAT = SatPayload(
-    1, 0,
+    1,
+    0,
     TrafficId.from_network(ipaddress.IPv4Network("192.168.1.0/24")),
     TrafficId.from_network(ipaddress.IPv4Network("192.168.2.0/24")),
-    20, 0xDEADBEEF,
+    20,
+    0xDEADBEEF,
     (Attribute(1, 1), Attribute.long(2, 3600), Attribute(4, 1), Attribute(14, 4), Attribute(15, 3)),
 )
 
@@ -510,9 +580,11 @@ def test_gdoi_sa_header_bytes() -> None:
     body = sa.encode_body()
     expected = (
         h("00000002 00000000 000f0000")
-        + h(f"10 00 {4 + len(SAK_BODY):04x}") + SAK_BODY     # next: SAT
-        + h(f"16 00 {sat_len:04x}") + SAT_BODY                # next: GAP (22)
-        + h("00 00 0008 8001 0005")                           # GAP, end of chain
+        + h(f"10 00 {4 + len(SAK_BODY):04x}")
+        + SAK_BODY  # next: SAT
+        + h(f"16 00 {sat_len:04x}")
+        + SAT_BODY  # next: GAP (22)
+        + h("00 00 0008 8001 0005")  # GAP, end of chain
     )
     assert body == expected
     assert GdoiSaPayload.decode_body(body) == sa
@@ -525,8 +597,15 @@ def test_gdoi_sa_header_bytes() -> None:
 
 def test_kd_bytes() -> None:
     key = bytes(range(20))  # AES-128 key || 4-octet salt
-    kd = KdPayload((KeyPacket(KeyPacketType.TEK, h("deadbeef"),
-                              (Attribute(TekKeyAttribute.TEK_ALGORITHM_KEY, key),)),))
+    kd = KdPayload(
+        (
+            KeyPacket(
+                KeyPacketType.TEK,
+                h("deadbeef"),
+                (Attribute(TekKeyAttribute.TEK_ALGORITHM_KEY, key),),
+            ),
+        )
+    )
     body = kd.encode_body()
     assert body == h("""
         0001 0000                     # one key packet, reserved
@@ -542,8 +621,14 @@ def test_kd_bytes() -> None:
 
 
 def test_sid_key_packet_bytes() -> None:
-    kp = KeyPacket(KeyPacketType.SID, b"", (Attribute(SidAttribute.NUMBER_OF_SID_BITS, 8),
-                                            Attribute(SidAttribute.SID_VALUE, h("00000005"))))
+    kp = KeyPacket(
+        KeyPacketType.SID,
+        b"",
+        (
+            Attribute(SidAttribute.NUMBER_OF_SID_BITS, 8),
+            Attribute(SidAttribute.SID_VALUE, h("00000005")),
+        ),
+    )
     assert kp.encode() == h("04 00 0011 00 | 8001 0008 | 0002 0004 00000005")
 
 
@@ -594,8 +679,13 @@ def test_phase1_sa_any_doi_in_a_message(doi: int) -> None:
 
 
 def test_message_bytes() -> None:
-    data = encode_plain(b"\x01" * 8, b"\x02" * 8, ExchangeType.GROUPKEY_PUSH, 0,
-                        [SeqPayload(1), NoncePayload(b"\xaa" * 8)])
+    data = encode_plain(
+        b"\x01" * 8,
+        b"\x02" * 8,
+        ExchangeType.GROUPKEY_PUSH,
+        0,
+        [SeqPayload(1), NoncePayload(b"\xaa" * 8)],
+    )
     assert data == h("""
         0101010101010101 0202020202020202 12 10 21 00 00000000 00000030
         0a 00 0008 00000001               # SEQ, next NONCE
@@ -680,17 +770,28 @@ def chain_like_bytes(draw: st.DrawFn) -> bytes:
     """Random generic headers with plausible lengths and random or valid bodies."""
     out = b""
     for _ in range(draw(st.integers(0, 4))):
-        body = draw(st.one_of(st.binary(max_size=40),
-                              top_level_payloads.map(lambda p: p.encode_body())))
+        body = draw(
+            st.one_of(st.binary(max_size=40), top_level_payloads.map(lambda p: p.encode_body()))
+        )
         length = draw(st.one_of(st.just(len(body) + 4), u16))
-        out += struct.pack("!BBH", draw(st.one_of(u8, st.sampled_from(list(PayloadType)))),
-                           draw(st.sampled_from([0, 0, 0, 1])), length) + body
+        out += (
+            struct.pack(
+                "!BBH",
+                draw(st.one_of(u8, st.sampled_from(list(PayloadType)))),
+                draw(st.sampled_from([0, 0, 0, 1])),
+                length,
+            )
+            + body
+        )
     return out + draw(st.binary(max_size=4))
 
 
 @FUZZ
-@given(first=st.one_of(u8, st.sampled_from(list(PayloadType))),
-       raw=st.one_of(st.binary(max_size=200), chain_like_bytes()), pad=st.integers(0, 16))
+@given(
+    first=st.one_of(u8, st.sampled_from(list(PayloadType))),
+    raw=st.one_of(st.binary(max_size=200), chain_like_bytes()),
+    pad=st.integers(0, 16),
+)
 def test_random_bytes_to_decode_payloads(first: int, raw: bytes, pad: int) -> None:
     y = decodes_or_decode_error(lambda: decode_payloads(first, raw, max_padding=pad))
     if y is not None:
@@ -702,10 +803,16 @@ def test_random_bytes_to_decode_payloads(first: int, raw: bytes, pad: int) -> No
 @st.composite
 def header_plus_random(draw: st.DrawFn) -> bytes:
     body = draw(st.one_of(st.binary(max_size=120), chain_like_bytes()))
-    hdr = struct.pack("!8s8sBBBBI", draw(cookies), draw(st.binary(min_size=8, max_size=8)),
-                      draw(st.one_of(u8, st.sampled_from(list(PayloadType)))),
-                      draw(st.sampled_from([0x10, 0x10, 0x11, 0x20, 0x00])), draw(u8),
-                      draw(st.sampled_from([0, 0, 1, 2, 4, 8, 0x80])), draw(u32))
+    hdr = struct.pack(
+        "!8s8sBBBBI",
+        draw(cookies),
+        draw(st.binary(min_size=8, max_size=8)),
+        draw(st.one_of(u8, st.sampled_from(list(PayloadType)))),
+        draw(st.sampled_from([0x10, 0x10, 0x11, 0x20, 0x00])),
+        draw(u8),
+        draw(st.sampled_from([0, 0, 1, 2, 4, 8, 0x80])),
+        draw(u32),
+    )
     return hdr + struct.pack("!I", HEADER_LEN + len(body)) + body
 
 
@@ -722,37 +829,68 @@ def test_random_bytes_to_decode_plain(raw: bytes) -> None:
 def test_random_single_octet_mutation(data: st.DataObject, msg: bytes) -> None:
     pos = data.draw(st.integers(0, len(msg) - 1))
     val = data.draw(u8.filter(lambda v: v != msg[pos]))
-    mutated = msg[:pos] + bytes([val]) + msg[pos + 1:]
+    mutated = msg[:pos] + bytes([val]) + msg[pos + 1 :]
     if decodes_or_decode_error(lambda: decode_plain(mutated)) is not None:
         assert reencode(mutated) == mutated
 
 
 PUSH = encode_plain(
-    b"\x01" * 8, b"\x02" * 8, ExchangeType.GROUPKEY_PUSH, 0,
+    b"\x01" * 8,
+    b"\x02" * 8,
+    ExchangeType.GROUPKEY_PUSH,
+    0,
     [
         HashPayload(b"\x33" * 32),
         SeqPayload(9),
         GdoiSaPayload((SAK, SAT, SAT, GapPayload((Attribute(1, 5), Attribute(3, 1))))),
-        KdPayload((
-            KeyPacket(KeyPacketType.TEK, h("deadbeef"), (Attribute(1, bytes(20)),
-                                                         Attribute(2, bytes(32)))),
-            KeyPacket(KeyPacketType.KEK, bytes(range(16)), (Attribute(1, bytes(48)),
-                                                            Attribute(2, b"\x30" * 40))),
-            KeyPacket(KeyPacketType.SID, b"", (Attribute(1, 8), Attribute(2, h("00000001")))),
-        )),
+        KdPayload(
+            (
+                KeyPacket(
+                    KeyPacketType.TEK,
+                    h("deadbeef"),
+                    (Attribute(1, bytes(20)), Attribute(2, bytes(32))),
+                ),
+                KeyPacket(
+                    KeyPacketType.KEK,
+                    bytes(range(16)),
+                    (Attribute(1, bytes(48)), Attribute(2, b"\x30" * 40)),
+                ),
+                KeyPacket(KeyPacketType.SID, b"", (Attribute(1, 8), Attribute(2, h("00000001")))),
+            )
+        ),
         DeletePayload(Doi.GDOI, 1, 4, (h("01020304"),)),
     ],
 )
 PHASE1 = encode_plain(
-    b"\x01" * 8, bytes(8), ExchangeType.IDENTITY_PROTECTION, 0,
+    b"\x01" * 8,
+    bytes(8),
+    ExchangeType.IDENTITY_PROTECTION,
+    0,
     [
-        SaPayload(Doi.IPSEC, 1, (Proposal(1, 1, b"", (Transform(1, 1, (Attribute(1, 7),
-                                                                        Attribute.long(12, 86400))),
-                                                       Transform(2, 1, ()))),)),
+        SaPayload(
+            Doi.IPSEC,
+            1,
+            (
+                Proposal(
+                    1,
+                    1,
+                    b"",
+                    (
+                        Transform(1, 1, (Attribute(1, 7), Attribute.long(12, 86400))),
+                        Transform(2, 1, ()),
+                    ),
+                ),
+            ),
+        ),
         VendorIdPayload(b"gdoid"),
-        KePayload(bytes(64)), NoncePayload(bytes(16)), IdPayload(1, 17, 500, bytes(4)),
-        CertPayload(4, b"cert"), CrPayload(4), SigPayload(b"sig"),
-        NotifyPayload(1, 1, 24), UnknownPayload(200, b"private"),
+        KePayload(bytes(64)),
+        NoncePayload(bytes(16)),
+        IdPayload(1, 17, 500, bytes(4)),
+        CertPayload(4, b"cert"),
+        CrPayload(4),
+        SigPayload(b"sig"),
+        NotifyPayload(1, 1, 24),
+        UnknownPayload(200, b"private"),
     ],
 )
 
@@ -763,7 +901,7 @@ def test_every_single_octet_mutation(msg: bytes) -> None:
     assert reencode(msg) == msg
     for pos in range(len(msg)):
         for val in {0x00, 0x01, 0x7F, 0x80, 0xFF, msg[pos] ^ 0x01, msg[pos] ^ 0x10} - {msg[pos]}:
-            mutated = msg[:pos] + bytes([val]) + msg[pos + 1:]
+            mutated = msg[:pos] + bytes([val]) + msg[pos + 1 :]
             if decodes_or_decode_error(lambda m=mutated: decode_plain(m)) is not None:
                 assert reencode(mutated) == mutated
 
@@ -788,7 +926,11 @@ def test_every_truncation_and_extension_of_fixed_messages(msg: bytes) -> None:
 
 def test_header_length_mismatch() -> None:
     data = encode_plain(b"\x01" * 8, bytes(8), 5, 0, [SeqPayload(1)])
-    for bad in (data[:-1], data + b"\x00", with_length(data)[:24] + struct.pack("!I", 0) + data[28:]):
+    for bad in (
+        data[:-1],
+        data + b"\x00",
+        with_length(data)[:24] + struct.pack("!I", 0) + data[28:],
+    ):
         with decode_error("ISAKMP header", "length"):
             decode_plain(bad)
     with decode_error("ISAKMP header", "length"):
@@ -943,8 +1085,9 @@ def test_gdoi_sa_other_errors() -> None:
         GdoiSaPayload.decode_body(GdoiSaPayload((SAT,)).encode_body() + b"\x00")
 
 
-@pytest.mark.parametrize("payload_type", [PayloadType.SAK, PayloadType.SAT, PayloadType.PROPOSAL,
-                                          PayloadType.TRANSFORM])
+@pytest.mark.parametrize(
+    "payload_type", [PayloadType.SAK, PayloadType.SAT, PayloadType.PROPOSAL, PayloadType.TRANSFORM]
+)
 def test_sa_attribute_payloads_outside_an_sa(payload_type: int) -> None:
     with decode_error("payload chain", "next_payload"):
         decode_payloads(payload_type, encode_payload(SAT))

@@ -61,6 +61,8 @@ class KeyServerEngine:
         self.keylog = keylog
         self.log = logger or log.get_logger("gdoid.ks")
         self.responders: dict[bytes, tuple[MainModeResponder, Address]] = {}
+        # Established responders, kept to answer a retransmitted MM5 whose MM6 was lost.
+        self.completed: dict[bytes, tuple[MainModeResponder, Address, float]] = {}
         self.sas: dict[bytes, _SaEntry] = {}
         self.pulls: dict[tuple[bytes, int], PullResponder] = {}
         self.counters: Counter[str] = Counter()
@@ -116,6 +118,10 @@ class KeyServerEngine:
     def _main_mode(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
         entry = self.responders.get(header.initiator_cookie)
         if entry is None:
+            done = self.completed.get(header.initiator_cookie)
+            if done is not None and done[1] == peer and data == done[0].last_received:
+                assert done[0].last_sent is not None
+                return [(done[0].last_sent, peer)]  # our MM6 was lost: send it again
             if header.responder_cookie != bytes(8):
                 self.drop(peer, "Main Mode message for an unknown exchange", now)
                 return []
@@ -140,7 +146,9 @@ class KeyServerEngine:
     def _phase1_events(self, events: Iterable[object], icky: bytes, peer: Address, now: float) -> None:
         for ev in events:
             if isinstance(ev, Phase1Established):
-                self.responders.pop(icky, None)
+                entry = self.responders.pop(icky, None)
+                if entry is not None:
+                    self.completed[icky] = (entry[0], peer, now)
                 self._add_sa(ev.sa, peer, now)
                 self.counters["phase1_established"] += 1
                 if self.keylog is not None:
@@ -247,6 +255,9 @@ class KeyServerEngine:
                 self.responders.pop(icky, None)
                 self.counters["half_open_expired"] += 1
             self._phase1_events(out.events, icky, peer, now)
+        for icky, (_, _, at) in list(self.completed.items()):
+            if now - at > SA_LINGER:
+                del self.completed[icky]
         for key, pull in list(self.pulls.items()):
             pull.on_timeout(now)
             entry = self.sas.get(key[0])

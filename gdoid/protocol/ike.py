@@ -543,6 +543,8 @@ class _MainMode:
             return out
         try:
             header = IsakmpHeader.decode(data)
+            if not self.icky:  # a fresh responder: a notify about this datagram needs the cookie
+                self.icky = header.initiator_cookie
             if header.exchange_type == ExchangeType.INFORMATIONAL and not header.encrypted:
                 msg = decode_plain(data)
                 n = msg.get(NotifyPayload)

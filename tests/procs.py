@@ -1,0 +1,295 @@
+"""Run the real ``gdoid`` / ``gdoictl`` console scripts as OS processes in tests.
+
+Waiting is event-driven: :meth:`Daemon.wait_for` blocks on the daemon's log
+lines (read by a thread) until one matches, with a timeout only as a guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+def _script(name: str) -> str:
+    """The console script installed next to this interpreter (the venv under test)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or "")
+
+
+GDOID = _script("gdoid")
+GDOICTL = _script("gdoictl")
+
+
+def gdoid_cmd() -> list[str]:
+    return [GDOID] if GDOID else [sys.executable, "-m", "gdoid.cli.daemon"]
+
+
+def gdoictl_cmd() -> list[str]:
+    return [GDOICTL] if GDOICTL else [sys.executable, "-m", "gdoid.cli.gdoictl"]
+
+
+def write_private(path: Path, data: bytes | str) -> Path:
+    if isinstance(data, str):
+        data = data.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+    return path
+
+
+def write_signing_key(path: Path) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return write_private(path, pem)
+
+
+def auth_toml(psk_file: str | None = None, pki: dict[str, str] | None = None, peer: str = "127.0.0.0/8") -> str:
+    out = ""
+    if psk_file:
+        out += f'[[auth.psk]]\npeer = "{peer}"\nkey_file = "{psk_file}"\n\n'
+    if pki:
+        out += "[auth.pki]\n" + "".join(f'{k} = "{v}"\n' for k, v in pki.items()) + "\n"
+    return out
+
+
+def ks_toml(
+    directory: Path,
+    *,
+    address: str = "127.0.0.1",
+    port: int = 848,
+    auth: str,
+    group_number: int = 1234,
+    transform: str = "esp-gcm-256",
+    lifetime: int = 3600,
+    ike: str = "",
+    name: str = "ks",
+) -> Path:
+    text = f"""
+[ks]
+address = "{address}"
+port = {port}
+control_socket = "{directory}/{name}.sock"
+state_dir = "{directory}/{name}-state"
+
+{ike}
+{auth}
+[[group]]
+name = "GET"
+number = {group_number}
+[group.kek]
+signing_key = "rekey.key"
+lifetime = 86400
+[[group.sa_ipsec]]
+number = 1
+profile = "gdoi-p"
+transform = "{transform}"
+lifetime = {lifetime}
+[group.sa_ipsec.match]
+src = "10.0.0.0/8"
+dst = "10.0.0.0/8"
+"""
+    path = directory / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def gm_toml(
+    directory: Path,
+    *,
+    address: str,
+    name: str,
+    auth: str,
+    servers: tuple[str, ...] = ("127.0.0.1",),
+    port: int = 848,
+    server_port: int = 848,
+    group_number: int = 1234,
+    version: str = "1.0.2",
+    ike: str = "",
+    registration_timeout: float = 5.0,
+) -> Path:
+    server_list = ", ".join(f'"{s}"' for s in servers)
+    text = f"""
+[gm]
+address = "{address}"
+port = {port}
+software_version = "{version}"
+control_socket = "{directory}/{name}.sock"
+registration_timeout = {registration_timeout}
+
+{ike}
+{auth}
+[[group]]
+name = "GET"
+number = {group_number}
+servers = [{server_list}]
+server_port = {server_port}
+"""
+    path = directory / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+class Daemon:
+    """A ``gdoid ks|gm`` process whose log lines are collected as they come."""
+
+    def __init__(self, role: str, config: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.role = role
+        self.config = config
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [*gdoid_cmd(), role, "--config", str(config), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 15.0, start: int = 0) -> str:
+        """The first log line (from index ``start``) that matches ``pattern``."""
+        rx = re.compile(pattern)
+        seen = start
+
+        def found() -> str | None:
+            nonlocal seen
+            for line in self.lines[seen:]:
+                seen += 1
+                if rx.search(line):
+                    return line
+            return None
+
+        result: list[str] = []
+
+        def ready() -> bool:
+            line = found()
+            if line is not None:
+                result.append(line)
+                return True
+            return self.proc.poll() is not None and not self._reader.is_alive()
+
+        with self._cond:
+            self._cond.wait_for(ready, timeout)
+        if not result:
+            result.append(found() or "")
+        if not result[0]:
+            raise AssertionError(
+                f"{self.role} never logged /{pattern}/ (exit {self.proc.poll()}); log:\n" + "\n".join(self.lines[-40:])
+            )
+        return result[0]
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def gdoictl(socket: Path, *words: str, json_out: bool = False, yes: bool = False) -> subprocess.CompletedProcess[str]:
+    args = [*gdoictl_cmd(), "--socket", str(socket)]
+    if json_out:
+        args.append("--json")
+    if yes:
+        args.append("--yes")
+    return subprocess.run([*args, *words], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+
+
+def gdoictl_json(socket: Path, *words: str) -> Any:
+    res = gdoictl(socket, *words, json_out=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(res.stdout)
+
+
+class Capture:
+    """tshark on ``lo`` writing a pcap, synchronised by probe datagrams to port 9.
+
+    tshark says "Capturing on" before the kernel filter is live, so the start
+    (and the end, to flush everything) is confirmed by seeing a probe of ours.
+    """
+
+    def __init__(self, pcap: Path, bpf: str = "udp port 848", interface: str = "lo", netns: str | None = None) -> None:
+        self.pcap = pcap
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.proc = subprocess.Popen(
+            [*prefix, "tshark", "-i", interface, "-f", f"({bpf}) or udp port 9", "-w", str(pcap), "-P", "-l"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._seen: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.probe_target = "127.0.0.1"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self._seen.append(line)
+                self._cond.notify_all()
+
+    def _probe(self, marker: str, send: Any) -> None:
+        deadline = 30.0
+        import socket
+        import time
+
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            start = time.monotonic()
+            while time.monotonic() - start < deadline:
+                s.sendto(marker.encode(), (self.probe_target, 9))
+                with self._cond:
+                    if self._cond.wait_for(lambda: any(f"Len={len(marker)}" in x and " 9 " in x for x in self._seen), 0.2):
+                        return
+            raise AssertionError("tshark never saw the probe datagram")
+        finally:
+            s.close()
+
+    def __enter__(self) -> Capture:
+        self._probe("gdoid-start", None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._probe("gdoid-capture-end", None)
+        finally:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(20)
