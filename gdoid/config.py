@@ -674,7 +674,7 @@ def _parse_sa(t: _Table) -> SaIpsec:
         number=t.integer("number", 1, 65535),
         profile=t.name("profile"),
         transform=t.enum("transform", Transform),
-        lifetime=t.integer("lifetime", 60, 86400),
+        lifetime=t.integer("lifetime", 20, 86400),
         match=_parse_selector(t.req_table("match", _MATCH_KEYS)),
         replay_window=t.opt_integer("replay_window", 64, 1024),
         tbar_window_ms=t.opt_integer("tbar_window_ms", 100, 3600000),
@@ -687,7 +687,7 @@ def _parse_kek(g: _Table) -> KekPolicy:
     d_alg, d_life, d_hash = IkeCipher.AES_CBC_256, 86400, "sha256"
     return KekPolicy(
         algorithm=t.enum("algorithm", IkeCipher, d_alg),
-        lifetime=t.integer("lifetime", 300, 2592000, d_life),
+        lifetime=t.integer("lifetime", 30, 2592000, d_life),
         signing_key=t.existing_file("signing_key", private=True),
         sig_hash=t.choice("sig_hash", SIG_HASHES, d_hash),
     )
@@ -699,7 +699,7 @@ def _parse_rekey(g: _Table) -> RekeyPolicy:
     if t is None:
         return d
     return RekeyPolicy(
-        lead_time=t.integer("lead_time", 5, 3600, d.lead_time),
+        lead_time=t.integer("lead_time", 1, 3600, d.lead_time),
         retransmit_interval=t.number("retransmit_interval", 0.05, 300, d.retransmit_interval),
         retransmit_count=t.integer("retransmit_count", 0, 10, d.retransmit_count),
         max_missed=t.integer("max_missed", 1, 100, d.max_missed),

@@ -147,7 +147,7 @@ async def run_lab(
 ) -> int:
     with tempfile.TemporaryDirectory(prefix="gdoid-lab-") as tmp:
         files = export(directory or Path(tmp), gms, port)
-        ks = KeyServerDaemon(load_ks_config(files.ks), keylog_dir=keylog)
+        ks = KeyServerDaemon(load_ks_config(files.ks), keylog_dir=keylog, config_path=files.ks)
         members = [GroupMemberDaemon(load_gm_config(p), keylog_dir=keylog) for p in files.gms]
         await ks.start()
         try:

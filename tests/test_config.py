@@ -393,9 +393,9 @@ def test_wrong_type(confdir: Path) -> None:
 
 
 def test_lifetime_out_of_range(confdir: Path) -> None:
-    err = _ks_err(KS_TOML.replace("lifetime = 1800", "lifetime = 59"), confdir)
+    err = _ks_err(KS_TOML.replace("lifetime = 1800", "lifetime = 19"), confdir)
     assert str(err) == (
-        "ks.toml: group[0].sa_ipsec[1].lifetime: must be an integer between 60 and 86400"
+        "ks.toml: group[0].sa_ipsec[1].lifetime: must be an integer between 20 and 86400"
     )
     err = _ks_err(KS_TOML.replace("lifetime = 1800", "lifetime = 1800.0"), confdir)
     assert err.key_path == "group[0].sa_ipsec[1].lifetime"

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gdoid import log
@@ -40,12 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run_daemon(daemon: object) -> int:
+async def _run_daemon(daemon: object, reload: Callable[[], object] | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
     await daemon.start()  # type: ignore[attr-defined]
     try:
         await stop.wait()
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ks":
             from gdoid.keyserver.daemon import KeyServerDaemon
 
-            return asyncio.run(_run_daemon(KeyServerDaemon(load_ks_config(args.config), args.keylog)))
+            ks = KeyServerDaemon(load_ks_config(args.config), args.keylog, config_path=args.config)
+            return asyncio.run(_run_daemon(ks, reload=ks.reload))
         if args.command == "gm":
             from gdoid.groupmember.daemon import GroupMemberDaemon
 

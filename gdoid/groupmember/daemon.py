@@ -33,6 +33,7 @@ class GroupMemberDaemon:
             keylog=self.keylog,
             logger=self.log,
             on_event=self._on_event,
+            software_version=config.software_version,
         )
         self.shell = UdpShell("gm", (str(config.address), config.port), config.control_socket, tick, self.log)
 

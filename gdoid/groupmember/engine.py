@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from ipaddress import IPv4Address
+from typing import Protocol
 
 from gdoid import log
 from gdoid.config import GmGroupConfig
 from gdoid.groupmember.sadb import Sadb
 from gdoid.keylog import KeyLog
+from gdoid.protocol import crypto
 from gdoid.protocol.constants import ExchangeType, NotifyType
-from gdoid.protocol.errors import ProtocolError
+from gdoid.protocol.crypto import HashAlgorithm
+from gdoid.protocol.errors import NotifyError, ProtocolError
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.ike import (
     IkeSa,
@@ -30,12 +33,25 @@ from gdoid.protocol.ike import (
     Phase1Failed,
 )
 from gdoid.protocol.payloads import NotifyPayload
+from gdoid.protocol.policy import GroupKeys, SenderIds, Tek, parse_keys, parse_sa
 from gdoid.protocol.pull import PullFailed, PullInitiator, PullOutput, Registered
+from gdoid.protocol.push import POLICY_REPLACE_NOW, RemovalMode, ack_key, build_ack, open_push
+from gdoid.protocol.version import CURRENT_VERSION, SoftwareVersion, supports_removal_and_replace
 
 Address = tuple[str, int]
 Outgoing = list[tuple[bytes, Address]]
 
 RETRY_BACKOFF_MAX = 60.0
+
+
+class DataplaneSync(Protocol):
+    """What the engine needs of the ESP data path (gdoid.dataplane.engine.Dataplane)."""
+
+    def install(
+        self, group: int, teks: Sequence[Tek], sender_ids: SenderIds | None, pseudotime_ms: int | None, now: float
+    ) -> None: ...
+
+    def remove_group(self, group: int) -> None: ...
 
 
 class RegState(Enum):
@@ -64,6 +80,12 @@ class Registration:
     last_failure: str = ""
     registrations: int = 0
     failures: int = 0
+    rekeys: int = 0
+    rekeys_rejected: int = 0
+    last_rekey_from: str = ""
+    last_rekey_seq: int = 0
+    ack_key: bytes = field(default=b"", repr=False)
+    ack_hash: HashAlgorithm = HashAlgorithm.SHA2_256
     attempt_cookies: set[bytes] = field(default_factory=set)
 
     @property
@@ -88,7 +110,11 @@ class GroupMemberEngine:
         logger: object | None = None,
         rng: random.Random | None = None,
         on_event: Callable[[str, Registration], None] | None = None,
+        software_version: SoftwareVersion = CURRENT_VERSION,
+        dataplane: DataplaneSync | None = None,
     ) -> None:
+        self.version = software_version
+        self.dataplane = dataplane
         self.address = local_address
         self.phase1 = phase1
         self.registration_timeout = registration_timeout
@@ -166,6 +192,8 @@ class GroupMemberEngine:
             header = IsakmpHeader.decode(data)
         except ProtocolError as exc:
             return self._drop(peer, str(exc))
+        if header.exchange_type == ExchangeType.GROUPKEY_PUSH:
+            return self._push(header, data, peer, now)
         reg = self._by_icky.get(header.initiator_cookie)
         if reg is None:
             return self._drop(peer, "no exchange with these cookies")
@@ -239,10 +267,10 @@ class GroupMemberEngine:
         return sends
 
     def _registered(self, reg: Registration, ev: Registered, now: float) -> Outgoing:
-        new = self.sadb.install(ev.keys, ev.sender_ids, now)
-        if self.keylog is not None:
-            for t in new:
-                self.keylog.esp(t)
+        self._install(ev.keys, ev.sender_ids, now)
+        if reg.sa is not None:
+            reg.ack_hash = reg.sa.hash
+            reg.ack_key = ack_key(reg.sa.hash, reg.sa.keys.skeyid_a, reg.group.number)
         reg.state = RegState.REGISTERED
         reg.registered_ks = reg.ks
         reg.registered_at = now
@@ -255,6 +283,101 @@ class GroupMemberEngine:
         reg.rereg_at = self._rereg_time(reg, now)
         log.emit(self.log, log.GM_REGS_COMPL, ks=str(reg.ks), group=reg.group.name, address=str(self.address))
         self._notify("registered", reg)
+        return []
+
+    def _install(self, keys: GroupKeys, sender_ids: SenderIds | None, now: float) -> None:
+        new = self.sadb.install(keys, sender_ids, now)
+        if self.keylog is not None:
+            for t in new:
+                self.keylog.esp(t)
+        self._sync_dataplane(keys.group_number, now)
+
+    def _sync_dataplane(self, group_number: int, now: float) -> None:
+        if self.dataplane is None:
+            return
+        g = self.sadb.groups.get(group_number)
+        if g is None:
+            self.dataplane.remove_group(group_number)
+            return
+        self.dataplane.install(group_number, list(g.teks.values()), g.sender_ids, g.pseudotime_ms, now)
+
+    # --- GROUPKEY-PUSH ----------------------------------------------------------------
+
+    def _push(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
+        g = next((g for g in self.sadb.groups.values() if g.kek is not None and g.kek.spi == header.cookies), None)
+        if g is None or g.kek is None:
+            return self._drop(peer, "GROUPKEY-PUSH under a KEK we do not hold")
+        reg = self.registrations.get(g.group_number)
+        if reg is None:
+            return self._drop(peer, "GROUPKEY-PUSH for a group we are not in")
+        try:
+            push = open_push(data, g.kek, crypto.load_public_key_der(g.kek.public_key_der))
+            if push.seq <= g.seq:
+                raise NotifyError(NotifyType.INVALID_MESSAGE_ID, f"SEQ {push.seq} is not above {g.seq}: replayed or stale")
+        except ProtocolError as exc:
+            reg.rekeys_rejected += 1
+            self.counters["rekeys_rejected"] += 1
+            log.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=str(exc))
+            return []
+        cookies = header.cookies
+        g.seq = push.seq
+        reg.rekeys += 1
+        reg.last_rekey_from = peer[0]
+        reg.last_rekey_seq = push.seq
+        self.counters["rekeys"] += 1
+        modern = supports_removal_and_replace(self.version)
+        removal = push.notify(NotifyType.GM_REMOVAL) if modern else None
+        replace = push.notify(NotifyType.POLICY_REPLACE) if modern else None
+        ack = [(build_ack(reg.ack_hash, reg.ack_key, cookies, push.seq, self.address.packed), peer)] if reg.ack_key else []
+        if removal is not None and removal.data[:1] in (bytes([RemovalMode.TRANSITIONAL]), bytes([RemovalMode.NOW])):
+            return ack + self._removal(reg, removal.data[0], now)
+        log.emit(self.log, log.GM_RECV_REKEY, group=reg.group.name, ks=peer[0], address=str(self.address), seq=push.seq)
+        if push.sa is not None and push.kd is not None:
+            try:
+                parsed = parse_sa(push.sa, now, require_tek=False)
+                keys, _ = parse_keys(parsed, push.kd, push.seq, g.group_number, now, False)
+            except ProtocolError as exc:
+                log.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=f"policy: {exc}")
+                return ack
+            old = set(g.teks)
+            if replace is not None:
+                if replace.data[:1] == bytes([POLICY_REPLACE_NOW]):
+                    self.sadb.delete_teks(g.group_number, old)
+                else:
+                    self.sadb.shorten_teks(g.group_number, now)
+            self._install(keys, None, now)
+            self.log.info(
+                "rekey_installed",
+                group=reg.group.name,
+                seq=push.seq,
+                new_teks=",".join(f"0x{t.spi:08x}" for t in keys.teks),
+                new_kek=keys.kek is not None,
+                policy_replace=replace is not None,
+            )
+        reg.rereg_at = self._rereg_time(reg, now)
+        self._notify("rekey", reg)
+        return ack
+
+    def _removal(self, reg: Registration, mode: int, now: float) -> Outgoing:
+        number = reg.group.number
+        g = self.sadb.group(number)
+        if mode == RemovalMode.TRANSITIONAL:
+            g.kek = None  # deleted at once; the old TEKs carry traffic until TEK_SLT
+            self.sadb.shorten_teks(number, now)
+            self._sync_dataplane(number, now)
+            log.emit(self.log, log.GM_RECV_DELETE, group=reg.group.name)
+            reg.rereg_at = self._rereg_time(reg, now)
+        else:
+            configured = max((t.policy.configured_lifetime for t in g.teks.values()), default=0)
+            self.sadb.clear(number)
+            self._sync_dataplane(number, now)
+            delay = self.rng.uniform(0, 0.02 * configured) if configured else 0.0
+            log.emit(self.log, log.GM_RECV_DELETE_IMMEDIATE, group=reg.group.name, seconds=round(delay))
+            reg.state = RegState.BACKOFF
+            reg.rereg_at = None
+            reg.retry_at = now + delay
+        self.counters["removals"] += 1
+        self._notify("removal", reg)
         return []
 
     def _rereg_time(self, reg: Registration, now: float) -> float | None:
@@ -284,8 +407,12 @@ class GroupMemberEngine:
             elif reg.state == RegState.REGISTERED and reg.rereg_at is not None and now >= reg.rereg_at:
                 self.log.info("reregistration_due", group=reg.group.name)
                 out += self._begin(reg, now)
-        for t in self.sadb.expire(now):
+        expired = self.sadb.expire(now)
+        for t in expired:
             self.log.info("tek_expired", spi=f"0x{t.spi:08x}")
+        if expired:
+            for number in self.sadb.groups:
+                self._sync_dataplane(number, now)
         return out
 
     def notify_name(self, value: int) -> str:

@@ -76,10 +76,18 @@ class Sadb:
         return gone
 
     def next_expiry(self, group_number: int) -> float | None:
+        """When the group runs out of keys: its newest TEK's or its KEK's expiry."""
         g = self.groups.get(group_number)
         if g is None:
             return None
-        times = [t.expires_at for t in g.teks.values()]
+        times = []
+        if g.teks:
+            times.append(max(t.expires_at for t in g.teks.values()))
         if g.kek is not None:
             times.append(g.kek.expires_at)
         return min(times) if times else None
+
+    def delete_teks(self, group_number: int, spis: set[int]) -> None:
+        g = self.group(group_number)
+        for spi in spis:
+            g.teks.pop(spi, None)

@@ -7,20 +7,43 @@ from typing import Any
 
 from gdoid import log
 from gdoid.commands import match
-from gdoid.config import KsConfig
+from gdoid.config import ConfigError, KsConfig, load_ks_config
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.keylog import KeyLog
 from gdoid.keyserver import show
 from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
-from gdoid.protocol.pki import load_private_key
+from gdoid.protocol.pki import PkiError, load_private_key
+from gdoid.protocol.push import RemovalMode
+from gdoid.protocol.version import supports_removal_and_replace
 from gdoid.shell import UdpShell, wall_clock
+
+REMOVAL_PROMPT = (
+    "\n% This GM-Removal message will shorten all GMs' key lifetimes and cause them to\n"
+    "re-register before keys expiry.\n"
+    "Are you sure you want to proceed? ? [yes/no]: "
+)
+REMOVAL_NOW_PROMPT = (
+    "\n% This GM-Removal immediate message will cleanup all GMs downloaded policies\n"
+    "% This will cause all GMs to re-register.\n"
+    "Are you sure you want to proceed? ? [yes/no]: "
+)
+REMOVAL_WARNING_PROMPT = (
+    "WARNING for group {group}: some devices cannot support GM-REMOVAL and can cause network\n"
+    "disruption. Please check 'show crypto gdoi feature'.\n"
+    "Are you sure you want to proceed ? [yes/no]: "
+)
+NOT_PRIMARY_REMOVAL = "ERROR for group {group}: can only execute this command on Primary KS"
+NOT_PRIMARY_REKEY = "ERROR for group {group}: This command must be executed on Pri-KS"
 
 
 class KeyServerDaemon:
-    def __init__(self, config: KsConfig, keylog_dir: Path | None = None, tick: float = 0.25) -> None:
+    def __init__(
+        self, config: KsConfig, keylog_dir: Path | None = None, tick: float = 0.25, config_path: Path | None = None
+    ) -> None:
         self.config = config
+        self.config_path = config_path
         self.log = log.get_logger("gdoid.ks")
         keylog_dir = keylog_dir or config.keylog_dir
         self.keylog = KeyLog(keylog_dir) if keylog_dir is not None else None
@@ -71,11 +94,20 @@ class KeyServerDaemon:
             ("show crypto gdoi [group <group>] ks", self._show_gdoi),
             ("show crypto gdoi [group <group>]", self._show_gdoi),
             ("show gdoid counters", self._show_counters),
+            ("show crypto gdoi [group <group>] ks replay", self._show_replay),
         ]
         for pattern, fn in handlers:
             params = match(words, pattern)
             if params is not None:
                 return fn(params, now)
+        params = match(words, "clear crypto gdoi [group <group>] ks members [now]")
+        if params is not None:
+            return await self._clear_members(params, req.confirm, now)
+        params = match(words, "crypto gdoi ks [group <group>] rekey [replace-now]")
+        if params is not None:
+            return await self._rekey(params, now)
+        if match(words, "reload") is not None:
+            return self.reload()
         return ControlResponse.failure(f"% Invalid input: {' '.join(words)}")
 
     def _show_gdoi(self, params: dict[str, str], now: float) -> ControlResponse:
@@ -104,6 +136,106 @@ class KeyServerDaemon:
             return groups
         text = show.show_feature(groups, self.key_servers(), now)
         return ControlResponse(ok=True, output=text, data={"text": text})
+
+    @property
+    def is_primary(self) -> bool:
+        return True  # a standalone KS is primary; COOP makes secondaries
+
+    async def _clear_members(self, params: dict[str, str], confirm: int, now: float) -> ControlResponse:
+        groups = self._groups(params.get("group"))
+        if isinstance(groups, ControlResponse):
+            return groups
+        if not self.is_primary:
+            return ControlResponse.failure("\n".join(NOT_PRIMARY_REMOVAL.format(group=g.name) for g in groups))
+        now_mode = "now" in params
+        prompts = [REMOVAL_NOW_PROMPT if now_mode else REMOVAL_PROMPT]
+        for g in groups:
+            if self.unsupported_devices(g):
+                prompts.append(REMOVAL_WARNING_PROMPT.format(group=g.name))
+        if confirm < len(prompts):
+            return ControlResponse.confirm_needed(*prompts)
+        mode = RemovalMode.NOW if now_mode else RemovalMode.TRANSITIONAL
+        lines = []
+        out = []
+        for g in groups:
+            text = log.KS_SEND_GM_REMOVAL.text(group=g.name)
+            lines.append(text.split(": ", 1)[1])
+            log.emit(self.log, log.KS_SEND_GM_REMOVAL, group=g.name)
+            out += self.engine.remove_members(g, now, mode)
+        await self.shell.send_all(out)
+        return ControlResponse(ok=True, output="\n".join(lines) + "\n", data={"sent": len(out)})
+
+    def unsupported_devices(self, group: Group) -> list[str]:
+        bad = [str(m.address) for m in group.unsupported_members()]
+        bad += [str(addr) for addr, v in self.key_servers() if not supports_removal_and_replace(v)]
+        return bad
+
+    async def _rekey(self, params: dict[str, str], now: float) -> ControlResponse:
+        groups = self._groups(params.get("group"))
+        if isinstance(groups, ControlResponse):
+            return groups
+        if not self.is_primary:
+            return ControlResponse.failure("\n".join(NOT_PRIMARY_REKEY.format(group=g.name) for g in groups))
+        lines, out = [], []
+        for g in groups:
+            out += self.engine.rekey(g, now, replace=True, replace_now="replace-now" in params)
+            lines.append(log.KS_SEND_UNICAST_REKEY.text(
+                extra="with policy-replace ", group=g.name, address=str(self.config.address), seq=g.seq
+            ))
+        await self.shell.send_all(out)
+        return ControlResponse(ok=True, output="\n".join(lines) + "\n", data={"sent": len(out), "seq": [g.seq for g in groups]})
+
+    def reload(self) -> ControlResponse:
+        """Re-read the config: auth and IKE apply now; group policy waits for a rekey."""
+        if self.config_path is None:
+            return ControlResponse.failure("% no configuration file to reload")
+        try:
+            new = load_ks_config(self.config_path)
+            phase1 = phase1_config(new.ike, new.auth, new.address, new.software_version)
+            keys = {g.number: load_private_key(g.kek.signing_key) for g in new.groups}
+        except (ConfigError, PkiError, OSError) as exc:
+            self.log.error("reload_failed", error=str(exc))
+            return ControlResponse.failure(f"% reload failed, running configuration unchanged: {exc}")
+        self.engine.phase1 = phase1
+        now = wall_clock()
+        changed = []
+        for gconf in new.groups:
+            g = self.groups.get(gconf.number)
+            if g is None:
+                self.groups[gconf.number] = Group(gconf, keys[gconf.number], new.address, new.port, now)
+                changed.append(gconf.name)
+                continue
+            if g.stage_config(gconf, keys[gconf.number]):
+                changed.append(g.name)
+                log.emit(self.log, log.POLICY_CHANGE, group=g.name)
+        for number in [n for n in self.groups if new.group_by_number(n) is None]:
+            del self.groups[number]
+        self.config = new
+        return ControlResponse(ok=True, output="".join(
+            log.POLICY_CHANGE.text(group=name) + "\n" for name in changed
+        ), data={"changed": changed})
+
+    def _show_replay(self, params: dict[str, str], now: float) -> ControlResponse:
+        groups = self._groups(params.get("group"))
+        if isinstance(groups, ControlResponse):
+            return groups
+        lines = []
+        for g in groups:
+            windows = [sa.tbar_window_ms for sa in g.config.sa_ipsec if sa.tbar_window_ms]
+            lines += [
+                f"Anti-replay Information For Group {g.name}:",
+                "    Timebased Replay:",
+                f"      Replay Value       : {g.pseudotime_ms(now) / 1000:.2f} secs" if windows else "      Replay Value       : disabled",
+                "      Input Packets      : 0     Output Packets : 0",
+                "      Input Error Packets: 0     Output Error Packets : 0",
+                "      Time Sync Error    : 0     Max time delta : 0.00 secs",
+                f"      TBAR Window        : {windows[0]} msec" if windows else "      TBAR Window        : disabled",
+                "      TBAR Rekey Period  : 7200 secs" if windows else "",
+                f"      Next Rekey In      : {max(0, int(g.next_rekey_at() - now))} secs",
+                "",
+            ]
+        data = [{"group": g.name, "pseudotime_ms": g.pseudotime_ms(now), "next_rekey_in": g.next_rekey_at() - now} for g in groups]
+        return ControlResponse(ok=True, output="\n".join(line for line in lines if line is not None) + "\n", data=data)
 
     def _show_counters(self, params: dict[str, str], now: float) -> ControlResponse:
         counters = dict(self.engine.counters)

@@ -9,13 +9,13 @@ counted, logged drop, never an exception.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from gdoid import log
 from gdoid.keylog import KeyLog
-from gdoid.keyserver.group import Group
+from gdoid.keyserver.group import Group, Member, PendingPush, RekeyMessages
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.errors import ProtocolError
 from gdoid.protocol.header import IsakmpHeader
@@ -29,6 +29,8 @@ from gdoid.protocol.ike import (
 from gdoid.protocol.payloads import DeletePayload, NotifyPayload
 from gdoid.protocol.policy import GroupKeys, SenderIds
 from gdoid.protocol.pull import MemberRegistered, PullFailed, PullOutput, PullResponder
+from gdoid.protocol.push import GROUPKEY_PUSH_ACK, ack_key, parse_ack, verify_ack
+from gdoid.protocol.version import supports_removal_and_replace
 
 Address = tuple[str, int]
 Outgoing = list[tuple[bytes, Address]]
@@ -66,6 +68,8 @@ class KeyServerEngine:
         self.sas: dict[bytes, _SaEntry] = {}
         self.pulls: dict[tuple[bytes, int], PullResponder] = {}
         self.counters: Counter[str] = Counter()
+        self.scheduled_rekeys = True
+        self.on_state_change: Callable[[], None] | None = None  # persist before sending
         self._last_drop_log = 0.0
         if keylog is not None:
             for g in groups.values():
@@ -109,6 +113,8 @@ class KeyServerEngine:
                 return self._pull(header, data, peer, now)
             if header.exchange_type == ExchangeType.INFORMATIONAL:
                 return self._informational(header, data, peer, now)
+            if header.exchange_type == GROUPKEY_PUSH_ACK:
+                return self._ack(data, peer, now)
         except ProtocolError as exc:
             self.drop(peer, str(exc), now)
             return []
@@ -207,6 +213,9 @@ class KeyServerEngine:
                     ev.keys,
                     ev.sender_ids,
                     now,
+                    port=entry.addr[1],
+                    ack_key=ack_key(entry.sa.hash, entry.sa.keys.skeyid_a, g.number),
+                    ack_hash=entry.sa.hash,
                 )
                 self.counters["registrations"] += 1
                 log.emit(self.log, log.KS_REGS_COMPL, group=g.name, gm=entry.addr[0])
@@ -246,9 +255,77 @@ class KeyServerEngine:
                 self._drop_sa(header.cookies)
         return []
 
+    # --- rekeys ------------------------------------------------------------------
+
+    def send_rekey(self, group: Group, messages: RekeyMessages, now: float) -> Outgoing:
+        """Unicast one rekey to every registered GM and arm its retransmission."""
+        rekey = group.config.rekey
+        out: Outgoing = []
+        for m in group.members.values():
+            data = messages.modern if supports_removal_and_replace(m.version) else messages.legacy
+            if m.pending is not None:
+                self._missed(group, m, now)  # the previous rekey was never acknowledged
+                if m.address not in group.members:
+                    continue
+            m.pending = PendingPush(messages.seq, data, rekey.retransmit_count, now + rekey.retransmit_interval)
+            m.rekeys_sent += 1
+            out.append((data, (str(m.address), m.port)))
+        self.counters["rekeys_sent"] += len(out)
+        return out
+
+    def _missed(self, group: Group, m: Member, now: float) -> None:
+        m.pending = None
+        m.missed_rekeys += 1
+        if m.missed_rekeys >= group.config.rekey.max_missed:
+            group.remove_member(m.address)
+            self.counters["members_dropped"] += 1
+            log.emit(self.log, log.KS_MEMBER_DROPPED, gm=str(m.address), group=group.name, missed=m.missed_rekeys)
+
+    def _ack(self, data: bytes, peer: Address, now: float) -> Outgoing:
+        ack = parse_ack(data)
+        member, group = None, None
+        for g in self.groups.values():
+            m = g.members.get(IPv4Address(ack.gm_address))
+            if m is not None:
+                member, group = m, g
+                break
+        if member is None or group is None or not member.ack_key:
+            self.drop(peer, "acknowledgement from no registered GM", now)
+            return []
+        if not verify_ack(ack, member.ack_hash, member.ack_key):
+            self.drop(peer, "acknowledgement with a bad HASH", now)
+            return []
+        if member.pending is not None and ack.seq == member.pending.seq:
+            member.pending = None
+            member.missed_rekeys = 0
+            member.acks_received += 1
+            self.counters["acks_received"] += 1
+        return []
+
+    def _retransmit(self, now: float) -> Outgoing:
+        out: Outgoing = []
+        for g in self.groups.values():
+            for m in list(g.members.values()):
+                p = m.pending
+                if p is None or now < p.next_at:
+                    continue
+                if p.retries_left <= 0:
+                    self._missed(g, m, now)
+                    continue
+                p.retries_left -= 1
+                p.next_at = now + g.config.rekey.retransmit_interval
+                m.rekey_retries += 1
+                out.append((p.data, (str(m.address), m.port)))
+        return out
+
     # --- time ------------------------------------------------------------------
 
     def on_timer(self, now: float) -> Outgoing:
+        out = self._retransmit(now)
+        if self.scheduled_rekeys:
+            for g in self.groups.values():
+                if now >= g.next_rekey_at():
+                    out += self.rekey(g, now)
         for icky, (responder, peer) in list(self.responders.items()):
             out = responder.on_timeout(now)
             if responder.failed:
@@ -266,7 +343,32 @@ class KeyServerEngine:
         for cookies, entry in list(self.sas.items()):
             if now >= entry.sa.expires_at or now - entry.last_used > SA_LINGER:
                 self._drop_sa(cookies)
-        return []
+        return out
+
+    def rekey(self, group: Group, now: float, *, replace: bool = False, replace_now: bool = False) -> Outgoing:
+        messages = group.plan_rekey(now, replace=replace, replace_now=replace_now)
+        self._after_new_keys(group)
+        extra = "with policy-replace " if replace else ""
+        log.emit(self.log, log.KS_SEND_UNICAST_REKEY, extra=extra, group=group.name, address=str(group.ks_address), seq=messages.seq)
+        return self.send_rekey(group, messages, now)
+
+    def remove_members(self, group: Group, now: float, mode: int) -> Outgoing:
+        members = list(group.members.values())
+        messages = group.plan_removal(now, mode)
+        self._after_new_keys(group)
+        # The removal goes to every GM that was registered, even though the table is now clear.
+        out: Outgoing = []
+        for m in members:
+            out.append((messages.modern, (str(m.address), m.port)))
+        self.counters["removals_sent"] += len(out)
+        return out
+
+    def _after_new_keys(self, group: Group) -> None:
+        if self.keylog is not None:
+            for t in group.teks:
+                self.keylog.esp(t)
+        if self.on_state_change is not None:
+            self.on_state_change()
 
     @property
     def half_open(self) -> int:

@@ -7,12 +7,14 @@ pure: callers pass ``now``; nothing here touches sockets or files.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from gdoid.config import KsGroupConfig, SaIpsec
 from gdoid.protocol import crypto
-from gdoid.protocol.crypto import PrivateKey, SigHash
+from gdoid.protocol.crypto import HashAlgorithm, PrivateKey, SigHash
+from gdoid.protocol.gdoi_payloads import SeqPayload
+from gdoid.protocol.payloads import Payload
 from gdoid.protocol.policy import (
     GroupKeys,
     Kek,
@@ -21,8 +23,11 @@ from gdoid.protocol.policy import (
     TekPolicy,
     TekTransform,
     TrafficSelector,
+    build_kd,
+    build_sa,
 )
-from gdoid.protocol.version import SoftwareVersion
+from gdoid.protocol.push import build_push, policy_replace_notify, removal_notify
+from gdoid.protocol.version import SoftwareVersion, supports_removal_and_replace
 
 _SIG_HASHES = {"sha256": SigHash.SHA256, "sha384": SigHash.SHA384, "sha512": SigHash.SHA512}
 
@@ -82,6 +87,16 @@ def new_kek(config: KsGroupConfig, signing_key: PrivateKey, ks_address: IPv4Addr
 
 
 @dataclass
+class PendingPush:
+    """A rekey sent to one GM and not yet acknowledged."""
+
+    seq: int
+    data: bytes
+    retries_left: int
+    next_at: float
+
+
+@dataclass
 class Member:
     """A row of ``show crypto gdoi ks members``."""
 
@@ -94,6 +109,13 @@ class Member:
     sender_ids: tuple[int, ...] = ()
     registrations: int = 1
     missed_rekeys: int = 0
+    port: int = 848
+    ack_key: bytes = field(default=b"", repr=False)
+    ack_hash: HashAlgorithm = HashAlgorithm.SHA2_256
+    rekeys_sent: int = 0
+    rekey_retries: int = 0
+    acks_received: int = 0
+    pending: PendingPush | None = None
 
 
 class SenderIdAllocator:
@@ -135,6 +157,20 @@ class SenderIdAllocator:
         return len(self._owner)
 
 
+TBAR_REKEY_INTERVAL = 7200  # getvpn-features §4: with TBAR the KS rekeys every 2 hours
+
+
+@dataclass(frozen=True)
+class RekeyMessages:
+    """One rekey: the signed, encrypted push per variant (sign once per distinct message)."""
+
+    seq: int
+    modern: bytes  # for GMs that support GM removal / policy replace (1.0.2)
+    legacy: bytes  # for older or unknown versions: the same rekey without the instruction
+    kind: str  # "scheduled", "policy-replace", "gm-removal"
+    new_kek: bool
+
+
 class Group:
     def __init__(
         self,
@@ -152,8 +188,13 @@ class Group:
         self.teks: list[Tek] = [new_tek(sa, now) for sa in config.sa_ipsec]
         self.seq = 1
         self.epoch = now  # pseudotime origin (TBAR)
+        self.last_rekey_at = now
+        self.rekeys_sent = 0
         self.members: dict[IPv4Address, Member] = {}
         self.sids = SenderIdAllocator(config.sender_id_bits)
+        # A reloaded policy waits here for the next rekey (getvpn-features §3.2).
+        self.pending_config: KsGroupConfig | None = None
+        self.pending_signing_key: PrivateKey | None = None
 
     @property
     def name(self) -> str:
@@ -184,6 +225,8 @@ class Group:
             deactivation_delay=self.config.deactivation_delay,
         )
 
+    # --- membership --------------------------------------------------------------
+
     def record_member(
         self,
         address: IPv4Address,
@@ -192,6 +235,9 @@ class Group:
         keys: GroupKeys,
         sender_ids: SenderIds | None,
         now: float,
+        port: int = 848,
+        ack_key: bytes = b"",
+        ack_hash: HashAlgorithm = HashAlgorithm.SHA2_256,
     ) -> Member:
         old = self.members.get(address)
         member = Member(
@@ -203,6 +249,9 @@ class Group:
             tek_spis=tuple(t.spi for t in keys.teks),
             sender_ids=sender_ids.values if sender_ids else (),
             registrations=(old.registrations + 1) if old else 1,
+            port=port,
+            ack_key=ack_key,
+            ack_hash=ack_hash,
         )
         self.members[address] = member
         return member
@@ -213,12 +262,103 @@ class Group:
             self.sids.release(m.identity)
         return m
 
-    def replace_config(self, config: KsGroupConfig) -> None:
-        """Adopt a reloaded policy; keys change only with the next rekey."""
-        self.config = config
+    # --- policy --------------------------------------------------------------------
 
-    def replace_tek_lifetimes(self, now: float) -> None:
-        self.teks = [replace(t, expires_at=min(t.expires_at, now)) for t in self.teks]
+    def stage_config(self, config: KsGroupConfig, signing_key: PrivateKey | None) -> bool:
+        """Keep a reloaded policy for the next rekey; True if anything changed."""
+        changed_key = signing_key is not None and crypto.public_key_der(signing_key) != crypto.public_key_der(self.signing_key)
+        if config == self.config and not changed_key:
+            self.pending_config = None
+            self.pending_signing_key = None
+            return False
+        self.pending_config = config
+        self.pending_signing_key = signing_key if changed_key else None
+        return True
+
+    def _kek_policy_changed(self, new: KsGroupConfig) -> bool:
+        old = self.config.kek
+        return (old.algorithm, old.sig_hash) != (new.kek.algorithm, new.kek.sig_hash) or self.pending_signing_key is not None
+
+    def next_rekey_at(self) -> float:
+        lead = self.config.rekey.lead_time
+        newest: dict[int, Tek] = {}
+        for t in self.teks:
+            if t.policy.sa_number not in newest or t.created_at > newest[t.policy.sa_number].created_at:
+                newest[t.policy.sa_number] = t
+        times = [t.expires_at - lead for t in newest.values()]
+        times.append(self.kek.expires_at - lead)
+        if self.tbar:
+            times.append(self.last_rekey_at + TBAR_REKEY_INTERVAL)
+        return min(times)
+
+    # --- rekeys --------------------------------------------------------------------
+
+    def _sign_and_encrypt(self, payloads: list[Payload]) -> bytes:
+        sig_hash = self.kek.sig_hash
+        return build_push(self.kek, self.signing_key, sig_hash, payloads)
+
+    def plan_rekey(self, now: float, *, replace: bool = False, replace_now: bool = False) -> RekeyMessages:
+        """New TEKs (and a new KEK when due or its policy changed), pushed under the current KEK.
+
+        ``replace`` marks a triggered policy-replace rekey: the 1.0.2 variant
+        carries POLICY_REPLACE, and the KS stops handing out the old TEKs.
+        """
+        config = self.pending_config or self.config
+        kek_due = self.kek.expires_at - config.rekey.lead_time <= now or (
+            self.pending_config is not None and self._kek_policy_changed(config)
+        )
+        next_key = self.pending_signing_key or self.signing_key
+        new_teks = [new_tek(sa, now) for sa in config.sa_ipsec]
+        next_kek = new_kek(config, next_key, self.ks_address, self.port, now) if kek_due else None
+        self.seq += 1
+        self.last_rekey_at = now
+        pseudotime = self.pseudotime_ms(now) if any(sa.tbar_window_ms is not None for sa in config.sa_ipsec) else None
+        keys = GroupKeys(self.number, next_kek, tuple(new_teks), self.seq, pseudotime,
+                         config.activation_delay, config.deactivation_delay)
+        if pseudotime is not None and next_kek is None:
+            # TBAR needs the pseudotime in every rekey: it rides in a KEK packet, so resend the KEK.
+            keys = GroupKeys(self.number, self.kek, tuple(new_teks), self.seq, pseudotime,
+                             config.activation_delay, config.deactivation_delay)
+        sa = build_sa(keys, now)
+        kd = build_kd(keys)
+        legacy = self._sign_and_encrypt([SeqPayload(self.seq), sa, kd])
+        modern = (
+            self._sign_and_encrypt([SeqPayload(self.seq), policy_replace_notify(replace_now), sa, kd])
+            if replace
+            else legacy
+        )
+        # Adopt the new state only after signing/encrypting under the old KEK and key.
+        self.config = config
+        self.pending_config = None
+        if next_kek is not None:
+            self.kek = next_kek
+            self.signing_key = next_key
+        self.pending_signing_key = None
+        kept = [] if replace else self.current_teks(now)
+        self.teks = kept + new_teks
+        self.rekeys_sent += 1
+        kind = "policy-replace" if replace else "scheduled"
+        return RekeyMessages(self.seq, modern, legacy, kind, next_kek is not None)
+
+    def plan_removal(self, now: float, mode: int) -> RekeyMessages:
+        """GM removal: tell every GM, then switch to a new KEK and TEKs nobody has yet."""
+        self.seq += 1
+        data = self._sign_and_encrypt([SeqPayload(self.seq), removal_notify(mode)])
+        config = self.pending_config or self.config
+        self.config = config
+        self.pending_config = None
+        self.signing_key = self.pending_signing_key or self.signing_key
+        self.pending_signing_key = None
+        self.kek = new_kek(config, self.signing_key, self.ks_address, self.port, now)
+        self.teks = [new_tek(sa, now) for sa in config.sa_ipsec]
+        self.last_rekey_at = now
+        self.rekeys_sent += 1
+        for address in list(self.members):
+            self.remove_member(address)
+        return RekeyMessages(self.seq, data, data, "gm-removal", True)
+
+    def unsupported_members(self) -> list[Member]:
+        return [m for m in self.members.values() if not supports_removal_and_replace(m.version)]
 
 
 @dataclass

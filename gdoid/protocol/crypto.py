@@ -24,6 +24,10 @@ from typing import TypeAlias
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dh, ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gdoid.protocol.errors import CryptoError
@@ -56,6 +60,7 @@ __all__ = [
     "prf",
     "public_key_der",
     "rekey_sign",
+    "rekey_signature_length",
     "rekey_verify",
     "sig_algorithm_of",
     "skeyid_psk",
@@ -445,14 +450,28 @@ def sig_algorithm_of(key: PrivateKey | PublicKey) -> SigAlgorithm:
 
 
 def rekey_sign(private_key: PrivateKey, sig_hash: SigHash, data: bytes) -> bytes:
-    """Sign a push: RSA PKCS#1 v1.5 with DigestInfo, or DER-encoded ECDSA."""
+    """Sign a push: RSA PKCS#1 v1.5 with DigestInfo, or ECDSA as fixed-size r‖s.
+
+    ECDSA uses the fixed-size (IEEE P1363) form, not DER, so the SIG payload's
+    length is known before signing: the signed header already carries the
+    message length including SIG (wire.md §5).
+    """
     hash_alg = _sig_hash(sig_hash)
     if isinstance(private_key, rsa.RSAPrivateKey):
         return private_key.sign(data, padding.PKCS1v15(), hash_alg)
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
         sig_algorithm_of(private_key)  # refuse curves a GM cannot advertise
-        return private_key.sign(data, ec.ECDSA(hash_alg))
+        r, s = decode_dss_signature(private_key.sign(data, ec.ECDSA(hash_alg)))
+        size = (private_key.curve.key_size + 7) // 8
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
     raise CryptoError(f"unsupported rekey signing key type {type(private_key).__name__}")
+
+
+def rekey_signature_length(key: PrivateKey | PublicKey) -> int:
+    """Octets of a push signature made with ``key``."""
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return (key.key_size + 7) // 8
+    return 2 * ((key.curve.key_size + 7) // 8)
 
 
 def rekey_verify(public_key: PublicKey, sig_hash: SigHash, data: bytes, signature: bytes) -> bool:
@@ -463,7 +482,13 @@ def rekey_verify(public_key: PublicKey, sig_hash: SigHash, data: bytes, signatur
             public_key.verify(signature, data, padding.PKCS1v15(), hash_alg)
             return True
         if isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(signature, data, ec.ECDSA(hash_alg))
+            size = (public_key.curve.key_size + 7) // 8
+            if len(signature) != 2 * size:
+                return False
+            der = encode_dss_signature(
+                int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+            )
+            public_key.verify(der, data, ec.ECDSA(hash_alg))
             return True
     except (InvalidSignature, CryptoError, ValueError, TypeError, UnsupportedAlgorithm):
         return False

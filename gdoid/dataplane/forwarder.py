@@ -1,0 +1,328 @@
+"""The I/O side of a GM's userspace ESP data path (asyncio).
+
+::
+
+    LAN --(routing, table T)--> TUN --read--> dataplane.outbound --> raw send socket (mark M) --> WAN
+    WAN --(rule 99, table L)--> raw ESP socket --> dataplane.inbound --> TUN --write--> (routing) --> LAN
+
+The :class:`Forwarder` owns the TUN device, the policy routing
+(:class:`~gdoid.dataplane.routing.RouteSetup`) and two raw sockets; every packet
+goes through the sans-I/O dataplane (``outbound`` / ``inbound``), whose
+``Result.to_network`` packets are sent with the IP_HDRINCL socket and whose
+``Result.to_tun`` packets are written to the TUN.  Readers drain up to
+``batch`` packets per wakeup.  Send errors are counted, never raised; an
+exception from the dataplane is counted and logged and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Network
+from typing import Any, Protocol
+
+from gdoid.dataplane.routing import (
+    DEFAULT_LOCAL_TABLE,
+    DEFAULT_MARK,
+    DEFAULT_TABLE,
+    IPPROTO_ESP,
+    RouteSetup,
+)
+from gdoid.dataplane.tun import READ_SIZE, TunDevice
+from gdoid.log import get_logger
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SOCKET_BUFFER = 4 * 1024 * 1024
+DEFAULT_BATCH = 64
+_LOG_FIRST_ERRORS = 10
+_LOG_EVERY_ERRORS = 1000
+
+log = get_logger("gdoid.dataplane")
+
+
+class ResultLike(Protocol):
+    to_network: list[bytes]
+    to_tun: list[bytes]
+    drop: Any
+
+
+class DataplaneLike(Protocol):
+    def outbound(self, packet: bytes, now: float) -> ResultLike: ...
+
+    def inbound(self, packet: bytes, now: float) -> ResultLike: ...
+
+    def protected_prefixes(self) -> list[IPv4Network]: ...
+
+
+@dataclass
+class ForwarderStats:
+    tun_read: int = 0  # plaintext packets read from the TUN
+    tun_written: int = 0  # packets written to the TUN
+    net_read: int = 0  # packets read from the raw ESP socket
+    net_sent: int = 0  # packets sent with the raw send socket
+    send_errors: int = 0
+    tun_write_errors: int = 0
+    read_errors: int = 0
+    dataplane_errors: int = 0
+    drops: Counter[str] = field(default_factory=Counter)  # by DropReason
+    send_errnos: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["drops"] = dict(self.drops)
+        out["send_errnos"] = dict(self.send_errnos)
+        return out
+
+
+def _reason(drop: Any) -> str:
+    return str(getattr(drop, "name", drop))
+
+
+def _errno_name(e: OSError) -> str:
+    return errno.errorcode.get(e.errno or 0, str(e.errno)) if e.errno else type(e).__name__
+
+
+class Forwarder:
+    """Moves packets between the TUN, the dataplane and the raw sockets."""
+
+    def __init__(
+        self,
+        dataplane: DataplaneLike,
+        *,
+        tun_name: str = "gdoi0",
+        mtu: int = 1400,
+        wan_interface: str | None = None,
+        mark: int = DEFAULT_MARK,
+        table: int = DEFAULT_TABLE,
+        local_table: int = DEFAULT_LOCAL_TABLE,
+        clock: Callable[[], float] = time.time,
+        batch: int = DEFAULT_BATCH,
+        socket_buffer: int = SOCKET_BUFFER,
+    ) -> None:
+        self.dataplane = dataplane
+        self.tun_name = tun_name
+        self.mtu = mtu
+        self.wan_interface = wan_interface
+        self.mark = mark
+        self.clock = clock
+        self.batch = batch
+        self.socket_buffer = socket_buffer
+        self.stats = ForwarderStats()
+        self.routes = RouteSetup(
+            tun_name,
+            wan_interface=wan_interface,
+            mark=mark,
+            table=table,
+            local_table=local_table,
+        )
+        self.tun: TunDevice | None = None
+        self._send: socket.socket | None = None
+        self._recv: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers: list[int] = []
+        self._route_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return bool(self._readers)
+
+    async def start(self) -> None:
+        """TUN, sockets, routes, then the readers; on any failure everything is undone."""
+        if self.tun is not None:
+            raise RuntimeError("forwarder already started")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        try:
+            self.tun = await asyncio.to_thread(TunDevice.open, self.tun_name, self.mtu)
+            self._send = self._send_socket()
+            # The ESP socket exists before rule 99 does: without a raw socket the kernel
+            # would answer ESP it has no handler for with ICMP protocol-unreachable.
+            self._recv = self._recv_socket()
+            prefixes = list(self.dataplane.protected_prefixes())
+            async with self._route_lock:
+                await asyncio.to_thread(self.routes.apply, prefixes)
+            loop.add_reader(self.tun.fd, self._on_tun_readable)
+            self._readers.append(self.tun.fd)
+            loop.add_reader(self._recv.fileno(), self._on_net_readable)
+            self._readers.append(self._recv.fileno())
+        except BaseException:
+            await self.close()
+            raise
+        log.info(
+            "dataplane_forwarder_started",
+            tun=self.tun.name,
+            mtu=self.mtu,
+            wan=self.wan_interface,
+            prefixes=sorted(str(p) for p in prefixes),
+        )
+
+    def update_routes(self) -> asyncio.Task[None]:
+        """Re-read ``dataplane.protected_prefixes()`` and replace the TUN routes.
+
+        Netlink blocks, so the work runs in a thread; the returned task may be
+        awaited to know when the routes are in place (updates are serialised).
+        """
+        prefixes = list(self.dataplane.protected_prefixes())
+        task = asyncio.get_running_loop().create_task(self._update_routes(prefixes))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _update_routes(self, prefixes: Iterable[IPv4Network]) -> None:
+        async with self._route_lock:
+            if self.tun is None:
+                return
+            try:
+                await asyncio.to_thread(self.routes.update, prefixes)
+            except Exception:
+                log.exception("dataplane_route_update_failed")
+                raise
+
+    async def close(self) -> None:
+        """Stop reading, remove the routes, close the sockets and the TUN (idempotent)."""
+        loop = self._loop
+        if loop is not None:
+            for fd in self._readers:
+                loop.remove_reader(fd)
+        self._readers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        async with self._route_lock:
+            try:
+                await asyncio.to_thread(self.routes.remove)
+            except Exception:
+                log.exception("dataplane_route_remove_failed")
+        for sock in (self._send, self._recv):
+            if sock is not None:
+                sock.close()
+        self._send = self._recv = None
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+            log.info("dataplane_forwarder_closed", **self.stats.as_dict())
+
+    async def __aenter__(self) -> Forwarder:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- sockets --------------------------------------------------------
+
+    def _send_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            self._grow(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _recv_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP)
+        try:
+            self._grow(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _grow(self, sock: socket.socket, force: int, plain: int) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, self.socket_buffer)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, self.socket_buffer)
+
+    # --- the hot path ---------------------------------------------------
+
+    def _on_tun_readable(self) -> None:
+        tun = self.tun
+        if tun is None:
+            return
+        fd = tun.fd
+        read = os.read
+        outbound = self.dataplane.outbound
+        deliver = self._deliver
+        stats = self.stats
+        now = self.clock()
+        for _ in range(self.batch):
+            try:
+                packet = read(fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                stats.read_errors += 1
+                return
+            stats.tun_read += 1
+            try:
+                deliver(outbound(packet, now))
+            except Exception:
+                self._dataplane_failed("outbound")
+
+    def _on_net_readable(self) -> None:
+        sock = self._recv
+        if sock is None:
+            return
+        recv = sock.recv
+        inbound = self.dataplane.inbound
+        deliver = self._deliver
+        stats = self.stats
+        now = self.clock()
+        for _ in range(self.batch):
+            try:
+                packet = recv(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                stats.read_errors += 1
+                return
+            stats.net_read += 1
+            try:
+                deliver(inbound(packet, now))
+            except Exception:
+                self._dataplane_failed("inbound")
+
+    def _deliver(self, result: ResultLike) -> None:
+        stats = self.stats
+        if result.drop is not None:
+            stats.drops[_reason(result.drop)] += 1
+        if result.to_network:
+            sock = self._send
+            for packet in result.to_network:
+                try:
+                    sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))  # type: ignore[union-attr]
+                    stats.net_sent += 1
+                except OSError as e:
+                    stats.send_errors += 1
+                    stats.send_errnos[_errno_name(e)] += 1
+        if result.to_tun:
+            fd = self.tun.fd  # type: ignore[union-attr]
+            for packet in result.to_tun:
+                try:
+                    os.write(fd, packet)
+                    stats.tun_written += 1
+                except OSError:
+                    stats.tun_write_errors += 1
+
+    def _dataplane_failed(self, direction: str) -> None:
+        self.stats.dataplane_errors += 1
+        n = self.stats.dataplane_errors
+        if n <= _LOG_FIRST_ERRORS or n % _LOG_EVERY_ERRORS == 0:
+            log.exception("dataplane_error", direction=direction, count=n)
