@@ -20,6 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+
 def _script(name: str) -> str:
     """The console script installed next to this interpreter (the venv under test)."""
     local = Path(sys.executable).parent / name

@@ -30,7 +30,15 @@ from gdoid.config import load_gm_config
 from gdoid.groupmember.engine import Registration
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.ike import plain_notify
-from tests.procs import Daemon, auth_toml, gdoictl_json, gm_toml, ks_toml, write_private, write_signing_key
+from tests.procs import (
+    Daemon,
+    auth_toml,
+    gdoictl_json,
+    gm_toml,
+    ks_toml,
+    write_private,
+    write_signing_key,
+)
 from tests.test_scale import GmEndpoint, drive_timers, make_engine
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")

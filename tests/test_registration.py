@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from gdoid.protocol.pki import generate_test_pki
-from tests.procs import Capture, Daemon, auth_toml, gdoictl, gdoictl_json, gm_toml, ks_toml, write_private, write_signing_key
+from tests.procs import (
+    Capture,
+    Daemon,
+    auth_toml,
+    gdoictl,
+    gdoictl_json,
+    gm_toml,
+    ks_toml,
+    write_private,
+    write_signing_key,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
 

@@ -23,7 +23,15 @@ import pytest
 from gdoid.config import GmConfig, load_gm_config
 from gdoid.groupmember.engine import GroupMemberEngine, Registration
 from gdoid.phase1 import phase1_config
-from tests.procs import Daemon, auth_toml, gdoictl_json, gm_toml, ks_toml, write_private, write_signing_key
+from tests.procs import (
+    Daemon,
+    auth_toml,
+    gdoictl_json,
+    gm_toml,
+    ks_toml,
+    write_private,
+    write_signing_key,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
 

@@ -88,7 +88,9 @@ def _reason(drop: Any) -> str:
 
 
 def _errno_name(e: OSError) -> str:
-    return errno.errorcode.get(e.errno or 0, str(e.errno)) if e.errno else type(e).__name__
+    if not e.errno:
+        return type(e).__name__
+    return errno.errorcode.get(e.errno, str(e.errno))
 
 
 class Forwarder:
@@ -131,6 +133,7 @@ class Forwarder:
         self._readers: list[int] = []
         self._route_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
 
     # --- lifecycle ------------------------------------------------------
 
@@ -144,6 +147,7 @@ class Forwarder:
             raise RuntimeError("forwarder already started")
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._started = True
         try:
             self.tun = await asyncio.to_thread(TunDevice.open, self.tun_name, self.mtu)
             self._send = self._send_socket()
@@ -199,11 +203,13 @@ class Forwarder:
         self._readers.clear()
         for task in list(self._tasks):
             task.cancel()
-        async with self._route_lock:
-            try:
-                await asyncio.to_thread(self.routes.remove)
-            except Exception:
-                log.exception("dataplane_route_remove_failed")
+        if self._started:
+            self._started = False
+            async with self._route_lock:
+                try:
+                    await asyncio.to_thread(self.routes.remove)
+                except Exception:
+                    log.exception("dataplane_route_remove_failed")
         for sock in (self._send, self._recv):
             if sock is not None:
                 sock.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +13,11 @@ from gdoid.commands import match
 from gdoid.config import ConfigError, KsConfig, load_ks_config
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.keylog import KeyLog
-from gdoid.keyserver import show
+from gdoid.keyserver import show, state
 from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
+from gdoid.protocol import crypto
 from gdoid.protocol.pki import PkiError, load_private_key
 from gdoid.protocol.push import RemovalMode
 from gdoid.protocol.version import supports_removal_and_replace
@@ -60,9 +64,48 @@ class KeyServerDaemon:
             logger=self.log,
         )
         self.shell = UdpShell("ks", (str(config.address), config.port), config.control_socket, tick, self.log)
+        self.state_path = config.state_dir / "state.json"
+        self._restore_state()
+        self.engine.on_state_change = self.save_state
+        self._dirty = False
+        self._saved_registrations = 0
+
+    def _restore_state(self) -> None:
+        if not self.state_path.exists():
+            return
+        try:
+            restored = state.load(self.state_path)
+        except state.StateError as exc:
+            aside = state.move_aside(self.state_path)
+            self.log.error("state_file_corrupt", path=str(self.state_path), error=str(exc), moved_to=str(aside))
+            print(f"gdoid ks: state file {self.state_path} is corrupt ({exc}); moved to {aside}, starting with fresh keys",
+                  file=sys.stderr)
+            return
+        for number, data in restored.items():
+            g = self.groups.get(number)
+            if g is None:
+                continue
+            if data["kek"].public_key_der != crypto.public_key_der(g.signing_key):
+                self.log.warning(
+                    "signing_key_changed",
+                    group=g.name,
+                    detail="the rekey signing key changed while the KS was down: GMs reject pushes until they re-register",
+                )
+            state.apply(g, data)
+            self.log.info("state_restored", group=g.name, seq=g.seq, members=len(g.members), teks=len(g.teks))
+
+    def save_state(self) -> None:
+        """Persist now (called before any rekey is sent: SEQ never goes backwards)."""
+        state.save(self.state_path, self.groups)
+        self._dirty = False
+
+    def mark_dirty(self) -> None:
+        self._dirty = True
 
     async def start(self) -> None:
+        self.save_state()
         await self.shell.open(self.engine, self.handle)
+        self._saver = asyncio.create_task(self._save_loop())
         self.log.info(
             "ks_started",
             address=str(self.config.address),
@@ -71,8 +114,26 @@ class KeyServerDaemon:
             version=str(self.config.software_version),
         )
 
+    async def _save_loop(self) -> None:
+        # Member-table changes are saved at most once a second; rekeys save at once.
+        while True:
+            await asyncio.sleep(1.0)
+            if self._dirty or self.engine.counters["registrations"] != self._saved_registrations:
+                self._saved_registrations = self.engine.counters["registrations"]
+                try:
+                    self.save_state()
+                except OSError as exc:
+                    self.log.error("state_save_failed", error=str(exc))
+
     async def close(self) -> None:
+        self._saver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._saver
         await self.shell.close()
+        try:
+            self.save_state()
+        except OSError as exc:
+            self.log.error("state_save_failed", error=str(exc))
 
     # --- control socket -------------------------------------------------------
 

@@ -148,6 +148,12 @@ class SenderIdAllocator:
         self._by_member[member] = tuple(got)
         return tuple(got)
 
+    def claim(self, member: str, sids: tuple[int, ...]) -> None:
+        """Restore an allocation (from the state file or a COOP peer)."""
+        for sid in sids:
+            self._owner[sid] = member
+        self._by_member[member] = tuple(sids)
+
     def release(self, member: str) -> None:
         for sid in self._by_member.pop(member, ()):
             self._owner.pop(sid, None)

@@ -113,6 +113,27 @@ _EC_CURVES: dict[DhGroup, ec.EllipticCurve] = {
 _EC_COORD_LEN: dict[DhGroup, int] = {DhGroup.ECP_256: 32, DhGroup.ECP_384: 48}
 
 
+def _legendre(a: int, p: int) -> int:
+    """The Legendre symbol (a/p) for an odd prime p, by the binary Jacobi algorithm.
+
+    For the safe prime p = 2q+1 it is 1 exactly when a^q = 1 mod p (Euler's
+    criterion), i.e. when a is in the prime-order-q subgroup, but costs
+    ~0.3 ms in Python where ``pow(a, q, p)`` costs ~17 ms.
+    """
+    a %= p
+    n = p
+    result = 1
+    while a:
+        zeros = (a & -a).bit_length() - 1
+        a >>= zeros
+        if zeros & 1 and n & 7 in (3, 5):  # (2/n) = -1 for n = 3, 5 mod 8
+            result = -result
+        if a & n & 3 == 3:  # quadratic reciprocity
+            result = -result
+        a, n = n % a, a
+    return result if n == 1 else 0
+
+
 def _ke_length(group: DhGroup) -> int:
     if group is DhGroup.MODP_2048:
         return _MODP_2048_LEN
@@ -176,7 +197,7 @@ class DhKeyPair:
             raise CryptoError(f"DH group 14: degenerate peer public value ({'p-1' if y else y})")
         # Every honest g^x lies in the prime-order-q subgroup (2 is a QR mod p):
         # refuse values that would leak bits of our exponent.
-        if pow(y, _MODP_2048_Q, p) != 1:
+        if _legendre(y, p) != 1:
             raise CryptoError("DH group 14: peer public value is not in the prime-order subgroup")
         try:
             peer = dh.DHPublicNumbers(y, _MODP_2048_PARAMS.parameter_numbers()).public_key()
