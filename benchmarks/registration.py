@@ -40,10 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gdoid.config import GmConfig, load_gm_config  # noqa: E402
 from gdoid.groupmember.engine import GroupMemberEngine, Registration  # noqa: E402
 from gdoid.phase1 import phase1_config  # noqa: E402
+from tests import procs  # noqa: E402
 from tests.procs import (  # noqa: E402
     Daemon,
     auth_toml,
     gdoictl_json,
+    gdoid_cmd,
     gm_toml,
     ks_toml,
     write_private,
@@ -62,11 +64,31 @@ TARGET_KIB_PER_GM = 4.0
 ECHO_SERVER = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if int(sys.argv[3]):
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, int(sys.argv[3]))
 s.bind((sys.argv[1], int(sys.argv[2])))
 print("ready", flush=True)
 while True:
     d, a = s.recvfrom(65535)
     s.sendto(d, a)
+"""
+
+# ``gdoid ks`` with a bigger socket receive buffer (--rcvbuf): an experiment, the
+# daemon itself does not set one.
+KS_WITH_RCVBUF = """
+import socket, sys
+from gdoid import shell
+
+RCVBUF = int(sys.argv.pop(1))
+_open = shell.UdpShell.open
+
+async def _open_with_rcvbuf(self, engine, handler):
+    await _open(self, engine, handler)
+    self._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, RCVBUF)
+
+shell.UdpShell.open = _open_with_rcvbuf
+from gdoid.cli.daemon import main
+sys.exit(main())
 """
 
 
@@ -84,6 +106,12 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def udp_rcvbuf_errors() -> int:
+    """System-wide count of datagrams dropped because a socket's receive buffer was full."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
 def gm_addresses(n: int) -> list[str]:
@@ -143,10 +171,11 @@ class SwarmResult:
     gm_cpu: float
 
 
-async def run_swarm(template: GmConfig, addresses: list[str], timeout: float) -> SwarmResult:
+async def run_swarm(template: GmConfig, addresses: list[str], timeout: float, ramp: float = 0.0) -> SwarmResult:
     loop = asyncio.get_running_loop()
     n = len(addresses)
     done_at: dict[int, float] = {}
+    started_at: dict[int, float] = {}
     failures = 0
     all_done = asyncio.Event()
     pending: set[int] = set(range(n))
@@ -188,11 +217,18 @@ async def run_swarm(template: GmConfig, addresses: list[str], timeout: float) ->
 
     cpu0 = time.process_time()
     t0 = time.monotonic()
-    now = time.time()
-    for ep in endpoints:
-        ep.send(ep.engine.start(now))
+    if ramp <= 0:  # all at once
+        now = time.time()
+        for i, ep in enumerate(endpoints):
+            started_at[i] = t0
+            ep.send(ep.engine.start(now))
     ticker = asyncio.create_task(timers())
     try:
+        if ramp > 0:  # spread the starts evenly over ``ramp`` seconds
+            for i, ep in enumerate(endpoints):
+                await asyncio.sleep(max(0.0, t0 + ramp * i / n - time.monotonic()))
+                started_at[i] = time.monotonic()
+                ep.send(ep.engine.start(time.time()))
         await asyncio.wait_for(all_done.wait(), timeout)
     except TimeoutError:
         pass
@@ -202,8 +238,8 @@ async def run_swarm(template: GmConfig, addresses: list[str], timeout: float) ->
             assert ep.transport is not None
             ep.transport.close()
     gm_cpu = time.process_time() - cpu0
-    lat = [done_at[i] - t0 for i in sorted(done_at)]
-    elapsed = max(lat) if lat else timeout
+    lat = [done_at[i] - started_at[i] for i in sorted(done_at)]
+    elapsed = max(done_at.values()) - t0 if done_at else timeout
     return SwarmResult(
         len(done_at), failures, elapsed, lat, sum(len(ep.sent) for ep in endpoints), endpoints[0].sent if endpoints else [], gm_cpu
     )
@@ -303,6 +339,7 @@ class GroupFigures:
     gm_cpu: float
     datagrams: int
     sizes: list[int]
+    rcvbuf_drops: int
 
     @property
     def kib_per_gm(self) -> float:
@@ -325,7 +362,9 @@ def write_lab(directory: Path, n: int) -> tuple[Path, str]:
     return ks, auth
 
 
-def measure_group(directory: Path, ks_cfg: Path, auth: str, dh: int, addresses: list[str], timeout: float) -> GroupFigures:
+def measure_group(
+    directory: Path, ks_cfg: Path, auth: str, dh: int, addresses: list[str], timeout: float, ramp: float, rcvbuf: int
+) -> GroupFigures:
     template = load_gm_config(
         gm_toml(
             directory,
@@ -338,16 +377,22 @@ def measure_group(directory: Path, ks_cfg: Path, auth: str, dh: int, addresses: 
             registration_timeout=30.0,
         )
     )
-    with Daemon("ks", ks_cfg) as ks:
+    if rcvbuf:
+        procs.gdoid_cmd = lambda: [sys.executable, "-c", KS_WITH_RCVBUF, str(rcvbuf)]
+    try:
+        ks = Daemon("ks", ks_cfg)
+    finally:
+        procs.gdoid_cmd = gdoid_cmd
+    with ks:
         ks.wait_for("ks_started")
         # Warm up with one GM (imports, caches), so the figures below are per registration.
         warm = asyncio.run(run_swarm(template, addresses[:1], timeout))
         if warm.registered != 1:
             raise SystemExit(f"warm-up registration failed; KS log:\n{ks.text()[-3000:]}")
         pid = ks.proc.pid
-        rss0, cpu0 = rss_kib(pid), cpu_seconds(pid)
-        res = asyncio.run(run_swarm(template, addresses[1:], timeout))
-        rss1, cpu1 = rss_kib(pid), cpu_seconds(pid)
+        rss0, cpu0, drops0 = rss_kib(pid), cpu_seconds(pid), udp_rcvbuf_errors()
+        res = asyncio.run(run_swarm(template, addresses[1:], timeout, ramp))
+        rss1, cpu1, drops1 = rss_kib(pid), cpu_seconds(pid), udp_rcvbuf_errors()
         members = len(gdoictl_json(ks_cfg.parent / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"])
         if members != res.registered + 1:
             print(f"  warning: KS lists {members} members, expected {res.registered + 1}")
@@ -367,12 +412,13 @@ def measure_group(directory: Path, ks_cfg: Path, auth: str, dh: int, addresses: 
         res.gm_cpu,
         res.datagrams,
         warm.sizes,
+        drops1 - drops0,
     )
 
 
-def measure_echo(addresses: list[str], sizes: list[int], timeout: float) -> tuple[float, float, float, float]:
+def measure_echo(addresses: list[str], sizes: list[int], timeout: float, rcvbuf: int) -> tuple[float, float, float, float]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", ECHO_SERVER, KS_ADDRESS, str(ECHO_PORT)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", ECHO_SERVER, KS_ADDRESS, str(ECHO_PORT), str(rcvbuf)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
@@ -387,7 +433,9 @@ def measure_echo(addresses: list[str], sizes: list[int], timeout: float) -> tupl
 
 
 def show(f: GroupFigures) -> None:
-    print(f"DH group {f.dh_group}: {f.registered}/{f.n} registered, {f.failures} failures, {f.datagrams} datagrams sent by GMs ({f.datagrams / max(1, f.n):.2f}/GM)")
+    print(f"DH group {f.dh_group}: {f.registered}/{f.n} registered, {f.failures} failures")
+    print(f"  datagrams         {f.datagrams} sent by GMs ({f.datagrams / max(1, f.n):.2f} per GM, 5 without loss); "
+          f"{f.rcvbuf_drops} UDP receive-buffer drops (system-wide)")
     print(f"  rate              {f.rate:8.1f} registrations/s")
     print(f"  latency           p50 {f.p50 * 1000:7.1f} ms   p99 {f.p99 * 1000:7.1f} ms")
     print(f"  KS RSS            {f.rss_before / 1024:.1f} -> {f.rss_after / 1024:.1f} MiB   = {f.kib_per_gm:.2f} KiB per registered GM")
@@ -399,19 +447,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gms", type=int, default=500, help="concurrent group members (default 500)")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after SECONDS per run")
+    parser.add_argument("--ramp", type=float, default=0.0, metavar="SECONDS",
+                        help="spread the GMs' starts over SECONDS instead of starting all at once")
+    parser.add_argument("--rcvbuf", type=int, default=0, metavar="BYTES",
+                        help="experiment: give the KS (and the echo server) a socket receive buffer of BYTES "
+                        "(default: the daemon's, i.e. the kernel default)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (binds UDP 848)", file=sys.stderr)
         return 2
     addresses = gm_addresses(args.gms + 1)  # one extra for the warm-up GM
-    print(f"{args.gms} concurrent GMs, KS {KS_ADDRESS}:{KS_PORT}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
+    start = f"starts spread over {args.ramp:g} s" if args.ramp > 0 else "all started at once"
+    if args.rcvbuf:
+        start += f", KS receive buffer {args.rcvbuf} bytes"
+    print(f"{args.gms} concurrent GMs ({start}), KS {KS_ADDRESS}:{KS_PORT}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
     with tempfile.TemporaryDirectory(prefix="gdoid-bench-") as tmp:
         directory = Path(tmp)
         ks_cfg, auth = write_lab(directory, args.gms)
-        figures = {dh: measure_group(directory, ks_cfg, auth, dh, addresses, args.timeout) for dh in (19, 14)}
+        figures = {
+            dh: measure_group(directory, ks_cfg, auth, dh, addresses, args.timeout, args.ramp, args.rcvbuf) for dh in (19, 14)
+        }
     for f in figures.values():
         show(f)
-    echo_rate, echo_p50, echo_p99, echo_cpu = measure_echo(addresses[1:], figures[19].sizes[:5] or [256] * 5, args.timeout)
+    echo_rate, echo_p50, echo_p99, echo_cpu = measure_echo(addresses[1:], figures[19].sizes[:5] or [256] * 5, args.timeout, args.rcvbuf)
     g19, g14 = figures[19], figures[14]
     print(f"\nUDP echo baseline: {echo_rate:.1f} 5-round-trip exchanges/s, p50 {echo_p50 * 1000:.1f} ms, p99 {echo_p99 * 1000:.1f} ms ({echo_cpu:.2f} CPU-s both sides)")
     print("\nRatios")

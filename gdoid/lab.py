@@ -28,6 +28,13 @@ GROUP_NAME = "GET"
 GROUP_NUMBER = 1234
 
 
+def ks_address(index: int) -> str:
+    """KS ``index`` (1-based): the first on 127.0.0.1, the others on 127.0.1.N."""
+    if not 1 <= index <= 250:
+        raise ValueError("the lab supports 1 to 250 KSs")
+    return KS_ADDRESS if index == 1 else f"127.0.1.{index}"
+
+
 def gm_address(index: int) -> str:
     """GM ``index`` (1-based) lives on 127.0.0.(index+1)."""
     if not 1 <= index <= 250:
@@ -50,8 +57,8 @@ KS_TEMPLATE = """\
 address = "{address}"
 port = {port}
 software_version = "1.0.2"
-control_socket = "{dir}/ks.sock"
-state_dir = "{dir}/ks-state"
+control_socket = "{dir}/{name}.sock"
+state_dir = "{dir}/{name}-state"
 
 [ike]
 ciphers = ["aes-cbc-256"]
@@ -81,7 +88,13 @@ lifetime = 3600
 src = "10.0.0.0/8"
 dst = "10.0.0.0/8"
 protocol = "any"
-"""
+{coop}"""
+
+COOP_TEMPLATE = """
+[coop]
+priority = {priority}
+announce_interval = 1.0
+{peers}"""
 
 GM_TEMPLATE = """\
 # gdoid lab group member {index}
@@ -104,7 +117,7 @@ key_file = "psk.secret"
 [[group]]
 name = "{group}"
 number = {number}
-servers = ["{ks}"]
+servers = [{servers}]
 server_port = {port}
 """
 
@@ -112,11 +125,15 @@ server_port = {port}
 @dataclass(frozen=True)
 class LabFiles:
     directory: Path
-    ks: Path
+    kss: tuple[Path, ...]
     gms: tuple[Path, ...]
 
+    @property
+    def ks(self) -> Path:
+        return self.kss[0]
 
-def export(directory: Path, gms: int = 2, port: int = 848) -> LabFiles:
+
+def export(directory: Path, gms: int = 2, port: int = 848, kss: int = 1) -> LabFiles:
     """Write configs and freshly generated keys for a lab of ``gms`` members."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -127,14 +144,41 @@ def export(directory: Path, gms: int = 2, port: int = 848) -> LabFiles:
     )
     _write_private(directory / "rekey.key", pem)
     common = {"dir": directory, "port": port, "group": GROUP_NAME, "number": GROUP_NUMBER}
-    ks_path = directory / "ks.toml"
-    ks_path.write_text(KS_TEMPLATE.format(address=KS_ADDRESS, **common))
+    addresses = [ks_address(k) for k in range(1, kss + 1)]
+    ks_paths = []
+    for k, addr in enumerate(addresses, 1):
+        name = "ks" if kss == 1 else f"ks{k}"
+        coop = ""
+        if kss > 1:
+            peers = "".join(f'[[coop.peer]]\naddress = "{a}"\nport = {port}\n' for a in addresses if a != addr)
+            coop = COOP_TEMPLATE.format(priority=100 - 10 * (k - 1), peers=peers)
+        path = directory / f"{name}.toml"
+        path.write_text(KS_TEMPLATE.format(address=addr, name=name, coop=coop, **common))
+        ks_paths.append(path)
     gm_paths = []
     for i in range(1, gms + 1):
+        # Spread the GMs: each starts with a different KS, the others as fallbacks.
+        first = (i - 1) % kss
+        order = addresses[first:] + addresses[:first]
+        servers = ", ".join(f'"{a}"' for a in order)
         p = directory / f"gm{i}.toml"
-        p.write_text(GM_TEMPLATE.format(index=i, address=gm_address(i), ks=KS_ADDRESS, **common))
+        p.write_text(GM_TEMPLATE.format(index=i, address=gm_address(i), servers=servers, **common))
         gm_paths.append(p)
-    return LabFiles(directory, ks_path, tuple(gm_paths))
+    return LabFiles(directory, tuple(ks_paths), tuple(gm_paths))
+
+
+async def _one_primary(kss: list[KeyServerDaemon]) -> KeyServerDaemon:
+    """Wait until exactly one KS is primary (role changes are events on each daemon)."""
+    changed = asyncio.Event()
+    for ks in kss:
+        if ks.coop is not None:
+            ks.coop.on_role_change = changed.set
+    while True:
+        primaries = [k for k in kss if k.is_primary]
+        if len(primaries) == 1 and all(k.coop is None or k.coop.role is not None for k in kss):
+            return primaries[0]
+        changed.clear()
+        await changed.wait()
 
 
 async def run_lab(
@@ -144,13 +188,21 @@ async def run_lab(
     duration: float = 0.0,
     timeout: float = 30.0,
     directory: Path | None = None,
+    kss: int = 1,
 ) -> int:
     with tempfile.TemporaryDirectory(prefix="gdoid-lab-") as tmp:
-        files = export(directory or Path(tmp), gms, port)
-        ks = KeyServerDaemon(load_ks_config(files.ks), keylog_dir=keylog, config_path=files.ks)
+        files = export(directory or Path(tmp), gms, port, kss)
+        servers = [KeyServerDaemon(load_ks_config(p), keylog_dir=keylog, config_path=p) for p in files.kss]
         members = [GroupMemberDaemon(load_gm_config(p), keylog_dir=keylog) for p in files.gms]
-        await ks.start()
+        for k in servers:
+            await k.start()
+        ks = servers[0]
         try:
+            try:
+                ks = await asyncio.wait_for(_one_primary(servers), timeout)
+            except TimeoutError:
+                print(f"gdoid lab: no single primary KS elected within {timeout:g} s", file=sys.stderr)
+                return 1
             for m in members:
                 await m.start()
             waits = [asyncio.create_task(m.registered.wait()) for m in members]
@@ -162,15 +214,28 @@ async def run_lab(
                 print(f"gdoid lab: {len(missing)} of {gms} GMs did not register within {timeout:g} s: "
                       f"{', '.join(missing)}", file=sys.stderr)
                 return 1
+            # COOP: members registered at secondaries reach the primary with the next ANN.
+            deadline = asyncio.get_running_loop().time() + timeout
+            while sum(len(g.members) for g in ks.groups.values()) < gms:
+                if asyncio.get_running_loop().time() > deadline:
+                    print("gdoid lab: the primary KS never learned every member", file=sys.stderr)
+                    return 1
+                await asyncio.sleep(0.05)
             if duration > 0:
                 await asyncio.sleep(duration)
             summary = await ks.handle(ControlRequest(("show", "crypto", "gdoi")))
             members_text = await ks.handle(ControlRequest(("show", "crypto", "gdoi", "ks", "members")))
             print(summary.output)
             print(members_text.output)
-            print(f"gdoid lab: all {gms} group members registered to KS {KS_ADDRESS}:{port}")
+            if kss > 1:
+                coop = await ks.handle(ControlRequest(("show", "crypto", "gdoi", "ks", "coop")))
+                print(coop.output)
+                print(f"gdoid lab: primary KS {ks.config.address}; all {gms} group members registered")
+            else:
+                print(f"gdoid lab: all {gms} group members registered to KS {KS_ADDRESS}:{port}")
             return 0
         finally:
             for m in members:
                 await m.close()
-            await ks.close()
+            for k in servers:
+                await k.close()

@@ -144,6 +144,20 @@ KS_SEND_GM_REMOVAL = Mnemonic(
     5, "KS_SEND_GM_REMOVAL", "Sending GM-Removal message to group {group}..."
 )
 MALFORMED_DROP = Mnemonic(4, "MALFORMED_DROP", "Dropped malformed message from {peer}: {reason}")
+COOP_KS_TRANS_TO_PRI = Mnemonic(
+    5, "COOP_KS_TRANS_TO_PRI", "KS {ks} in group {group} transitioned to Primary (Previous Primary = {previous})"
+)
+COOP_KS_TRANS_TO_SEC = Mnemonic(
+    5, "COOP_KS_TRANS_TO_SEC", "KS {ks} in group {group} transitioned to Secondary (Primary = {primary})"
+)
+COOP_KS_ELECTION = Mnemonic(
+    5, "COOP_KS_ELECTION", "KS entering election mode in group {group} (Previous Primary = {previous})"
+)
+COOP_KS_REACH = Mnemonic(5, "COOP_KS_REACH", "Reachability restored with Cooperative KS {peer} in group {group}.")
+COOP_KS_UNREACH = Mnemonic(
+    3, "COOP_KS_UNREACH", "Cooperative KS {peer} Unreachable in group {group}. IKE SA Status = {status}"
+)
+COOP_ANN_REJECTED = Mnemonic(4, "COOP_ANN_REJECTED", "ANN from {peer} dropped: {reason}")
 
 MNEMONICS: Mapping[str, Mnemonic] = {
     m.name: m
@@ -162,6 +176,12 @@ MNEMONICS: Mapping[str, Mnemonic] = {
         KS_MEMBER_DROPPED,
         KS_SEND_GM_REMOVAL,
         MALFORMED_DROP,
+        COOP_KS_TRANS_TO_PRI,
+        COOP_KS_TRANS_TO_SEC,
+        COOP_KS_ELECTION,
+        COOP_KS_REACH,
+        COOP_KS_UNREACH,
+        COOP_ANN_REJECTED,
     )
 }
 

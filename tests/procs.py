@@ -77,7 +77,12 @@ def ks_toml(
     lifetime: int = 3600,
     ike: str = "",
     name: str = "ks",
+    kek_lifetime: int = 86400,
+    rekey: dict[str, float] | None = None,
 ) -> Path:
+    rekey_table = "".join(f"{k} = {v}\n" for k, v in (rekey or {}).items())
+    if rekey_table:
+        rekey_table = "[group.rekey]\n" + rekey_table
     text = f"""
 [ks]
 address = "{address}"
@@ -92,8 +97,8 @@ name = "GET"
 number = {group_number}
 [group.kek]
 signing_key = "rekey.key"
-lifetime = 86400
-[[group.sa_ipsec]]
+lifetime = {kek_lifetime}
+{rekey_table}[[group.sa_ipsec]]
 number = 1
 profile = "gdoi-p"
 transform = "{transform}"
@@ -224,12 +229,17 @@ class Daemon:
         self.stop()
 
 
-def gdoictl(socket: Path, *words: str, json_out: bool = False, yes: bool = False) -> subprocess.CompletedProcess[str]:
+def gdoictl(
+    socket: Path, *words: str, json_out: bool = False, yes: bool = False, answers: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run gdoictl; ``answers`` is typed at its [yes/no] prompts (else stdin is empty)."""
     args = [*gdoictl_cmd(), "--socket", str(socket)]
     if json_out:
         args.append("--json")
     if yes:
         args.append("--yes")
+    if answers is not None:
+        return subprocess.run([*args, *words], capture_output=True, text=True, timeout=20, input=answers)
     return subprocess.run([*args, *words], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
 
 

@@ -158,12 +158,11 @@ def test_tshark_decrypts_registration_with_key_log(lab: Path) -> None:
     pcap = lab / "capture.pcap"
     keylog = lab / "keylog"
     auth = auth_toml("psk.secret")
-    with Capture(pcap):
-        with Daemon("ks", ks_toml(lab, auth=auth), "--keylog", str(keylog)) as ks:
-            ks.wait_for("ks_started")
-            with Daemon("gm", gm_toml(lab, address="127.0.0.2", name="gm1", auth=auth), "--keylog", str(keylog)) as gm:
-                gm.wait_for(REGISTERED)
-                spis = _group(gdoictl_json(lab / "gm1.sock", "show", "crypto", "gdoi"))["tek_spis"]
+    with Capture(pcap), Daemon("ks", ks_toml(lab, auth=auth), "--keylog", str(keylog)) as ks:
+        ks.wait_for("ks_started")
+        with Daemon("gm", gm_toml(lab, address="127.0.0.2", name="gm1", auth=auth), "--keylog", str(keylog)) as gm:
+            gm.wait_for(REGISTERED)
+            spis = _group(gdoictl_json(lab / "gm1.sock", "show", "crypto", "gdoi"))["tek_spis"]
     env = {**os.environ, "WIRESHARK_CONFIG_DIR": str(keylog)}
     fields = subprocess.run(
         [

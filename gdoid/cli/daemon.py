@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(gm)
     lab = sub.add_parser("lab", help="one KS and N GMs on loopback in one process")
     lab.add_argument("--gms", type=int, default=2, help="number of group members (default 2)")
+    lab.add_argument("--kss", type=int, default=1, help="number of cooperative key servers (default 1)")
     lab.add_argument("--duration", type=float, default=0.0, help="keep running SECONDS after registration")
     lab.add_argument("--base-port", type=int, default=848, help="UDP port for every daemon (default 848)")
     lab.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for registrations")
@@ -72,15 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_run_daemon(GroupMemberDaemon(load_gm_config(args.config), args.keylog)))
         from gdoid import lab
 
-        if not 1 <= args.gms <= 250:
-            print("gdoid lab: --gms must be 1..250", file=sys.stderr)
+        if not 1 <= args.gms <= 250 or not 1 <= args.kss <= 250:
+            print("gdoid lab: --gms and --kss must be 1..250", file=sys.stderr)
             return 2
         if args.export is not None:
-            files = lab.export(args.export, args.gms, args.base_port)
-            print(f"gdoid lab: wrote {files.ks}" + "".join(f", {p.name}" for p in files.gms))
+            files = lab.export(args.export, args.gms, args.base_port, args.kss)
+            print(f"gdoid lab: wrote {', '.join(str(p) for p in files.kss)}" + "".join(f", {p.name}" for p in files.gms))
             return 0
         return asyncio.run(
-            lab.run_lab(args.gms, args.base_port, args.keylog, args.duration, args.timeout)
+            lab.run_lab(args.gms, args.base_port, args.keylog, args.duration, args.timeout, kss=args.kss)
         )
     except (ConfigError, PkiError) as exc:
         print(f"gdoid: {exc}", file=sys.stderr)

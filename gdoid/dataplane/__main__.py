@@ -1,10 +1,11 @@
 """``python -m gdoid.dataplane``: run a :class:`Forwarder` on its own (tests, benchmarks).
 
-The dataplane comes from ``--dataplane``: ``null`` (the engine's NullDataplane),
-``gcm`` (the real engine with one AES-GCM TEK made up from ``--option key=HEX``
-and ``--option spi=N``, no key server), or ``MODULE:CALLABLE`` called as
-``CALLABLE(prefixes, options)``.  ``--prefix`` (repeatable) are the protected
-destination prefixes.
+The dataplane comes from ``--dataplane``: ``gcm`` (alias ``engine``: the real
+engine with one TEK made up from ``--option key=HEX``, ``spi=``, ``sid=``,
+``transform=`` (default esp-gcm-256), ``src=``/``dst=``; no key server, see
+:func:`engine_dataplane`), ``null`` (the engine's NullDataplane, same options),
+or ``MODULE:CALLABLE`` called as ``CALLABLE(prefixes, options)`` with the
+``--prefix`` values (repeatable) and the ``--option KEY=VALUE`` dict.
 
 Prints one JSON line ``{"event": "ready", ...}`` on stdout once the TUN,
 sockets and routes are in place, a ``{"event": "stats", ...}`` line on SIGUSR1,
@@ -31,19 +32,61 @@ from gdoid.dataplane.routing import DEFAULT_LOCAL_TABLE, DEFAULT_MARK, DEFAULT_T
 Factory = Callable[[list[IPv4Network], dict[str, str]], Any]
 
 
+def engine_dataplane(null: bool, prefixes: list[IPv4Network], options: dict[str, str]) -> Any:
+    """The real engine (or its NullDataplane) with one TEK made up from ``options``.
+
+    Options: ``key`` (hex, at least the transform's cipher+integrity key length;
+    required for gcm/cbc, zeros for null), ``spi`` (default 0x10000001),
+    ``transform`` (default esp-gcm-256), ``src``/``dst`` (the TEK's selector,
+    default 10.0.0.0/8 both ways, as a GET VPN ACL), ``sid`` (this GM's RFC 6054
+    sender ID, 8 bits: give each GM its own), ``wan_mtu`` (largest outer packet,
+    default 1500), ``fail_close`` (1/0).  The protected prefixes come from the
+    selector, not from ``--prefix``.
+    """
+    import time
+
+    from gdoid.dataplane.engine import Dataplane, NullDataplane
+    from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
+
+    if prefixes:
+        raise ValueError("with the engine the protected prefixes come from --option src=/dst=")
+    transform = TekTransform.from_name(options.get("transform", "esp-gcm-256"))
+    need = transform.cipher_key_len + transform.integrity_key_len
+    if "key" in options:
+        key = bytes.fromhex(options["key"])
+    elif null:
+        key = bytes(need)
+    else:
+        raise ValueError("--option key=HEX is required (the same in every GM)")
+    if len(key) < need:
+        raise ValueError(f"{transform.name} needs a {need}-octet key")
+    selector = TrafficSelector(
+        IPv4Network(options.get("src", "10.0.0.0/8")), IPv4Network(options.get("dst", "10.0.0.0/8"))
+    )
+    now = time.time()
+    tek = Tek(
+        spi=int(options.get("spi", "0x10000001"), 0),
+        policy=TekPolicy(1, transform, selector, configured_lifetime=86400),
+        cipher_key=key[: transform.cipher_key_len],
+        integrity_key=key[transform.cipher_key_len : need],
+        created_at=now,
+        expires_at=now + 86400,
+    )
+    cls = NullDataplane if null else Dataplane
+    dp = cls(fail_close=options.get("fail_close") == "1", mtu=int(options.get("wan_mtu", "1500")))
+    dp.install(1, [tek], SenderIds(8, (int(options.get("sid", "1")),)), None, now)
+    return dp
+
+
 def _null(prefixes: list[IPv4Network], options: dict[str, str]) -> Any:
-    from gdoid.dataplane import testing
-
-    return testing.null_dataplane(prefixes, options)
+    return engine_dataplane(True, prefixes, options)
 
 
-def _gcm(prefixes: list[IPv4Network], options: dict[str, str]) -> Any:
-    from gdoid.dataplane import testing
-
-    return testing.gcm_dataplane(prefixes, options)
+def _engine(prefixes: list[IPv4Network], options: dict[str, str]) -> Any:
+    return engine_dataplane(False, prefixes, options)
 
 
-BUILTIN: dict[str, Factory] = {"null": _null, "gcm": _gcm}
+BUILTIN: dict[str, Factory] = {"null": _null, "gcm": _engine, "engine": _engine}
 
 
 def load_factory(spec: str) -> Factory:

@@ -110,7 +110,9 @@ def ipv4_checksum(header: bytes | bytearray | memoryview) -> int:
     return s ^ 0xFFFF
 
 
-def _outer_header_sum(tos: int, total: int, ipid: int, df: int, ttl: int, src: int, dst: int) -> int:
+def _outer_header_sum(
+    tos: int, total: int, ipid: int, df: int, ttl: int, src: int, dst: int
+) -> int:
     s = 0x4500 + tos + total + ipid + df + (ttl << 8) + IPPROTO_ESP
     s += (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
     s = (s & 0xFFFF) + (s >> 16)
@@ -271,7 +273,10 @@ class EspSa:
                 self._sid_queue.pop(0)
                 return start
             self._sid_queue.pop(0)
-        raise EspError(DropReason.COUNTER_EXHAUSTED, "no sender ID with free IVs" if self.sender_ids else "no sender ID")
+        raise EspError(
+            DropReason.COUNTER_EXHAUSTED,
+            "no sender ID with free IVs" if self.sender_ids else "no sender ID",
+        )
 
     @property
     def iv_remaining(self) -> int | None:
@@ -340,7 +345,15 @@ class EspSa:
         return seq
 
     def _seal_gcm(
-        self, inner: bytes, n: int, tos: int, df: int, ttl: int, src: int, dst: int, pseudotime_ms: int | None
+        self,
+        inner: bytes,
+        n: int,
+        tos: int,
+        df: int,
+        ttl: int,
+        src: int,
+        dst: int,
+        pseudotime_ms: int | None,
     ) -> bytes:
         if pseudotime_ms is None:
             plen = n + 2
@@ -365,14 +378,24 @@ class EspSa:
         s += (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
         s = (s & 0xFFFF) + (s >> 16)
         s = (s & 0xFFFF) + (s >> 16)
-        hdr = _OUT_GCM.pack(0x45, tos, total, ipid, df, ttl, IPPROTO_ESP, s ^ 0xFFFF, src, dst, self.spi, seq, iv)
+        hdr = _OUT_GCM.pack(
+            0x45, tos, total, ipid, df, ttl, IPPROTO_ESP, s ^ 0xFFFF, src, dst, self.spi, seq, iv
+        )
         out = hdr + self._aead.encrypt(_NONCE.pack(self._salt, iv), pt, hdr[20:28])
         self.pkts_encaps += 1
         self.bytes_encaps += n
         return out
 
     def _seal_cbc(
-        self, inner: bytes, n: int, tos: int, df: int, ttl: int, src: int, dst: int, pseudotime_ms: int | None
+        self,
+        inner: bytes,
+        n: int,
+        tos: int,
+        df: int,
+        ttl: int,
+        src: int,
+        dst: int,
+        pseudotime_ms: int | None,
     ) -> bytes:
         if pseudotime_ms is None:
             plen = n + 2
@@ -397,7 +420,9 @@ class EspSa:
         s += (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
         s = (s & 0xFFFF) + (s >> 16)
         s = (s & 0xFFFF) + (s >> 16)
-        hdr = _OUT_HDR.pack(0x45, tos, total, ipid, df, ttl, IPPROTO_ESP, s ^ 0xFFFF, src, dst, self.spi, seq)
+        hdr = _OUT_HDR.pack(
+            0x45, tos, total, ipid, df, ttl, IPPROTO_ESP, s ^ 0xFFFF, src, dst, self.spi, seq
+        )
         body = hdr[20:] + self._enc.update(pt)  # ESP header | IV | ciphertext
         mac = self._mac.copy()
         mac.update(body)
@@ -414,7 +439,9 @@ class EspSa:
         if spi != self.spi:
             raise EspError(DropReason.NO_SA)
         try:
-            pt = self._aead.decrypt(self._salt + pkt[off + 8 : off + 16], pkt[off + 16 : end], pkt[off : off + 8])
+            pt = self._aead.decrypt(
+                self._salt + pkt[off + 8 : off + 16], pkt[off + 16 : end], pkt[off : off + 8]
+            )
         except InvalidTag:
             raise EspError(DropReason.ICV) from None
         return self._unpad(pt, seq)
@@ -485,7 +512,15 @@ class NullEspSa(EspSa):
         return mtu - _NULL_FIXED - (TBAR_LEN if tbar else 0)
 
     def _seal_null(
-        self, inner: bytes, n: int, tos: int, df: int, ttl: int, src: int, dst: int, pseudotime_ms: int | None
+        self,
+        inner: bytes,
+        n: int,
+        tos: int,
+        df: int,
+        ttl: int,
+        src: int,
+        dst: int,
+        pseudotime_ms: int | None,
     ) -> bytes:
         meta = b"" if pseudotime_ms is None else _TBAR.pack(NH_IPV4, TBAR_LEN, 0, pseudotime_ms)
         total = _NULL_FIXED + n + len(meta)
@@ -494,7 +529,9 @@ class NullEspSa(EspSa):
         seq = self._next_seq()
         ipid = self._ipid = (self._ipid + 1) & 0xFFFF
         csum = _outer_header_sum(tos, total, ipid, df, ttl, src, dst)
-        hdr = _OUT_HDR.pack(0x45, tos, total, ipid, df, ttl, IPPROTO_ESP, csum, src, dst, self.spi, seq)
+        hdr = _OUT_HDR.pack(
+            0x45, tos, total, ipid, df, ttl, IPPROTO_ESP, csum, src, dst, self.spi, seq
+        )
         self.pkts_encaps += 1
         self.bytes_encaps += n
         return hdr + meta + inner

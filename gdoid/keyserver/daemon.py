@@ -14,6 +14,7 @@ from gdoid.config import ConfigError, KsConfig, load_ks_config
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.keylog import KeyLog
 from gdoid.keyserver import show, state
+from gdoid.keyserver.coop import Coop
 from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
@@ -63,6 +64,12 @@ class KeyServerDaemon:
             keylog=self.keylog,
             logger=self.log,
         )
+        self.coop: Coop | None = None
+        if config.coop is not None:
+            self.coop = Coop(config.coop, config.address, config.software_version, self.engine.phase1, self.engine, now)
+            self.engine.coop = self.coop
+            self.engine.scheduled_rekeys = False  # until elected primary
+            tick = min(tick, config.coop.announce_interval / 4)
         self.shell = UdpShell("ks", (str(config.address), config.port), config.control_socket, tick, self.log)
         self.state_path = config.state_dir / "state.json"
         self._restore_state()
@@ -156,6 +163,7 @@ class KeyServerDaemon:
             ("show crypto gdoi [group <group>]", self._show_gdoi),
             ("show gdoid counters", self._show_counters),
             ("show crypto gdoi [group <group>] ks replay", self._show_replay),
+            ("show crypto gdoi [group <group>] ks coop", self._show_coop),
         ]
         for pattern, fn in handlers:
             params = match(words, pattern)
@@ -175,8 +183,9 @@ class KeyServerDaemon:
         groups = self._groups(params.get("group"))
         if isinstance(groups, ControlResponse):
             return groups
-        text = show.show_gdoi(groups, self.config.address, self.config.software_version, now)
-        data = {"role": "ks", "address": str(self.config.address), "groups": [show.group_data(g, now) for g in groups]}
+        text = show.show_gdoi(groups, self.config.address, self.config.software_version, now, self.role_name)
+        data = {"role": "ks", "ks_role": self.role_name, "address": str(self.config.address),
+                "groups": [show.group_data(g, now) for g in groups]}
         return ControlResponse(ok=True, output=text, data=data)
 
     def _show_members(self, params: dict[str, str], now: float) -> ControlResponse:
@@ -187,7 +196,11 @@ class KeyServerDaemon:
         return ControlResponse(ok=True, output=show.show_members(groups, self.config.address, now), data=data)
 
     def key_servers(self) -> list[tuple[Any, Any]]:
-        return [(self.config.address, self.config.software_version)]
+        """Every KS of the group with its version (from COOP announcements)."""
+        out: list[tuple[Any, Any]] = [(self.config.address, self.config.software_version)]
+        if self.coop is not None:
+            out += [(p.address, p.version) for p in sorted(self.coop.peers.values(), key=lambda p: p.address)]
+        return out
 
     def _show_feature(self, params: dict[str, str], now: float) -> ControlResponse:
         if params["feature"] not in show.FEATURES:
@@ -199,8 +212,14 @@ class KeyServerDaemon:
         return ControlResponse(ok=True, output=text, data={"text": text})
 
     @property
+    def role_name(self) -> str:
+        if self.coop is None:
+            return "Primary"
+        return str(self.coop.describe(wall_clock())["role"])
+
+    @property
     def is_primary(self) -> bool:
-        return True  # a standalone KS is primary; COOP makes secondaries
+        return self.coop is None or self.coop.is_primary  # a standalone KS is primary
 
     async def _clear_members(self, params: dict[str, str], confirm: int, now: float) -> ControlResponse:
         groups = self._groups(params.get("group"))
@@ -275,6 +294,45 @@ class KeyServerDaemon:
         return ControlResponse(ok=True, output="".join(
             log.POLICY_CHANGE.text(group=name) + "\n" for name in changed
         ), data={"changed": changed})
+
+    def _show_coop(self, params: dict[str, str], now: float) -> ControlResponse:
+        groups = self._groups(params.get("group"))
+        if isinstance(groups, ControlResponse):
+            return groups
+        if self.coop is None:
+            role = {"address": str(self.config.address), "priority": None, "role": "Primary (standalone)",
+                    "version": str(self.config.software_version), "primary": str(self.config.address), "peers": []}
+        else:
+            role = self.coop.describe(now)
+        lines = []
+        for g in groups:
+            lines += [
+                f"Crypto Gdoi Group Name :{g.name}",
+                f"        Local Address: {role['address']}",
+                f"        Local Priority: {role['priority']}",
+                f"        Local KS Role: {role['role']} , Local KS Status: Alive",
+                f"        Local KS version: {role['version']}",
+                f"        Primary KS: {role['primary'] or 'none elected'}",
+                f"        Antireplay Sequence Number: {g.seq}",
+                "",
+                "        Peer Sessions:",
+            ]
+            for i, p in enumerate(role["peers"], 1):
+                lines += [
+                    f"        Session {i}:",
+                    f"                Peer Address: {p['address']}",
+                    f"                Peer Version: {p['version']}",
+                    f"                Peer Priority: {p['priority']}",
+                    f"                Peer KS Role: {p['role']} , Peer KS Status: {p['status']}",
+                    f"                Last heard: {p['last_heard']} secs ago" if p["last_heard"] is not None else "                Last heard: never",
+                    f"                IKE status: {p['ike_status']}",
+                    "                Counters:",
+                    f"                    Ann msgs sent: {p['ann_sent']}",
+                    f"                    Ann msgs recv: {p['ann_received']}",
+                    f"                    Ann msgs rejected: {p['ann_rejected']}",
+                ]
+            lines.append("")
+        return ControlResponse(ok=True, output="\n".join(lines), data=role)
 
     def _show_replay(self, params: dict[str, str], now: float) -> ControlResponse:
         groups = self._groups(params.get("group"))

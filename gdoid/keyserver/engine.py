@@ -12,10 +12,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
 
 from gdoid import log
 from gdoid.keylog import KeyLog
 from gdoid.keyserver.group import Group, Member, PendingPush, RekeyMessages
+
+if TYPE_CHECKING:
+    from gdoid.keyserver.coop import Coop
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.errors import ProtocolError
 from gdoid.protocol.header import IsakmpHeader
@@ -63,12 +67,19 @@ class KeyServerEngine:
         self.keylog = keylog
         self.log = logger or log.get_logger("gdoid.ks")
         self.responders: dict[bytes, tuple[MainModeResponder, Address]] = {}
-        # Established responders, kept to answer a retransmitted MM5 whose MM6 was lost.
-        self.completed: dict[bytes, tuple[MainModeResponder, Address, float]] = {}
+        # Established exchanges, to answer a retransmitted MM5 whose MM6 was lost:
+        # (MM5 received, MM6 sent, peer, when).  Only the two datagrams are kept,
+        # not the responder with its DH key, nonces and keys.
+        self.completed: dict[bytes, tuple[bytes, bytes, Address, float]] = {}
         self.sas: dict[bytes, _SaEntry] = {}
         self.pulls: dict[tuple[bytes, int], PullResponder] = {}
+        # Indexes, so that no datagram costs a scan of every SA or exchange:
+        self._peer_sas: dict[Address, list[bytes]] = {}  # peer -> its SAs' cookies, oldest first
+        self._sa_pulls: dict[bytes, set[int]] = {}  # SA cookies -> message IDs in self.pulls
         self.counters: Counter[str] = Counter()
         self.scheduled_rekeys = True
+        self.coop: Coop | None = None
+        self._coop_out: Outgoing = []
         self.on_state_change: Callable[[], None] | None = None  # persist before sending
         self._last_drop_log = 0.0
         if keylog is not None:
@@ -115,21 +126,45 @@ class KeyServerEngine:
                 return self._informational(header, data, peer, now)
             if header.exchange_type == GROUPKEY_PUSH_ACK:
                 return self._ack(data, peer, now)
+            if header.exchange_type == ExchangeType.COOP_ANN:
+                return self._ann(header, data, peer, now)
         except ProtocolError as exc:
             self.drop(peer, str(exc), now)
             return []
         self.drop(peer, f"exchange type {header.exchange_type} not served", now)
         return []
 
+    def _ann(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
+        if self.coop is None:
+            self.drop(peer, "COOP announcement but no [coop] configured", now)
+            return []
+        entry = self.sas.get(header.cookies)
+        sa = entry.sa if entry is not None else None
+        if entry is not None:
+            entry.last_used = now
+        if sa is None:
+            sa = next((p.sa for p in self.coop.peers.values() if p.sa is not None and p.sa.cookies == header.cookies), None)
+        if sa is None:
+            self.drop(peer, "ANN for no phase-1 SA", now)
+            return []
+        return self.coop.receive_ann(sa, data, peer, now)
+
     def _main_mode(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
+        if self.coop is not None:
+            coop_peer = self.coop.owns_initiator(header.initiator_cookie)
+            if coop_peer is not None:
+                return self.coop.main_mode(coop_peer, data, now)
         entry = self.responders.get(header.initiator_cookie)
         if entry is None:
             done = self.completed.get(header.initiator_cookie)
-            if done is not None and done[1] == peer and data == done[0].last_received:
-                assert done[0].last_sent is not None
-                return [(done[0].last_sent, peer)]  # our MM6 was lost: send it again
+            if done is not None and done[2] == peer and data == done[0]:
+                return [(done[1], peer)]  # our MM6 was lost: send it again
             if header.responder_cookie != bytes(8):
                 self.drop(peer, "Main Mode message for an unknown exchange", now)
+                return []
+            if self.coop is not None and not self.coop.serving and IPv4Address(peer[0]) not in self.coop.peers:
+                self.counters["not_serving"] += 1
+                self.drop(peer, "not serving registrations before COOP election and sync", now)
                 return []
             if len(self.responders) >= self.max_half_open:
                 self.counters["half_open_refused"] += 1
@@ -147,16 +182,21 @@ class KeyServerEngine:
                 return []
         out = responder.receive(data, now)
         self._phase1_events(out.events, header.initiator_cookie, peer, now)
-        return [(d, peer) for d in out.send]
+        sends = [(d, peer) for d in out.send] + self._coop_out
+        self._coop_out = []
+        return sends
 
     def _phase1_events(self, events: Iterable[object], icky: bytes, peer: Address, now: float) -> None:
         for ev in events:
             if isinstance(ev, Phase1Established):
                 entry = self.responders.pop(icky, None)
-                if entry is not None:
-                    self.completed[icky] = (entry[0], peer, now)
+                if entry is not None and entry[0].last_received is not None and entry[0].last_sent is not None:
+                    self.completed[icky] = (entry[0].last_received, entry[0].last_sent, peer, now)
                 self._add_sa(ev.sa, peer, now)
                 self.counters["phase1_established"] += 1
+                coop_peer = self.coop.peers.get(ev.sa.peer_address) if self.coop is not None else None
+                if coop_peer is not None:
+                    self._coop_out += self.coop.peer_sa_up(coop_peer, now)
                 if self.keylog is not None:
                     self.keylog.ike(ev.sa)
                 self.log.info(
@@ -172,15 +212,23 @@ class KeyServerEngine:
                     log.emit(self.log, log.PHASE1_FAILED, peer=peer[0], reason=_with_notify(ev.reason, ev.notify, ev.received))
 
     def _add_sa(self, sa: IkeSa, peer: Address, now: float) -> None:
-        same_peer = [k for k, e in self.sas.items() if e.addr == peer]
-        for k in same_peer[: max(0, len(same_peer) - MAX_SAS_PER_PEER + 1)]:
-            self._drop_sa(k)
+        same_peer = self._peer_sas.setdefault(peer, [])
+        while len(same_peer) >= MAX_SAS_PER_PEER:
+            self._drop_sa(same_peer.pop(0))
+        same_peer.append(sa.cookies)
+        self._peer_sas[peer] = same_peer  # (_drop_sa removes a peer's empty list)
         self.sas[sa.cookies] = _SaEntry(sa, peer, now)
 
     def _drop_sa(self, cookies: bytes) -> None:
-        self.sas.pop(cookies, None)
-        for key in [k for k in self.pulls if k[0] == cookies]:
-            del self.pulls[key]
+        entry = self.sas.pop(cookies, None)
+        if entry is not None:
+            same_peer = self._peer_sas.get(entry.addr, [])
+            if cookies in same_peer:
+                same_peer.remove(cookies)
+            if not same_peer:
+                self._peer_sas.pop(entry.addr, None)
+        for mid in self._sa_pulls.pop(cookies, ()):
+            self.pulls.pop((cookies, mid), None)
 
     def _pull(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
         entry = self.sas.get(header.cookies)
@@ -191,11 +239,13 @@ class KeyServerEngine:
         key = (header.cookies, header.message_id)
         pull = self.pulls.get(key)
         if pull is None:
-            if sum(1 for k in self.pulls if k[0] == header.cookies) >= MAX_PULLS_PER_SA:
+            mids = self._sa_pulls.setdefault(header.cookies, set())
+            if len(mids) >= MAX_PULLS_PER_SA:
                 self.drop(peer, "too many GROUPKEY-PULL exchanges on one SA", now)
                 return []
             pull = PullResponder(entry.sa, self, header.message_id, now)
             self.pulls[key] = pull
+            mids.add(header.message_id)
         out = pull.receive(data, now)
         self._pull_events(out, entry, now)
         return [(d, entry.addr) for d in out.send]
@@ -206,7 +256,7 @@ class KeyServerEngine:
         for ev in out.events:
             if isinstance(ev, MemberRegistered):
                 g = self.groups[ev.group_number]
-                g.record_member(
+                member = g.record_member(
                     IPv4Address(entry.addr[0]),
                     entry.sa.peer_identity(),
                     entry.sa.peer_version,
@@ -218,6 +268,8 @@ class KeyServerEngine:
                     ack_hash=entry.sa.hash,
                 )
                 self.counters["registrations"] += 1
+                if self.coop is not None:
+                    self.coop.member_changed(g, member)
                 log.emit(self.log, log.KS_REGS_COMPL, group=g.name, gm=entry.addr[0])
             elif isinstance(ev, PullFailed):
                 self.counters["registrations_failed"] += 1
@@ -247,8 +299,9 @@ class KeyServerEngine:
         msg = entry_sa.sa.open_informational(data)
         for n in msg.all(NotifyPayload):
             self.log.warning("notify_received", peer=peer[0], notify=_notify_name(n.notify_type), text=n.data[:200].decode("utf-8", "replace"))
-            for (cookies, _), pull in list(self.pulls.items()):
-                if cookies == header.cookies and not pull.finished:
+            for mid in list(self._sa_pulls.get(header.cookies, ())):
+                pull = self.pulls.get((header.cookies, mid))
+                if pull is not None and not pull.finished:
                     pull.abort()  # the GM gave up on this exchange
         for d in msg.all(DeletePayload):
             if d.spis and d.spis[0] == header.cookies:
@@ -322,17 +375,19 @@ class KeyServerEngine:
 
     def on_timer(self, now: float) -> Outgoing:
         out = self._retransmit(now)
+        if self.coop is not None:
+            out += self.coop.on_timer(now)
         if self.scheduled_rekeys:
             for g in self.groups.values():
                 if now >= g.next_rekey_at():
                     out += self.rekey(g, now)
         for icky, (responder, peer) in list(self.responders.items()):
-            out = responder.on_timeout(now)
+            mm_out = responder.on_timeout(now)  # not ``out``: that holds the rekey datagrams
             if responder.failed:
                 self.responders.pop(icky, None)
                 self.counters["half_open_expired"] += 1
-            self._phase1_events(out.events, icky, peer, now)
-        for icky, (_, _, at) in list(self.completed.items()):
+            self._phase1_events(mm_out.events, icky, peer, now)
+        for icky, (_, _, _, at) in list(self.completed.items()):
             if now - at > SA_LINGER:
                 del self.completed[icky]
         for key, pull in list(self.pulls.items()):
@@ -340,6 +395,11 @@ class KeyServerEngine:
             entry = self.sas.get(key[0])
             if pull.finished and (entry is None or now - entry.last_used > SA_LINGER):
                 del self.pulls[key]
+                mids = self._sa_pulls.get(key[0])
+                if mids is not None:
+                    mids.discard(key[1])
+                    if not mids:
+                        del self._sa_pulls[key[0]]
         for cookies, entry in list(self.sas.items()):
             if now >= entry.sa.expires_at or now - entry.last_used > SA_LINGER:
                 self._drop_sa(cookies)

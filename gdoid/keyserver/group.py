@@ -119,26 +119,39 @@ class Member:
 
 
 class SenderIdAllocator:
-    """RFC 6054 sender IDs: each GM gets its own so GCM nonces never collide."""
+    """RFC 6054 sender IDs: each GM gets its own so GCM nonces never collide.
+
+    COOP key servers each allocate from their own slice of the space
+    (:meth:`set_slice`), so two KSs never hand out the same SID.
+    """
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
         self._owner: dict[int, str] = {}
         self._by_member: dict[str, tuple[int, ...]] = {}
-        self._next = 1  # SID 0 is kept back: a zeroed IV then never looks valid
+        self.first = 1  # SID 0 is kept back: a zeroed IV then never looks valid
+        self.last = (1 << bits) - 1
+        self._next = self.first
+
+    def set_slice(self, index: int, count: int) -> None:
+        """Use slice ``index`` of ``count`` equal slices of the SID space."""
+        space = (1 << self.bits) - 1
+        size = max(1, space // count)
+        self.first = 1 + index * size
+        self.last = space if index == count - 1 else index * size + size
+        self._next = self.first
 
     def allocate(self, member: str, count: int) -> tuple[int, ...] | None:
         have = self._by_member.get(member)
         if have is not None and len(have) >= count:
             return have[:count]
         self.release(member)
-        space = 1 << self.bits
         got: list[int] = []
-        for _ in range(space):
+        for _ in range(self.last - self.first + 1):
             if len(got) == count:
                 break
             sid = self._next
-            self._next = self._next + 1 if self._next + 1 < space else 1
+            self._next = sid + 1 if sid < self.last else self.first
             if sid not in self._owner:
                 got.append(sid)
         if len(got) < count:
@@ -362,6 +375,16 @@ class Group:
         for address in list(self.members):
             self.remove_member(address)
         return RekeyMessages(self.seq, data, data, "gm-removal", True)
+
+    def plan_handover(self, now: float, kek: Kek, teks: list[Tek], seq: int) -> RekeyMessages:
+        """COOP merge: move our GMs onto another KS's KEK and TEKs with a rekey under our KEK."""
+        self.seq = seq
+        keys = GroupKeys(self.number, kek, tuple(t for t in teks if t.expires_at > now), seq,
+                         self.pseudotime_ms(now) if self.tbar else None,
+                         self.config.activation_delay, self.config.deactivation_delay)
+        data = self._sign_and_encrypt([SeqPayload(seq), build_sa(keys, now), build_kd(keys)])
+        self.rekeys_sent += 1
+        return RekeyMessages(seq, data, data, "coop-handover", True)
 
     def unsupported_members(self) -> list[Member]:
         return [m for m in self.members.values() if not supports_removal_and_replace(m.version)]

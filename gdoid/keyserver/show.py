@@ -56,10 +56,15 @@ def member_data(m: Any) -> dict[str, Any]:
         "tek_spis": [f"{s:08x}" for s in m.tek_spis],
         "sender_ids": list(m.sender_ids),
         "registrations": m.registrations,
+        "rekeys_sent": getattr(m, "rekeys_sent", 0),
+        "acks_received": getattr(m, "acks_received", 0),
+        "missed_rekeys": getattr(m, "missed_rekeys", 0),
     }
 
 
-def show_gdoi(groups: list[Group], ks_address: IPv4Address, version: SoftwareVersion, now: float) -> str:
+def show_gdoi(
+    groups: list[Group], ks_address: IPv4Address, version: SoftwareVersion, now: float, role: str = "Primary"
+) -> str:
     lines: list[str] = []
     for g in groups:
         k = g.kek
@@ -77,7 +82,7 @@ def show_gdoi(groups: list[Group], ks_address: IPv4Address, version: SoftwareVer
             f"    Rekey Retransmit Period  : {g.config.rekey.retransmit_interval:g} secs",
             f"    Rekey Retransmit Attempts: {g.config.rekey.retransmit_count}",
             "",
-            f"    Group Server list        : {ks_address} (local, Primary, version {version})",
+            f"    Group Server list        : {ks_address} (local, {role}, version {version})",
             "",
             "KEK POLICY:",
             "    Rekey Transport Type     : Unicast",

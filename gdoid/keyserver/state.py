@@ -29,7 +29,7 @@ class StateError(Exception):
     """The state file is unusable; the message says why."""
 
 
-def _kek_to_json(k: Kek) -> dict[str, Any]:
+def kek_to_json(k: Kek) -> dict[str, Any]:
     return {
         "spi": k.spi.hex(), "key_bits": k.key_bits, "key": k.key.hex(), "iv": k.iv.hex(),
         "configured_lifetime": k.configured_lifetime, "created_at": k.created_at, "expires_at": k.expires_at,
@@ -38,7 +38,7 @@ def _kek_to_json(k: Kek) -> dict[str, Any]:
     }
 
 
-def _kek_from_json(d: dict[str, Any]) -> Kek:
+def kek_from_json(d: dict[str, Any]) -> Kek:
     return Kek(
         spi=bytes.fromhex(d["spi"]), key_bits=int(d["key_bits"]), key=bytes.fromhex(d["key"]),
         iv=bytes.fromhex(d["iv"]), configured_lifetime=int(d["configured_lifetime"]),
@@ -48,7 +48,7 @@ def _kek_from_json(d: dict[str, Any]) -> Kek:
     )
 
 
-def _tek_to_json(t: Tek) -> dict[str, Any]:
+def tek_to_json(t: Tek) -> dict[str, Any]:
     p = t.policy
     s = p.selector
     return {
@@ -61,7 +61,7 @@ def _tek_to_json(t: Tek) -> dict[str, Any]:
     }
 
 
-def _tek_from_json(d: dict[str, Any]) -> Tek:
+def tek_from_json(d: dict[str, Any]) -> Tek:
     policy = TekPolicy(
         sa_number=int(d["sa_number"]), transform=TekTransform.from_name(d["transform"]),
         selector=TrafficSelector(IPv4Network(d["src"]), IPv4Network(d["dst"]), int(d["ip_protocol"]),
@@ -76,7 +76,7 @@ def _tek_from_json(d: dict[str, Any]) -> Tek:
     return tek
 
 
-def _member_to_json(m: Member) -> dict[str, Any]:
+def member_to_json(m: Member) -> dict[str, Any]:
     return {
         "address": str(m.address), "identity": m.identity, "version": str(m.version) if m.version else None,
         "registered_at": m.registered_at, "kek_spi": m.kek_spi.hex() if m.kek_spi else None,
@@ -85,7 +85,7 @@ def _member_to_json(m: Member) -> dict[str, Any]:
     }
 
 
-def _member_from_json(d: dict[str, Any]) -> Member:
+def member_from_json(d: dict[str, Any]) -> Member:
     return Member(
         address=IPv4Address(d["address"]), identity=str(d["identity"]),
         version=SoftwareVersion.parse(d["version"]) if d["version"] else None,
@@ -104,8 +104,8 @@ def snapshot(groups: dict[int, Group]) -> dict[str, Any]:
             {
                 "number": g.number, "name": g.name, "seq": g.seq, "epoch": g.epoch,
                 "last_rekey_at": g.last_rekey_at, "rekeys_sent": g.rekeys_sent,
-                "kek": _kek_to_json(g.kek), "teks": [_tek_to_json(t) for t in g.teks],
-                "members": [_member_to_json(m) for m in g.members.values()],
+                "kek": kek_to_json(g.kek), "teks": [tek_to_json(t) for t in g.teks],
+                "members": [member_to_json(m) for m in g.members.values()],
             }
             for g in groups.values()
         ],
@@ -143,9 +143,9 @@ def load(path: Path) -> dict[int, dict[str, Any]]:
         for g in doc["groups"]:
             out[int(g["number"])] = {
                 "seq": int(g["seq"]), "epoch": float(g["epoch"]), "last_rekey_at": float(g["last_rekey_at"]),
-                "rekeys_sent": int(g["rekeys_sent"]), "kek": _kek_from_json(g["kek"]),
-                "teks": [_tek_from_json(t) for t in g["teks"]],
-                "members": [_member_from_json(m) for m in g["members"]],
+                "rekeys_sent": int(g["rekeys_sent"]), "kek": kek_from_json(g["kek"]),
+                "teks": [tek_from_json(t) for t in g["teks"]],
+                "members": [member_from_json(m) for m in g["members"]],
             }
         return out
     except StateError:

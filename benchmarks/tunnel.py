@@ -1,0 +1,168 @@
+"""Userspace ESP tunnel throughput: iperf3 hostA -> hostB through two GMs.
+
+    python benchmarks/tunnel.py [--seconds 10] [--crypto gcm] [--baseline null]
+
+Builds the test topology (tests/netns.py: hostA -- gm1 -- core -- gm2 -- hostB,
+network namespaces), then for each dataplane (the baseline first, then the
+crypto one) starts ``python -m gdoid.dataplane`` in gm1 and gm2 over the same
+TUN / policy-routing setup and runs iperf3 TCP (``--seconds``) and UDP
+(``--seconds``, unlimited rate, 1300-octet datagrams: received rate and loss)
+from hostA to hostB.  ``gcm`` is the real engine with one AES-GCM-256 TEK made
+up here (same key and SPI in both GMs, no key server); ``null`` is the engine's
+NullDataplane (ESP framing, no cryptography).
+
+Prints both sets of figures and the TCP ratio crypto / baseline (target >= 0.7),
+and one JSON line with everything.  Needs root, iproute2, iperf3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gdoid.dataplane.__main__ import BUILTIN  # noqa: E402
+from tests.netns import HOST_B, Topology, netns_unavailable_reason  # noqa: E402
+
+TUN = "gdoi0"
+
+
+def start_forwarder(
+    topo: Topology, ns: str, spec: str, prefix: str, options: dict[str, str]
+) -> subprocess.Popen[str]:
+    args = ["--dataplane", spec, "--tun", TUN, "--wan", "wan"]
+    if spec not in BUILTIN:
+        args += ["--prefix", prefix]  # the engine's prefixes come from its TEK's selector
+    for k, v in options.items():
+        args += ["--option", f"{k}={v}"]
+    proc = topo.popen(
+        ns,
+        sys.executable,
+        "-m",
+        "gdoid.dataplane",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if msg.get("event") == "ready":
+            return proc
+    err = proc.stderr.read() if proc.stderr else ""
+    raise RuntimeError(f"forwarder ({spec}) in {ns} did not start (exit {proc.wait()}):\n{err}")
+
+
+def stop_forwarder(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    proc.send_signal(signal.SIGTERM)
+    stats: dict[str, Any] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if msg.get("event") == "stats":
+            stats = msg
+    proc.wait(30)
+    return stats
+
+
+def iperf(topo: Topology, seconds: int, udp: bool) -> dict[str, float]:
+    server = topo.popen("hostB", "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        cmd = ["iperf3", "-c", HOST_B, "-t", str(seconds), "-J"]
+        if udp:
+            cmd += ["-u", "-b", "0", "-l", "1300"]
+        res = topo.run("hostA", *cmd, check=False, timeout=seconds + 60)
+        data = json.loads(res.stdout)
+        if "error" in data:
+            raise RuntimeError(f"iperf3: {data['error']}")
+        end = data["end"]
+        if udp:
+            s = end["sum"]
+            return {
+                "sent_mbps": s["bits_per_second"] / 1e6,
+                "received_mbps": s["bits_per_second"] * (1 - s["lost_percent"] / 100) / 1e6,
+                "lost_percent": s["lost_percent"],
+            }
+        return {
+            "sent_mbps": end["sum_sent"]["bits_per_second"] / 1e6,
+            "received_mbps": end["sum_received"]["bits_per_second"] / 1e6,
+            "retransmits": end["sum_sent"].get("retransmits", 0),
+        }
+    finally:
+        server.wait(10) if server.poll() is not None else server.kill()
+        server.wait(10)
+
+
+def measure(topo: Topology, spec: str, seconds: int, options: dict[str, str]) -> dict[str, Any]:
+    # The same TEK in both GMs, each with its own RFC 6054 sender ID.
+    gm1 = start_forwarder(topo, "gm1", spec, "10.2.0.0/16", {**options, "sid": "1"})
+    gm2 = start_forwarder(topo, "gm2", spec, "10.1.0.0/16", {**options, "sid": "2"})
+    try:
+        if topo.ping("hostA", HOST_B, count=3) == 0:
+            raise RuntimeError(f"no connectivity through the {spec} tunnel")
+        tcp = iperf(topo, seconds, udp=False)
+        udp = iperf(topo, seconds, udp=True)
+    finally:
+        s1 = stop_forwarder(gm1)
+        s2 = stop_forwarder(gm2)
+    return {"dataplane": spec, "tcp": tcp, "udp": udp, "gm1": s1, "gm2": s2}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--baseline", default="null", help="no-crypto dataplane spec (default null)")
+    p.add_argument("--crypto", default="gcm", help="crypto dataplane spec (default gcm)")
+    p.add_argument("--transform", default="esp-gcm-256")
+    args = p.parse_args(argv)
+
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        print(f"tunnel benchmark skipped: {reason}", file=sys.stderr)
+        return 2
+    # One TEK for both GMs, made up here: no key server in this benchmark.
+    # 64 random octets: enough for every transform (cipher key, salt, integrity key).
+    options = {"key": secrets.token_hex(64), "spi": str(0x1000_0001), "transform": args.transform}
+    results = []
+    with Topology() as topo:
+        for spec in (args.baseline, args.crypto):
+            r = measure(topo, spec, args.seconds, options)
+            results.append(r)
+            print(
+                f"{spec:>8}: TCP {r['tcp']['received_mbps']:8.1f} Mbit/s"
+                f" (retransmits {r['tcp']['retransmits']}),"
+                f" UDP {r['udp']['received_mbps']:8.1f} Mbit/s received"
+                f" of {r['udp']['sent_mbps']:.1f} sent ({r['udp']['lost_percent']:.1f}% lost)",
+                flush=True,
+            )
+    base, crypto = results
+    tcp_ratio = crypto["tcp"]["received_mbps"] / max(base["tcp"]["received_mbps"], 1e-9)
+    udp_ratio = crypto["udp"]["received_mbps"] / max(base["udp"]["received_mbps"], 1e-9)
+    verdict = "OK" if tcp_ratio >= 0.7 else "BELOW TARGET"
+    print(f"ratio {args.crypto}/{args.baseline}: TCP {tcp_ratio:.2f} (target >= 0.70: {verdict}), UDP {udp_ratio:.2f}")
+    print(json.dumps({"results": results, "tcp_ratio": tcp_ratio, "udp_ratio": udp_ratio}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,567 @@
+"""The GM data path, sans-I/O: classify, protect and unprotect IPv4 packets.
+
+The I/O side reads plaintext IPv4 packets from a TUN device and hands them to
+:meth:`Dataplane.outbound`; it reads IPv4/ESP packets (header included, as a
+Linux raw socket delivers them) and hands them to :meth:`Dataplane.inbound`.
+Each call returns a :class:`Result`: packets to send on the WAN (complete IPv4
+packets for an ``IP_HDRINCL`` raw socket, protected or in the clear) and
+packets to write to the TUN.  Nothing here raises out of ``outbound`` /
+``inbound``; every drop is counted by reason (and per SA where one is known).
+Callers pass ``now`` (seconds, the same clock as the TEKs' ``created_at`` /
+``expires_at``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from gdoid.dataplane.esp import (
+    DropReason,
+    EspError,
+    EspSa,
+    NullEspSa,
+    ipv4_checksum,
+)
+from gdoid.dataplane.replay import SequenceWindow, TbarClock
+from gdoid.protocol.policy import SenderIds, Tek, TrafficSelector
+
+__all__ = [
+    "DropReason",
+    "EspError",
+    "Result",
+    "Dataplane",
+    "NullDataplane",
+    "fragment_ipv4",
+    "icmp_frag_needed",
+]
+
+_IPH = struct.Struct("!BBHHHBBHII")
+_PORTS = struct.Struct("!HH")
+_SPI = struct.Struct("!I")
+_ICMP_HDR = struct.Struct("!BBHHH")
+_TCP_UDP = (6, 17)
+_ICMP_ERRORS = frozenset((3, 4, 5, 11, 12))
+
+
+@dataclass(slots=True)
+class Result:
+    to_network: list[bytes]
+    to_tun: list[bytes]
+    drop: DropReason | None = None
+
+
+_Sel = tuple[
+    int, int, int, int, int, int, int
+]  # src net, src mask, dst net, dst mask, proto, sport, dport
+
+
+def _compile(sel: TrafficSelector) -> _Sel:
+    return (
+        int(sel.src.network_address),
+        int(sel.src.netmask),
+        int(sel.dst.network_address),
+        int(sel.dst.netmask),
+        sel.ip_protocol,
+        sel.src_port,
+        sel.dst_port,
+    )
+
+
+def _sel_match(
+    sel: _Sel, src: int, dst: int, proto: int, ports: tuple[int, int] | None, nonfirst: bool
+) -> bool:
+    snet, smask, dnet, dmask, sproto, sp, dp = sel
+    if (src & smask) != snet or (dst & dmask) != dnet:
+        return False
+    if sproto and sproto != proto:
+        return False
+    if sp or dp:
+        if ports is None:
+            # RFC 4301 §7: a non-initial TCP/UDP fragment carries no ports; protect it
+            # rather than leak it in the clear.  Other protocols have no ports.
+            return nonfirst and proto in _TCP_UDP
+        if (sp and sp != ports[0]) or (dp and dp != ports[1]):
+            return False
+    return True
+
+
+def _packet_ports(
+    packet: bytes, ihl: int, proto: int, frag: int
+) -> tuple[tuple[int, int] | None, bool]:
+    nonfirst = bool(frag & 0x1FFF)
+    if proto in _TCP_UDP and not nonfirst and len(packet) >= ihl + 4:
+        return _PORTS.unpack_from(packet, ihl), False
+    return None, nonfirst
+
+
+class _Entry:
+    """One installed TEK: its EspSa and what the engine needs per packet."""
+
+    __slots__ = ("group", "tek", "sa", "sel", "activate_at", "expires_at", "created_at", "receive_only",
+                 "tbar_window", "replay_size", "windows", "clock", "grp")  # fmt: skip
+
+    def __init__(self, grp: _Group, tek: Tek, sa: EspSa, activate_at: float) -> None:
+        self.group = grp.number
+        self.grp = grp
+        self.sa = sa
+        self.clock = grp.clock
+        self.activate_at = activate_at
+        self.windows: dict[int, SequenceWindow] = {}
+        self.replay_size = 0
+        self.update(tek)
+
+    def update(self, tek: Tek) -> None:
+        p = tek.policy
+        self.tek = tek
+        self.sa.set_tek(tek)
+        self.sel = _compile(p.selector)
+        self.expires_at = tek.expires_at
+        self.created_at = tek.created_at
+        self.receive_only = p.receive_only
+        self.tbar_window = p.tbar_window_ms
+        size = p.replay_window or 0
+        if size != self.replay_size:
+            self.windows = {}
+        self.replay_size = size
+
+
+class _Group:
+    __slots__ = (
+        "number",
+        "entries",
+        "sender_ids",
+        "clock",
+        "last_selectors",
+        "tbar_drops",
+        "replay_drops",
+    )
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.entries: dict[int, _Entry] = {}
+        self.sender_ids: SenderIds | None = None
+        self.clock = TbarClock()
+        self.last_selectors: list[_Sel] = []  # of the last non-empty TEK set, for fail-close
+        self.tbar_drops = 0
+        self.replay_drops = 0
+
+
+def icmp_frag_needed(inner: bytes, mtu: int, source: int) -> bytes:
+    """An IPv4 ICMP "fragmentation needed and DF set" (type 3 code 4, RFC 1191)
+    about ``inner``, from ``source`` to the inner source."""
+    ihl = (inner[0] & 15) << 2
+    quote = inner[: ihl + 8]
+    body = bytearray(_ICMP_HDR.pack(3, 4, 0, 0, mtu) + quote)
+    struct.pack_into("!H", body, 2, ipv4_checksum(body))
+    dst = _IPH.unpack_from(inner)[8]
+    total = 20 + len(body)
+    hdr = bytearray(_IPH.pack(0x45, 0xC0, total, 0, 0, 64, 1, 0, source, dst))
+    struct.pack_into("!H", hdr, 10, ipv4_checksum(hdr))
+    return bytes(hdr + body)
+
+
+def _copied_options(options: bytes) -> bytes:
+    """The options RFC 791 copies into every fragment (copy flag set), padded to 4."""
+    out = bytearray()
+    i = 0
+    while i < len(options):
+        t = options[i]
+        if t == 0:
+            break
+        if t == 1:
+            i += 1
+            continue
+        if i + 1 >= len(options) or options[i + 1] < 2 or i + options[i + 1] > len(options):
+            raise EspError(DropReason.MALFORMED, "IPv4 options")
+        ln = options[i + 1]
+        if t & 0x80:
+            out += options[i : i + ln]
+        i += ln
+    out += bytes(-len(out) & 3)
+    return bytes(out)
+
+
+def fragment_ipv4(packet: bytes, max_len: int) -> list[bytes]:
+    """Split an IPv4 packet into fragments of at most ``max_len`` octets (RFC 791).
+
+    Works on packets that are fragments already.  Raises EspError(TOO_BIG) if
+    ``max_len`` leaves no room for 8 octets of data.
+    """
+    vihl, tos, total, ident, frag, ttl, proto, _c, src, dst = _IPH.unpack_from(packet)
+    ihl = (vihl & 15) << 2
+    if len(packet) <= max_len:
+        return [packet]
+    if frag & 0x4000:
+        raise EspError(DropReason.TOO_BIG)
+    first_opts = packet[20:ihl]
+    later_opts = _copied_options(first_opts) if first_opts else b""
+    data = packet[ihl:total]
+    base_off = (frag & 0x1FFF) * 8
+    last_mf = frag & 0x2000
+    frags: list[bytes] = []
+    pos = 0
+    opts = first_opts
+    while pos < len(data):
+        hl = 20 + len(opts)
+        room = (max_len - hl) & ~7
+        if room < 8:
+            raise EspError(DropReason.TOO_BIG, "MTU too small to fragment")
+        chunk = data[pos : pos + room]
+        more = pos + len(chunk) < len(data)
+        flags = (0x2000 if more else last_mf) | ((base_off + pos) >> 3)
+        hdr = bytearray(
+            _IPH.pack(0x40 | (hl >> 2), tos, hl + len(chunk), ident, flags, ttl, proto, 0, src, dst)
+            + opts
+        )
+        struct.pack_into("!H", hdr, 10, ipv4_checksum(hdr))
+        frags.append(bytes(hdr) + chunk)
+        pos += len(chunk)
+        opts = later_opts
+    return frags
+
+
+class Dataplane:
+    """GM ESP data path for all groups the GM is a member of."""
+
+    _sa_class: type[EspSa] = EspSa
+
+    def __init__(
+        self, *, fail_close: bool = False, mtu: int = 1400, icmp_source: IPv4Address | None = None
+    ) -> None:
+        self.fail_close = fail_close
+        self.mtu = mtu
+        self.icmp_source = int(icmp_source) if icmp_source is not None else None
+        self._groups: dict[int, _Group] = {}
+        self._by_spi: dict[int, _Entry] = {}
+        self._out: list[_Entry] = []  # newest first
+        self._ghosts: list[_Sel] = []  # selectors of groups that currently have no TEK
+        self._drops: dict[DropReason, int] = {r: 0 for r in DropReason}
+        self.clear_out = 0
+
+    # --- SA management ------------------------------------------------------
+
+    def install(
+        self,
+        group: int,
+        teks: Sequence[Tek],
+        sender_ids: SenderIds | None,
+        pseudotime_ms: int | None,
+        now: float,
+        activation_delay: float = 0,
+    ) -> None:
+        """Replace the group's TEK set.
+
+        SPIs still present keep their EspSa (sequence numbers, IV counters,
+        replay windows).  ``sender_ids`` None keeps the group's previous SIDs
+        (rekeys carry none; RFC 6054 SIDs apply to every TEK of the group).
+        ``pseudotime_ms`` (received at ``now``) resets the group's TBAR clock.
+        """
+        g = self._groups.get(group)
+        if g is None:
+            g = self._groups[group] = _Group(group)
+        if sender_ids is not None:
+            g.sender_ids = sender_ids
+        if pseudotime_ms is not None:
+            g.clock.update(pseudotime_ms, now)
+        entries: dict[int, _Entry] = {}
+        for tek in teks:
+            old = g.entries.get(tek.spi)
+            if old is not None and old.sa.same_keys(tek):
+                old.update(tek)
+                if old.sa.is_gcm:
+                    old.sa.set_sender_ids(g.sender_ids)
+                entries[tek.spi] = old
+            else:
+                sa = self._sa_class(tek, g.sender_ids if tek.policy.transform.is_gcm else None)
+                entries[tek.spi] = _Entry(g, tek, sa, tek.created_at + activation_delay)
+        g.entries = entries
+        if entries:
+            g.last_selectors = list(dict.fromkeys(e.sel for e in entries.values()))
+        self._rebuild()
+
+    def remove_group(self, group: int) -> None:
+        """Forget the group entirely: its traffic is no longer ours (passes in the clear)."""
+        if self._groups.pop(group, None) is not None:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        entries = [e for g in self._groups.values() for e in g.entries.values()]
+        self._out = sorted(entries, key=lambda e: e.created_at, reverse=True)
+        self._by_spi = {e.sa.spi: e for e in sorted(entries, key=lambda e: e.created_at)}
+        self._ghosts = [s for g in self._groups.values() if not g.entries for s in g.last_selectors]
+
+    def protected_prefixes(self) -> list[IPv4Network]:
+        """Destination prefixes to route into the TUN (including groups that lost
+        their TEKs, so that fail-close can drop their traffic)."""
+        sels = [e.sel for e in self._out] + self._ghosts
+        nets = {
+            ipaddress.IPv4Network((dnet, bin(dmask).count("1"))) for _, _, dnet, dmask, *_ in sels
+        }
+        return sorted(nets, key=lambda n: (int(n.network_address), n.prefixlen))
+
+    # --- counting ------------------------------------------------------------
+
+    def _drop(
+        self, reason: DropReason, entry: _Entry | None = None, to_tun: list[bytes] | None = None
+    ) -> Result:
+        self._drops[reason] += 1
+        if entry is not None:
+            d = entry.sa.drops
+            d[reason] = d.get(reason, 0) + 1
+            if reason is DropReason.TBAR:
+                entry.grp.tbar_drops += 1
+            elif reason is DropReason.REPLAY:
+                entry.grp.replay_drops += 1
+        return Result([], to_tun if to_tun is not None else [], reason)
+
+    def _clear(self, packet: bytes) -> Result:
+        self.clear_out += 1
+        return Result([packet], [])
+
+    # --- outbound ------------------------------------------------------------
+
+    def outbound(self, packet: bytes, now: float) -> Result:
+        """A plaintext IPv4 packet read from the TUN."""
+        try:
+            return self._outbound(packet, now)
+        except EspError as exc:
+            return self._drop(exc.reason)
+        except Exception:
+            return self._drop(DropReason.MALFORMED)
+
+    def _outbound(self, packet: bytes, now: float) -> Result:
+        n = len(packet)
+        if n == 0:
+            return self._drop(DropReason.MALFORMED)
+        if packet[0] >> 4 != 4:
+            return self._drop(DropReason.NOT_IPV4)
+        if n < 20:
+            return self._drop(DropReason.MALFORMED)
+        vihl, tos, total, _id, frag, ttl, proto, _c, src, dst = _IPH.unpack_from(packet)
+        ihl = (vihl & 15) << 2
+        if ihl < 20 or total != n or n < ihl:
+            return self._drop(DropReason.MALFORMED)
+        ports: tuple[int, int] | None = None
+        nonfirst = bool(frag & 0x1FFF)
+        if proto in _TCP_UDP and not nonfirst and n >= ihl + 4:
+            ports = _PORTS.unpack_from(packet, ihl)
+
+        use: _Entry | None = None
+        pending: _Entry | None = None
+        matched = False
+        for e in self._out:
+            snet, smask, dnet, dmask, sproto, sp, dp = e.sel
+            if (src & smask) != snet or (dst & dmask) != dnet or (sproto and sproto != proto):
+                continue
+            if (sp or dp) and not _sel_match(e.sel, src, dst, proto, ports, nonfirst):
+                continue
+            matched = True
+            if e.expires_at <= now:
+                continue
+            if e.activate_at > now:
+                pending = e  # the list is newest first: ends at the oldest pending TEK
+                continue
+            use = e
+            break
+        if use is None:
+            use = pending
+        if use is None:
+            if not matched:
+                matched = any(_sel_match(s, src, dst, proto, ports, nonfirst) for s in self._ghosts)
+            if matched and self.fail_close:
+                return self._drop(DropReason.FAIL_CLOSE)
+            return self._clear(packet)
+        if use.receive_only:
+            return self._clear(packet)
+
+        sa = use.sa
+        pseudotime = None
+        if sa.tbar:
+            pseudotime = use.clock.estimate(now)
+            if pseudotime is None:
+                return self._drop(DropReason.TBAR, use)
+        df = frag & 0x4000
+        tbar = pseudotime is not None
+        if sa.outer_len(n, tbar) > self.mtu:
+            return self._too_big(use, packet, ihl, df, pseudotime)
+        try:
+            out = sa.seal(packet, n, tos, df, ttl, src, dst, pseudotime)
+        except EspError as exc:
+            return self._drop(exc.reason, use)
+        return Result([out], [])
+
+    def _too_big(
+        self, entry: _Entry, packet: bytes, ihl: int, df: int, pseudotime: int | None
+    ) -> Result:
+        sa = entry.sa
+        room = sa.max_inner(self.mtu, pseudotime is not None)
+        if df:
+            return self._drop(DropReason.TOO_BIG, entry, self._icmp_for(packet, ihl, room))
+        try:
+            frags = fragment_ipv4(packet, room)
+            out = []
+            for f in frags:
+                _v, tos, _t, _i, _f, ttl, _p, _c, src, dst = _IPH.unpack_from(f)
+                out.append(sa.seal(f, len(f), tos, 0, ttl, src, dst, pseudotime))
+        except EspError as exc:
+            return self._drop(exc.reason, entry)
+        return Result(out, [])
+
+    def _icmp_for(self, packet: bytes, ihl: int, room: int) -> list[bytes]:
+        frag = _IPH.unpack_from(packet)[4]
+        proto = packet[9]
+        if frag & 0x1FFF:
+            return []  # only about the first fragment
+        if proto == 1 and len(packet) > ihl and packet[ihl] in _ICMP_ERRORS:
+            return []  # never an ICMP error about an ICMP error (RFC 1122)
+        src, dst = _IPH.unpack_from(packet)[8:10]
+        source = self.icmp_source
+        if source is None:
+            if dst >> 28 == 14 or dst == 0xFFFFFFFF:
+                return []  # multicast/broadcast destination: no usable source
+            source = dst
+        if src == 0 or src >> 28 >= 14:
+            return []
+        return [icmp_frag_needed(packet, room, source)]
+
+    # --- inbound --------------------------------------------------------------
+
+    def inbound(self, packet: bytes, now: float) -> Result:
+        """An IPv4 packet from the raw ESP socket (IPv4 header included)."""
+        try:
+            return self._inbound(packet, now)
+        except EspError as exc:
+            return self._drop(exc.reason)
+        except Exception:
+            return self._drop(DropReason.MALFORMED)
+
+    def _inbound(self, packet: bytes, now: float) -> Result:
+        n = len(packet)
+        if n < 20:
+            return self._drop(
+                DropReason.NOT_IPV4 if n and packet[0] >> 4 != 4 else DropReason.MALFORMED
+            )
+        vihl, tos, total, _id, frag, _ttl, proto, _c, src, dst = _IPH.unpack_from(packet)
+        if vihl >> 4 != 4:
+            return self._drop(DropReason.NOT_IPV4)
+        hl = (vihl & 15) << 2
+        if proto != 50 or hl < 20 or total > n or total < hl + 8 or frag & 0x3FFF:
+            return self._drop(DropReason.MALFORMED)
+        e = self._by_spi.get(_SPI.unpack_from(packet, hl)[0])
+        if e is None:
+            return self._drop(DropReason.NO_SA)
+        if e.expires_at <= now:
+            return self._drop(DropReason.EXPIRED, e)
+        try:
+            inner, pseudotime, seq = e.sa.open(packet, hl, total)
+        except EspError as exc:
+            return self._drop(exc.reason, e)
+        if e.tbar_window is not None:
+            est = e.clock.estimate(now)
+            if pseudotime is None or est is None or abs(pseudotime - est) > e.tbar_window:
+                return self._drop(DropReason.TBAR, e)
+        if e.replay_size:
+            w = e.windows.get(src)
+            if w is None:
+                w = e.windows[src] = SequenceWindow(e.replay_size)
+            if not w.check_and_update(seq):
+                return self._drop(DropReason.REPLAY, e)
+        m = len(inner)
+        if m < 20:
+            return self._drop(DropReason.MALFORMED, e)
+        ivihl, itos, itotal, _iid, ifrag, _ittl, iproto, _ic, isrc, idst = _IPH.unpack_from(inner)
+        ihl = (ivihl & 15) << 2
+        if ivihl >> 4 != 4 or ihl < 20 or itotal != m or isrc != src or idst != dst:
+            return self._drop(DropReason.MALFORMED, e)
+        snet, smask, dnet, dmask, sproto, sp, dp = sel = e.sel
+        if sp or dp:
+            ports, nonfirst = _packet_ports(inner, ihl, iproto, ifrag)
+            rports = (ports[1], ports[0]) if ports is not None else None
+            ok = _sel_match(sel, isrc, idst, iproto, ports, nonfirst) or _sel_match(
+                sel, idst, isrc, iproto, rports, nonfirst
+            )
+        else:
+            ok = (not sproto or sproto == iproto) and (
+                ((isrc & smask) == snet and (idst & dmask) == dnet)
+                or ((idst & smask) == snet and (isrc & dmask) == dnet)
+            )
+        if not ok:
+            return self._drop(DropReason.MALFORMED, e)
+        oecn = tos & 3
+        if oecn and oecn != itos & 3:
+            inner = self._ecn_decap(inner, ihl, itos, oecn)
+            if inner is None:
+                return self._drop(DropReason.MALFORMED, e)
+        return Result([], [inner])
+
+    @staticmethod
+    def _ecn_decap(inner: bytes, ihl: int, itos: int, oecn: int) -> bytes | None:
+        """RFC 6040 §4.2 decapsulation when outer and inner ECN differ."""
+        iecn = itos & 3
+        if oecn == 3:  # CE
+            if iecn == 0:
+                return None  # Not-ECT inner, CE outer: drop
+            new = 3
+        elif oecn == 1 and iecn == 2:  # ECT(1) outer over ECT(0) inner
+            new = 1
+        else:
+            return inner
+        hdr = bytearray(inner[:ihl])
+        hdr[1] = (itos & 0xFC) | new
+        hdr[10] = hdr[11] = 0
+        struct.pack_into("!H", hdr, 10, ipv4_checksum(hdr))
+        return bytes(hdr) + inner[ihl:]
+
+    # --- show ------------------------------------------------------------------
+
+    def stats(self, now: float) -> dict:
+        sas = []
+        for g in sorted(self._groups.values(), key=lambda g: g.number):
+            for e in sorted(g.entries.values(), key=lambda e: e.created_at):
+                sa = e.sa
+                sas.append({
+                    "group": g.number,
+                    "spi": sa.spi,
+                    "transform": sa.transform_name,
+                    "direction": "both",
+                    "receive_only": e.receive_only,
+                    "active": e.activate_at <= now < e.expires_at,
+                    "pkts_encaps": sa.pkts_encaps,
+                    "pkts_decaps": sa.pkts_decaps,
+                    "bytes_encaps": sa.bytes_encaps,
+                    "bytes_decaps": sa.bytes_decaps,
+                    "drops": dict(sa.drops),
+                    "remaining": e.tek.remaining(now),
+                    "sender_id": sa.sender_id,
+                    "counter_remaining": sa.counter_remaining,
+                })  # fmt: skip
+        return {
+            "sas": sas,
+            "drops": {str(r): c for r, c in self._drops.items()},
+            "clear_out": self.clear_out,
+        }
+
+    def replay_stats(self, now: float) -> dict:
+        groups = []
+        for g in sorted(self._groups.values(), key=lambda g: g.number):
+            windows = {e.tbar_window for e in g.entries.values() if e.tbar_window is not None}
+            replay = {e.replay_size for e in g.entries.values() if e.replay_size}
+            groups.append({
+                "group": g.number,
+                "tbar_window_ms": max(windows) if windows else None,
+                "replay_window": max(replay) if replay else None,
+                "pseudotime_ms": g.clock.estimate(now),
+                "drops": {"tbar": g.tbar_drops, "replay": g.replay_drops},
+            })  # fmt: skip
+        return {"groups": groups}
+
+
+class NullDataplane(Dataplane):
+    """The same engine with :class:`NullEspSa`: ESP framing, no crypto.  A
+    baseline for benchmarking the I/O path; both ends must use it."""
+
+    _sa_class = NullEspSa
