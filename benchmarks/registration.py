@@ -65,7 +65,7 @@ ECHO_SERVER = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 if int(sys.argv[3]):
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, int(sys.argv[3]))
+    s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), int(sys.argv[3]))
 s.bind((sys.argv[1], int(sys.argv[2])))
 print("ready", flush=True)
 while True:
@@ -84,7 +84,7 @@ _open = shell.UdpShell.open
 
 async def _open_with_rcvbuf(self, engine, handler):
     await _open(self, engine, handler)
-    self._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, RCVBUF)
+    self._stream.socket.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), RCVBUF)
 
 shell.UdpShell.open = _open_with_rcvbuf
 from gdoid.cli.daemon import main
@@ -340,6 +340,7 @@ class GroupFigures:
     datagrams: int
     sizes: list[int]
     rcvbuf_drops: int
+    elapsed: float
 
     @property
     def kib_per_gm(self) -> float:
@@ -413,6 +414,7 @@ def measure_group(
         res.datagrams,
         warm.sizes,
         drops1 - drops0,
+        res.elapsed,
     )
 
 
@@ -439,8 +441,9 @@ def show(f: GroupFigures) -> None:
     print(f"  rate              {f.rate:8.1f} registrations/s")
     print(f"  latency           p50 {f.p50 * 1000:7.1f} ms   p99 {f.p99 * 1000:7.1f} ms")
     print(f"  KS RSS            {f.rss_before / 1024:.1f} -> {f.rss_after / 1024:.1f} MiB   = {f.kib_per_gm:.2f} KiB per registered GM")
-    print(f"  KS CPU            {f.ks_cpu:.2f} s   = {f.per_ks_cpu:.1f} registrations per KS CPU-second")
-    print(f"  GM-side CPU       {f.gm_cpu:.2f} s (this process, {f.n} engines)")
+    print(f"  KS CPU            {f.ks_cpu:.2f} s   = {f.per_ks_cpu:.1f} registrations per KS CPU-second "
+          f"(KS busy {f.ks_cpu / f.elapsed:.0%} of the run)")
+    print(f"  GM-side CPU       {f.gm_cpu:.2f} s (this process, {f.n} engines; busy {f.gm_cpu / f.elapsed:.0%})")
 
 
 def main() -> int:
@@ -460,7 +463,8 @@ def main() -> int:
     start = f"starts spread over {args.ramp:g} s" if args.ramp > 0 else "all started at once"
     if args.rcvbuf:
         start += f", KS receive buffer {args.rcvbuf} bytes"
-    print(f"{args.gms} concurrent GMs ({start}), KS {KS_ADDRESS}:{KS_PORT}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
+    print(f"{args.gms} concurrent GMs ({start}), KS {KS_ADDRESS}:{KS_PORT}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}\n")
     with tempfile.TemporaryDirectory(prefix="gdoid-bench-") as tmp:
         directory = Path(tmp)
         ks_cfg, auth = write_lab(directory, args.gms)

@@ -279,11 +279,11 @@ def test_transitional_removal_short_lifetime_reregisters_before_expiry(lab: Path
     with running(lab, cfg, [("gm1", "127.0.0.2", "1.0.2")]) as (ks, daemons):
         gm = daemons["gm1"]
         old = show(lab / "gm1.sock")
+        mark = len(gm.lines)
         res = gdoictl(lab / "ks.sock", "clear", "crypto", "gdoi", "ks", "members", yes=True)
         assert res.returncode == 0
         assert res.stdout == REMOVAL_PROMPT + "yes\n" + SENDING_REMOVAL  # only 1.0.2 devices: one prompt
         ks_new = show(lab / "ks.sock")
-        mark = len(gm.lines)
         gm.wait_for(re.escape(GM_RECV_DELETE) + "$", start=mark)
         cut = show(lab / "gm1.sock")
         assert cut["kek_spi"] is None

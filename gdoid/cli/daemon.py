@@ -14,6 +14,7 @@ from pathlib import Path
 from gdoid import log
 from gdoid.config import ConfigError, load_gm_config, load_ks_config
 from gdoid.protocol.pki import PkiError
+from gdoid.systemd import Notifier
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -45,17 +46,39 @@ def build_parser() -> argparse.ArgumentParser:
 async def _run_daemon(daemon: object, reload: Callable[[], object] | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    notifier = Notifier()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload)
+
+        def on_hup() -> None:
+            notifier.reloading()
+            reload()
+            notifier.ready("reloaded")
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     await daemon.start()  # type: ignore[attr-defined]
+    watchdog = asyncio.create_task(notifier.watchdog_loop())
+    ready = asyncio.create_task(_notify_ready(daemon, notifier))
     try:
         await stop.wait()
     finally:
+        notifier.stopping()
+        for t in (watchdog, ready):
+            t.cancel()
         await daemon.close()  # type: ignore[attr-defined]
     return 0
+
+
+async def _notify_ready(daemon: object, notifier: Notifier) -> None:
+    """READY=1: a KS once it listens, a GM once every group is registered."""
+    registered = getattr(daemon, "registered", None)
+    if registered is not None:
+        await registered.wait()
+        notifier.ready("registered")
+    else:
+        notifier.ready("listening")
 
 
 def main(argv: list[str] | None = None) -> int:
