@@ -108,6 +108,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def run_delay(pid: int | str) -> float:
+    """Seconds the process's main thread spent runnable but waiting for a CPU (schedstat)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def udp_rcvbuf_errors() -> int:
     """System-wide count of datagrams dropped because a socket's receive buffer was full."""
     lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
@@ -341,6 +346,8 @@ class GroupFigures:
     sizes: list[int]
     rcvbuf_drops: int
     elapsed: float
+    ks_cpu_wait: float
+    gm_cpu_wait: float
 
     @property
     def kib_per_gm(self) -> float:
@@ -392,8 +399,10 @@ def measure_group(
             raise SystemExit(f"warm-up registration failed; KS log:\n{ks.text()[-3000:]}")
         pid = ks.proc.pid
         rss0, cpu0, drops0 = rss_kib(pid), cpu_seconds(pid), udp_rcvbuf_errors()
+        wait0, gm_wait0 = run_delay(pid), run_delay("self")
         res = asyncio.run(run_swarm(template, addresses[1:], timeout, ramp))
         rss1, cpu1, drops1 = rss_kib(pid), cpu_seconds(pid), udp_rcvbuf_errors()
+        wait1, gm_wait1 = run_delay(pid), run_delay("self")
         members = len(gdoictl_json(ks_cfg.parent / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"])
         if members != res.registered + 1:
             print(f"  warning: KS lists {members} members, expected {res.registered + 1}")
@@ -415,6 +424,8 @@ def measure_group(
         warm.sizes,
         drops1 - drops0,
         res.elapsed,
+        wait1 - wait0,
+        gm_wait1 - gm_wait0,
     )
 
 
@@ -442,8 +453,9 @@ def show(f: GroupFigures) -> None:
     print(f"  latency           p50 {f.p50 * 1000:7.1f} ms   p99 {f.p99 * 1000:7.1f} ms")
     print(f"  KS RSS            {f.rss_before / 1024:.1f} -> {f.rss_after / 1024:.1f} MiB   = {f.kib_per_gm:.2f} KiB per registered GM")
     print(f"  KS CPU            {f.ks_cpu:.2f} s   = {f.per_ks_cpu:.1f} registrations per KS CPU-second "
-          f"(KS busy {f.ks_cpu / f.elapsed:.0%} of the run)")
-    print(f"  GM-side CPU       {f.gm_cpu:.2f} s (this process, {f.n} engines; busy {f.gm_cpu / f.elapsed:.0%})")
+          f"(KS busy {f.ks_cpu / f.elapsed:.0%} of the run, waited {f.ks_cpu_wait:.2f} s for a CPU)")
+    print(f"  GM-side CPU       {f.gm_cpu:.2f} s (this process, {f.n} engines; busy {f.gm_cpu / f.elapsed:.0%}, "
+          f"waited {f.gm_cpu_wait:.2f} s for a CPU)")
 
 
 def main() -> int:

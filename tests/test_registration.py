@@ -143,9 +143,9 @@ def test_refusals_are_notified_and_logged_on_both_sides(lab: Path) -> None:
                 assert notify in gm_line and notify in ks_line
                 status = _group(gdoictl_json(lab / f"{name}.sock", "show", "crypto", "gdoi"))
                 assert status["registrations"] == 0 and status["tek_spis"] == []
-        if True:  # the KS still serves a correct GM
-            with Daemon("gm", gm_toml(lab, address="127.0.0.6", name="gm6", auth=good)) as gm6:
-                gm6.wait_for(REGISTERED)
+        # The KS still serves a correct GM.
+        with Daemon("gm", gm_toml(lab, address="127.0.0.6", name="gm6", auth=good)) as gm6:
+            gm6.wait_for(REGISTERED)
         assert ks.proc.poll() is None
     # The refusal reasons are specific.
     assert "pre-shared key" in ks.text()

@@ -57,20 +57,19 @@ def test_daemons_notify_ready_watchdog_and_reload(tmp_path: Path) -> None:
     write_signing_key(tmp_path / "rekey.key")
     auth = auth_toml("psk.secret")
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
-    with _listen(tmp_path) as s:
-        with Daemon("ks", ks_toml(tmp_path, auth=auth), env=env) as ks:
-            msgs = [s.recv(4096).decode() for _ in range(3)]
-            assert any(m.startswith("READY=1") and "STATUS=listening" in m for m in msgs)
-            assert any(m == "WATCHDOG=1" for m in msgs)
-            ks.proc.send_signal(1)  # SIGHUP = ExecReload
-            seen = []
-            while not any(m.startswith("READY=1") and "reloaded" in m for m in seen):
-                seen.append(s.recv(4096).decode())
-            assert any(m.startswith("RELOADING=1\nMONOTONIC_USEC=") for m in seen)
-            genv = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
-            with Daemon("gm", gm_toml(tmp_path, address="127.0.0.2", name="gm1", auth=auth), env=genv) as gm:
-                while True:
-                    m = s.recv(4096).decode()
-                    if "STATUS=registered" in m:
-                        break
-                gm.wait_for("GM_REGS_COMPL")  # READY came only after registration
+    with _listen(tmp_path) as s, Daemon("ks", ks_toml(tmp_path, auth=auth), env=env) as ks:
+        msgs = [s.recv(4096).decode() for _ in range(3)]
+        assert any(m.startswith("READY=1") and "STATUS=listening" in m for m in msgs)
+        assert any(m == "WATCHDOG=1" for m in msgs)
+        ks.proc.send_signal(1)  # SIGHUP = ExecReload
+        seen = []
+        while not any(m.startswith("READY=1") and "reloaded" in m for m in seen):
+            seen.append(s.recv(4096).decode())
+        assert any(m.startswith("RELOADING=1\nMONOTONIC_USEC=") for m in seen)
+        genv = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        with Daemon("gm", gm_toml(tmp_path, address="127.0.0.2", name="gm1", auth=auth), env=genv) as gm:
+            while True:
+                m = s.recv(4096).decode()
+                if "STATUS=registered" in m:
+                    break
+            gm.wait_for("GM_REGS_COMPL")  # READY came only after registration
