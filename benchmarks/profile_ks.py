@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdoid.config import load_gm_config, load_ks_config  # noqa: E402
 from gdoid.groupmember.engine import GroupMemberEngine  # noqa: E402
-from gdoid.keyserver.engine import KeyServerEngine  # noqa: E402
+from gdoid.keyserver.engine import SA_LINGER, KeyServerEngine  # noqa: E402
 from gdoid.keyserver.group import Group  # noqa: E402
 from gdoid.phase1 import phase1_config  # noqa: E402
 from gdoid.protocol.pki import load_private_key  # noqa: E402
@@ -117,19 +117,30 @@ def main() -> int:
     gms.clear()  # what stays allocated now is the KS's
     gc.collect()
     after = tracemalloc.take_snapshot()
-    tracemalloc.stop()
     print(f"{registered}/{args.gms} registered, DH group {args.dh}: KS time {ks_time:.3f} s "
           f"(under cProfile and tracemalloc) = {ks_time / max(1, registered) * 1000:.3f} ms per registration\n")
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(args.top)
     stats.sort_stats("cumulative").print_stats(args.top)
+    report("KS memory while the phase-1 SAs linger", before, after, registered, args.top)
+    # Let the SAs and finished exchanges age out (SA_LINGER): what stays is per member.
+    ks.on_timer(time.time() + SA_LINGER + 1)
+    gc.collect()
+    aged = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    print(f"\nafter {SA_LINGER:g} s: {len(ks.sas)} phase-1 SAs, {len(ks.pulls)} PULL exchanges, "
+          f"{sum(len(g.members) for g in ks.groups.values())} members")
+    report("KS memory in steady state (member table)", before, aged, registered, args.top)
+    return 0
+
+
+def report(title: str, before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, registered: int, top: int) -> None:
     diff = [s for s in after.compare_to(before, "lineno") if s.size_diff > 0]
     total = sum(s.size_diff for s in diff)
-    print(f"KS memory still allocated: {total / 1024 / max(1, registered):.2f} KiB per registered GM, by line:")
-    for s in diff[: args.top]:
+    print(f"{title}: {total / 1024 / max(1, registered):.2f} KiB per registered GM (Python heap), by line:")
+    for s in diff[:top]:
         frame = s.traceback[0]
         print(f"  {s.size_diff / max(1, registered):8.1f} B/GM  {frame.filename.split('/work/main/')[-1]}:{frame.lineno}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ up here (same key and SPI in both GMs, no key server); ``null`` is the engine's
 NullDataplane (ESP framing, no cryptography).
 
 Prints both sets of figures and the TCP ratio crypto / baseline (target >= 0.7),
-and one JSON line with everything.  Needs root, iproute2, iperf3.
+plus the forwarders' CPU time per packet (less sensitive to other load on a
+shared machine than throughput), and one JSON line with everything.  With
+``--rounds N`` baseline and crypto runs alternate N times and medians are
+compared.  Needs root, iproute2, iperf3.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -109,8 +113,17 @@ def iperf(topo: Topology, seconds: int, udp: bool) -> dict[str, float]:
             "retransmits": end["sum_sent"].get("retransmits", 0),
         }
     finally:
-        server.wait(10) if server.poll() is not None else server.kill()
-        server.wait(10)
+        if server.poll() is None:
+            try:
+                server.wait(5)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(topo: Topology, spec: str, seconds: int, options: dict[str, str]) -> dict[str, Any]:
@@ -120,12 +133,29 @@ def measure(topo: Topology, spec: str, seconds: int, options: dict[str, str]) ->
     try:
         if topo.ping("hostA", HOST_B, count=3) == 0:
             raise RuntimeError(f"no connectivity through the {spec} tunnel")
+        cpu0 = cpu_seconds(gm1.pid) + cpu_seconds(gm2.pid)
         tcp = iperf(topo, seconds, udp=False)
         udp = iperf(topo, seconds, udp=True)
+        cpu = cpu_seconds(gm1.pid) + cpu_seconds(gm2.pid) - cpu0
     finally:
         s1 = stop_forwarder(gm1)
         s2 = stop_forwarder(gm2)
-    return {"dataplane": spec, "tcp": tcp, "udp": udp, "gm1": s1, "gm2": s2}
+    packets = sum(s.get("tun_read", 0) + s.get("net_read", 0) for s in (s1, s2))
+    return {
+        "dataplane": spec,
+        "tcp": tcp,
+        "udp": udp,
+        "forwarder_cpu_s": cpu,
+        # CPU of both forwarder processes per packet handled (TCP + UDP runs): less
+        # sensitive than throughput to other load on the machine.
+        "cpu_us_per_packet": cpu / max(packets, 1) * 1e6,
+        "gm1": s1,
+        "gm2": s2,
+    }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default="null", help="no-crypto dataplane spec (default null)")
     p.add_argument("--crypto", default="gcm", help="crypto dataplane spec (default gcm)")
     p.add_argument("--transform", default="esp-gcm-256")
+    p.add_argument("--rounds", type=int, default=1, help="alternating baseline/crypto rounds (medians)")
     args = p.parse_args(argv)
 
     reason = netns_unavailable_reason()
@@ -143,24 +174,54 @@ def main(argv: list[str] | None = None) -> int:
     # One TEK for both GMs, made up here: no key server in this benchmark.
     # 64 random octets: enough for every transform (cipher key, salt, integrity key).
     options = {"key": secrets.token_hex(64), "spi": str(0x1000_0001), "transform": args.transform}
-    results = []
+    runs: dict[str, list[dict[str, Any]]] = {args.baseline: [], args.crypto: []}
     with Topology() as topo:
-        for spec in (args.baseline, args.crypto):
-            r = measure(topo, spec, args.seconds, options)
-            results.append(r)
-            print(
-                f"{spec:>8}: TCP {r['tcp']['received_mbps']:8.1f} Mbit/s"
-                f" (retransmits {r['tcp']['retransmits']}),"
-                f" UDP {r['udp']['received_mbps']:8.1f} Mbit/s received"
-                f" of {r['udp']['sent_mbps']:.1f} sent ({r['udp']['lost_percent']:.1f}% lost)",
-                flush=True,
-            )
-    base, crypto = results
-    tcp_ratio = crypto["tcp"]["received_mbps"] / max(base["tcp"]["received_mbps"], 1e-9)
-    udp_ratio = crypto["udp"]["received_mbps"] / max(base["udp"]["received_mbps"], 1e-9)
+        # Alternate baseline and crypto rounds so both see the same machine load.
+        for rnd in range(args.rounds):
+            for spec in (args.baseline, args.crypto):
+                r = measure(topo, spec, args.seconds, options)
+                runs[spec].append(r)
+                print(
+                    f"round {rnd + 1} {spec:>8}: TCP {r['tcp']['received_mbps']:7.1f} Mbit/s"
+                    f" (retransmits {r['tcp']['retransmits']}),"
+                    f" UDP {r['udp']['received_mbps']:7.1f} Mbit/s received"
+                    f" of {r['udp']['sent_mbps']:.1f} sent ({r['udp']['lost_percent']:.1f}% lost),"
+                    f" forwarder CPU {r['cpu_us_per_packet']:.1f} us/packet",
+                    flush=True,
+                )
+
+    def med(spec: str, *path: str) -> float:
+        values = []
+        for r in runs[spec]:
+            v: Any = r
+            for key in path:
+                v = v[key]
+            values.append(float(v))
+        return median(values)
+
+    summary: dict[str, Any] = {"rounds": args.rounds, "seconds": args.seconds, "transform": args.transform}
+    for spec in (args.baseline, args.crypto):
+        summary[spec] = {
+            "tcp_mbps": med(spec, "tcp", "received_mbps"),
+            "udp_mbps": med(spec, "udp", "received_mbps"),
+            "cpu_us_per_packet": med(spec, "cpu_us_per_packet"),
+        }
+        print(
+            f"{spec:>8}: TCP {summary[spec]['tcp_mbps']:7.1f} Mbit/s,"
+            f" UDP {summary[spec]['udp_mbps']:7.1f} Mbit/s received,"
+            f" {summary[spec]['cpu_us_per_packet']:.1f} us CPU/packet"
+            + (" (medians)" if args.rounds > 1 else "")
+        )
+    base, crypto = summary[args.baseline], summary[args.crypto]
+    tcp_ratio = crypto["tcp_mbps"] / max(base["tcp_mbps"], 1e-9)
+    udp_ratio = crypto["udp_mbps"] / max(base["udp_mbps"], 1e-9)
+    summary.update(tcp_ratio=tcp_ratio, udp_ratio=udp_ratio, loadavg=os.getloadavg())
     verdict = "OK" if tcp_ratio >= 0.7 else "BELOW TARGET"
-    print(f"ratio {args.crypto}/{args.baseline}: TCP {tcp_ratio:.2f} (target >= 0.70: {verdict}), UDP {udp_ratio:.2f}")
-    print(json.dumps({"results": results, "tcp_ratio": tcp_ratio, "udp_ratio": udp_ratio}))
+    print(
+        f"ratio {args.crypto}/{args.baseline}: TCP {tcp_ratio:.2f} (target >= 0.70: {verdict}),"
+        f" UDP {udp_ratio:.2f}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    )
+    print(json.dumps({"summary": summary, "runs": runs}))
     return 0
 
 

@@ -262,6 +262,19 @@ class GmGroupConfig:
     server_port: int = 848
 
 
+@dataclass(frozen=True)
+class DataplaneConfig:
+    """``[dataplane]``: the userspace ESP data path (needs root / CAP_NET_ADMIN+NET_RAW)."""
+
+    enabled: bool = False
+    wan_interface: str | None = None  # ESP arriving here for addresses behind us is taken in
+    mtu: int = 1400  # largest outer (ESP) packet on the WAN; TUN MTU follows from it
+    icmp_source: IPv4Address | None = None  # source of ICMP "fragmentation needed" we send
+    mark: int = 0x6764
+    table: int = 26468
+    local_table: int = 26469
+
+
 @dataclass(frozen=True, kw_only=True)
 class GmConfig:
     address: IPv4Address
@@ -276,6 +289,7 @@ class GmConfig:
     ike: IkePolicy = IkePolicy()
     auth: AuthConfig
     groups: tuple[GmGroupConfig, ...]
+    dataplane: DataplaneConfig = DataplaneConfig()
 
     def group_by_number(self, number: int) -> GmGroupConfig | None:
         return next((g for g in self.groups if g.number == number), None)
@@ -854,8 +868,26 @@ def _tun_name(gm: _Table) -> str:
     return v
 
 
+def _parse_dataplane(root: _Table) -> DataplaneConfig:
+    t = root.table("dataplane", ("enabled", "wan_interface", "mtu", "icmp_source", "mark", "table", "local_table"))
+    if t is None:
+        return DataplaneConfig()
+    wan = t.string("wan_interface", "") or None
+    if wan is not None and not _TUN_RE.fullmatch(wan):
+        raise t.err("wan_interface", "must be an interface name (1-15 characters)")
+    return DataplaneConfig(
+        enabled=t.boolean("enabled", False),
+        wan_interface=wan,
+        mtu=t.integer("mtu", 576, 9000, 1400),
+        icmp_source=t.address("icmp_source") if t.has("icmp_source") else None,
+        mark=t.integer("mark", 1, 2**32 - 1, 0x6764),
+        table=t.integer("table", 1, 2**31 - 1, 26468),
+        local_table=t.integer("local_table", 1, 2**31 - 1, 26469),
+    )
+
+
 def _build_gm(ctx: _Ctx, data: dict[str, Any]) -> GmConfig:
-    root = _Table(ctx, data, "", ("gm", "ike", "auth", "group"))
+    root = _Table(ctx, data, "", ("gm", "ike", "auth", "group", "dataplane"))
     gm = root.req_table("gm", _GM_KEYS)
     return GmConfig(
         address=gm.address("address"),
@@ -870,6 +902,7 @@ def _build_gm(ctx: _Ctx, data: dict[str, Any]) -> GmConfig:
         ike=_parse_ike(root),
         auth=_parse_auth(root),
         groups=_parse_groups(root, ("name", "number", "servers", "server_port"), _parse_gm_group),
+        dataplane=_parse_dataplane(root),
     )
 
 

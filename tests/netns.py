@@ -25,12 +25,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+try:
+    import pytest
+except ImportError:  # benchmarks/tunnel.py uses this module without pytest
+    pytest = None  # type: ignore[assignment]
 
 NAMES = ("hostA", "gm1", "core", "gm2", "hostB", "ks")
 HOST_A = "10.1.0.2"
@@ -104,11 +110,23 @@ def netns_unavailable_reason() -> str | None:
 
 def require_netns() -> None:
     """``pytest.skip`` unless root with working ``ip netns`` (call from a fixture)."""
-    import pytest
-
     reason = netns_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
+
+
+if pytest is not None:
+
+    @pytest.fixture(scope="module")
+    def netns_required() -> None:
+        """Skip the test (module) unless namespaces work; import it into a test module."""
+        require_netns()
+
+    @pytest.fixture
+    def topology(netns_required: None) -> Iterator[Topology]:
+        """A fresh :class:`Topology` per test, removed afterwards."""
+        with Topology() as topo:
+            yield topo
 
 
 class Topology:
@@ -233,6 +251,7 @@ class Topology:
             raise RuntimeError("netns cleanup failed: " + "; ".join(errors))
 
     def __enter__(self) -> Topology:
+        remove_stale_namespaces()
         try:
             self.build()
         except BaseException:
@@ -248,3 +267,18 @@ class Topology:
 def existing_namespaces() -> list[str]:
     res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20)
     return [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+
+
+_OURS = re.compile(r"^gd(\d+)n\d+-")
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Delete topologies left behind by test processes that died (pid no longer alive)."""
+    removed = []
+    for name in existing_namespaces():
+        m = _OURS.match(name)
+        if m is None or Path(f"/proc/{m.group(1)}").exists():
+            continue
+        if subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20).returncode == 0:
+            removed.append(name)
+    return removed

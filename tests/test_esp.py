@@ -12,7 +12,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from scapy.layers.inet import ICMP, IP, TCP, UDP, defragment
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, defragment
 from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.packet import Raw, raw
 
@@ -152,6 +152,19 @@ def test_outer_header(name: str) -> None:
     assert IP(o2)[ESP].seq == p[ESP].seq + 1 == 2
     assert p[ESP].spi == 0x11223344
     assert not IP(sa.encapsulate(udp(df=False))).flags.DF
+    ivlen = 8 if sa.is_gcm else 16
+    assert o1[28 : 28 + ivlen] != o2[28 : 28 + ivlen]
+    # inner IPv4 options stay inside; the outer header never has any
+    with_opts = raw(IP(src=A, dst=B, options=[IPOption_RR()]) / UDP() / Raw(b"o" * 50))
+    o3 = sa.encapsulate(with_opts)
+    assert o3[0] == 0x45 and EspSa(sa.tek).decapsulate(o3)[0] == with_opts
+    for bad, reason in (
+        (b"\x60" + bytes(39), DropReason.NOT_IPV4),
+        (inner[:-1], DropReason.MALFORMED),
+    ):
+        with pytest.raises(EspError) as ei:
+            sa.encapsulate(bad)
+        assert ei.value.reason == reason
 
 
 def test_tbar_metadata_round_trip() -> None:
@@ -260,6 +273,7 @@ def test_truncation_every_length(name: str) -> None:
         with pytest.raises(EspError):
             EspSa(tek).decapsulate(short)
     assert sum(b.stats(T0)["drops"].values()) == drops
+    assert b.stats(T0)["internal_errors"] == 0
     assert b.inbound(outer, T0).to_tun == [inner]
 
 
@@ -299,6 +313,30 @@ def test_random_bytes_never_raise() -> None:
             with contextlib.suppress(EspError):
                 sa.decapsulate(data)
     assert dp.stats(T0)["drops"]["icv"] > 0
+    assert dp.stats(T0)["internal_errors"] == 0
+
+
+def test_random_ipv4_outbound_fragmentation() -> None:
+    """Random well-formed-looking IPv4 packets (random options, DF, sizes) through a
+    small MTU: every one is either protected (and decrypts back) or dropped."""
+    rng = random.Random(2)
+    tek = make_tek("esp-cbc-128-sha256", tbar_window_ms=1000)
+    a, b = pair(tek, mtu=300)
+    for _ in range(1500):
+        ihl = rng.randint(5, 15)
+        size = rng.randint(ihl * 4, 2000)
+        pkt = bytearray(rng.randbytes(size))
+        pkt[0] = 0x40 | ihl
+        struct.pack_into("!H", pkt, 2, size)
+        pkt[6] &= 0x5F  # DF maybe, MF clear
+        pkt[12:20] = bytes([10, 1, 0, 1, 10, 2, 0, 1])
+        r = a.outbound(bytes(pkt), T0)
+        for o in r.to_network:
+            assert len(o) <= 300
+            got = b.inbound(o, T0)
+            assert got.drop is None, got.drop
+    for dp in (a, b):
+        assert dp.stats(T0)["internal_errors"] == 0
 
 
 # --- anti-replay ---------------------------------------------------------------

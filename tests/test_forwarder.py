@@ -26,9 +26,18 @@ from typing import Any
 
 import pytest
 
-from tests.netns import CORE_BRIDGE, GM1_LAN, GM2_LAN, HOST_A, HOST_B, KS, Topology, require_netns
+from tests.netns import (
+    CORE_BRIDGE,
+    GM1_LAN,
+    GM2_LAN,
+    HOST_A,
+    HOST_B,
+    KS,
+    Topology,
+    netns_required,  # noqa: F401  (a fixture, used below)
+)
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("netns_required")]
 
 REPO = Path(__file__).resolve().parent.parent
 TUN = "gdoi0"
@@ -252,13 +261,8 @@ class CoreCapture:
 # --- fixtures ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def netns_ok() -> None:
-    require_netns()
-
-
 @pytest.fixture
-def topo(netns_ok: None) -> Iterator[Topology]:
+def topo() -> Iterator[Topology]:
     with Topology() as t:
         yield t
 
@@ -315,6 +319,34 @@ def test_ping_crosses_the_core_only_as_esp(
     assert s2["tun_read"] >= 7 and s2["net_read"] >= 7
     for s in (s1, s2):
         assert s["send_errors"] == 0 and s["dataplane_errors"] == 0 and s["tun_write_errors"] == 0
+
+
+@pytest.mark.parametrize("spec", ["gcm", "null"])
+def test_real_engine_through_the_tunnel(topo: Topology, tmp_path: Path, spec: str) -> None:
+    """The real engine (one made-up AES-GCM-256 TEK, 10.0.0.0/8 both ways) in both GMs."""
+    pytest.importorskip("gdoid.dataplane.engine")
+    key = os.urandom(36).hex()
+    common = ["--dataplane", spec, "--tun", TUN, "--wan", "wan", "--option", f"key={key}"]
+    gm1 = ForwarderProc(topo, "gm1", *common, "--option", "sid=1")
+    gm2 = ForwarderProc(topo, "gm2", *common, "--option", "sid=2")
+    try:
+        assert gm1.expect("ready")["prefixes"] == ["10.0.0.0/8"]
+        gm2.expect("ready")
+        table = topo.run("gm1", "ip", "route", "show", "table", str(TABLE)).stdout
+        assert f"10.0.0.0/8 dev {TUN}" in table and "throw 10.1.0.0/24" in table
+        with CoreCapture(topo, tmp_path / "core.pcap") as cap:
+            assert topo.ping("hostA", HOST_B, count=3, size=1300) == 3
+        tenant = [p for p in cap.packets() if p[1].startswith("10.") or p[2].startswith("10.")]
+        assert tenant and all(p[0] == 50 for p in tenant), tenant
+        # The own LAN stays out of the tunnel even though 10.0.0.0/8 is protected.
+        assert topo.ping("gm1", HOST_A, count=1) == 1
+        s1, s2 = gm1.stop(), gm2.stop()
+        assert s1["net_sent"] == 3 and s1["tun_written"] == 3, s1
+        assert s2["net_read"] == 3 and s2["tun_written"] == 3, s2
+        assert s1["drops"] == {} and s2["drops"] == {}
+    finally:
+        gm1.kill()
+        gm2.kill()
 
 
 def test_routes_while_running_and_everything_gone_after_close(
@@ -419,6 +451,38 @@ print(json.dumps(dict(first=first, second=second, third=third, rules1=rules1, ru
     assert "throw 10.1.0.0/24" in out["second"]
     assert out["third"].strip() == ""
     assert str(TABLE) not in out["rules2"] and str(LOCAL_TABLE) not in out["rules2"]
+
+
+def test_forwarder_update_routes_in_process(topo: Topology) -> None:
+    """Forwarder.update_routes() re-reads the dataplane's prefixes (asyncio, in gm1)."""
+    script = f"""
+import asyncio, json, subprocess
+from ipaddress import IPv4Network
+from gdoid.dataplane.forwarder import Forwarder
+from tests.test_forwarder import StubDataplane
+
+def table():
+    return subprocess.run(["ip", "route", "show", "table", "{TABLE}"], capture_output=True, text=True).stdout
+
+async def main():
+    dp = StubDataplane([IPv4Network("10.2.0.0/16")])
+    fwd = Forwarder(dp, tun_name="{TUN}", wan_interface="wan")
+    await fwd.start()
+    first = table()
+    dp.prefixes = [IPv4Network("10.5.0.0/16")]
+    ok = await fwd.update_routes()
+    second = table()
+    await fwd.close()
+    await fwd.close()
+    print(json.dumps(dict(first=first, second=second, ok=ok, third=table(), running=fwd.running)))
+
+asyncio.run(main())
+"""
+    out = json.loads(topo.run("gm1", sys.executable, "-c", script, cwd=REPO).stdout.splitlines()[-1])
+    assert "10.2.0.0/16 dev gdoi0" in out["first"]
+    assert out["ok"] is True
+    assert "10.5.0.0/16 dev gdoi0" in out["second"] and "10.2.0.0/16" not in out["second"]
+    assert out["third"].strip() == "" and out["running"] is False
 
 
 def test_lan_ping_unaffected_without_forwarder(topo: Topology) -> None:

@@ -54,9 +54,8 @@ class Result:
     drop: DropReason | None = None
 
 
-_Sel = tuple[
-    int, int, int, int, int, int, int
-]  # src net, src mask, dst net, dst mask, proto, sport, dport
+# A compiled selector: src net, src mask, dst net, dst mask, protocol, src port, dst port.
+_Sel = tuple[int, int, int, int, int, int, int]
 
 
 def _compile(sel: TrafficSelector) -> _Sel:
@@ -102,7 +101,7 @@ class _Entry:
     """One installed TEK: its EspSa and what the engine needs per packet."""
 
     __slots__ = ("group", "tek", "sa", "sel", "activate_at", "expires_at", "created_at", "receive_only",
-                 "tbar_window", "replay_size", "windows", "clock", "grp")  # fmt: skip
+                 "tbar_window", "replay_size", "windows", "clock", "grp", "room")  # fmt: skip
 
     def __init__(self, grp: _Group, tek: Tek, sa: EspSa, activate_at: float) -> None:
         self.group = grp.number
@@ -112,6 +111,7 @@ class _Entry:
         self.activate_at = activate_at
         self.windows: dict[int, SequenceWindow] = {}
         self.replay_size = 0
+        self.room = 0  # largest inner packet that fits the MTU (set by the Dataplane)
         self.update(tek)
 
     def update(self, tek: Tek) -> None:
@@ -202,6 +202,8 @@ def fragment_ipv4(packet: bytes, max_len: int) -> list[bytes]:
     data = packet[ihl:total]
     base_off = (frag & 0x1FFF) * 8
     last_mf = frag & 0x2000
+    if base_off + len(data) > 0xFFFF:
+        raise EspError(DropReason.MALFORMED, "fragment beyond 64 KiB")
     frags: list[bytes] = []
     pos = 0
     opts = first_opts
@@ -233,7 +235,8 @@ class Dataplane:
         self, *, fail_close: bool = False, mtu: int = 1400, icmp_source: IPv4Address | None = None
     ) -> None:
         self.fail_close = fail_close
-        self.mtu = mtu
+        self._mtu = mtu
+        self._need_ports = False
         self.icmp_source = int(icmp_source) if icmp_source is not None else None
         self._groups: dict[int, _Group] = {}
         self._by_spi: dict[int, _Entry] = {}
@@ -241,6 +244,17 @@ class Dataplane:
         self._ghosts: list[_Sel] = []  # selectors of groups that currently have no TEK
         self._drops: dict[DropReason, int] = {r: 0 for r in DropReason}
         self.clear_out = 0
+        self.internal_errors = 0  # unexpected exceptions, counted as malformed drops
+
+    @property
+    def mtu(self) -> int:
+        """Largest outer packet on the WAN."""
+        return self._mtu
+
+    @mtu.setter
+    def mtu(self, value: int) -> None:
+        self._mtu = value
+        self._rebuild()
 
     # --- SA management ------------------------------------------------------
 
@@ -256,9 +270,20 @@ class Dataplane:
         """Replace the group's TEK set.
 
         SPIs still present keep their EspSa (sequence numbers, IV counters,
-        replay windows).  ``sender_ids`` None keeps the group's previous SIDs
-        (rekeys carry none; RFC 6054 SIDs apply to every TEK of the group).
-        ``pseudotime_ms`` (received at ``now``) resets the group's TBAR clock.
+        replay windows) and their activation time; new SPIs get a new EspSa,
+        active from ``created_at + activation_delay``; SPIs not in ``teks``
+        are removed.  Outbound uses the newest matching TEK that is active and
+        not expired (else the oldest pending one); inbound accepts every
+        installed SPI until it expires.
+
+        ``sender_ids`` None keeps the group's previous SIDs (rekeys carry
+        none; RFC 6054 SIDs apply to every TEK of the group).  New SIDs
+        (re-registration) also go to the kept GCM SAs.  ``pseudotime_ms``
+        (received at ``now``) resets the group's TBAR clock.
+
+        Installing an empty set keeps the group's last selectors: matching
+        traffic is then dropped (fail-close) or sent in the clear (fail-open).
+        :meth:`remove_group` forgets them.
         """
         g = self._groups.get(group)
         if g is None:
@@ -293,6 +318,9 @@ class Dataplane:
         self._out = sorted(entries, key=lambda e: e.created_at, reverse=True)
         self._by_spi = {e.sa.spi: e for e in sorted(entries, key=lambda e: e.created_at)}
         self._ghosts = [s for g in self._groups.values() if not g.entries for s in g.last_selectors]
+        for e in entries:
+            e.room = e.sa.max_inner(self._mtu, e.sa.tbar)
+        self._need_ports = any(s[5] or s[6] for s in [e.sel for e in entries] + self._ghosts)
 
     def protected_prefixes(self) -> list[IPv4Network]:
         """Destination prefixes to route into the TUN (including groups that lost
@@ -327,78 +355,77 @@ class Dataplane:
     def outbound(self, packet: bytes, now: float) -> Result:
         """A plaintext IPv4 packet read from the TUN."""
         try:
-            return self._outbound(packet, now)
+            n = len(packet)
+            if n == 0:
+                return self._drop(DropReason.MALFORMED)
+            if packet[0] >> 4 != 4:
+                return self._drop(DropReason.NOT_IPV4)
+            if n < 20:
+                return self._drop(DropReason.MALFORMED)
+            vihl, tos, total, _id, frag, ttl, proto, _c, src, dst = _IPH.unpack_from(packet)
+            ihl = (vihl & 15) << 2
+            if ihl < 20 or total != n or n < ihl:
+                return self._drop(DropReason.MALFORMED)
+            ports: tuple[int, int] | None = None
+            nonfirst = bool(frag & 0x1FFF)
+            if self._need_ports and proto in _TCP_UDP and not nonfirst and n >= ihl + 4:
+                ports = _PORTS.unpack_from(packet, ihl)
+
+            use: _Entry | None = None
+            pending: _Entry | None = None
+            matched = False
+            for e in self._out:
+                snet, smask, dnet, dmask, sproto, sp, dp = e.sel
+                if (src & smask) != snet or (dst & dmask) != dnet or (sproto and sproto != proto):
+                    continue
+                if (sp or dp) and not _sel_match(e.sel, src, dst, proto, ports, nonfirst):
+                    continue
+                matched = True
+                if e.expires_at <= now:
+                    continue
+                if e.activate_at > now:
+                    pending = e  # the list is newest first: ends at the oldest pending TEK
+                    continue
+                use = e
+                break
+            if use is None:
+                use = pending
+            if use is None:
+                if not matched:
+                    matched = any(
+                        _sel_match(s, src, dst, proto, ports, nonfirst) for s in self._ghosts
+                    )
+                if matched and self.fail_close:
+                    return self._drop(DropReason.FAIL_CLOSE)
+                return self._clear(packet)
+            if use.receive_only:
+                return self._clear(packet)
+
+            sa = use.sa
+            pseudotime = None
+            if sa.tbar:
+                pseudotime = use.clock.estimate(now)
+                if pseudotime is None:
+                    return self._drop(DropReason.TBAR, use)
+            df = frag & 0x4000
+            if n > use.room:
+                return self._too_big(use, packet, ihl, df, pseudotime)
+            try:
+                out = sa.seal(packet, n, tos, df, ttl, src, dst, pseudotime)
+            except EspError as exc:
+                return self._drop(exc.reason, use)
+            return Result([out], [])
         except EspError as exc:
             return self._drop(exc.reason)
-        except Exception:
+        except Exception:  # a bug: never let it out, but keep it visible in stats
+            self.internal_errors += 1
             return self._drop(DropReason.MALFORMED)
-
-    def _outbound(self, packet: bytes, now: float) -> Result:
-        n = len(packet)
-        if n == 0:
-            return self._drop(DropReason.MALFORMED)
-        if packet[0] >> 4 != 4:
-            return self._drop(DropReason.NOT_IPV4)
-        if n < 20:
-            return self._drop(DropReason.MALFORMED)
-        vihl, tos, total, _id, frag, ttl, proto, _c, src, dst = _IPH.unpack_from(packet)
-        ihl = (vihl & 15) << 2
-        if ihl < 20 or total != n or n < ihl:
-            return self._drop(DropReason.MALFORMED)
-        ports: tuple[int, int] | None = None
-        nonfirst = bool(frag & 0x1FFF)
-        if proto in _TCP_UDP and not nonfirst and n >= ihl + 4:
-            ports = _PORTS.unpack_from(packet, ihl)
-
-        use: _Entry | None = None
-        pending: _Entry | None = None
-        matched = False
-        for e in self._out:
-            snet, smask, dnet, dmask, sproto, sp, dp = e.sel
-            if (src & smask) != snet or (dst & dmask) != dnet or (sproto and sproto != proto):
-                continue
-            if (sp or dp) and not _sel_match(e.sel, src, dst, proto, ports, nonfirst):
-                continue
-            matched = True
-            if e.expires_at <= now:
-                continue
-            if e.activate_at > now:
-                pending = e  # the list is newest first: ends at the oldest pending TEK
-                continue
-            use = e
-            break
-        if use is None:
-            use = pending
-        if use is None:
-            if not matched:
-                matched = any(_sel_match(s, src, dst, proto, ports, nonfirst) for s in self._ghosts)
-            if matched and self.fail_close:
-                return self._drop(DropReason.FAIL_CLOSE)
-            return self._clear(packet)
-        if use.receive_only:
-            return self._clear(packet)
-
-        sa = use.sa
-        pseudotime = None
-        if sa.tbar:
-            pseudotime = use.clock.estimate(now)
-            if pseudotime is None:
-                return self._drop(DropReason.TBAR, use)
-        df = frag & 0x4000
-        tbar = pseudotime is not None
-        if sa.outer_len(n, tbar) > self.mtu:
-            return self._too_big(use, packet, ihl, df, pseudotime)
-        try:
-            out = sa.seal(packet, n, tos, df, ttl, src, dst, pseudotime)
-        except EspError as exc:
-            return self._drop(exc.reason, use)
-        return Result([out], [])
 
     def _too_big(
         self, entry: _Entry, packet: bytes, ihl: int, df: int, pseudotime: int | None
     ) -> Result:
         sa = entry.sa
-        room = sa.max_inner(self.mtu, pseudotime is not None)
+        room = entry.room
         if df:
             return self._drop(DropReason.TOO_BIG, entry, self._icmp_for(packet, ihl, room))
         try:
@@ -433,70 +460,70 @@ class Dataplane:
     def inbound(self, packet: bytes, now: float) -> Result:
         """An IPv4 packet from the raw ESP socket (IPv4 header included)."""
         try:
-            return self._inbound(packet, now)
+            n = len(packet)
+            if n < 20:
+                return self._drop(
+                    DropReason.NOT_IPV4 if n and packet[0] >> 4 != 4 else DropReason.MALFORMED
+                )
+            vihl, tos, total, _id, frag, _ttl, proto, _c, src, dst = _IPH.unpack_from(packet)
+            if vihl >> 4 != 4:
+                return self._drop(DropReason.NOT_IPV4)
+            hl = (vihl & 15) << 2
+            if proto != 50 or hl < 20 or total > n or total < hl + 8 or frag & 0x3FFF:
+                return self._drop(DropReason.MALFORMED)
+            e = self._by_spi.get(_SPI.unpack_from(packet, hl)[0])
+            if e is None:
+                return self._drop(DropReason.NO_SA)
+            if e.expires_at <= now:
+                return self._drop(DropReason.EXPIRED, e)
+            try:
+                inner, pseudotime, seq = e.sa.open(packet, hl, total)
+            except EspError as exc:
+                return self._drop(exc.reason, e)
+            if e.tbar_window is not None:
+                est = e.clock.estimate(now)
+                if pseudotime is None or est is None or abs(pseudotime - est) > e.tbar_window:
+                    return self._drop(DropReason.TBAR, e)
+            if e.replay_size:
+                w = e.windows.get(src)
+                if w is None:
+                    w = e.windows[src] = SequenceWindow(e.replay_size)
+                if not w.check_and_update(seq):
+                    return self._drop(DropReason.REPLAY, e)
+            m = len(inner)
+            if m < 20:
+                return self._drop(DropReason.MALFORMED, e)
+            ivihl, itos, itotal, _iid, ifrag, _ittl, iproto, _ic, isrc, idst = _IPH.unpack_from(
+                inner
+            )
+            ihl = (ivihl & 15) << 2
+            if ivihl >> 4 != 4 or ihl < 20 or itotal != m or isrc != src or idst != dst:
+                return self._drop(DropReason.MALFORMED, e)
+            snet, smask, dnet, dmask, sproto, sp, dp = sel = e.sel
+            if sp or dp:
+                ports, nonfirst = _packet_ports(inner, ihl, iproto, ifrag)
+                rports = (ports[1], ports[0]) if ports is not None else None
+                ok = _sel_match(sel, isrc, idst, iproto, ports, nonfirst) or _sel_match(
+                    sel, idst, isrc, iproto, rports, nonfirst
+                )
+            else:
+                ok = (not sproto or sproto == iproto) and (
+                    ((isrc & smask) == snet and (idst & dmask) == dnet)
+                    or ((idst & smask) == snet and (isrc & dmask) == dnet)
+                )
+            if not ok:
+                return self._drop(DropReason.MALFORMED, e)
+            oecn = tos & 3
+            if oecn and oecn != itos & 3:
+                inner = self._ecn_decap(inner, ihl, itos, oecn)
+                if inner is None:
+                    return self._drop(DropReason.MALFORMED, e)
+            return Result([], [inner])
         except EspError as exc:
             return self._drop(exc.reason)
-        except Exception:
+        except Exception:  # a bug: never let it out, but keep it visible in stats
+            self.internal_errors += 1
             return self._drop(DropReason.MALFORMED)
-
-    def _inbound(self, packet: bytes, now: float) -> Result:
-        n = len(packet)
-        if n < 20:
-            return self._drop(
-                DropReason.NOT_IPV4 if n and packet[0] >> 4 != 4 else DropReason.MALFORMED
-            )
-        vihl, tos, total, _id, frag, _ttl, proto, _c, src, dst = _IPH.unpack_from(packet)
-        if vihl >> 4 != 4:
-            return self._drop(DropReason.NOT_IPV4)
-        hl = (vihl & 15) << 2
-        if proto != 50 or hl < 20 or total > n or total < hl + 8 or frag & 0x3FFF:
-            return self._drop(DropReason.MALFORMED)
-        e = self._by_spi.get(_SPI.unpack_from(packet, hl)[0])
-        if e is None:
-            return self._drop(DropReason.NO_SA)
-        if e.expires_at <= now:
-            return self._drop(DropReason.EXPIRED, e)
-        try:
-            inner, pseudotime, seq = e.sa.open(packet, hl, total)
-        except EspError as exc:
-            return self._drop(exc.reason, e)
-        if e.tbar_window is not None:
-            est = e.clock.estimate(now)
-            if pseudotime is None or est is None or abs(pseudotime - est) > e.tbar_window:
-                return self._drop(DropReason.TBAR, e)
-        if e.replay_size:
-            w = e.windows.get(src)
-            if w is None:
-                w = e.windows[src] = SequenceWindow(e.replay_size)
-            if not w.check_and_update(seq):
-                return self._drop(DropReason.REPLAY, e)
-        m = len(inner)
-        if m < 20:
-            return self._drop(DropReason.MALFORMED, e)
-        ivihl, itos, itotal, _iid, ifrag, _ittl, iproto, _ic, isrc, idst = _IPH.unpack_from(inner)
-        ihl = (ivihl & 15) << 2
-        if ivihl >> 4 != 4 or ihl < 20 or itotal != m or isrc != src or idst != dst:
-            return self._drop(DropReason.MALFORMED, e)
-        snet, smask, dnet, dmask, sproto, sp, dp = sel = e.sel
-        if sp or dp:
-            ports, nonfirst = _packet_ports(inner, ihl, iproto, ifrag)
-            rports = (ports[1], ports[0]) if ports is not None else None
-            ok = _sel_match(sel, isrc, idst, iproto, ports, nonfirst) or _sel_match(
-                sel, idst, isrc, iproto, rports, nonfirst
-            )
-        else:
-            ok = (not sproto or sproto == iproto) and (
-                ((isrc & smask) == snet and (idst & dmask) == dnet)
-                or ((idst & smask) == snet and (isrc & dmask) == dnet)
-            )
-        if not ok:
-            return self._drop(DropReason.MALFORMED, e)
-        oecn = tos & 3
-        if oecn and oecn != itos & 3:
-            inner = self._ecn_decap(inner, ihl, itos, oecn)
-            if inner is None:
-                return self._drop(DropReason.MALFORMED, e)
-        return Result([], [inner])
 
     @staticmethod
     def _ecn_decap(inner: bytes, ihl: int, itos: int, oecn: int) -> bytes | None:
@@ -534,7 +561,7 @@ class Dataplane:
                     "pkts_decaps": sa.pkts_decaps,
                     "bytes_encaps": sa.bytes_encaps,
                     "bytes_decaps": sa.bytes_decaps,
-                    "drops": dict(sa.drops),
+                    "drops": {str(r): c for r, c in sa.drops.items()},
                     "remaining": e.tek.remaining(now),
                     "sender_id": sa.sender_id,
                     "counter_remaining": sa.counter_remaining,
@@ -543,6 +570,7 @@ class Dataplane:
             "sas": sas,
             "drops": {str(r): c for r, c in self._drops.items()},
             "clear_out": self.clear_out,
+            "internal_errors": self.internal_errors,
         }
 
     def replay_stats(self, now: float) -> dict:

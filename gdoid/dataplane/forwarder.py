@@ -132,7 +132,7 @@ class Forwarder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers: list[int] = []
         self._route_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[bool]] = set()
         self._started = False
 
     # --- lifecycle ------------------------------------------------------
@@ -172,11 +172,13 @@ class Forwarder:
             prefixes=sorted(str(p) for p in prefixes),
         )
 
-    def update_routes(self) -> asyncio.Task[None]:
+    def update_routes(self) -> asyncio.Task[bool]:
         """Re-read ``dataplane.protected_prefixes()`` and replace the TUN routes.
 
         Netlink blocks, so the work runs in a thread; the returned task may be
         awaited to know when the routes are in place (updates are serialised).
+        Its result is False when the update failed (logged) or the forwarder is
+        not running.
         """
         prefixes = list(self.dataplane.protected_prefixes())
         task = asyncio.get_running_loop().create_task(self._update_routes(prefixes))
@@ -184,15 +186,16 @@ class Forwarder:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _update_routes(self, prefixes: Iterable[IPv4Network]) -> None:
+    async def _update_routes(self, prefixes: Iterable[IPv4Network]) -> bool:
         async with self._route_lock:
             if self.tun is None:
-                return
+                return False
             try:
                 await asyncio.to_thread(self.routes.update, prefixes)
             except Exception:
                 log.exception("dataplane_route_update_failed")
-                raise
+                return False
+            return True
 
     async def close(self) -> None:
         """Stop reading, remove the routes, close the sockets and the TUN (idempotent)."""
@@ -257,55 +260,93 @@ class Forwarder:
                 sock.setsockopt(socket.SOL_SOCKET, plain, self.socket_buffer)
 
     # --- the hot path ---------------------------------------------------
+    #
+    # Both readers drain up to ``batch`` packets, count in locals and add to the
+    # stats once per wakeup; the usual result (one packet, one direction) is
+    # handled inline, anything else by _deliver.
 
     def _on_tun_readable(self) -> None:
         tun = self.tun
-        if tun is None:
+        sock = self._send
+        if tun is None or sock is None:
             return
         fd = tun.fd
         read = os.read
+        sendto = sock.sendto
+        ntoa = socket.inet_ntoa
         outbound = self.dataplane.outbound
-        deliver = self._deliver
         stats = self.stats
         now = self.clock()
-        for _ in range(self.batch):
-            try:
-                packet = read(fd, READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                stats.read_errors += 1
-                return
-            stats.tun_read += 1
-            try:
-                deliver(outbound(packet, now))
-            except Exception:
-                self._dataplane_failed("outbound")
+        n_read = n_sent = 0
+        try:
+            for _ in range(self.batch):
+                try:
+                    packet = read(fd, READ_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    stats.read_errors += 1
+                    break
+                n_read += 1
+                try:
+                    result = outbound(packet, now)
+                    out = result.to_network
+                    if len(out) == 1 and not result.to_tun and result.drop is None:
+                        packet = out[0]
+                        try:
+                            sendto(packet, (ntoa(packet[16:20]), 0))
+                            n_sent += 1
+                        except OSError as e:
+                            self._send_failed(e)
+                    else:
+                        self._deliver(result)
+                except Exception:
+                    self._dataplane_failed("outbound")
+        finally:
+            stats.tun_read += n_read
+            stats.net_sent += n_sent
 
     def _on_net_readable(self) -> None:
         sock = self._recv
-        if sock is None:
+        tun = self.tun
+        if sock is None or tun is None:
             return
+        fd = tun.fd
         recv = sock.recv
+        write = os.write
         inbound = self.dataplane.inbound
-        deliver = self._deliver
         stats = self.stats
         now = self.clock()
-        for _ in range(self.batch):
-            try:
-                packet = recv(READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                stats.read_errors += 1
-                return
-            stats.net_read += 1
-            try:
-                deliver(inbound(packet, now))
-            except Exception:
-                self._dataplane_failed("inbound")
+        n_read = n_written = 0
+        try:
+            for _ in range(self.batch):
+                try:
+                    packet = recv(READ_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    stats.read_errors += 1
+                    break
+                n_read += 1
+                try:
+                    result = inbound(packet, now)
+                    out = result.to_tun
+                    if len(out) == 1 and not result.to_network and result.drop is None:
+                        try:
+                            write(fd, out[0])
+                            n_written += 1
+                        except OSError:
+                            stats.tun_write_errors += 1
+                    else:
+                        self._deliver(result)
+                except Exception:
+                    self._dataplane_failed("inbound")
+        finally:
+            stats.net_read += n_read
+            stats.tun_written += n_written
 
     def _deliver(self, result: ResultLike) -> None:
+        """The general case: any number of packets both ways, and a drop reason."""
         stats = self.stats
         if result.drop is not None:
             stats.drops[_reason(result.drop)] += 1
@@ -316,8 +357,7 @@ class Forwarder:
                     sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))  # type: ignore[union-attr]
                     stats.net_sent += 1
                 except OSError as e:
-                    stats.send_errors += 1
-                    stats.send_errnos[_errno_name(e)] += 1
+                    self._send_failed(e)
         if result.to_tun:
             fd = self.tun.fd  # type: ignore[union-attr]
             for packet in result.to_tun:
@@ -326,6 +366,10 @@ class Forwarder:
                     stats.tun_written += 1
                 except OSError:
                     stats.tun_write_errors += 1
+
+    def _send_failed(self, e: OSError) -> None:
+        self.stats.send_errors += 1
+        self.stats.send_errnos[_errno_name(e)] += 1
 
     def _dataplane_failed(self, direction: str) -> None:
         self.stats.dataplane_errors += 1

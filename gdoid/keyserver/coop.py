@@ -124,10 +124,9 @@ class Coop:
         return self._rank(self.priority, self.address)
 
     def _usable_sa(self, peer: Peer, now: float) -> IkeSa | None:
-        if peer.sa is not None and peer.sa.expires_at > now:
-            return peer.sa
-        # An SA the peer initiated to us serves as well.
-        best = None
+        # Ours or one the peer initiated to us, whichever is newest: a restarted
+        # peer has forgotten the older ones.
+        best = peer.sa if peer.sa is not None and peer.sa.expires_at > now else None
         for entry in self.engine.sas.values():
             if entry.sa.peer_address == peer.address and entry.sa.expires_at > now and (
                 best is None or entry.sa.established_at > best.established_at
@@ -200,9 +199,10 @@ class Coop:
         return chunks
 
     def _anns_for(self, peer: Peer, g: Group, now: float, reply: bool) -> list[AnnPayload]:
-        blocks: list[AnnBlock] = []
-        if self.is_primary:
-            blocks.append(self._keys_block(g))
+        # Synced secondaries send theirs too: the primary takes only their SEQ (a
+        # handover rekey from a former primary raised it); a restarted KS that is
+        # still listening takes the keys, so it never claims primary with fresh ones.
+        blocks: list[AnnBlock] = [self._keys_block(g)] if self.is_primary or self.synced else []
         delta = list(self.groups_state[g.number].delta.values())
         anns: list[list[AnnBlock]] = []
         if not peer.full_sent:
@@ -217,11 +217,12 @@ class Coop:
                 extra = [AnnBlock.of(BlockType.MEMBERS_DELTA, chunk)] if chunk else []
                 anns.append(([*blocks] if i == 0 else []) + extra)
         out = []
-        for blocks_i in anns:
+        for i, blocks_i in enumerate(anns):
             self.ann_seq += 1
+            # One reply per batch: a reply flag on every chunk would draw a full list per chunk.
             out.append(AnnPayload(
                 self.version, self.priority, self._role_for_ann(),
-                AnnFlag.REPLY_REQUESTED if reply else 0, self.ann_seq, g.number, g.rekeys_sent & 0xFFFFFFFF,
+                AnnFlag.REPLY_REQUESTED if reply and i == 0 else 0, self.ann_seq, g.number, g.rekeys_sent & 0xFFFFFFFF,
                 tuple(blocks_i),
             ))
         return out
@@ -273,6 +274,7 @@ class Coop:
         self.engine.counters["ann_received"] += 1
         if not peer.reachable:
             peer.reachable = True
+            peer.full_sent = False  # members it missed while apart (deltas went nowhere)
             log.emit(self.log, log.COOP_KS_REACH, peer=str(peer.address), group=group.name)
         peer.last_heard = now
         peer.version, peer.priority, peer.role = ann.version, ann.priority, ann.role
@@ -367,7 +369,9 @@ class Coop:
 
     def _from_secondary(self, peer: Peer, group: Group, ann: AnnPayload) -> None:
         keys = self._adopt_keys(group, ann)
-        if keys is not None and keys["seq"] > group.seq:
+        if keys is not None and self.role is None and not self.synced:
+            self._install_keys(group, keys)  # restarted: the group's keys, not our fresh ones
+        elif keys is not None and keys["seq"] > group.seq:
             group.seq = keys["seq"]
 
     def _handover(self, group: Group, keys: dict[str, Any], now: float) -> Outgoing:
@@ -430,10 +434,7 @@ class Coop:
             self._become_primary(None, now, previous)
             return self._announce_all(now)
         # The winner will announce itself; wait for it as a secondary.
-        self.role = Role.SECONDARY
-        self.primary = winner
-        self.last_primary_heard = now
-        self.engine.scheduled_rekeys = False
+        self._become_secondary(winner, None, now)
         return []
 
     # --- time ------------------------------------------------------------------------------

@@ -402,7 +402,9 @@ class KeyServerEngine:
                     if not mids:
                         del self._sa_pulls[key[0]]
         for cookies, entry in list(self.sas.items()):
-            if now >= entry.sa.expires_at or now - entry.last_used > SA_LINGER:
+            # A COOP peer's SA stays until it expires: the peer may announce on it after a partition.
+            coop_peer = self.coop is not None and entry.sa.peer_address in self.coop.peers
+            if now >= entry.sa.expires_at or (now - entry.last_used > SA_LINGER and not coop_peer):
                 self._drop_sa(cookies)
         return out
 

@@ -1,0 +1,684 @@
+"""Cooperative key servers (COOP, wire.md §6.3) in an in-memory network.
+
+Three KS engines (10.0.8.1 / 10.0.9.1 / 10.0.10.1, priorities 100 / 75 / 50)
+and GM engines on 10.0.0.x exchange datagrams through :class:`Sim`: a queue
+with a simulated clock, and a ``blocked`` set of address pairs for
+partitions and dead nodes.  No sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections import deque
+from dataclasses import replace
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.groupmember.engine import GroupMemberEngine, RegState
+from gdoid.keyserver.coop import Coop
+from gdoid.keyserver.engine import KeyServerEngine
+from gdoid.keyserver.group import Group, Member
+from gdoid.phase1 import phase1_config
+from gdoid.protocol.ann import MAX_ANN_DATAGRAM, AnnPayload, Role, seal_ann
+from gdoid.protocol.constants import ExchangeType
+from gdoid.protocol.header import IsakmpHeader
+from gdoid.protocol.pki import load_private_key
+from gdoid.protocol.version import SoftwareVersion
+
+T0 = 5_000_000.0
+GROUP = 1234
+PERIOD = 1.0
+STEP = 0.25
+KS1, KS2, KS3 = "10.0.8.1", "10.0.9.1", "10.0.10.1"
+KSS = (KS1, KS2, KS3)
+PRIORITY = {KS1: 100, KS2: 75, KS3: 50}
+# A starting KS listens two periods, then elects; allow for ANN round trips.
+ELECTED_WITHIN = 2 * PERIOD + 2 * STEP
+# Secondaries elect after three silent periods (plus a tick of slack).
+FAILOVER_WITHIN = 3 * PERIOD + 3 * STEP
+
+KS_TOML = """
+[ks]
+address = "{address}"
+software_version = "1.0.2"
+[[auth.psk]]
+peer = "10.0.0.0/8"
+key_file = "{psk}"
+[[group]]
+name = "GET"
+number = 1234
+sender_id_bits = 12
+[group.kek]
+signing_key = "rekey.key"
+[[group.sa_ipsec]]
+number = 1
+profile = "gdoi-p"
+transform = "esp-gcm-256"
+lifetime = 3600
+[group.sa_ipsec.match]
+src = "10.1.0.0/16"
+dst = "10.2.0.0/16"
+[[group.sa_ipsec]]
+number = 2
+profile = "gdoi-p"
+transform = "esp-cbc-128-sha256"
+lifetime = 3600
+[group.sa_ipsec.match]
+src = "10.3.0.0/16"
+dst = "10.4.0.0/16"
+[coop]
+priority = {priority}
+announce_interval = {period}
+{peers}"""
+
+GM_TOML = """
+[gm]
+address = "{address}"
+software_version = "1.0.2"
+[[auth.psk]]
+peer = "10.0.0.0/8"
+key_file = "psk"
+[[group]]
+name = "GET"
+number = 1234
+servers = [{servers}]
+"""
+
+Node = KeyServerEngine | GroupMemberEngine
+
+
+class Events:
+    """A logger that keeps each event's name (mnemonics included) for assertions."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def log(self, level: int, event: str, **fields: object) -> None:
+        self.names.append(event)
+
+    def __getattr__(self, level: str) -> object:
+        return lambda event, **fields: self.names.append(event)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    for name, text in (("psk", "coop-secret\n"), ("wrong.psk", "not-the-secret\n")):
+        (tmp_path / name).write_text(text)
+        os.chmod(tmp_path / name, 0o600)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (tmp_path / "rekey.key").write_bytes(pem)
+    os.chmod(tmp_path / "rekey.key", 0o600)
+    return tmp_path
+
+
+class Sim:
+    """address -> engine; a FIFO of datagrams; simulated time; blocked address pairs."""
+
+    def __init__(self, base: Path, now: float = T0) -> None:
+        self.base = base
+        self.now = now
+        self.nodes: dict[str, Node] = {}
+        self.blocked: set[frozenset[str]] = set()
+        self.queue: deque[tuple[bytes, str, str]] = deque()
+        self.tap: list[tuple[bytes, str, str]] = []  # every datagram delivered
+        self.lost = 0
+        self.roles: dict[str, list[Role | None]] = {}  # role history per KS
+
+    # --- nodes ------------------------------------------------------------------------
+
+    def add_ks(self, address: str, priority: int | None = None, psk: str = "psk") -> KeyServerEngine:
+        peers = "".join(f'[[coop.peer]]\naddress = "{a}"\n' for a in KSS if a != address)
+        text = KS_TOML.format(address=address, psk=psk, priority=priority or PRIORITY[address],
+                              period=PERIOD, peers=peers)
+        cfg = parse_ks_config(text, self.base)
+        assert cfg.coop is not None
+        p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
+        groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, self.now)
+                  for g in cfg.groups}
+        engine = KeyServerEngine(p1, groups, logger=Events())
+        coop = Coop(cfg.coop, cfg.address, cfg.software_version, engine.phase1, engine, self.now)
+        engine.coop = coop
+        engine.scheduled_rekeys = False
+        history: list[Role | None] = []
+        self.roles[address] = history
+        coop.on_role_change = lambda: history.append(coop.role)
+        self.nodes[address] = engine
+        return engine
+
+    def add_gm(self, address: str, servers: tuple[str, ...]) -> GroupMemberEngine:
+        text = GM_TOML.format(address=address, servers=", ".join(f'"{s}"' for s in servers))
+        cfg = parse_gm_config(text, self.base)
+        p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
+        gm = GroupMemberEngine(cfg.address, cfg.groups, p1, logger=Events())
+        self.nodes[address] = gm
+        return gm
+
+    def ks(self, address: str) -> KeyServerEngine:
+        node = self.nodes[address]
+        assert isinstance(node, KeyServerEngine)
+        return node
+
+    def coop(self, address: str) -> Coop:
+        c = self.ks(address).coop
+        assert c is not None
+        return c
+
+    # --- network ----------------------------------------------------------------------
+
+    def cut(self, side_a: tuple[str, ...], side_b: tuple[str, ...]) -> None:
+        self.blocked |= {frozenset((a, b)) for a in side_a for b in side_b}
+
+    def isolate(self, address: str) -> None:
+        self.cut((address,), tuple(a for a in self.nodes if a != address))
+
+    def heal(self) -> None:
+        self.blocked.clear()
+
+    def send(self, src: str, out: list[tuple[bytes, tuple[str, int]]]) -> None:
+        self.queue.extend((data, src, dst[0]) for data, dst in out)
+        self.deliver()
+
+    def deliver(self) -> None:
+        while self.queue:
+            data, src, dst = self.queue.popleft()
+            node = self.nodes.get(dst)
+            if node is None or frozenset((src, dst)) in self.blocked:
+                self.lost += 1
+                continue
+            self.tap.append((data, src, dst))
+            out = node.datagram_received(data, (src, 848), self.now)
+            self.queue.extend((d, dst, to[0]) for d, to in out)
+
+    def tick(self) -> None:
+        self.now += STEP
+        for address, node in list(self.nodes.items()):
+            self.queue.extend((d, address, to[0]) for d, to in node.on_timer(self.now))
+        self.deliver()
+
+    def run(self, seconds: float) -> None:
+        end = self.now + seconds - 1e-9
+        while self.now < end:
+            self.tick()
+
+    def run_until(self, done: object, limit: float) -> float:
+        """Tick until ``done()`` holds; return the simulated seconds it took."""
+        start = self.now
+        while not done():  # type: ignore[operator]
+            assert self.now - start < limit, f"not done within {limit} s"
+            self.tick()
+        return self.now - start
+
+    # --- views ------------------------------------------------------------------------
+
+    def primaries(self, among: tuple[str, ...] = KSS) -> list[str]:
+        return [a for a in among if a in self.nodes and self.coop(a).is_primary]
+
+    def group(self, address: str) -> Group:
+        return self.ks(address).groups[GROUP]
+
+    def ks_keys(self, address: str) -> tuple[bytes, frozenset[int]]:
+        g = self.group(address)
+        return g.kek.spi, frozenset(t.spi for t in g.teks)
+
+    def gm(self, address: str) -> GroupMemberEngine:
+        node = self.nodes[address]
+        assert isinstance(node, GroupMemberEngine)
+        return node
+
+    def register(self, gm_address: str, ks_address: str) -> GroupMemberEngine:
+        gm = self.add_gm(gm_address, (ks_address,))
+        self.send(gm_address, gm.start(self.now))
+        reg = gm.registrations[GROUP]
+        assert reg.state == RegState.REGISTERED, reg.last_failure
+        assert reg.registered_ks == IPv4Address(ks_address)
+        return gm
+
+    def anns(self, src: str | None = None, dst: str | None = None) -> list[bytes]:
+        return [d for d, s, t in self.tap
+                if IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN
+                and (src is None or s == src) and (dst is None or t == dst)]
+
+
+def events(node: Node) -> list[str]:
+    assert isinstance(node.log, Events)
+    return node.log.names
+
+
+def gm_keys(gm: GroupMemberEngine) -> tuple[bytes | None, frozenset[int]]:
+    g = gm.sadb.groups[GROUP]
+    return (g.kek.spi if g.kek else None), frozenset(g.teks)
+
+
+def member_table(g: Group) -> dict[IPv4Address, tuple[str, SoftwareVersion | None, float, tuple[int, ...]]]:
+    return {a: (m.identity, m.version, m.registered_at, m.sender_ids) for a, m in g.members.items()}
+
+
+def elected(files: Path) -> Sim:
+    """Three KSs started together, an election held, KS1 primary and everyone in sync."""
+    sim = Sim(files)
+    for a in KSS:
+        sim.add_ks(a)
+    sim.run_until(lambda: sim.primaries() == [KS1] and all(sim.coop(a).serving for a in KSS), ELECTED_WITHIN + PERIOD)
+    return sim
+
+
+def assert_converged(sim: Sim, kss: tuple[str, ...] = KSS) -> None:
+    keys = {a: sim.ks_keys(a) for a in kss}
+    assert len(set(keys.values())) == 1, keys
+    seqs = {a: sim.group(a).seq for a in kss}
+    assert len(set(seqs.values())) == 1, seqs
+    tables = [member_table(sim.group(a)) for a in kss]
+    assert all(t == tables[0] for t in tables), tables
+
+
+# --- election -------------------------------------------------------------------------
+
+
+def test_listen_then_highest_priority_wins(files: Path) -> None:
+    sim = Sim(files)
+    for a in KSS:
+        sim.add_ks(a)
+    # Listening: nobody claims primary, and GMs are not served yet.
+    sim.run(PERIOD)
+    assert all(sim.coop(a).role is None for a in KSS)
+    gm = sim.add_gm("10.0.0.1", (KS1,))
+    sim.send("10.0.0.1", gm.start(sim.now))
+    assert gm.registrations[GROUP].state != RegState.REGISTERED
+    assert sim.ks(KS1).counters["not_serving"] >= 1
+    took = sim.run_until(lambda: bool(sim.primaries()), ELECTED_WITHIN)
+    assert took >= PERIOD  # (we already spent one period listening)
+    sim.run(PERIOD)
+    assert sim.primaries() == [KS1]
+    assert sim.coop(KS2).role == Role.SECONDARY and sim.coop(KS3).role == Role.SECONDARY
+    assert sim.coop(KS2).primary == IPv4Address(KS1) and sim.coop(KS3).primary == IPv4Address(KS1)
+    assert sim.roles[KS2] == [Role.SECONDARY] and sim.roles[KS3] == [Role.SECONDARY]
+    assert sim.roles[KS1] == [Role.PRIMARY]
+    # The refused GM retries and is served; its row reaches the other KSs.
+    sim.run_until(lambda: gm.registrations[GROUP].state == RegState.REGISTERED, 10.0)
+    sim.run(STEP)
+    assert_converged(sim)
+    assert len(sim.group(KS3).members) == 1
+    # The primary keeps announcing every period.
+    before = len(sim.anns(src=KS1, dst=KS2))
+    sim.run(5 * PERIOD)
+    assert 5 <= len(sim.anns(src=KS1, dst=KS2)) - before <= 6
+    assert sim.coop(KS2).peers[IPv4Address(KS1)].role == Role.PRIMARY
+
+
+def test_equal_priority_goes_to_the_higher_address(files: Path) -> None:
+    sim = Sim(files)
+    for a in KSS:
+        sim.add_ks(a, priority=60)
+    sim.run_until(lambda: bool(sim.primaries()), ELECTED_WITHIN)
+    sim.run(PERIOD)
+    assert sim.primaries() == [KS3]  # 10.0.10.1 > 10.0.9.1 > 10.0.8.1
+    assert all(sim.coop(a).primary == IPv4Address(KS3) for a in KSS)
+    assert_converged(sim)
+
+
+def test_late_starter_joins_as_secondary(files: Path) -> None:
+    sim = Sim(files)
+    sim.add_ks(KS2)
+    sim.add_ks(KS3)
+    sim.run_until(lambda: sim.primaries() == [KS2] and sim.coop(KS3).serving, ELECTED_WITHIN + PERIOD)
+    before = sim.ks_keys(KS2)
+    sim.add_ks(KS1, priority=40)  # lower priority than the running primary
+    sim.run(4 * PERIOD)
+    assert sim.primaries() == [KS2]
+    assert sim.roles[KS1] == [Role.SECONDARY]  # never claimed primary
+    assert sim.ks_keys(KS1) == before
+    assert_converged(sim)
+
+
+# --- key and member sync --------------------------------------------------------------
+
+
+def test_gms_at_every_ks_get_the_same_keys_and_distinct_sids(files: Path) -> None:
+    sim = elected(files)
+    assert_converged(sim)
+    primary = sim.group(KS1)
+    for a in (KS2, KS3):  # the full key state, not just the SPIs
+        g = sim.group(a)
+        assert g.kek.key == primary.kek.key and g.kek.iv == primary.kek.iv
+        assert g.kek.expires_at == primary.kek.expires_at
+        assert [(t.spi, t.cipher_key, t.integrity_key, t.expires_at) for t in g.teks] == [
+            (t.spi, t.cipher_key, t.integrity_key, t.expires_at) for t in primary.teks]
+        assert g.seq == primary.seq and g.epoch == primary.epoch
+    gms = {}
+    for i, ks in enumerate((KS1, KS2, KS3, KS1, KS2, KS3), 1):
+        gms[f"10.0.0.{i}"] = sim.register(f"10.0.0.{i}", ks)
+    sim.run(PERIOD)
+    held = {gm_keys(gm) for gm in gms.values()}
+    assert held == {(primary.kek.spi, frozenset(t.spi for t in primary.teks))}
+    for gm in gms.values():  # same key material too, whichever KS served it
+        for t in primary.teks:
+            assert gm.sadb.groups[GROUP].teks[t.spi].cipher_key == t.cipher_key
+    # SIDs from the three KSs never collide.
+    sids = [s for gm in gms.values() for s in gm.sadb.groups[GROUP].sender_ids.values]  # type: ignore[union-attr]
+    assert len(sids) == len(set(sids)) == 6
+    # Member lists (with versions and SIDs) are the same everywhere.
+    assert_converged(sim)
+    table = member_table(primary)
+    assert set(table) == {IPv4Address(a) for a in gms}
+    assert all(v[1] == SoftwareVersion(1, 0, 2) for v in table.values())
+
+
+def test_sid_slices_are_disjoint(files: Path) -> None:
+    sim = Sim(files)
+    for a in KSS:
+        sim.add_ks(a)
+    given: dict[str, set[int]] = {}
+    for a in KSS:
+        alloc = sim.group(a).sids
+        got = set()
+        for i in range(20):
+            values = sim.ks(a).allocate_sender_ids(GROUP, 3, f"gm-{a}-{i}")
+            assert values is not None
+            got |= set(values.values)
+        given[a] = got
+        assert all(alloc.first <= s <= alloc.last for s in got)
+    assert not given[KS1] & given[KS2] and not given[KS1] & given[KS3] and not given[KS2] & given[KS3]
+
+
+def test_member_registered_at_a_secondary_is_rekeyed_by_the_primary(files: Path) -> None:
+    sim = elected(files)
+    gm1 = sim.register("10.0.0.1", KS1)
+    gm2 = sim.register("10.0.0.2", KS2)
+    gm3 = sim.register("10.0.0.3", KS3)
+    sim.run(STEP)  # the secondaries tell the primary at once
+    primary = sim.group(KS1)
+    assert set(primary.members) == {IPv4Address(a) for a in ("10.0.0.1", "10.0.0.2", "10.0.0.3")}
+    sim.send(KS1, sim.ks(KS1).rekey(primary, sim.now))
+    want = (primary.kek.spi, frozenset(t.spi for t in primary.teks))
+    for gm in (gm1, gm2, gm3):
+        reg = gm.registrations[GROUP]
+        assert reg.rekeys == 1 and reg.last_rekey_from == KS1 and reg.last_rekey_seq == primary.seq
+        assert gm_keys(gm)[1] >= want[1]  # new TEKs installed (old ones kept until they expire)
+        assert gm.counters["rekeys_rejected"] == 0
+    # The acks reach the primary for GMs it never registered itself.
+    assert all(m.pending is None and m.acks_received == 1 for m in primary.members.values())
+    sim.run(PERIOD)
+    assert_converged(sim)  # the secondaries follow the primary's new keys and SEQ
+
+
+# --- failover -------------------------------------------------------------------------
+
+
+def three_gms(sim: Sim) -> dict[str, GroupMemberEngine]:
+    gms = {f"10.0.0.{i}": sim.register(f"10.0.0.{i}", ks) for i, ks in enumerate(KSS, 1)}
+    sim.run(STEP)
+    return gms
+
+
+def test_primary_dies_a_secondary_takes_over_with_the_same_kek(files: Path) -> None:
+    sim = elected(files)
+    gms = three_gms(sim)
+    # One rekey from the first primary, so SEQ is past the registration value.
+    sim.send(KS1, sim.ks(KS1).rekey(sim.group(KS1), sim.now))
+    sim.run(PERIOD)
+    kek = sim.group(KS1).kek
+    seq = sim.group(KS1).seq
+    assert sim.group(KS2).seq == seq and sim.group(KS2).kek.spi == kek.spi
+    sim.isolate(KS1)
+    took = sim.run_until(lambda: sim.primaries((KS2, KS3)) == [KS2], FAILOVER_WITHIN)
+    assert took > 2 * PERIOD  # not before three periods of silence
+    sim.run(PERIOD)
+    assert sim.primaries((KS2, KS3)) == [KS2]
+    assert sim.coop(KS3).primary == IPv4Address(KS2) and sim.coop(KS3).role == Role.SECONDARY
+    assert sim.ks(KS2).scheduled_rekeys and not sim.ks(KS3).scheduled_rekeys
+    new = sim.group(KS2)
+    sim.send(KS2, sim.ks(KS2).rekey(new, sim.now))
+    assert new.seq > seq
+    for gm in gms.values():
+        reg = gm.registrations[GROUP]
+        assert reg.registrations == 1  # no re-registration needed
+        assert reg.last_rekey_from == KS2 and reg.last_rekey_seq == new.seq
+        assert gm.sadb.groups[GROUP].kek is not None and gm.sadb.groups[GROUP].kek.spi == kek.spi
+        assert gm.counters["rekeys_rejected"] == 0 and reg.rekeys_rejected == 0
+        assert "GM_REKEY_REJECTED" not in events(gm)
+        assert gm_keys(gm)[1] >= frozenset(t.spi for t in new.teks)
+    sim.run(PERIOD)
+    assert_converged(sim, (KS2, KS3))
+
+
+# --- partition ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outage", [6.0, 150.0])  # the longer one outlives idle phase-1 SA lingering
+def test_partition_heals_to_one_primary_and_the_winners_keys(files: Path, outage: float) -> None:
+    sim = elected(files)
+    gms = three_gms(sim)  # 10.0.0.1 at KS1, .2 at KS2, .3 at KS3
+    side_a = (KS1, "10.0.0.1")
+    side_b = (KS2, KS3, "10.0.0.2", "10.0.0.3")
+    sim.cut(side_a, side_b)
+    sim.run_until(lambda: sim.primaries() == [KS1, KS2], FAILOVER_WITHIN)
+    # Both sides rekey on their own: the keys diverge.
+    sim.send(KS1, sim.ks(KS1).rekey(sim.group(KS1), sim.now))
+    sim.send(KS2, sim.ks(KS2).rekey(sim.group(KS2), sim.now))
+    sim.run(outage)
+    assert sim.ks_keys(KS1) != sim.ks_keys(KS2)
+    assert sim.primaries() == [KS1, KS2]
+    # The loser's side registers a new member while apart.
+    gms["10.0.0.4"] = sim.register("10.0.0.4", KS3)
+    sim.cut(side_a, ("10.0.0.4",))
+    sim.run(PERIOD)
+    winner_keys = sim.ks_keys(KS1)
+    sim.heal()
+    took = sim.run_until(lambda: sim.primaries() == [KS1], PERIOD + STEP)
+    assert took <= PERIOD + STEP
+    sim.run(PERIOD)
+    assert sim.primaries() == [KS1]
+    assert all(sim.coop(a).primary == IPv4Address(KS1) for a in KSS)
+    assert sim.ks_keys(KS1) == winner_keys  # the winner's keys stand
+    assert_converged(sim)
+    assert set(sim.group(KS1).members) == {IPv4Address(a) for a in gms}
+    # Every GM holds the winner's KEK and TEKs (the loser's GMs by its handover rekey).
+    for address, gm in gms.items():
+        assert gm_keys(gm)[0] == winner_keys[0]
+        assert gm_keys(gm)[1] >= winner_keys[1], address
+    for address in ("10.0.0.2", "10.0.0.3", "10.0.0.4"):
+        reg = gms[address].registrations[GROUP]
+        assert reg.last_rekey_from == KS2 and reg.registrations == 1
+    # And the winner's next rekey is accepted by everyone.
+    sim.send(KS1, sim.ks(KS1).rekey(sim.group(KS1), sim.now))
+    for address, gm in gms.items():
+        reg = gm.registrations[GROUP]
+        assert reg.last_rekey_from == KS1 and reg.last_rekey_seq == sim.group(KS1).seq, address
+        assert reg.registrations == 1
+        assert gm_keys(gm)[1] >= sim.ks_keys(KS1)[1]
+    sim.run(PERIOD)
+    assert_converged(sim)
+
+
+# --- forged, replayed and unauthenticated announcements -------------------------------
+
+
+def test_forged_and_replayed_anns_are_dropped_and_counted(files: Path) -> None:
+    sim = elected(files)
+    ks1, coop1 = sim.ks(KS1), sim.coop(KS1)
+    peer2 = coop1.peers[IPv4Address(KS2)]
+    sim.run(PERIOD)
+    genuine = sim.anns(src=KS2, dst=KS1)[-1]
+    received = peer2.ann_received
+    assert ks1.counters["ann_rejected"] == 0
+
+    # Replay: a genuine ANN delivered again carries an old sequence number.
+    sim.send(KS2, [(genuine, (KS1, 848))])
+    assert ks1.counters["ann_rejected"] == 1 and peer2.ann_rejected == 1
+    assert peer2.ann_received == received
+    assert "COOP_ANN_REJECTED" in events(ks1)
+
+    # Tampered: flip a ciphertext byte.
+    tampered = bytearray(sim.anns(src=KS2, dst=KS1)[-1])
+    tampered[-20] ^= 0x40
+    sim.send(KS2, [(bytes(tampered), (KS1, 848))])
+    assert ks1.counters["ann_rejected"] == 2 and peer2.ann_rejected == 2
+
+    # Forged: a "primary, priority 255" ANN on the right cookies but the wrong keys.
+    sa = sim.coop(KS2)._usable_sa(sim.coop(KS2).peers[IPv4Address(KS1)], sim.now)
+    assert sa is not None
+    wrong = replace(sa, keys=replace(sa.keys, skeyid_a=secrets.token_bytes(32)), _ivs={})
+    wrong_cipher = replace(sa, cipher_key=secrets.token_bytes(len(sa.cipher_key)), _ivs={})
+    g = sim.group(KS2)
+    for i, forger in enumerate((wrong, wrong_cipher), 1):
+        ann = AnnPayload(SoftwareVersion(1, 0, 2), 255, Role.PRIMARY, 0, 2**63 + i, GROUP, 0,
+                         (sim.coop(KS2)._keys_block(g),))
+        sim.send(KS2, [(seal_ann(forger, ann), (KS1, 848))])
+    assert ks1.counters["ann_rejected"] == 4 and peer2.ann_rejected == 4
+    assert peer2.ann_received == received and peer2.priority == PRIORITY[KS2]
+    assert coop1.is_primary
+    # Not even a forged ANN's sequence number sticks: the next genuine ANN is accepted.
+    sim.run(PERIOD)
+    assert peer2.ann_received > received and peer2.ann_rejected == 4
+    assert sim.primaries() == [KS1]
+    assert_converged(sim)
+
+
+def test_peer_with_the_wrong_psk_never_joins(files: Path) -> None:
+    sim = Sim(files)
+    sim.add_ks(KS1)
+    sim.add_ks(KS2)
+    rogue = sim.add_ks(KS3, priority=255, psk="wrong.psk")
+    sim.run(6 * PERIOD)
+    for a in (KS1, KS2):
+        peer = sim.coop(a).peers[IPv4Address(KS3)]
+        assert peer.ann_received == 0 and peer.priority is None and not peer.reachable
+        assert peer.sa is None and peer.ike_status.startswith(("Failed", "Negotiating"))
+        assert not any(e.sa.peer_address == IPv4Address(KS3) for e in sim.ks(a).sas.values())
+        assert sim.ks(a).counters["phase1_failed"] >= 1
+    assert all(p.ann_received == 0 for p in rogue.coop.peers.values())  # type: ignore[union-attr]
+    # KS1 and KS2 elect between themselves, unswayed by the "priority 255" rogue.
+    assert sim.primaries((KS1, KS2)) == [KS1]
+    assert sim.coop(KS2).primary == IPv4Address(KS1)
+    assert_converged(sim, (KS1, KS2))
+    assert sim.ks_keys(KS3) != sim.ks_keys(KS1)
+
+
+# --- restarts -------------------------------------------------------------------------
+
+
+def restart(sim: Sim, address: str) -> KeyServerEngine:
+    """The KS process comes back with fresh state (a new engine on the same address)."""
+    sim.blocked = {pair for pair in sim.blocked if address not in pair}
+    return sim.add_ks(address)
+
+
+def test_restarted_secondary_rejoins_and_syncs(files: Path) -> None:
+    sim = elected(files)
+    gms = three_gms(sim)
+    sim.send(KS1, sim.ks(KS1).rekey(sim.group(KS1), sim.now))
+    sim.isolate(KS3)
+    sim.run(5 * PERIOD)
+    fresh = restart(sim, KS3)
+    assert sim.ks_keys(KS3) != sim.ks_keys(KS1)
+    sim.run_until(lambda: fresh.coop is not None and fresh.coop.serving, ELECTED_WITHIN)
+    sim.run(PERIOD)
+    assert sim.roles[KS3] == [Role.SECONDARY]  # never primary
+    assert sim.primaries() == [KS1]
+    assert_converged(sim)
+    assert set(sim.group(KS3).members) == {IPv4Address(a) for a in gms}
+    # A GM registering to the restarted KS gets the group's keys.
+    gm = sim.register("10.0.0.9", KS3)
+    assert gm_keys(gm) == sim.ks_keys(KS1)
+
+
+def test_restarted_higher_priority_ks_takes_over_only_after_sync(files: Path) -> None:
+    sim = elected(files)
+    gms = three_gms(sim)
+    sim.isolate(KS1)
+    sim.run_until(lambda: sim.primaries((KS2, KS3)) == [KS2], FAILOVER_WITHIN)
+    sim.send(KS2, sim.ks(KS2).rekey(sim.group(KS2), sim.now))  # new TEKs while KS1 is down
+    sim.run(PERIOD)
+    keys, seq = sim.ks_keys(KS2), sim.group(KS2).seq
+    rekeys = {a: gm.registrations[GROUP].rekeys for a, gm in gms.items()}
+    fresh = restart(sim, KS1)
+    sim.run_until(lambda: sim.primaries() == [KS1], ELECTED_WITHIN + PERIOD)
+    # It took over holding the keys it synced: nobody was rekeyed onto fresh keys.
+    assert sim.roles[KS1] == [Role.PRIMARY]
+    assert sim.ks_keys(KS1) == keys and fresh.groups[GROUP].seq >= seq
+    sim.run(2 * PERIOD)
+    assert sim.primaries() == [KS1]
+    assert all(sim.coop(a).primary == IPv4Address(KS1) for a in KSS)
+    assert sim.ks(KS1).scheduled_rekeys and not sim.ks(KS2).scheduled_rekeys
+    assert_converged(sim)
+    assert {a: gm.registrations[GROUP].rekeys for a, gm in gms.items()} == rekeys
+    assert all(gm_keys(gm)[0] == keys[0] for gm in gms.values())
+    assert set(sim.group(KS1).members) == {IPv4Address(a) for a in gms}
+    # And its rekeys reach every GM (members it learnt from the others), accepted.
+    sim.send(KS1, sim.ks(KS1).rekey(sim.group(KS1), sim.now))
+    for gm in gms.values():
+        reg = gm.registrations[GROUP]
+        assert reg.last_rekey_from == KS1 and reg.last_rekey_seq == sim.group(KS1).seq
+        assert reg.registrations == 1 and "GM_REKEY_REJECTED" not in events(gm)
+
+
+def test_primary_restarted_before_anyone_noticed_keeps_the_group_keys(files: Path) -> None:
+    sim = elected(files)
+    gms = three_gms(sim)
+    keys = sim.ks_keys(KS1)
+    sim.isolate(KS1)
+    sim.run(PERIOD)  # back before the secondaries miss three periods: no failover
+    assert sim.primaries((KS2, KS3)) == []
+    restart(sim, KS1)
+    sim.run_until(lambda: sim.primaries() == [KS1], ELECTED_WITHIN + PERIOD)
+    sim.run(PERIOD)
+    # The secondaries' copies of the group keys synced it before it claimed primary.
+    assert sim.primaries() == [KS1] and sim.ks_keys(KS1) == keys
+    assert_converged(sim)
+    sim.send(KS1, sim.ks(KS1).rekey(sim.group(KS1), sim.now))
+    for gm in gms.values():
+        reg = gm.registrations[GROUP]
+        assert reg.last_rekey_from == KS1 and reg.last_rekey_seq == sim.group(KS1).seq
+        assert "GM_REKEY_REJECTED" not in events(gm)
+
+
+# --- large member lists ---------------------------------------------------------------
+
+
+def test_large_member_list_is_split_below_32_kib(files: Path) -> None:
+    sim = elected(files)
+    ks2 = sim.ks(KS2)
+    g2 = sim.group(KS2)
+    count = 400
+    for i in range(count):
+        address = IPv4Address("10.0.100.0") + i
+        sids = ks2.allocate_sender_ids(GROUP, 2, str(address))
+        assert sids is not None
+        m = Member(address, str(address), SoftwareVersion(1, 0, 2), sim.now - i, g2.kek.spi,
+                   tuple(t.spi for t in g2.teks), sids.values, ack_key=secrets.token_bytes(32))
+        g2.members[address] = m
+        ks2.coop.member_changed(g2, m)  # type: ignore[union-attr]
+    start = len(sim.tap)
+    sim.tick()  # the secondary announces the new members at once (deltas)
+    sim.run(PERIOD)
+    sent = [d for d, s, _ in sim.tap[start:] if s == KS2 and IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN]
+    assert max(len(d) for d in sent) < MAX_ANN_DATAGRAM
+    chunks = len([d for d in sent if len(d) > 8 * 1024]) // 2  # per peer
+    assert chunks >= 3  # split: several big ANNs
+    for a in (KS1, KS3):
+        assert len(sim.group(a).members) == count
+    assert member_table(sim.group(KS1)) == member_table(g2)
+    # A restarted KS gets the whole list as a full snapshot, split the same way.
+    start = len(sim.tap)
+    fresh = restart(sim, KS3)
+    sim.run_until(lambda: fresh.coop is not None and fresh.coop.serving, ELECTED_WITHIN)
+    sim.run(PERIOD)
+    to_new = [d for d, _, t in sim.tap[start:] if t == KS3 and IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN]
+    assert max(len(d) for d in to_new) < MAX_ANN_DATAGRAM
+    # A few full copies from each peer, not one per chunk received.
+    assert len([d for d in to_new if len(d) > 8 * 1024]) <= 2 * 2 * chunks
+    assert len(fresh.groups[GROUP].members) == count
+    assert member_table(fresh.groups[GROUP]) == member_table(g2)
+    assert fresh.counters["ann_rejected"] == 0 and fresh.counters["dropped"] == 0
+    # Their SIDs are known to the new KS's allocator: it never hands them out again.
+    taken = {s for m in g2.members.values() for s in m.sender_ids}
+    for i in range(20):
+        values = fresh.allocate_sender_ids(GROUP, 1, f"new-{i}")
+        assert values is not None and not set(values.values) & taken
