@@ -2,7 +2,7 @@
 
     python benchmarks/tunnel.py [--seconds 10] [--crypto gcm] [--baseline null]
 
-Builds the test topology (tests/netns.py: hostA -- gm1 -- core -- gm2 -- hostB,
+Builds the test topology (gdoid/netlab.py: hostA -- gm1 -- core -- gm2 -- hostB,
 network namespaces), then for each dataplane (the baseline first, then the
 crypto one) starts ``python -m gdoid.dataplane`` in gm1 and gm2 over the same
 TUN / policy-routing setup and runs iperf3 TCP (``--seconds``) and UDP
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gdoid.dataplane.__main__ import BUILTIN  # noqa: E402
-from tests.netns import HOST_B, Topology, netns_unavailable_reason  # noqa: E402
+from gdoid.netlab import HOST_B, Topology, netns_unavailable_reason  # noqa: E402
 
 TUN = "gdoi0"
 

@@ -268,7 +268,7 @@ class DataplaneConfig:
 
     enabled: bool = False
     wan_interface: str | None = None  # ESP arriving here for addresses behind us is taken in
-    mtu: int = 1400  # largest outer (ESP) packet on the WAN; TUN MTU follows from it
+    mtu: int = 1500  # the WAN MTU: largest outer (ESP) packet; the TUN gets mtu - 100
     icmp_source: IPv4Address | None = None  # source of ICMP "fragmentation needed" we send
     mark: int = 0x6764
     table: int = 26468
@@ -878,7 +878,7 @@ def _parse_dataplane(root: _Table) -> DataplaneConfig:
     return DataplaneConfig(
         enabled=t.boolean("enabled", False),
         wan_interface=wan,
-        mtu=t.integer("mtu", 576, 9000, 1400),
+        mtu=t.integer("mtu", 676, 9000, 1500),
         icmp_source=t.address("icmp_source") if t.has("icmp_source") else None,
         mark=t.integer("mark", 1, 2**32 - 1, 0x6764),
         table=t.integer("table", 1, 2**31 - 1, 26468),

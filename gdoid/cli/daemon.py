@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--base-port", type=int, default=848, help="UDP port for every daemon (default 848)")
     lab.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for registrations")
     lab.add_argument("--export", type=Path, metavar="DIR", help="write configs and keys to DIR and exit")
+    lab.add_argument(
+        "--dataplane",
+        action="store_true",
+        help="(root) hostA-GM1-core-GM2-hostB in network namespaces: ping through real ESP",
+    )
     _common(lab)
     return parser
 
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.gms <= 250 or not 1 <= args.kss <= 250:
             print("gdoid lab: --gms and --kss must be 1..250", file=sys.stderr)
             return 2
+        if args.dataplane:
+            return lab.run_dataplane_lab(keylog=args.keylog, timeout=args.timeout)
         if args.export is not None:
             files = lab.export(args.export, args.gms, args.base_port, args.kss)
             print(f"gdoid lab: wrote {', '.join(str(p) for p in files.kss)}" + "".join(f", {p.name}" for p in files.gms))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,32 @@ from gdoid import log
 from gdoid.commands import match
 from gdoid.config import GmConfig
 from gdoid.control import ControlRequest, ControlResponse
+from gdoid.dataplane.engine import Dataplane
+from gdoid.dataplane.forwarder import Forwarder
 from gdoid.groupmember.engine import GroupMemberEngine, Registration, RegState
 from gdoid.keylog import KeyLog
 from gdoid.keyserver.show import kek_spi_text, tek_spi_text
 from gdoid.phase1 import phase1_config
+from gdoid.protocol.policy import SenderIds, Tek
 from gdoid.shell import UdpShell, wall_clock
+
+
+class _DataplaneSync:
+    """Feeds SADB changes to the data path and refreshes the TUN routes after."""
+
+    def __init__(self, daemon: GroupMemberDaemon) -> None:
+        self.daemon = daemon
+
+    def install(self, group: int, teks: Sequence[Tek], sender_ids: SenderIds | None,
+                pseudotime_ms: int | None, now: float) -> None:
+        assert self.daemon.dataplane is not None
+        self.daemon.dataplane.install(group, teks, sender_ids, pseudotime_ms, now)
+        self.daemon.routes_changed()
+
+    def remove_group(self, group: int) -> None:
+        assert self.daemon.dataplane is not None
+        self.daemon.dataplane.remove_group(group)
+        self.daemon.routes_changed()
 
 
 class GroupMemberDaemon:
@@ -24,6 +46,21 @@ class GroupMemberDaemon:
         keylog_dir = keylog_dir or config.keylog_dir
         self.keylog = KeyLog(keylog_dir) if keylog_dir is not None else None
         self.registered = asyncio.Event()  # set once every group registered
+        self.dataplane: Dataplane | None = None
+        self.forwarder: Forwarder | None = None
+        dp = config.dataplane
+        if dp.enabled:
+            self.dataplane = Dataplane(fail_close=config.fail_close, mtu=dp.mtu, icmp_source=dp.icmp_source)
+            self.forwarder = Forwarder(
+                self.dataplane,
+                tun_name=config.tun_name,
+                mtu=dp.mtu - 100,
+                wan_interface=dp.wan_interface,
+                mark=dp.mark,
+                table=dp.table,
+                local_table=dp.local_table,
+                clock=wall_clock,
+            )
         self.engine = GroupMemberEngine(
             config.address,
             config.groups,
@@ -34,6 +71,7 @@ class GroupMemberDaemon:
             logger=self.log,
             on_event=self._on_event,
             software_version=config.software_version,
+            dataplane=_DataplaneSync(self) if self.dataplane is not None else None,
         )
         self.shell = UdpShell("gm", (str(config.address), config.port), config.control_socket, tick, self.log)
 
@@ -42,6 +80,8 @@ class GroupMemberDaemon:
             self.registered.set()
 
     async def start(self) -> None:
+        if self.forwarder is not None:
+            await self.forwarder.start()
         await self.shell.open(self.engine, self.handle)
         self.log.info(
             "gm_started",
@@ -53,11 +93,21 @@ class GroupMemberDaemon:
 
     async def close(self) -> None:
         await self.shell.close()
+        if self.forwarder is not None:
+            await self.forwarder.close()
+
+    def routes_changed(self) -> None:
+        if self.forwarder is not None and self.forwarder.running:
+            self.forwarder.update_routes()
 
     # --- control socket -------------------------------------------------------
 
     async def handle(self, req: ControlRequest) -> ControlResponse:
         now = wall_clock()
+        if match(req.command, "show crypto ipsec sa") is not None:
+            return self._show_ipsec_sa(now)
+        if match(req.command, "show crypto gdoi [group <group>] gm replay") is not None:
+            return self._show_gm_replay(now)
         for pattern in ("show crypto gdoi [group <group>] gm", "show crypto gdoi [group <group>]"):
             params = match(req.command, pattern)
             if params is not None:
@@ -74,6 +124,51 @@ class GroupMemberDaemon:
             await self.shell.send_all(out)
             return ControlResponse(ok=True, output="% re-registering\n")
         return ControlResponse.failure(f"% Invalid input: {' '.join(req.command)}")
+
+    def _show_ipsec_sa(self, now: float) -> ControlResponse:
+        if self.dataplane is None:
+            return ControlResponse(ok=True, output="% data path not enabled ([dataplane] enabled = false)\n",
+                                   data={"sas": [], "enabled": False})
+        stats = self.dataplane.stats(now)
+        fwd = self.forwarder.stats.as_dict() if self.forwarder is not None else {}
+        lines = [f"interface: {self.config.tun_name}", f"    Crypto map tag: gdoi-{self.config.tun_name}, local addr {self.config.address}", ""]
+        for sa in stats["sas"]:
+            lines += [
+                f"   group {sa['group']} spi: 0x{sa['spi']:08X}({sa['spi']})" if isinstance(sa["spi"], int) else f"   group {sa['group']} spi: {sa['spi']}",
+                f"     transform: {sa['transform']} , in use settings ={{Tunnel, Address preservation}}",
+                f"     #pkts encaps: {sa['pkts_encaps']}, #pkts encrypt: {sa['pkts_encaps']}",
+                f"     #pkts decaps: {sa['pkts_decaps']}, #pkts decrypt: {sa['pkts_decaps']}, #pkts verify: {sa['pkts_decaps']}",
+                f"     #bytes encaps: {sa['bytes_encaps']}, #bytes decaps: {sa['bytes_decaps']}",
+                f"     #drops: {', '.join(f'{k} {v}' for k, v in sorted(sa['drops'].items())) or 'none'}",
+                f"     sa timing: remaining key lifetime (sec): ({sa['remaining']})",
+                f"     sender ID: {sa.get('sender_id')}, IV counter remaining: {sa.get('counter_remaining')}",
+                "",
+            ]
+        lines.append(f"   clear (unprotected) packets out: {stats.get('clear_out', 0)}")
+        lines.append(f"   drops: {', '.join(f'{k} {v}' for k, v in sorted(stats.get('drops', {}).items())) or 'none'}")
+        lines.append(f"   forwarder: {', '.join(f'{k} {v}' for k, v in fwd.items() if not isinstance(v, dict))}")
+        return ControlResponse(ok=True, output="\n".join(lines) + "\n", data={**stats, "forwarder": fwd, "enabled": True})
+
+    def _show_gm_replay(self, now: float) -> ControlResponse:
+        if self.dataplane is None:
+            return ControlResponse(ok=True, output="% data path not enabled\n", data={"groups": []})
+        info = self.dataplane.replay_stats(now)
+        lines = []
+        for g in info["groups"]:
+            reg = self.engine.registrations.get(g["group"])
+            name = reg.group.name if reg else str(g["group"])
+            lines += [
+                f"Anti-replay Information For Group {name}:",
+                "    Timebased Replay:",
+                "      Replay Window      : " + (f"{g['tbar_window_ms']} msec" if g.get("tbar_window_ms") else "disabled"),
+                "      Local Pseudotime   : " + (f"{g['pseudotime_ms'] / 1000:.3f} secs" if g.get("pseudotime_ms") is not None else "not synchronised"),
+                f"      Replay Drops       : {g['drops'].get('tbar', 0)}",
+                "    Counter-based Replay:",
+                "      Window Size        : " + (str(g["replay_window"]) if g.get("replay_window") else "disabled"),
+                f"      Replay Drops       : {g['drops'].get('replay', 0)}",
+                "",
+            ]
+        return ControlResponse(ok=True, output="\n".join(lines) + "\n", data=info)
 
     def _select(self, name: str | None) -> list[Registration] | ControlResponse:
         regs = list(self.engine.registrations.values())

@@ -86,6 +86,8 @@ class Registration:
     last_rekey_seq: int = 0
     ack_key: bytes = field(default=b"", repr=False)
     ack_hash: HashAlgorithm = HashAlgorithm.SHA2_256
+    last_push: bytes = field(default=b"", repr=False)  # to re-acknowledge a retransmission
+    last_ack: bytes = field(default=b"", repr=False)
     attempt_cookies: set[bytes] = field(default_factory=set)
 
     @property
@@ -293,13 +295,22 @@ class GroupMemberEngine:
         self._sync_dataplane(keys.group_number, now)
 
     def _sync_dataplane(self, group_number: int, now: float) -> None:
+        """Mirror the SADB into the data path.
+
+        A group without SAs is installed empty rather than removed: the data path
+        keeps its selectors, so fail-close keeps dropping the traffic and
+        fail-open lets it pass in the clear.
+        """
         if self.dataplane is None:
             return
         g = self.sadb.groups.get(group_number)
         if g is None:
-            self.dataplane.remove_group(group_number)
+            self.dataplane.install(group_number, [], None, None, now)
             return
-        self.dataplane.install(group_number, list(g.teks.values()), g.sender_ids, g.pseudotime_ms, now)
+        pseudotime = None
+        if g.pseudotime_ms is not None:  # the KS's pseudotime, advanced by our clock since
+            pseudotime = g.pseudotime_ms + int((now - g.pseudotime_at) * 1000)
+        self.dataplane.install(group_number, list(g.teks.values()), g.sender_ids, pseudotime, now)
 
     # --- GROUPKEY-PUSH ----------------------------------------------------------------
 
@@ -310,6 +321,10 @@ class GroupMemberEngine:
         reg = self.registrations.get(g.group_number)
         if reg is None:
             return self._drop(peer, "GROUPKEY-PUSH for a group we are not in")
+        if reg.last_push and data == reg.last_push:
+            # The KS retransmits because our acknowledgement was lost: acknowledge again.
+            self.counters["rekeys_reacked"] += 1
+            return [(reg.last_ack, peer)] if reg.last_ack else []
         try:
             push = open_push(data, g.kek, crypto.load_public_key_der(g.kek.public_key_der))
             if push.seq <= g.seq:
@@ -329,6 +344,8 @@ class GroupMemberEngine:
         removal = push.notify(NotifyType.GM_REMOVAL) if modern else None
         replace = push.notify(NotifyType.POLICY_REPLACE) if modern else None
         ack = [(build_ack(reg.ack_hash, reg.ack_key, cookies, push.seq, self.address.packed), peer)] if reg.ack_key else []
+        reg.last_push = data
+        reg.last_ack = ack[0][0] if ack else b""
         if removal is not None and removal.data[:1] in (bytes([RemovalMode.TRANSITIONAL]), bytes([RemovalMode.NOW])):
             return ack + self._removal(reg, removal.data[0], now)
         log.emit(self.log, log.GM_RECV_REKEY, group=reg.group.name, ks=peer[0], address=str(self.address), seq=push.seq)

@@ -1,0 +1,75 @@
+# gdoid: GDOI (RFC 6407) key server / group member, as a container image.
+#
+# The usual way (an index reachable during the build):
+#     docker build -t gdoid .
+# Offline, from a wheelhouse built on the host (see compose/build-base.sh):
+#     pip wheel . setuptools wheel -w compose/wheels
+#     docker build --network none --build-arg PIP_NO_INDEX=1 \
+#         --build-arg BASE=gdoid-base:bookworm --build-arg WHEELHOUSE=compose/wheels -t gdoid .
+#
+# BASE must provide python3.11 with the venv module.  The image ships no
+# configuration and no keys: mount them (see docs/deploy.md).  Run-time
+# capabilities: a KS needs none (Docker lets a container's processes bind
+# ports >= net.ipv4.ip_unprivileged_port_start, 0 by default since Docker 20.10);
+# a GM with the data path needs NET_ADMIN + NET_RAW and /dev/net/tun, which
+# Docker only grants to uid 0, so such a GM runs with --user 0 --cap-drop ALL
+# --cap-add NET_ADMIN --cap-add NET_RAW --cap-add NET_BIND_SERVICE.
+
+ARG BASE=python:3.11-slim
+
+# ---------------------------------------------------------------------------
+FROM ${BASE} AS builder
+# A folder of wheels inside the build context (dependencies, setuptools, wheel);
+# it may be empty when an index is reachable.
+ARG WHEELHOUSE=compose/wheels
+# 1 = never contact an index (pip reads PIP_NO_INDEX).
+ARG PIP_NO_INDEX=
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=${PIP_NO_INDEX} PYTHONDONTWRITEBYTECODE=1
+COPY ${WHEELHOUSE}/ /wheelhouse/
+COPY pyproject.toml README.md /src/
+COPY gdoid/ /src/gdoid/
+# Build the gdoid wheel from this source tree and collect every dependency as
+# a wheel in /wheels (from the wheelhouse first, then an index if allowed).
+RUN set -eu; \
+    python3 -m venv /build; \
+    /build/bin/pip wheel --find-links /wheelhouse --wheel-dir /wheels /src; \
+    if [ -s /wheelhouse/extra-requirements.txt ]; then \
+        /build/bin/pip wheel --find-links /wheelhouse --wheel-dir /wheels -r /wheelhouse/extra-requirements.txt; \
+        cp /wheelhouse/extra-requirements.txt /wheels/; \
+    fi; \
+    ls /wheels
+
+# ---------------------------------------------------------------------------
+FROM ${BASE}
+ARG GDOID_UID=848
+LABEL org.opencontainers.image.title="gdoid" \
+      org.opencontainers.image.description="GDOI (RFC 6407) key server and group member, modelled on Cisco GET VPN" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/gdoid/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=builder /wheels/ /tmp/wheels/
+# The data directories are owned by gdoid, group root, mode 0770: usable both by
+# the gdoid user and by a daemon run as uid 0 with every capability dropped
+# (no CAP_DAC_OVERRIDE), as the compose topologies do.
+RUN set -eu; \
+    python3 -m venv /opt/gdoid; \
+    extra=; [ -s /tmp/wheels/extra-requirements.txt ] && extra="-r /tmp/wheels/extra-requirements.txt"; \
+    /opt/gdoid/bin/pip install --no-index --find-links /tmp/wheels --no-compile gdoid $extra; \
+    /opt/gdoid/bin/python -m compileall -q /opt/gdoid/lib; \
+    rm -rf /tmp/wheels /root/.cache; \
+    gdoid --help >/dev/null; \
+    groupadd --system --gid ${GDOID_UID} gdoid; \
+    useradd --system --uid ${GDOID_UID} --gid gdoid --home-dir /var/lib/gdoid --no-create-home \
+        --shell /usr/sbin/nologin gdoid; \
+    mkdir -p /etc/gdoid /var/lib/gdoid /run/gdoid; \
+    chown gdoid:0 /etc/gdoid /var/lib/gdoid /run/gdoid; \
+    chmod 0770 /etc/gdoid /var/lib/gdoid /run/gdoid
+VOLUME ["/etc/gdoid", "/var/lib/gdoid", "/run/gdoid"]
+USER gdoid
+WORKDIR /var/lib/gdoid
+EXPOSE 848/udp
+# Role-agnostic: gdoictl talks to whichever of /run/gdoid/{ks,gm}.sock exists.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+    CMD ["gdoictl", "--timeout", "5", "show", "crypto", "gdoi"]
+ENTRYPOINT ["gdoid"]
+CMD ["--help"]

@@ -1,0 +1,141 @@
+#!/bin/sh
+# Build the gdoid container images without any registry:
+#
+#   1. gdoid-base:bookworm  - a Debian bookworm rootfs made with debootstrap and
+#                             `docker import`ed (python3, python3-venv, tshark,
+#                             iproute2, nftables, iptables, iputils-ping)
+#   2. compose/wheels/      - the project's wheel and its dependencies, built on
+#                             the host (`pip wheel`)
+#   3. gdoid:latest         - the repository's Dockerfile built FROM the base
+#                             image, installing offline from the wheelhouse
+#
+# Idempotent: the rootfs tarball is cached (default /var/cache/gdoid-base) and
+# the base image is only re-imported when its package list changes; step 3 uses
+# Docker's layer cache.  Needs root (debootstrap) and a Docker engine (started
+# here when `docker info` fails).
+#
+# Usage: compose/build-base.sh [--rebuild-base] [--no-image]
+# Environment (all optional):
+#   BASE_IMAGE   name of the base image      (gdoid-base:bookworm)
+#   GDOID_IMAGE  name of the gdoid image     (gdoid:latest)
+#   CACHE_DIR    rootfs tarball cache        (/var/cache/gdoid-base)
+#   MIRROR       Debian mirror               (http://deb.debian.org/debian)
+#   PYTHON       host Python used for `pip wheel` (python3; must be 3.11 like the image)
+#   WHEELHOUSE   wheel directory, inside the repository (compose/wheels)
+set -eu
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+BASE_IMAGE=${BASE_IMAGE:-gdoid-base:bookworm}
+GDOID_IMAGE=${GDOID_IMAGE:-gdoid:latest}
+CACHE_DIR=${CACHE_DIR:-/var/cache/gdoid-base}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+SUITE=bookworm
+PYTHON=${PYTHON:-python3}
+WHEELHOUSE=${WHEELHOUSE:-compose/wheels}
+PACKAGES="python3,python3-venv,iproute2,nftables,iptables,iputils-ping,tshark,ca-certificates,procps"
+# The daemon imports pyroute2 for the GM data path; add it if pyproject.toml does not list it.
+EXTRA_WHEELS="setuptools wheel"
+
+REBUILD_BASE=0
+BUILD_IMAGE=1
+for arg in "$@"; do
+    case "$arg" in
+        --rebuild-base) REBUILD_BASE=1 ;;
+        --no-image) BUILD_IMAGE=0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        *) echo "build-base.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'build-base.sh: error: %s\n' "$*" >&2; exit 1; }
+run() { printf '    $ %s\n' "$*" >&2; "$@"; }
+
+START=$(date +%s)
+
+# --- 0. prerequisites -----------------------------------------------------
+command -v docker >/dev/null 2>&1 || die "docker is not installed (apt-get install docker.io)"
+if ! docker info >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || die "the Docker engine is not running and we are not root to start it"
+    command -v dockerd >/dev/null 2>&1 || die "the Docker engine is not running and dockerd is not installed"
+    say "starting dockerd (log: /var/log/dockerd.log)"
+    dockerd >/var/log/dockerd.log 2>&1 &
+    i=0
+    until docker info >/dev/null 2>&1; do
+        i=$((i + 1))
+        [ $i -le 60 ] || die "dockerd did not come up within 60 s; see /var/log/dockerd.log"
+        sleep 1
+    done
+fi
+
+# --- 1. base image --------------------------------------------------------
+HASH=$(printf '%s %s %s v1' "$SUITE" "$MIRROR" "$PACKAGES" | sha256sum | cut -c1-12)
+have_base() {
+    [ "$(docker image inspect -f '{{index .Config.Labels "org.gdoid.base-hash"}}' "$BASE_IMAGE" 2>/dev/null || true)" = "$HASH" ]
+}
+if [ $REBUILD_BASE = 0 ] && have_base; then
+    say "base image $BASE_IMAGE is up to date (package-list hash $HASH)"
+else
+    TARBALL="$CACHE_DIR/$SUITE-minbase-$HASH.tar.gz"
+    if [ $REBUILD_BASE = 1 ] || [ ! -s "$TARBALL" ]; then
+        [ "$(id -u)" = 0 ] || die "debootstrap needs root"
+        command -v debootstrap >/dev/null 2>&1 || die "debootstrap is not installed (apt-get install debootstrap)"
+        mkdir -p "$CACHE_DIR"
+        ROOTFS=$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")
+        trap 'rm -rf "$ROOTFS"' EXIT INT TERM
+        say "debootstrap $SUITE into $ROOTFS (about 90 s)"
+        run debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOTFS" "$MIRROR" >"$CACHE_DIR/debootstrap.log" 2>&1 \
+            || die "debootstrap failed; see $CACHE_DIR/debootstrap.log"
+        # Slim it down: package caches and lists are not needed in an image.
+        rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/log/*.log \
+            "$ROOTFS"/usr/share/doc/* "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/locale/*
+        printf 'deb %s %s main\n' "$MIRROR" "$SUITE" >"$ROOTFS/etc/apt/sources.list"
+        say "caching the rootfs as $TARBALL"
+        tar -C "$ROOTFS" --numeric-owner --xattrs -czf "$TARBALL.tmp" . || die "could not write $TARBALL"
+        mv "$TARBALL.tmp" "$TARBALL"
+        rm -rf "$ROOTFS"
+        trap - EXIT INT TERM
+    else
+        say "using the cached rootfs $TARBALL"
+    fi
+    say "docker import -> $BASE_IMAGE"
+    run docker import \
+        --change "LABEL org.gdoid.base-hash=$HASH" \
+        --change "LABEL org.opencontainers.image.description=Debian $SUITE minbase for gdoid (debootstrap)" \
+        --change 'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'CMD ["/bin/bash"]' \
+        "$TARBALL" "$BASE_IMAGE" >/dev/null || die "docker import failed"
+fi
+docker run --rm --network none "$BASE_IMAGE" python3 -c 'import sys, venv; assert sys.version_info[:2] == (3, 11), sys.version' \
+    || die "$BASE_IMAGE has no working python3.11 with venv"
+
+# --- 2. wheelhouse on the host --------------------------------------------
+command -v "$PYTHON" >/dev/null 2>&1 || die "host python $PYTHON not found (set PYTHON=...)"
+HOSTPY=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$HOSTPY" = 3.11 ] || die "host $PYTHON is $HOSTPY; the image runs 3.11, so binary wheels must be built with 3.11 (set PYTHON=python3.11)"
+if grep -rqs '^from pyroute2\|^import pyroute2' "$REPO/gdoid" && ! grep -qs 'pyroute2' "$REPO/pyproject.toml"; then
+    say "warning: gdoid imports pyroute2 but pyproject.toml does not depend on it; adding it to the image"
+    EXTRA_WHEELS="$EXTRA_WHEELS pyroute2"
+fi
+mkdir -p "$REPO/$WHEELHOUSE"
+rm -f "$REPO/$WHEELHOUSE"/gdoid-*.whl
+say "building wheels on the host into $WHEELHOUSE"
+# shellcheck disable=SC2086
+(cd "$REPO" && run "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELHOUSE" . $EXTRA_WHEELS) \
+    || die "pip wheel failed (the host needs an index or --find-links with the dependencies)"
+ls "$REPO/$WHEELHOUSE"/gdoid-*.whl >/dev/null 2>&1 || die "no gdoid wheel in $WHEELHOUSE"
+# shellcheck disable=SC2086
+printf '%s\n' $EXTRA_WHEELS | grep -v -e '^setuptools$' -e '^wheel$' >"$REPO/$WHEELHOUSE/extra-requirements.txt" || true
+say "wheelhouse: $(ls "$REPO/$WHEELHOUSE"/*.whl | wc -l) wheels"
+
+# --- 3. the gdoid image ---------------------------------------------------
+if [ $BUILD_IMAGE = 1 ]; then
+    say "docker build -> $GDOID_IMAGE (FROM $BASE_IMAGE, offline from $WHEELHOUSE)"
+    (cd "$REPO" && run docker build --quiet --network none \
+        --build-arg BASE="$BASE_IMAGE" --build-arg WHEELHOUSE="$WHEELHOUSE" --build-arg PIP_NO_INDEX=1 \
+        -t "$GDOID_IMAGE" -f Dockerfile .) >/dev/null || die "docker build failed (rerun: cd $REPO && docker build --build-arg BASE=$BASE_IMAGE --build-arg WHEELHOUSE=$WHEELHOUSE --build-arg PIP_NO_INDEX=1 .)"
+    docker run --rm --network none --entrypoint gdoid "$GDOID_IMAGE" --help >/dev/null \
+        || die "$GDOID_IMAGE does not run gdoid"
+    say "image $GDOID_IMAGE: $(docker image inspect -f '{{.Id}}' "$GDOID_IMAGE" | cut -c1-19)"
+fi
+say "done in $(( $(date +%s) - START )) s"
