@@ -101,7 +101,7 @@ else
     say "docker import -> $BASE_IMAGE"
     run docker import \
         --change "LABEL org.gdoid.base-hash=$HASH" \
-        --change "LABEL org.opencontainers.image.description=Debian $SUITE minbase for gdoid (debootstrap)" \
+        --change "LABEL org.opencontainers.image.description=\"Debian $SUITE minbase for gdoid (debootstrap)\"" \
         --change 'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'CMD ["/bin/bash"]' \
         "$TARBALL" "$BASE_IMAGE" >/dev/null || die "docker import failed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ import asyncio_dgram
 
 from gdoid import log
 from gdoid.control import ControlRequest, ControlResponse, ControlServer
+
+RECEIVE_BUFFER = 4 * 1024 * 1024
 
 Address = tuple[str, int]
 Outgoing = list[tuple[bytes, Address]]
@@ -59,6 +62,14 @@ class UdpShell:
         self.engine = engine
         self.handler = handler
         self._stream = await asyncio_dgram.bind(self.bind)
+        # A burst of registrations must not overflow the kernel's default ~208 KiB
+        # buffer: every lost datagram costs a GM a retransmission timeout.
+        sock = self._stream.socket
+        try:  # FORCE passes net.core.rmem_max when we have CAP_NET_ADMIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         if self.control_socket is not None:
             self._control = ControlServer(self.control_socket, handler)
             await self._control.start()

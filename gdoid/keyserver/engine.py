@@ -39,7 +39,7 @@ from gdoid.protocol.version import supports_removal_and_replace
 Address = tuple[str, int]
 Outgoing = list[tuple[bytes, Address]]
 
-SA_LINGER = 120.0  # keep a phase-1 SA this long after its last use (retransmits, errors)
+SA_LINGER = 30.0  # keep a phase-1 SA this long after its last use (retransmits, errors)
 MAX_PULLS_PER_SA = 8
 MAX_SAS_PER_PEER = 4
 
