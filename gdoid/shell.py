@@ -21,6 +21,7 @@ from gdoid import log
 from gdoid.control import ControlRequest, ControlResponse, ControlServer
 
 RECEIVE_BUFFER = 4 * 1024 * 1024
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python does not export it
 
 Address = tuple[str, int]
 Outgoing = list[tuple[bytes, Address]]
@@ -66,7 +67,7 @@ class UdpShell:
         # buffer: every lost datagram costs a GM a retransmission timeout.
         sock = self._stream.socket
         try:  # FORCE passes net.core.rmem_max when we have CAP_NET_ADMIN
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, RECEIVE_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
         except OSError:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)

@@ -191,3 +191,23 @@ def test_tshark_decrypts_registration_with_key_log(lab: Path) -> None:
     )
     assert expert.stdout.strip() == ""
     assert "ikev1_decryption_table" in os.listdir(keylog)
+
+
+def test_json_logs_carry_mnemonics_and_no_keys(lab: Path) -> None:
+    import json
+
+    auth = auth_toml("psk.secret")
+    with Daemon("ks", ks_toml(lab, auth=auth), "--log-format", "json") as ks:
+        ks.wait_for("ks_started")
+        with Daemon("gm", gm_toml(lab, address="127.0.0.2", name="gm1", auth=auth), "--log-format", "json") as gm:
+            gm.wait_for("GM_REGS_COMPL")
+            ks.wait_for("KS_REGS_COMPL")
+    records = [json.loads(line) for line in ks.text().splitlines() + gm.text().splitlines()]
+    by_mnemonic = {r.get("mnemonic"): r for r in records}
+    reg = by_mnemonic["GDOI-5-GM_REGS_COMPL"]
+    assert reg["event"] == (
+        "%GDOI-5-GM_REGS_COMPL: Registration to KS 127.0.0.1 complete for group GET using address 127.0.0.2"
+    )
+    assert reg["ks"] == "127.0.0.1" and reg["group"] == "GET"
+    assert "GDOI-5-KS_REGS_COMPL" in by_mnemonic
+    assert "lab-secret-1" not in ks.text() + gm.text()

@@ -20,6 +20,8 @@ from gdoid.phase1 import phase1_config
 from gdoid.protocol.policy import SenderIds, Tek
 from gdoid.shell import UdpShell, wall_clock
 
+SID_COUNTER_LOW_WATER = 1 << 20  # IVs left on a sender ID before we ask for new ones
+
 
 class _DataplaneSync:
     """Feeds SADB changes to the data path and refreshes the TUN routes after."""
@@ -83,6 +85,7 @@ class GroupMemberDaemon:
         if self.forwarder is not None:
             await self.forwarder.start()
         await self.shell.open(self.engine, self.handle)
+        self._watch = asyncio.create_task(self._watch_sender_ids()) if self.dataplane is not None else None
         self.log.info(
             "gm_started",
             address=str(self.config.address),
@@ -91,7 +94,24 @@ class GroupMemberDaemon:
         )
         await self.shell.send_all(self.engine.start(wall_clock()))
 
+    async def _watch_sender_ids(self) -> None:
+        """Re-register for fresh sender IDs before a GCM IV counter runs out (RFC 6054)."""
+        assert self.dataplane is not None
+        while True:
+            await asyncio.sleep(1.0)
+            now = wall_clock()
+            low = {sa["group"] for sa in self.dataplane.stats(now)["sas"]
+                   if sa.get("active") and sa.get("counter_remaining") is not None
+                   and sa["counter_remaining"] < SID_COUNTER_LOW_WATER}
+            for number in low:
+                reg = self.engine.registrations.get(number)
+                if reg is not None and reg.state == RegState.REGISTERED:
+                    self.log.warning("sender_id_counter_low", group=reg.group.name)
+                    await self.shell.send_all(self.engine.reregister(number, now))
+
     async def close(self) -> None:
+        if getattr(self, "_watch", None) is not None:
+            self._watch.cancel()
         await self.shell.close()
         if self.forwarder is not None:
             await self.forwarder.close()
