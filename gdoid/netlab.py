@@ -18,6 +18,10 @@ Everything is removed on exit, also when the build fails half-way.
 Use it as ``with Topology() as topo: topo.run("gm1", "ip", "route")``; the
 logical names (``hostA``, ``gm1``, ``core``, ``gm2``, ``hostB``, ``ks``) are
 translated to the real namespace names by :meth:`Topology.run` / :meth:`popen`.
+
+:class:`CoopTopology` is the same idea for cooperative KSs: K KSs and N GMs
+(each with a LAN host) on one core bridge, with :meth:`CoopTopology.partition`
+/ :meth:`CoopTopology.heal` to split and rejoin the core.
 """
 
 from __future__ import annotations
@@ -256,3 +260,111 @@ def remove_stale_namespaces() -> list[str]:
         if subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20).returncode == 0:
             removed.append(name)
     return removed
+
+
+class CoopTopology(Topology):
+    """Cooperative KSs and GMs on one core bridge, a LAN host behind every GM.
+
+    ::
+
+        ks<k>   (eth0 192.0.2.1<k>/24)  ---+
+                                          |  core: bridge br0, one port per
+        gm<i>   (wan  192.0.2.2<i>/24)  ---+  KS / GM, named like its namespace
+          (lan 10.<i>.0.1/24) --- host<i> (eth0 10.<i>.0.2/24, default via 10.<i>.0.1)
+
+    Every GM routes each other GM's LAN ``10.<j>.0.0/16 via 192.0.2.2<j> dev
+    wan`` (the routes the address-preserving ESP uses).  :meth:`partition`
+    drops frames between two sets of core ports with an nftables bridge
+    table in the core namespace; :meth:`heal` removes it.  Names, cleanup and
+    :meth:`run` / :meth:`popen` / :meth:`ping` work as in :class:`Topology`.
+    """
+
+    NFT_TABLE = "gdoid_partition"
+
+    def __init__(self, kss: int = 3, gms: int = 4, tag: str | None = None) -> None:
+        if not 1 <= kss <= 9:
+            raise ValueError("CoopTopology supports 1 to 9 KSs")
+        if not 1 <= gms <= 99:
+            raise ValueError("CoopTopology supports 1 to 99 GMs")
+        super().__init__(tag)
+        self.kss = tuple(f"ks{k}" for k in range(1, kss + 1))
+        self.gms = tuple(f"gm{i}" for i in range(1, gms + 1))
+        self.hosts = tuple(f"host{i}" for i in range(1, gms + 1))
+        self.ns = {name: f"{self.tag}-{name}" for name in ("core", *self.kss, *self.gms, *self.hosts)}
+
+    # --- addressing -----------------------------------------------------
+
+    @staticmethod
+    def ks_address(k: int) -> str:
+        """KS ``k`` (1-based) on the core."""
+        return f"192.0.2.{10 + k}"
+
+    @staticmethod
+    def gm_address(i: int) -> str:
+        """GM ``i``'s WAN address on the core."""
+        return f"192.0.2.{20 + i}"
+
+    @staticmethod
+    def gm_lan(i: int) -> str:
+        return f"10.{i}.0.1"
+
+    @staticmethod
+    def host_address(i: int) -> str:
+        """The LAN host behind GM ``i``."""
+        return f"10.{i}.0.2"
+
+    # --- build ----------------------------------------------------------
+
+    def build(self) -> None:
+        for name in self.ns:
+            self._ip(["netns", "add", self.ns[name]])
+            self._created.append(self.ns[name])
+        for name in self.ns:
+            self.ip(name, "link", "set", "lo", "up")
+            self.run(name, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", check=False)
+            self.run(name, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1", check=False)
+
+        self.ip("core", "link", "add", CORE_BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        self.ip("core", "link", "set", CORE_BRIDGE, "up")
+        ports = [(ks, "eth0", self.ks_address(k)) for k, ks in enumerate(self.kss, 1)]
+        ports += [(gm, "wan", self.gm_address(i)) for i, gm in enumerate(self.gms, 1)]
+        for ns, ifname, addr in ports:
+            self._veth(ns, ifname, "core", ns)
+            self.ip("core", "link", "set", ns, "master", CORE_BRIDGE)
+            self.ip("core", "link", "set", ns, "up")
+            self.ip(ns, "addr", "add", f"{addr}/24", "dev", ifname)
+            self.ip(ns, "link", "set", ifname, "up")
+
+        for i, (gm, host) in enumerate(zip(self.gms, self.hosts, strict=True), 1):
+            self._veth(gm, "lan", host, "eth0")
+            self.ip(gm, "addr", "add", f"{self.gm_lan(i)}/24", "dev", "lan")
+            self.ip(gm, "link", "set", "lan", "up")
+            self.ip(host, "addr", "add", f"{self.host_address(i)}/24", "dev", "eth0")
+            self.ip(host, "link", "set", "eth0", "up")
+            self.ip(host, "route", "add", "default", "via", self.gm_lan(i))
+            for j in range(1, len(self.gms) + 1):
+                if j != i:
+                    self.ip(gm, "route", "add", f"10.{j}.0.0/16", "via", self.gm_address(j), "dev", "wan")
+            self.sysctl(gm, "net.ipv4.ip_forward", "1")
+
+    # --- partitions -----------------------------------------------------
+
+    def partition(self, side_a: Sequence[str], side_b: Sequence[str]) -> None:
+        """Drop every frame the core bridge would forward between ``side_a`` and ``side_b``
+        (KS / GM names); replaces an earlier partition."""
+        self.heal()
+        a, b = ", ".join(side_a), ", ".join(side_b)  # core port = logical namespace name
+        script = (
+            f"table bridge {self.NFT_TABLE} {{\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority 0; policy accept;\n"
+            f"    iifname {{ {a} }} oifname {{ {b} }} counter drop\n"
+            f"    iifname {{ {b} }} oifname {{ {a} }} counter drop\n"
+            "  }\n"
+            "}\n"
+        )
+        self.run("core", "nft", "-f", "-", input=script, stdin=None)
+
+    def heal(self) -> None:
+        """Remove the partition (if any)."""
+        self.run("core", "nft", "delete", "table", "bridge", self.NFT_TABLE, check=False)

@@ -101,7 +101,7 @@ class _Entry:
     """One installed TEK: its EspSa and what the engine needs per packet."""
 
     __slots__ = ("group", "tek", "sa", "sel", "activate_at", "expires_at", "created_at", "receive_only",
-                 "tbar_window", "replay_size", "windows", "clock", "grp", "room")  # fmt: skip
+                 "tbar_window", "replay_size", "windows", "clock", "grp", "room", "ready")  # fmt: skip
 
     def __init__(self, grp: _Group, tek: Tek, sa: EspSa, activate_at: float) -> None:
         self.group = grp.number
@@ -112,6 +112,7 @@ class _Entry:
         self.windows: dict[int, SequenceWindow] = {}
         self.replay_size = 0
         self.room = 0  # largest inner packet that fits the MTU (set by the Dataplane)
+        self.ready = True  # can send: False for AES-GCM without sender IDs (set by the Dataplane)
         self.update(tek)
 
     def update(self, tek: Tek) -> None:
@@ -272,8 +273,9 @@ class Dataplane:
         SPIs still present keep their EspSa (sequence numbers, IV counters,
         replay windows) and their activation time; new SPIs get a new EspSa,
         active from ``created_at + activation_delay``; SPIs not in ``teks``
-        are removed.  Outbound uses the newest matching TEK that is active and
-        not expired (else the oldest pending one); inbound accepts every
+        are removed.  Outbound uses the newest matching TEK that is active,
+        not expired and, for AES-GCM, holds sender IDs (else the oldest
+        pending one); inbound accepts every
         installed SPI until it expires.
 
         ``sender_ids`` None keeps the group's previous SIDs (rekeys carry
@@ -320,6 +322,7 @@ class Dataplane:
         self._ghosts = [s for g in self._groups.values() if not g.entries for s in g.last_selectors]
         for e in entries:
             e.room = e.sa.max_inner(self._mtu, e.sa.tbar)
+            e.ready = not e.sa.is_gcm or e.sa.sender_ids is not None
         self._need_ports = any(s[5] or s[6] for s in [e.sel for e in entries] + self._ghosts)
 
     def protected_prefixes(self) -> list[IPv4Network]:
@@ -383,7 +386,9 @@ class Dataplane:
                 matched = True
                 if e.expires_at <= now:
                     continue
-                if e.activate_at > now:
+                if e.activate_at > now or not e.ready:
+                    # Not usable yet (a GCM TEK from a rekey before we hold sender IDs: the
+                    # GM re-registers for them); an older active TEK carries the traffic.
                     pending = e  # the list is newest first: ends at the oldest pending TEK
                     continue
                 use = e

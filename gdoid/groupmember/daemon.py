@@ -139,7 +139,7 @@ class GroupMemberDaemon:
                 return regs
             out = []
             for r in regs:
-                self.engine.sadb.clear(r.group.number)
+                self.engine.clear_keys(r.group.number, now)
                 out += self.engine.reregister(r.group.number, now)
             await self.shell.send_all(out)
             return ControlResponse(ok=True, output="% re-registering\n")

@@ -138,6 +138,11 @@ class GroupMemberEngine:
             out += self._begin(reg, now)
         return out
 
+    def clear_keys(self, group_number: int, now: float) -> None:
+        """Delete the group's KEK and TEKs, in the SADB and the data path (``clear crypto gdoi``)."""
+        self.sadb.clear(group_number)
+        self._sync_dataplane(group_number, now)
+
     def reregister(self, group_number: int, now: float) -> Outgoing:
         reg = self.registrations[group_number]
         self._abandon(reg)

@@ -1,0 +1,590 @@
+"""Rekeys, GM removal and policy replace as seen by the ESP data path (issue #4).
+
+Real ``gdoid ks`` / ``gdoid gm`` processes in the namespace topology of
+:mod:`gdoid.netlab` (hostA -- gm1 -- core(+ks) -- gm2 -- hostB), with the
+GMs' userspace ESP data path on.  A continuous ICMP echo stream runs from
+hostA to hostB while the KS rekeys, removes members or replaces policy; the
+GMs' ``show crypto ipsec sa`` counters say which SA carried the traffic and
+why packets were dropped.
+
+Waits are event-driven: daemon log lines (:meth:`Daemon.wait_for`) and echo
+replies of the stream (:meth:`PingStream.wait_replies`); counters are read
+when those events have happened.
+
+Losses.  A GM switches its outbound traffic to a new TEK as soon as it
+installs it, and the KS pushes a rekey to the GMs one after the other, so an
+echo sent by the GM that installed first can reach the other GM a moment
+before that one installed the new TEK: it is dropped there as ``no-sa``.  The
+tests therefore allow a lost echo only where the peer GM counted exactly that
+many ``no-sa`` drops, at most a couple per rekey; every other drop reason
+(``icv``, ``replay``, ``expired``, ...) must stay at zero.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gdoid.groupmember.sadb import shortened_lifetime
+from gdoid.netlab import GM1_WAN, GM2_WAN, HOST_B, KS, Topology
+from tests.netns import netns_required, topology  # noqa: F401 (fixtures)
+from tests.procs import (
+    Daemon,
+    auth_toml,
+    gdoictl,
+    gdoictl_json,
+    gdoid_cmd,
+    ks_toml,
+    write_private,
+    write_signing_key,
+)
+
+GM_ADDRESS = {"gm1": GM1_WAN, "gm2": GM2_WAN}
+KS_RE = re.escape(KS)
+POLICY_CHANGE = (
+    "%GDOI-5-POLICY_CHANGE: GDOI group GET policy has changed. Use 'crypto gdoi ks rekey' to send a rekey, "
+    "or the changes will be send in the next scheduled rekey"
+)
+GM_RECV_DELETE = "%GDOI-4-GM_RECV_DELETE: GM received delete-msg from KS in group GET."
+REMOVAL_NOW = (
+    r"%GDOI-4-GM_RECV_DELETE_IMMEDIATE: GM receive REMOVAL-NOW in group GET to cleanup downloaded "
+    r"policy now\. Re-registration will start in a randomly chosen period of (\d+) sec$"
+)
+# Drop reasons a rekey must never cause (no-sa is checked against the lost echoes instead).
+BAD_DROPS = ("icv", "replay", "tbar", "malformed", "expired", "too-big", "counter-exhausted", "fail-close")
+
+
+def registered(gm: str) -> str:
+    return (
+        rf"%GDOI-5-GM_REGS_COMPL: Registration to KS {KS_RE} complete for group GET "
+        rf"using address {re.escape(GM_ADDRESS[gm])}$"
+    )
+
+
+def recv_rekey(gm: str, seq: int) -> str:
+    return (
+        rf"%GDOI-5-GM_RECV_REKEY: Received Rekey for group GET from {KS_RE} "
+        rf"to {re.escape(GM_ADDRESS[gm])} with seq # {seq}$"
+    )
+
+
+def send_rekey(seq: int, replace: bool = False) -> str:
+    extra = "with policy-replace " if replace else ""
+    return f"%GDOI-5-KS_SEND_UNICAST_REKEY: Sending Unicast Rekey {extra}for group GET from address {KS} with seq # {seq}"
+
+
+# --- processes in namespaces ------------------------------------------------------------
+
+
+class NsDaemon(Daemon):
+    """:class:`tests.procs.Daemon` started inside a namespace of the topology."""
+
+    def __init__(self, topo: Topology, ns: str, role: str, config: Path) -> None:
+        self.role = role
+        self.config = config
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = topo.popen(
+            ns, *gdoid_cmd(), role, "--config", str(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+
+# ICMP echo every INTERVAL s until SIGTERM, then wait TIMEOUT s for the last replies.
+# One line per event: "S seq" sent, "R seq" answered, "L seq" no answer within TIMEOUT.
+STREAM_SCRIPT = r"""
+import os, select, signal, socket, struct, sys, time
+dst, interval, timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+def csum(b):
+    s = sum(struct.unpack(f"!{len(b)//2}H", b)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16
+    return ~s & 0xFFFF
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ident, seq, pending = os.getpid() & 0xFFFF, 0, {}
+next_send = time.monotonic()
+print("READY", flush=True)
+while not stop or pending:
+    now = time.monotonic()
+    if not stop and now >= next_send:
+        body = struct.pack("!Q", seq) + bytes(48)
+        hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq & 0xFFFF)
+        s.sendto(struct.pack("!BBHHH", 8, 0, csum(hdr + body), ident, seq & 0xFFFF) + body, (dst, 0))
+        pending[seq & 0xFFFF] = (seq, now)
+        print("S", seq, flush=True)
+        seq += 1
+        next_send += interval
+    for k, (q, t) in list(pending.items()):
+        if now - t > timeout:
+            del pending[k]
+            print("L", q, flush=True)
+    wait = max(0.0, next_send - time.monotonic()) if not stop else 0.05
+    try:
+        ready = select.select([s], [], [], wait)[0]
+    except InterruptedError:
+        continue
+    while ready:
+        try:
+            pkt = s.recv(65535, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+        icmp = pkt[(pkt[0] & 15) * 4:]
+        if icmp[0] == 0:
+            rid, rseq = struct.unpack("!HH", icmp[4:8])
+            if rid == ident and rseq in pending:
+                print("R", pending.pop(rseq)[0], flush=True)
+print("END", seq, flush=True)
+"""
+
+
+class PingStream:
+    """A continuous ICMP echo stream from a namespace, its replies and losses as events."""
+
+    def __init__(self, topo: Topology, ns: str, dst: str, interval: float = 0.05, timeout: float = 1.0) -> None:
+        self.sent: list[int] = []
+        self.replies: list[int] = []
+        self.lost: list[int] = []
+        self.ended = False
+        self._cond = threading.Condition()
+        self.proc = topo.popen(
+            ns, sys.executable, "-c", STREAM_SCRIPT, dst, str(interval), str(timeout),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            kind, _, arg = line.strip().partition(" ")
+            with self._cond:
+                if kind == "S":
+                    self.sent.append(int(arg))
+                elif kind == "R":
+                    self.replies.append(int(arg))
+                elif kind == "L":
+                    self.lost.append(int(arg))
+                elif kind == "END":
+                    self.ended = True
+                self._cond.notify_all()
+        with self._cond:
+            self.ended = True
+            self._cond.notify_all()
+
+    def wait_replies(self, n: int, timeout: float = 15.0) -> int:
+        """Wait for ``n`` more echo replies; returns the number of replies so far."""
+        with self._cond:
+            goal = len(self.replies) + n
+            if not self._cond.wait_for(lambda: len(self.replies) >= goal or self.ended, timeout) or self.ended:
+                raise AssertionError(
+                    f"only {len(self.replies)} of {goal} echo replies (sent {len(self.sent)}, lost {self.lost[-10:]})"
+                )
+            return len(self.replies)
+
+    def wait_sent(self, n: int, timeout: float = 15.0) -> None:
+        with self._cond:
+            goal = len(self.sent) + n
+            assert self._cond.wait_for(lambda: len(self.sent) >= goal or self.ended, timeout) and not self.ended
+
+    def stop(self) -> None:
+        """Stop sending; returns once every echo is answered or counted lost."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        with self._cond:
+            self._cond.wait_for(lambda: self.ended, 20)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        assert self.proc.returncode == 0, self.proc.stderr.read() if self.proc.stderr else ""
+        assert len(self.replies) + len(self.lost) == len(self.sent)
+
+    def __enter__(self) -> PingStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- the group -----------------------------------------------------------------------------
+
+
+GM_TEMPLATE = """\
+[gm]
+address = "{address}"
+control_socket = "{dir}/{name}.sock"
+tun_name = "gdoi0"
+registration_timeout = 3.0
+fail_close = {fail_close}
+
+[dataplane]
+enabled = true
+wan_interface = "wan"
+
+[[auth.psk]]
+peer = "{ks}/32"
+key_file = "{psk}"
+
+[[group]]
+name = "GET"
+number = 1234
+servers = ["{ks}"]
+"""
+
+
+@pytest.fixture
+def lab(tmp_path: Path, topology: Topology) -> Iterator[tuple[Topology, Path]]:  # noqa: F811
+    write_private(tmp_path / "psk.secret", "dataplane-lab-secret\n")
+    write_signing_key(tmp_path / "rekey.key")
+    yield topology, tmp_path
+
+
+def ks_config(d: Path, auth: str | None = None, **kw: Any) -> Path:
+    return ks_toml(d, address=KS, auth=auth or auth_toml("psk.secret", peer="192.0.2.0/24"), **kw)
+
+
+@contextmanager
+def running(
+    topo: Topology, d: Path, ks_cfg: Path, *, psk: dict[str, str] | None = None, fail_close: dict[str, bool] | None = None
+) -> Iterator[tuple[Daemon, dict[str, Daemon]]]:
+    """KS in ``ks``, gm1 and gm2 in their namespaces, both registered."""
+    with ExitStack() as stack:
+        ks = stack.enter_context(NsDaemon(topo, "ks", "ks", ks_cfg))
+        ks.wait_for("ks_started")
+        gms: dict[str, Daemon] = {}
+        for name in ("gm1", "gm2"):
+            cfg = d / f"{name}.toml"
+            cfg.write_text(GM_TEMPLATE.format(
+                address=GM_ADDRESS[name], name=name, dir=d, ks=KS, psk=(psk or {}).get(name, "psk.secret"),
+                fail_close=str((fail_close or {}).get(name, False)).lower(),
+            ))  # fmt: skip
+            gms[name] = stack.enter_context(NsDaemon(topo, name, "gm", cfg))
+        for name, gm in gms.items():
+            gm.wait_for(registered(name))
+            gm.wait_for("dataplane_forwarder_started")
+            ks.wait_for(rf"%GDOI-5-KS_REGS_COMPL: .* with GM {re.escape(GM_ADDRESS[name])}$")
+        yield ks, gms
+
+
+def show(d: Path, name: str) -> dict[str, Any]:
+    data = gdoictl_json(d / f"{name}.sock", "show", "crypto", "gdoi")
+    assert len(data["groups"]) == 1
+    return data["groups"][0]
+
+
+def ipsec(d: Path, name: str) -> dict[str, Any]:
+    """``show crypto ipsec sa`` of a GM, with ``by_spi`` added (SPIs as 8 hex digits)."""
+    data = gdoictl_json(d / f"{name}.sock", "show", "crypto", "ipsec", "sa")
+    data["by_spi"] = {f"{sa['spi']:08x}": sa for sa in data["sas"]}
+    return data
+
+
+def delta(after: dict[str, Any], before: dict[str, Any], spi: str, field: str) -> int:
+    old = before["by_spi"].get(spi)
+    return after["by_spi"][spi][field] - (old[field] if old else 0)
+
+
+def bad_drops(data: dict[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in data["drops"].items() if k in BAD_DROPS and v}
+
+
+def assert_outbound_on(d: Path, stream: PingStream, spi: str, others: list[str], n: int = 10) -> None:
+    """The next ``n`` echoes cross on ``spi`` (gm1 -> gm2, replies gm2 -> gm1), none on ``others``."""
+    before = {gm: ipsec(d, gm) for gm in ("gm1", "gm2")}
+    stream.wait_replies(n)
+    after = {gm: ipsec(d, gm) for gm in ("gm1", "gm2")}
+    for gm, field in (("gm1", "pkts_encaps"), ("gm2", "pkts_decaps"), ("gm2", "pkts_encaps"), ("gm1", "pkts_decaps")):
+        assert delta(after[gm], before[gm], spi, field) >= n, (gm, field, spi, after[gm]["by_spi"])
+        for other in others:
+            if other in after[gm]["by_spi"]:
+                assert delta(after[gm], before[gm], other, field) == 0, (gm, field, other, after[gm]["by_spi"])
+
+
+def assert_losses_explained(stream: PingStream, d: Path, max_no_sa: int) -> int:
+    """Every lost echo (request or reply) was one ``no-sa`` drop at a GM; nothing else dropped."""
+    counters = {gm: ipsec(d, gm) for gm in ("gm1", "gm2")}
+    for gm, data in counters.items():
+        assert not bad_drops(data), (gm, data["drops"])
+        assert data["clear_out"] == 0, (gm, data["clear_out"])
+        assert data["forwarder"]["send_errors"] == 0 and data["forwarder"]["dataplane_errors"] == 0
+    no_sa = sum(c["drops"].get("no-sa", 0) for c in counters.values())
+    assert len(stream.lost) == no_sa <= max_no_sa, (stream.lost, {g: c["drops"] for g, c in counters.items()})
+    return no_sa
+
+
+# --- 1. scheduled rekeys and KEK rollover under traffic ---------------------------------------
+
+
+def test_scheduled_rekeys_and_kek_rollover_keep_traffic_flowing(lab: tuple[Topology, Path]) -> None:
+    """TEK 30 s, KEK 35 s, lead 25 s: rekeys every 5 s, the second one rolls the KEK over."""
+    topo, d = lab
+    cfg = ks_config(d, lifetime=30, kek_lifetime=35, rekey={"lead_time": 25})
+    with running(topo, d, cfg) as (ks, gms), PingStream(topo, "hostA", HOST_B) as stream:
+        stream.wait_replies(5)
+        first = show(d, "gm1")
+        assert first["seq"] == 1 and show(d, "gm2")["tek_spis"] == first["tek_spis"]
+        tek1, kek1 = first["tek_spis"][0], first["kek_spi"]
+        assert_outbound_on(d, stream, tek1, [])
+
+        # seq 2: a new TEK under the same KEK; outbound moves to it, the old one stays for inbound.
+        for name, gm in gms.items():
+            gm.wait_for(recv_rekey(name, 2), timeout=20)
+        ks.wait_for(re.escape(send_rekey(2)) + "$")
+        g1 = show(d, "gm1")
+        assert g1["kek_spi"] == kek1 and g1["tek_spis"][0] == tek1 and len(g1["tek_spis"]) == 2
+        tek2 = g1["tek_spis"][1]
+        assert_outbound_on(d, stream, tek2, [tek1])
+
+        # seq 3: the KEK is due (35 - 25): new KEK and TEK.
+        for name, gm in gms.items():
+            gm.wait_for(recv_rekey(name, 3), timeout=20)
+        ks_now, g1, g2 = show(d, "ks"), show(d, "gm1"), show(d, "gm2")
+        assert g1["kek_spi"] == g2["kek_spi"] == ks_now["kek_spi"] != kek1
+        tek3 = g1["tek_spis"][-1]
+        assert tek3 == ks_now["tek_spis"][-1] and g2["tek_spis"] == g1["tek_spis"] == [tek1, tek2, tek3]
+        assert_outbound_on(d, stream, tek3, [tek1, tek2])
+
+        # seq 4: the first rekey under the rolled-over KEK is accepted.
+        for name, gm in gms.items():
+            gm.wait_for(recv_rekey(name, 4), timeout=20)
+        tek4 = show(d, "gm1")["tek_spis"][-1]
+        assert_outbound_on(d, stream, tek4, [tek1, tek2, tek3])
+
+        # The first TEK runs out (30 s after registration): gone from both data paths, no effect on traffic.
+        for gm in gms.values():
+            gm.wait_for(rf"tek_expired spi=0x{tek1}", timeout=25)
+        for name in gms:
+            assert tek1 not in ipsec(d, name)["by_spi"]
+        replies = stream.wait_replies(10)
+        stream.stop()
+
+        for name, gm in gms.items():
+            g = show(d, name)
+            assert g["registrations"] == 1 and g["seq"] >= 4  # rekeyed only, never re-registered
+            assert "GM_REKEY_REJECTED" not in gm.text() and "Traceback" not in gm.text()
+        rekeys = show(d, "gm1")["seq"] - 1
+        lost = assert_losses_explained(stream, d, max_no_sa=rekeys)
+        assert replies >= len(stream.sent) - lost - 1
+    print(f"scheduled rekeys: {len(stream.sent)} echoes, {lost} lost at a rekey (no-sa)")
+
+
+# --- 2. transitional removal after revoking gm2's credential -----------------------------------
+
+
+def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[Topology, Path]) -> None:
+    """Per-GM PSKs; gm2's is revoked on the KS, then ``clear crypto gdoi ks members``.
+
+    TEK 20 s, so TEK_SLT is the remaining lifetime and both GMs re-register at
+    80-90 % of it: gm1 gets the new TEK and moves its outbound traffic to it;
+    gm2 is refused (AUTHENTICATION_FAILED) and keeps only the old TEK, so it
+    can decrypt hostA's echoes until gm1 switches, and none after.
+    """
+    topo, d = lab
+    for name in ("gm1", "gm2"):
+        write_private(d / f"ks-{name}.secret", f"secret-of-{name}\n")
+        write_private(d / f"{name}.secret", f"secret-of-{name}\n")
+    ks_auth = auth_toml("ks-gm1.secret", peer=f"{GM1_WAN}/32") + auth_toml("ks-gm2.secret", peer=f"{GM2_WAN}/32")
+    cfg = ks_config(d, auth=ks_auth, lifetime=20, rekey={"lead_time": 1})
+    psk = {"gm1": "gm1.secret", "gm2": "gm2.secret"}
+    with running(topo, d, cfg, psk=psk) as (ks, gms), PingStream(topo, "hostA", HOST_B) as stream:
+        stream.wait_replies(5)
+        old = show(d, "gm1")
+        old_tek = old["tek_spis"][0]
+
+        write_private(d / "ks-gm2.secret", "revoked-now\n")
+        res = gdoictl(d / "ks.sock", "reload")
+        assert res.returncode == 0 and "POLICY_CHANGE" not in res.stdout, res.stdout + res.stderr
+        marks = {name: len(gm.lines) for name, gm in gms.items()}
+        res = gdoictl(d / "ks.sock", "clear", "crypto", "gdoi", "ks", "members", yes=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        new_tek = show(d, "ks")["tek_spis"][0]
+        for name, gm in gms.items():
+            gm.wait_for(re.escape(GM_RECV_DELETE), start=marks[name])
+            g = show(d, name)
+            assert g["kek_spi"] is None and g["tek_spis"] == [old_tek]
+            assert abs(g["teks"][0]["remaining"] - shortened_lifetime(old["teks"][0]["remaining"], 20)) <= 2
+
+        # The transitional SAs carry the traffic: nothing lost, gm2 decrypts everything.
+        assert_outbound_on(d, stream, old_tek, [])
+        assert stream.lost == [] and ipsec(d, "gm2")["drops"].get("no-sa", 0) == 0
+
+        # gm1 re-registers with the new TEK and keeps forwarding on it ...
+        gms["gm1"].wait_for(registered("gm1"), start=marks["gm1"], timeout=25)
+        g1 = show(d, "gm1")
+        assert g1["registrations"] == 2 and new_tek in g1["tek_spis"] and g1["kek_spi"] is not None
+        before = ipsec(d, "gm1")
+        stream.wait_sent(20)
+        after = ipsec(d, "gm1")
+        assert delta(after, before, new_tek, "pkts_encaps") >= 19
+        assert delta(after, before, old_tek, "pkts_encaps") == 0
+
+        # ... while gm2, refused, cannot decrypt it: no-sa drops for the new SPI.
+        line = gms["gm2"].wait_for("AUTHENTICATION_FAILED", start=marks["gm2"], timeout=25)
+        assert "%GDOI-4-GM_REG_FAILURE" in line or "%IKE-4-PHASE1_FAILED" in line
+        g2 = show(d, "gm2")
+        assert g2["registrations"] == 1 and g2["kek_spi"] is None and new_tek not in g2["tek_spis"]
+        assert new_tek not in ipsec(d, "gm2")["by_spi"]
+        stream.stop()
+
+        members = gdoictl_json(d / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"]
+        assert [m["address"] for m in members] == [GM1_WAN]
+        c1, c2 = ipsec(d, "gm1"), ipsec(d, "gm2")
+        # Every echo gm1 sent on the new SA was lost at gm2 as no-sa; nothing else was lost.
+        on_new = sum(sa["pkts_encaps"] for spi, sa in c1["by_spi"].items() if spi != old_tek)
+        assert on_new >= 19
+        assert len(stream.lost) == c2["drops"]["no-sa"] == on_new, (stream.lost, c2["drops"], c1["by_spi"])
+        assert min(stream.lost) > max(stream.replies) - 2  # all losses came after the switch
+        assert not bad_drops(c1) and not bad_drops(c2)
+        assert not re.search(registered("gm2"), "\n".join(gms["gm2"].lines[marks["gm2"]:]))
+    print(f"revocation: {len(stream.replies)} echoes answered, then {len(stream.lost)} lost at gm2 (no-sa)")
+
+
+# --- 3. immediate removal: fail-open / fail-close, then re-registration ----------------------------
+
+
+def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) -> None:
+    """gm1 fail-open, gm2 fail-close; TEK 600 s, so both re-register within 12 s.
+
+    The KS is stopped (SIGSTOP) right after sending REMOVAL-NOW so the window
+    without SAs lasts long enough to watch: gm1 sends hostA's echoes in the
+    clear, gm2 drops hostB's answers (fail-close).  Resumed, the KS registers
+    both again and ESP resumes on the new TEK.
+    """
+    topo, d = lab
+    cfg = ks_config(d, lifetime=600)
+    with running(topo, d, cfg, fail_close={"gm1": False, "gm2": True}) as (ks, gms), PingStream(
+        topo, "hostA", HOST_B
+    ) as stream:
+        stream.wait_replies(5)
+        old_tek = show(d, "gm1")["tek_spis"][0]
+        assert_outbound_on(d, stream, old_tek, [])
+        before = {name: ipsec(d, name) for name in gms}
+        marks = {name: len(gm.lines) for name, gm in gms.items()}
+
+        res = gdoictl(d / "ks.sock", "clear", "crypto", "gdoi", "ks", "members", "now", yes=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        ks.proc.send_signal(signal.SIGSTOP)
+        try:
+            periods = {}
+            for name, gm in gms.items():
+                line = gm.wait_for(REMOVAL_NOW, start=marks[name])
+                periods[name] = int(re.search(REMOVAL_NOW, line).group(1))  # type: ignore[union-attr]
+                assert 0 <= periods[name] <= 12  # 2 % of 600 s
+            seen_at = time.monotonic()
+            for name in gms:
+                data = ipsec(d, name)
+                assert data["sas"] == [], (name, data["sas"])  # gone at once
+            # Echoes go out in the clear at gm1 (fail-open); gm2 drops hostB's answers (fail-close).
+            sent = len(stream.sent)
+            stream.wait_sent(10)
+            c1, c2 = ipsec(d, "gm1"), ipsec(d, "gm2")
+            assert c1["clear_out"] - before["gm1"]["clear_out"] >= 9
+            assert c1["drops"].get("fail-close", 0) == 0
+            assert c2["drops"]["fail-close"] - before["gm2"]["drops"].get("fail-close", 0) >= 9
+            assert c2["clear_out"] == 0
+            # Re-registration starts within the announced period, KS or no KS.
+            for name, gm in gms.items():
+                gm.wait_for("registration_start", start=marks[name], timeout=periods[name] + 2)
+            assert time.monotonic() - seen_at <= max(periods.values()) + 2
+        finally:
+            ks.proc.send_signal(signal.SIGCONT)
+        for name, gm in gms.items():
+            gm.wait_for(registered(name), start=marks[name], timeout=20)
+        new_tek = show(d, "ks")["tek_spis"][0]
+        assert new_tek != old_tek
+        assert show(d, "gm1")["tek_spis"] == show(d, "gm2")["tek_spis"] == [new_tek]
+        stream.wait_replies(1, timeout=10)
+        assert_outbound_on(d, stream, new_tek, [])
+        stream.stop()
+
+        # Lost: only echoes of the window without SAs (answers dropped fail-close at gm2).
+        assert stream.lost and min(stream.lost) >= sent - 25
+        c1, c2 = ipsec(d, "gm1"), ipsec(d, "gm2")
+        assert c2["drops"]["fail-close"] >= len(stream.lost) - c2["drops"].get("no-sa", 0) - c1["drops"].get("no-sa", 0)
+        for name, c in (("gm1", c1), ("gm2", c2)):
+            assert not {k: v for k, v in bad_drops(c).items() if k != "fail-close"}, (name, c["drops"])
+            assert show(d, name)["registrations"] == 2
+    print(f"removal now: {len(stream.lost)} echoes lost while the SAs were gone (periods {periods})")
+
+
+# --- 4. policy change CBC -> GCM, triggered rekey, replace-now ------------------------------------
+
+
+def test_policy_replace_cbc_to_gcm_under_traffic(lab: tuple[Topology, Path]) -> None:
+    topo, d = lab
+    cfg = ks_config(d, transform="esp-cbc-256-sha256", lifetime=3600)
+    with running(topo, d, cfg) as (ks, gms), PingStream(topo, "hostA", HOST_B) as stream:
+        stream.wait_replies(5)
+        g0 = show(d, "gm1")
+        cbc = g0["tek_spis"][0]
+        cbc_name = g0["teks"][0]["transform"]
+        assert "cbc" in cbc_name.lower()
+        assert_outbound_on(d, stream, cbc, [])
+
+        # The policy changes: announced, nothing sent, traffic stays on the CBC SA.
+        ks_config(d, transform="esp-gcm-256", lifetime=3600)
+        res = gdoictl(d / "ks.sock", "reload")
+        assert res.returncode == 0 and res.stdout == POLICY_CHANGE + "\n", res.stdout + res.stderr
+        assert_outbound_on(d, stream, cbc, [])
+        for name in gms:
+            g = show(d, name)
+            assert g["seq"] == 1 and g["tek_spis"] == [cbc]
+            assert list(ipsec(d, name)["by_spi"]) == [cbc]
+
+        # The triggered rekey: a GCM SA on both GMs, outbound moves to it, the CBC SA is cut to TEK_SLT.
+        marks = {name: len(gm.lines) for name, gm in gms.items()}
+        res = gdoictl(d / "ks.sock", "crypto", "gdoi", "ks", "rekey")
+        assert res.returncode == 0 and res.stdout == send_rekey(2, replace=True) + "\n", res.stdout
+        for name, gm in gms.items():
+            gm.wait_for(recv_rekey(name, 2), start=marks[name])
+        gcm = show(d, "ks")["tek_spis"][0]
+        for name in gms:
+            teks = {t["spi"]: t for t in show(d, name)["teks"]}
+            assert set(teks) == {cbc, gcm}
+            assert "gcm" in teks[gcm]["transform"].lower() and teks[gcm]["remaining"] > 3500
+            assert abs(teks[cbc]["remaining"] - shortened_lifetime(3600, 3600)) <= 5  # 180 s
+            sas = ipsec(d, name)["by_spi"]
+            assert set(sas) == {cbc, gcm} and "gcm" in sas[gcm]["transform"].lower()
+        # Registered under CBC, the GMs hold no GCM sender IDs (RFC 6054): each re-registers for
+        # them, the CBC SA carrying the traffic meanwhile; then outbound moves to the GCM SA.
+        for name, gm in gms.items():
+            gm.wait_for("sender_id_counter_low", start=marks[name], timeout=10)
+            gm.wait_for(registered(name), start=marks[name])
+            g = show(d, name)
+            assert g["registrations"] == 2 and g["sender_ids"] and set(g["tek_spis"]) == {cbc, gcm}
+        assert_outbound_on(d, stream, gcm, [cbc])
+
+        # Another change, then replace-now: the old SAs leave both data paths at once.
+        ks_config(d, transform="esp-gcm-128", lifetime=3600)
+        assert gdoictl(d / "ks.sock", "reload").stdout == POLICY_CHANGE + "\n"
+        res = gdoictl(d / "ks.sock", "crypto", "gdoi", "ks", "rekey", "replace-now")
+        assert res.returncode == 0 and res.stdout == send_rekey(3, replace=True) + "\n", res.stdout
+        for name, gm in gms.items():
+            gm.wait_for(recv_rekey(name, 3))
+        newest = show(d, "ks")["tek_spis"][0]
+        for name in gms:
+            assert show(d, name)["tek_spis"] == [newest]
+            assert list(ipsec(d, name)["by_spi"]) == [newest]
+        assert_outbound_on(d, stream, newest, [])
+        stream.stop()
+
+        for name, gm in gms.items():
+            assert show(d, name)["registrations"] == 2  # only the one for sender IDs
+            assert "GM_REKEY_REJECTED" not in gm.text() and "Traceback" not in gm.text()
+        lost = assert_losses_explained(stream, d, max_no_sa=2)
+    print(f"policy replace: {len(stream.sent)} echoes, {lost} lost (no-sa at a switch)")
