@@ -408,6 +408,21 @@ def test_member_registered_at_a_secondary_is_rekeyed_by_the_primary(files: Path)
     assert_converged(sim)  # the secondaries follow the primary's new keys and SEQ
 
 
+def test_gm_removal_on_the_primary_clears_every_ks_member_table(files: Path) -> None:
+    sim = elected(files)
+    three_gms(sim)
+    assert all(len(sim.group(a).members) == 3 for a in KSS)
+    sim.send(KS1, sim.ks(KS1).remove_members(sim.group(KS1), sim.now, 1))
+    sim.run(STEP)
+    assert {a: len(sim.group(a).members) for a in KSS} == dict.fromkeys(KSS, 0)
+    # A full member list from a KS that missed the removal does not bring them back.
+    for a in (KS2, KS3):
+        for peer in sim.coop(a).peers.values():
+            peer.full_sent = False
+    sim.run(PERIOD)
+    assert all(sim.group(a).members == {} for a in KSS)
+
+
 # --- failover -------------------------------------------------------------------------
 
 

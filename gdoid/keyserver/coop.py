@@ -76,6 +76,8 @@ class Peer:
 @dataclass
 class CoopGroupState:
     delta: dict[IPv4Address, Member] = field(default_factory=dict)
+    removed: dict[IPv4Address, float] = field(default_factory=dict)  # to announce
+    tombstones: dict[IPv4Address, float] = field(default_factory=dict)  # removal times
 
 
 class Coop:
@@ -216,6 +218,9 @@ class Coop:
             for i, chunk in enumerate(chunks):
                 extra = [AnnBlock.of(BlockType.MEMBERS_DELTA, chunk)] if chunk else []
                 anns.append(([*blocks] if i == 0 else []) + extra)
+        removed = self.groups_state[g.number].removed
+        if removed:
+            anns[0].append(AnnBlock.of(BlockType.MEMBERS_REMOVED, {str(a): t for a, t in removed.items()}))
         out = []
         for i, blocks_i in enumerate(anns):
             self.ann_seq += 1
@@ -244,11 +249,21 @@ class Coop:
             out += self._announce_to(peer, now)
         for gs in self.groups_state.values():
             gs.delta.clear()
+            gs.removed.clear()
         self.engine.counters["ann_sent"] += len(out)
         return out
 
     def member_changed(self, group: Group, member: Member) -> None:
-        self.groups_state[group.number].delta[member.address] = member
+        gs = self.groups_state[group.number]
+        gs.delta[member.address] = member
+        gs.removed.pop(member.address, None)
+
+    def member_removed(self, group: Group, address: IPv4Address, now: float) -> None:
+        """GM removal or a GM dropped for missed rekeys: the other KSs forget it too."""
+        gs = self.groups_state[group.number]
+        gs.delta.pop(address, None)
+        gs.removed[address] = now
+        gs.tombstones[address] = now
 
     # --- receiving ------------------------------------------------------------------------
 
@@ -300,6 +315,18 @@ class Coop:
         log.emit(self.log, log.COOP_ANN_REJECTED, peer=addr, reason=reason)
 
     def _merge_members(self, group: Group, ann: AnnPayload) -> None:
+        gs = self.groups_state[group.number]
+        gone = ann.block(BlockType.MEMBERS_REMOVED)
+        if gone is not None:
+            try:
+                removed = {IPv4Address(a): float(t) for a, t in gone.json().items()}
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise ProtocolError(f"ANN removed-members block: {exc}") from exc
+            for address, at in removed.items():
+                gs.tombstones[address] = max(at, gs.tombstones.get(address, 0.0))
+                m = group.members.get(address)
+                if m is not None and m.registered_at <= at:
+                    group.remove_member(address)
         for btype in (BlockType.MEMBERS_FULL, BlockType.MEMBERS_DELTA):
             block = ann.block(btype)
             if block is None:
@@ -311,6 +338,8 @@ class Coop:
             except (KeyError, TypeError, ValueError) as exc:
                 raise ProtocolError(f"ANN member block: {exc}") from exc
             for m in members:
+                if m.registered_at <= gs.tombstones.get(m.address, -1.0):
+                    continue  # removed after this registration
                 old = group.members.get(m.address)
                 if old is None or m.registered_at >= old.registered_at:
                     if old is not None and old.pending is not None:
@@ -464,7 +493,7 @@ class Coop:
         if now >= self.next_announce:
             self.next_announce = now + self.period
             out += self.announce(now)
-        elif any(gs.delta for gs in self.groups_state.values()):
+        elif any(gs.delta or gs.removed for gs in self.groups_state.values()):
             out += self.announce(now)  # tell the others about new members at once
         return out
 

@@ -331,6 +331,8 @@ class KeyServerEngine:
         m.missed_rekeys += 1
         if m.missed_rekeys >= group.config.rekey.max_missed:
             group.remove_member(m.address)
+            if self.coop is not None:
+                self.coop.member_removed(group, m.address, now)
             self.counters["members_dropped"] += 1
             log.emit(self.log, log.KS_MEMBER_DROPPED, gm=str(m.address), group=group.name, missed=m.missed_rekeys)
 
@@ -418,6 +420,9 @@ class KeyServerEngine:
     def remove_members(self, group: Group, now: float, mode: int) -> Outgoing:
         members = list(group.members.values())
         messages = group.plan_removal(now, mode)
+        if self.coop is not None:
+            for m in members:
+                self.coop.member_removed(group, m.address, now)
         self._after_new_keys(group)
         # The removal goes to every GM that was registered, even though the table is now clear.
         out: Outgoing = []
