@@ -424,13 +424,15 @@ def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[T
         assert stream.lost == [] and ipsec(d, "gm2")["drops"].get("no-sa", 0) == 0
 
         # gm1 re-registers with the new TEK and keeps forwarding on it ...
+        # (If its first attempt fails, the KS may have rekeyed meanwhile: gm1 then gets that TEK too.)
         gms["gm1"].wait_for(registered("gm1"), start=marks["gm1"], timeout=25)
         g1 = show(d, "gm1")
         assert g1["registrations"] == 2 and new_tek in g1["tek_spis"] and g1["kek_spi"] is not None
         before = ipsec(d, "gm1")
         stream.wait_sent(20)
         after = ipsec(d, "gm1")
-        assert delta(after, before, new_tek, "pkts_encaps") >= 19
+        news = [spi for spi in after["by_spi"] if spi != old_tek]
+        assert sum(delta(after, before, spi, "pkts_encaps") for spi in news) >= 19, (after, gms["gm1"].text())
         assert delta(after, before, old_tek, "pkts_encaps") == 0
 
         # ... while gm2, refused, cannot decrypt it: no-sa drops for the new SPI.
@@ -457,13 +459,21 @@ def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[T
 # --- 3. immediate removal: fail-open / fail-close, then re-registration ----------------------------
 
 
+def in_echos(topo: Topology, ns: str) -> int:
+    """ICMP echo requests the namespace's kernel received (``Icmp: InEchos``)."""
+    head, values = [line.split() for line in topo.run(ns, "cat", "/proc/net/snmp").stdout.splitlines()
+                    if line.startswith("Icmp:")][:2]  # fmt: skip
+    return int(values[head.index("InEchos")])
+
+
 def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) -> None:
     """gm1 fail-open, gm2 fail-close; TEK 600 s, so both re-register within 12 s.
 
-    The KS is stopped (SIGSTOP) right after sending REMOVAL-NOW so the window
-    without SAs lasts long enough to watch: gm1 sends hostA's echoes in the
-    clear, gm2 drops hostB's answers (fail-close).  Resumed, the KS registers
-    both again and ESP resumes on the new TEK.
+    The KS is stopped (SIGSTOP) from just after it sent REMOVAL-NOW until the
+    window without SAs has been watched, so that window exists even when a
+    GM's random period is 0 s: gm1 sends hostA's echoes in the clear (hostB
+    gets them), gm2 drops hostB's answers (fail-close).  Resumed, the KS
+    registers both again and ESP resumes on the new TEK.
     """
     topo, d = lab
     cfg = ks_config(d, lifetime=600)
@@ -480,31 +490,30 @@ def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) 
         assert res.returncode == 0, res.stdout + res.stderr
         ks.proc.send_signal(signal.SIGSTOP)
         try:
-            periods = {}
+            periods, seen_at = {}, {}
             for name, gm in gms.items():
                 line = gm.wait_for(REMOVAL_NOW, start=marks[name])
+                seen_at[name] = time.monotonic()
                 periods[name] = int(re.search(REMOVAL_NOW, line).group(1))  # type: ignore[union-attr]
                 assert 0 <= periods[name] <= 12  # 2 % of 600 s
-            seen_at = time.monotonic()
             for name in gms:
-                data = ipsec(d, name)
-                assert data["sas"] == [], (name, data["sas"])  # gone at once
-            # Echoes go out in the clear at gm1 (fail-open); gm2 drops hostB's answers (fail-close).
+                assert ipsec(d, name)["sas"] == []  # gone at once
             sent = len(stream.sent)
+            echos = in_echos(topo, "hostB")
             stream.wait_sent(10)
             c1, c2 = ipsec(d, "gm1"), ipsec(d, "gm2")
+            # gm1 (fail-open) sends hostA's echoes in the clear, and hostB gets them ...
             assert c1["clear_out"] - before["gm1"]["clear_out"] >= 9
-            assert c1["drops"].get("fail-close", 0) == 0
-            assert c2["drops"]["fail-close"] - before["gm2"]["drops"].get("fail-close", 0) >= 9
-            assert c2["clear_out"] == 0
-            # Re-registration starts within the announced period, KS or no KS.
-            for name, gm in gms.items():
-                gm.wait_for("registration_start", start=marks[name], timeout=periods[name] + 2)
-            assert time.monotonic() - seen_at <= max(periods.values()) + 2
+            assert in_echos(topo, "hostB") - echos >= 9
+            assert c1["drops"]["fail-close"] == 0
+            # ... gm2 (fail-close) drops hostB's answers.
+            assert c2["drops"]["fail-close"] >= 9 and c2["clear_out"] == 0
         finally:
             ks.proc.send_signal(signal.SIGCONT)
+        # Each GM re-registers once its period is over (+ the KS stop, + registration time).
         for name, gm in gms.items():
-            gm.wait_for(registered(name), start=marks[name], timeout=20)
+            gm.wait_for(registered(name), start=marks[name], timeout=periods[name] + 10)
+            assert time.monotonic() - seen_at[name] <= max(periods[name], 1) + 3, (name, periods)
         new_tek = show(d, "ks")["tek_spis"][0]
         assert new_tek != old_tek
         assert show(d, "gm1")["tek_spis"] == show(d, "gm2")["tek_spis"] == [new_tek]
@@ -512,10 +521,12 @@ def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) 
         assert_outbound_on(d, stream, new_tek, [])
         stream.stop()
 
-        # Lost: only echoes of the window without SAs (answers dropped fail-close at gm2).
-        assert stream.lost and min(stream.lost) >= sent - 25
+        # Lost: only echoes sent after the removal, each one accounted for by a drop: gm2's
+        # fail-close, or no-sa at the GM that re-registered second (the other used the new SA).
         c1, c2 = ipsec(d, "gm1"), ipsec(d, "gm2")
-        assert c2["drops"]["fail-close"] >= len(stream.lost) - c2["drops"].get("no-sa", 0) - c1["drops"].get("no-sa", 0)
+        assert stream.lost and min(stream.lost) >= sent - 25
+        accounted = c2["drops"]["fail-close"] + c1["drops"]["no-sa"] + c2["drops"]["no-sa"]
+        assert len(stream.lost) == accounted, (stream.lost, c1["drops"], c2["drops"])
         for name, c in (("gm1", c1), ("gm2", c2)):
             assert not {k: v for k, v in bad_drops(c).items() if k != "fail-close"}, (name, c["drops"])
             assert show(d, name)["registrations"] == 2

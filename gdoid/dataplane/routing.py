@@ -62,8 +62,18 @@ def _networks(prefixes: Iterable[IPv4Network | str]) -> set[IPv4Network]:
 
 
 def write_sysctl(parts: Iterable[str], value: str, root: Path = Path("/proc/sys")) -> None:
-    """Write e.g. ``("net", "ipv4", "ip_forward")`` (parts, as names may hold dots)."""
-    root.joinpath(*parts).write_text(f"{value}\n")
+    """Write e.g. ``("net", "ipv4", "ip_forward")`` (parts, as names may hold dots).
+
+    A value that is already right is not written: containers mount /proc/sys
+    read-only and set these at creation time.
+    """
+    path = root.joinpath(*parts)
+    try:
+        if path.read_text().strip() == value:
+            return
+    except OSError:
+        pass
+    path.write_text(f"{value}\n")
 
 
 class RouteSetup:
