@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,7 +63,12 @@ def images() -> None:
         return
     start = time.monotonic()
     proc = subprocess.run(
-        [str(COMPOSE_DIR / "build-base.sh")], capture_output=True, text=True, timeout=900
+        [str(COMPOSE_DIR / "build-base.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        # Build the wheels with the interpreter under test (it has pip; Debian's python3 may not).
+        env={**os.environ, "PYTHON": sys.executable},
     )
     if proc.returncode != 0:
         pytest.fail(f"compose/build-base.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
