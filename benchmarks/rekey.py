@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import math
 import multiprocessing as mp
 import os
-import resource
 import pstats
+import resource
 import secrets
 import signal
 import statistics
@@ -77,8 +78,8 @@ from gdoid.protocol.version import CURRENT_VERSION  # noqa: E402
 from tests import procs  # noqa: E402
 from tests.procs import (  # noqa: E402
     Daemon,
-    gdoid_cmd,
     auth_toml,
+    gdoid_cmd,
     gm_toml,
     ks_toml,
     write_private,
@@ -147,10 +148,8 @@ def cpu_seconds(pid: int) -> float:
     """On-CPU time of every thread of ``pid`` (schedstat, nanosecond resolution)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        with contextlib.suppress(OSError, ValueError):
             total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError):
-            pass
     return total / 1e9
 
 
@@ -293,7 +292,7 @@ class Worker:
                 lambda i=i, e=engine: GmEndpoint(self, i, e), local_addr=(address, 0)
             )
             self.endpoints.append(ep)
-        socks = [(a, ep.transport.get_extra_info("sockname")[1]) for a, ep in zip(self.addresses, self.endpoints)]  # type: ignore[union-attr]
+        socks = [(a, ep.transport.get_extra_info("sockname")[1]) for a, ep in zip(self.addresses, self.endpoints, strict=True)]  # type: ignore[union-attr]
         self.conn.send(("ready", socks))
         ticker = asyncio.create_task(self.timers())
         try:
@@ -334,10 +333,9 @@ class Worker:
                 self.active.add(i)
                 ep = self.endpoints[i]
                 ep.send(ep.engine.start(now))
-            try:
+            # On a timeout the stragglers keep retrying on the timer; go on.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wave_done.wait(), timeout)
-            except TimeoutError:
-                pass  # the stragglers keep retrying on the timer; go on
         deadline = time.monotonic() + timeout
         while len(self.registered) < n and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -351,10 +349,8 @@ class Worker:
         self.kind = kind
         rejected0 = sum(ep.engine.counters["rekeys_rejected"] for ep in self.endpoints)
         cpu0 = time.process_time()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.all_arrived.wait(), timeout)
-        except TimeoutError:
-            pass
         self.kind = None
         rejected = sum(ep.engine.counters["rekeys_rejected"] for ep in self.endpoints) - rejected0
         return ("done", kind, self.times, time.process_time() - cpu0, rejected, self.push_size)
@@ -416,10 +412,8 @@ class Workers:
 
     def close(self) -> None:
         for c in self.conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.send(("stop",))
-            except OSError:
-                pass
         for p in self.procs:
             p.join(10)
             if p.is_alive():
@@ -517,7 +511,7 @@ def measure_split(ks_cfg: Path, n: int, repeat: int = 5) -> Split:
             acks = [build_ack(m.ack_hash, m.ack_key, group.kek.spi, messages.seq, m.address.packed)
                     for m in group.members.values()]
             t = time.perf_counter()
-            for a, m in zip(acks, group.members.values()):
+            for a, m in zip(acks, group.members.values(), strict=True):
                 engine.datagram_received(a, (str(m.address), m.port), now)
             ackt.append(time.perf_counter() - t)
             assert engine.counters["acks_received"] == n * (len(ackt)), engine.counters
@@ -646,10 +640,10 @@ def run_n(n: int, args: argparse.Namespace, directory: Path) -> tuple[list[Round
                     drops0, cpu0 = udp_rcvbuf_errors(), cpu_seconds(pid)
                     command_time: list[float] = []
 
-                    def rekey() -> Any:
+                    def rekey(times: list[float] = command_time) -> Any:
                         t = time.monotonic()
                         data = control(sock, "crypto", "gdoi", "ks", "rekey")
-                        command_time.append(time.monotonic() - t)
+                        times.append(time.monotonic() - t)
                         return data
 
                     t0, data, inst, gm_cpu, rejected, push_size = timed_arrivals(workers, "rekey", args.timeout, rekey)
@@ -741,7 +735,7 @@ def summary(n: int, rounds: list[Round], split: Split, reg: dict[str, float]) ->
           f"{mid.send_ratio:.2f}x KS command / raw sender loop")
     print(f"  KS CPU for the rekey {ks_cpu * 1000:8.1f} ms  (= {ks_cpu / max(1, n) * 1e6:.1f} us per GM)")
     print(f"    build (plan_rekey) {split.build * 1000:8.2f} ms  once: sign {split.sign * 1000:.2f} ms, encrypt {split.encrypt * 1000:.3f} ms")
-    print(f"    state file save    {split.persist * 1000:8.2f} ms  ({split.persist / max(1, n) * 1e6:.1f} us per GM)")
+    print(f"    state file save    {split.persist * 1000:8.2f} ms  ({split.persist / max(1, n) * 1e6:.1f} us per GM, incl. 2 fsyncs; before sending)")
     print(f"    send_rekey loop    {split.bookkeeping * 1000:8.2f} ms  ({split.bookkeeping / max(1, n) * 1e6:.1f} us per GM, no I/O)")
     print(f"    ack handling       {split.acks * 1000:8.2f} ms  ({split.acks / max(1, n) * 1e6:.1f} us per GM, no I/O)")
     print(f"    socket I/O + loop  {io * 1000:8.2f} ms  ({io / max(1, n) * 1e6:.1f} us per GM: KS CPU minus the above)")

@@ -386,6 +386,8 @@ def test_replay_window(name: str) -> None:
     assert b.inbound(c.outbound(other, T0).to_network[0], T0).to_tun == [other]
     rs = b.replay_stats(T0)["groups"][0]
     assert rs["drops"] == {"tbar": 0, "replay": 2} and rs["replay_window"] == 64
+    sa = b.stats(T0)["sas"][0]
+    assert sa["pkts_decaps"] == 3 and sa["drops"]["replay"] == 2  # replays are not decapsulations
 
 
 def test_no_replay_window_accepts_duplicates() -> None:

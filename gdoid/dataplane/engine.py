@@ -349,6 +349,12 @@ class Dataplane:
                 entry.grp.replay_drops += 1
         return Result([], to_tun if to_tun is not None else [], reason)
 
+    def _drop_decrypted(self, reason: DropReason, entry: _Entry, inner: bytes | None) -> Result:
+        """A packet that decrypted but is refused after: it must not count as decapsulated."""
+        entry.sa.pkts_decaps -= 1
+        entry.sa.bytes_decaps -= len(inner) if inner is not None else 0
+        return self._drop(reason, entry)
+
     def _clear(self, packet: bytes) -> Result:
         self.clear_out += 1
         return Result([packet], [])
@@ -488,22 +494,22 @@ class Dataplane:
             if e.tbar_window is not None:
                 est = e.clock.estimate(now)
                 if pseudotime is None or est is None or abs(pseudotime - est) > e.tbar_window:
-                    return self._drop(DropReason.TBAR, e)
+                    return self._drop_decrypted(DropReason.TBAR, e, inner)
             if e.replay_size:
                 w = e.windows.get(src)
                 if w is None:
                     w = e.windows[src] = SequenceWindow(e.replay_size)
                 if not w.check_and_update(seq):
-                    return self._drop(DropReason.REPLAY, e)
+                    return self._drop_decrypted(DropReason.REPLAY, e, inner)
             m = len(inner)
             if m < 20:
-                return self._drop(DropReason.MALFORMED, e)
+                return self._drop_decrypted(DropReason.MALFORMED, e, inner)
             ivihl, itos, itotal, _iid, ifrag, _ittl, iproto, _ic, isrc, idst = _IPH.unpack_from(
                 inner
             )
             ihl = (ivihl & 15) << 2
             if ivihl >> 4 != 4 or ihl < 20 or itotal != m or isrc != src or idst != dst:
-                return self._drop(DropReason.MALFORMED, e)
+                return self._drop_decrypted(DropReason.MALFORMED, e, inner)
             snet, smask, dnet, dmask, sproto, sp, dp = sel = e.sel
             if sp or dp:
                 ports, nonfirst = _packet_ports(inner, ihl, iproto, ifrag)
@@ -517,12 +523,12 @@ class Dataplane:
                     or ((idst & smask) == snet and (isrc & dmask) == dnet)
                 )
             if not ok:
-                return self._drop(DropReason.MALFORMED, e)
+                return self._drop_decrypted(DropReason.MALFORMED, e, inner)
             oecn = tos & 3
             if oecn and oecn != itos & 3:
                 inner = self._ecn_decap(inner, ihl, itos, oecn)
                 if inner is None:
-                    return self._drop(DropReason.MALFORMED, e)
+                    return self._drop_decrypted(DropReason.MALFORMED, e, inner)
             return Result([], [inner])
         except EspError as exc:
             return self._drop(exc.reason)

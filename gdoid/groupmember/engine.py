@@ -327,8 +327,10 @@ class GroupMemberEngine:
         if reg is None:
             return self._drop(peer, "GROUPKEY-PUSH for a group we are not in")
         if reg.last_push and data == reg.last_push:
-            # The KS retransmits because our acknowledgement was lost: acknowledge again.
+            # The KS retransmits because our acknowledgement was lost: acknowledge again,
+            # install nothing twice.
             self.counters["rekeys_reacked"] += 1
+            self.log.info("push_retransmission", group=reg.group.name, seq=g.seq, action="acknowledged again")
             return [(reg.last_ack, peer)] if reg.last_ack else []
         try:
             push = open_push(data, g.kek, crypto.load_public_key_der(g.kek.public_key_der))
