@@ -27,9 +27,9 @@ import signal
 import subprocess
 import sys
 import threading
-from datetime import datetime
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
