@@ -522,3 +522,42 @@ def test_reregistration_window_with_random_rng(files: Path) -> None:
         reg = gm.registrations[GROUP]
         assert reg.rereg_at is not None
         assert 0.8 * 3600 <= reg.rereg_at - T0 <= 0.9 * 3600
+
+
+class RecordingDataplane:
+    """Stands in for gdoid.dataplane.Dataplane to see what the engine installs."""
+
+    def __init__(self) -> None:
+        self.installs: list[tuple[int, set[int], float]] = []
+
+    def install(self, group, teks, sender_ids, pseudotime_ms, now, activation_delay=0):  # type: ignore[no-untyped-def]
+        self.installs.append((group, {t.spi for t in teks}, activation_delay))
+
+    def remove_group(self, group: int) -> None:
+        self.installs.append((group, set(), 0))
+
+
+def test_rekeys_carry_activation_and_deactivation_delays(files: Path) -> None:
+    """GAP delays reach the GM in registration and rekeys: new TEKs wait for activation,
+    replaced ones go deactivation + activation seconds later."""
+    text = KS_TOML.format(lifetime=3600).replace(
+        'number = 1234\n[group.kek]', 'number = 1234\nactivation_delay = 2\ndeactivation_delay = 3\n[group.kek]'
+    )
+    cfg = parse_ks_config(text, files)
+    p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
+    g = cfg.groups[0]
+    ks = KeyServerEngine(p1, {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, T0)})
+    dp = RecordingDataplane()
+    gm = make_gm(files, dataplane=dp)
+    net = Net(ks, {GM: gm})
+    net.run(gm.start(T0), GM, T0)
+    group = gm.sadb.groups[GROUP]
+    assert (group.activation_delay, group.deactivation_delay) == (2, 3)
+    old = set(group.teks)
+    assert dp.installs[-1] == (GROUP, old, 2)
+    now = T0 + 100
+    net.run(ks.rekey(ks.groups[GROUP], now), KS, now)
+    new = set(group.teks) - old
+    assert len(new) == 2 and dp.installs[-1] == (GROUP, old | new, 2)
+    assert all(group.teks[s].expires_at == now + 2 + 3 for s in old)  # retired
+    assert all(group.teks[s].expires_at > now + 3000 for s in new)

@@ -30,9 +30,9 @@ class _DataplaneSync:
         self.daemon = daemon
 
     def install(self, group: int, teks: Sequence[Tek], sender_ids: SenderIds | None,
-                pseudotime_ms: int | None, now: float) -> None:
+                pseudotime_ms: int | None, now: float, activation_delay: float = 0) -> None:
         assert self.daemon.dataplane is not None
-        self.daemon.dataplane.install(group, teks, sender_ids, pseudotime_ms, now)
+        self.daemon.dataplane.install(group, teks, sender_ids, pseudotime_ms, now, activation_delay)
         self.daemon.routes_changed()
 
     def remove_group(self, group: int) -> None:

@@ -48,7 +48,13 @@ class DataplaneSync(Protocol):
     """What the engine needs of the ESP data path (gdoid.dataplane.engine.Dataplane)."""
 
     def install(
-        self, group: int, teks: Sequence[Tek], sender_ids: SenderIds | None, pseudotime_ms: int | None, now: float
+        self,
+        group: int,
+        teks: Sequence[Tek],
+        sender_ids: SenderIds | None,
+        pseudotime_ms: int | None,
+        now: float,
+        activation_delay: float = 0,
     ) -> None: ...
 
     def remove_group(self, group: int) -> None: ...
@@ -315,7 +321,7 @@ class GroupMemberEngine:
         pseudotime = None
         if g.pseudotime_ms is not None:  # the KS's pseudotime, advanced by our clock since
             pseudotime = g.pseudotime_ms + int((now - g.pseudotime_at) * 1000)
-        self.dataplane.install(group_number, list(g.teks.values()), g.sender_ids, pseudotime, now)
+        self.dataplane.install(group_number, list(g.teks.values()), g.sender_ids, pseudotime, now, g.activation_delay)
 
     # --- GROUPKEY-PUSH ----------------------------------------------------------------
 
@@ -370,6 +376,9 @@ class GroupMemberEngine:
                 else:
                     self.sadb.shorten_teks(g.group_number, now)
             self._install(keys, None, now)
+            if replace is None and keys.teks:
+                self.sadb.retire_teks(g.group_number, old, now)
+                self._sync_dataplane(g.group_number, now)
             self.log.info(
                 "rekey_installed",
                 group=reg.group.name,

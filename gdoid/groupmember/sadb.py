@@ -28,6 +28,8 @@ class GroupSas:
     sender_ids: SenderIds | None = None
     pseudotime_ms: int | None = None
     pseudotime_at: float = 0.0  # local time the pseudotime was received
+    activation_delay: int = 0  # from the GAP: new TEKs are sent on only after this
+    deactivation_delay: int = 0  # and replaced TEKs are kept this long after that
 
     def active_teks(self, now: float) -> list[Tek]:
         return sorted((t for t in self.teks.values() if t.expires_at > now), key=lambda t: t.created_at)
@@ -51,10 +53,25 @@ class Sadb:
         g.seq = max(g.seq, keys.seq)
         if sender_ids is not None:
             g.sender_ids = sender_ids
+        g.activation_delay = keys.activation_delay
+        g.deactivation_delay = keys.deactivation_delay
         if keys.pseudotime_ms is not None:
             g.pseudotime_ms = keys.pseudotime_ms
             g.pseudotime_at = now
         return new
+
+    def retire_teks(self, group_number: int, spis: set[int], now: float) -> None:
+        """Old TEKs a rekey replaced: gone activation + deactivation delay from now.
+
+        Only with a DEACTIVATION_TIME_DELAY; without one they live to their own expiry.
+        """
+        g = self.group(group_number)
+        if not g.deactivation_delay:
+            return
+        until = now + g.activation_delay + g.deactivation_delay
+        for spi in spis & set(g.teks):
+            t = g.teks[spi]
+            g.teks[spi] = replace(t, expires_at=min(t.expires_at, until))
 
     def shorten_teks(self, group_number: int, now: float) -> None:
         """Cut every TEK of the group to TEK_SLT (GM removal, policy replace)."""

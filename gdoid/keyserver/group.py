@@ -25,6 +25,7 @@ from gdoid.protocol.policy import (
     TrafficSelector,
     build_kd,
     build_sa,
+    gap_payloads,
 )
 from gdoid.protocol.push import build_push, policy_replace_notify, removal_notify
 from gdoid.protocol.version import SoftwareVersion, supports_removal_and_replace
@@ -338,7 +339,7 @@ class Group:
             # TBAR needs the pseudotime in every rekey: it rides in a KEK packet, so resend the KEK.
             keys = GroupKeys(self.number, self.kek, tuple(new_teks), self.seq, pseudotime,
                              config.activation_delay, config.deactivation_delay)
-        sa = build_sa(keys, now)
+        sa = build_sa(keys, now, gap_payloads(keys))
         kd = build_kd(keys)
         legacy = self._sign_and_encrypt([SeqPayload(self.seq), sa, kd])
         modern = (

@@ -231,6 +231,22 @@ def build_sa(keys: GroupKeys, now: float, extra: Sequence[Payload] = ()) -> Gdoi
     return GdoiSaPayload(tuple(attrs))
 
 
+def gap_payloads(keys: GroupKeys) -> list[Payload]:
+    """The GAP inside the SA when activation/deactivation delays are configured."""
+    from gdoid.protocol.constants import GapAttribute
+
+    if not (keys.activation_delay or keys.deactivation_delay):
+        return []
+    return [
+        GapPayload(
+            (
+                Attribute(GapAttribute.ACTIVATION_TIME_DELAY, keys.activation_delay),
+                Attribute(GapAttribute.DEACTIVATION_TIME_DELAY, keys.deactivation_delay),
+            )
+        )
+    ]
+
+
 def kek_packet(kek: Kek, pseudotime_ms: int | None) -> KeyPacket:
     attrs = [
         Attribute(KekKeyAttribute.KEK_ALGORITHM_KEY, kek.iv + kek.key),

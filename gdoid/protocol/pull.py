@@ -38,6 +38,7 @@ from gdoid.protocol.policy import (
     SenderIds,
     build_kd,
     build_sa,
+    gap_payloads,
     parse_keys,
     parse_sa,
 )
@@ -348,20 +349,7 @@ class PullResponder:
         self.keys = keys
         self.nr_b = secrets.token_bytes(NONCE_LEN)
         self.state = _State.SENT_2
-        self._reply(self.ni_b, [NoncePayload(self.nr_b), build_sa(keys, now, self._gap(keys))], out)
-
-    @staticmethod
-    def _gap(keys: GroupKeys) -> list[Payload]:
-        if not (keys.activation_delay or keys.deactivation_delay):
-            return []
-        return [
-            GapPayload(
-                (
-                    Attribute(GapAttribute.ACTIVATION_TIME_DELAY, keys.activation_delay),
-                    Attribute(GapAttribute.DEACTIVATION_TIME_DELAY, keys.deactivation_delay),
-                )
-            )
-        ]
+        self._reply(self.ni_b, [NoncePayload(self.nr_b), build_sa(keys, now, gap_payloads(keys))], out)
 
     def _on_message_3(self, msg: Message, now: float, iv: bytes, out: PullOutput) -> None:
         _check_hash(self.sa, msg, self.ni_b + self.nr_b, "HASH(3)")
