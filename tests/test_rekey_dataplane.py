@@ -448,7 +448,7 @@ def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[T
         c1, c2 = ipsec(d, "gm1"), ipsec(d, "gm2")
         # Every echo gm1 sent on the new SA was lost at gm2 as no-sa; nothing else was lost.
         on_new = sum(sa["pkts_encaps"] for spi, sa in c1["by_spi"].items() if spi != old_tek)
-        assert on_new >= 19
+        assert on_new >= 19, (c1, gms["gm1"].text(), ks.text())
         assert len(stream.lost) == c2["drops"]["no-sa"] == on_new, (stream.lost, c2["drops"], c1["by_spi"])
         assert min(stream.lost) > max(stream.replies) - 2  # all losses came after the switch
         assert not bad_drops(c1) and not bad_drops(c2)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import warnings
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeAlias
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dh, ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -68,6 +70,11 @@ __all__ = [
 ]
 
 AES_BLOCK = 16
+
+# IKEv1 DH group 14 (MODP-2048) is what GET VPN deployments use; cryptography 50
+# deprecates finite-field DH. The warning must not reach a daemon's log stream
+# (it would break JSON logs); pyproject pins a cryptography that still has FFDH.
+warnings.filterwarnings("ignore", message="Diffie-Hellman over finite fields", category=CryptographyDeprecationWarning)
 
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
