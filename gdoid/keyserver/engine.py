@@ -71,6 +71,9 @@ class KeyServerEngine:
         # (MM5 received, MM6 sent, peer, when).  Only the two datagrams are kept,
         # not the responder with its DH key, nonces and keys.
         self.completed: dict[bytes, tuple[bytes, bytes, Address, float]] = {}
+        # Completed registrations: (cookies, M-ID) -> (message 3, message 4, peer, time).
+        # The phase-1 SA is dropped at once; this is all a retransmission needs.
+        self.pulls_done: dict[tuple[bytes, int], tuple[bytes, bytes, Address, float]] = {}
         self.sas: dict[bytes, _SaEntry] = {}
         self.pulls: dict[tuple[bytes, int], PullResponder] = {}
         # Indexes, so that no datagram costs a scan of every SA or exchange:
@@ -231,6 +234,14 @@ class KeyServerEngine:
             self.pulls.pop((cookies, mid), None)
 
     def _pull(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
+        done = self.pulls_done.get((header.cookies, header.message_id))
+        if done is not None:
+            # A registration we completed (and whose phase-1 SA we let go): the GM
+            # retransmits message 3 because message 4 was lost.
+            if data == done[0] and peer == done[2]:
+                return [(done[1], peer)]
+            self.drop(peer, "GROUPKEY-PULL message for a completed exchange", now)
+            return []
         entry = self.sas.get(header.cookies)
         if entry is None:
             self.drop(peer, "GROUPKEY-PULL for no phase-1 SA", now)
@@ -248,7 +259,14 @@ class KeyServerEngine:
             mids.add(header.message_id)
         out = pull.receive(data, now)
         self._pull_events(out, entry, now)
+        if pull.finished and any(isinstance(ev, MemberRegistered) for ev in out.events) and not self._is_coop_peer(entry):
+            assert pull.last_received is not None and pull.last_sent is not None
+            self.pulls_done[key] = (pull.last_received, pull.last_sent, entry.addr, now)
+            self._drop_sa(header.cookies)  # a registered GM needs no phase-1 SA on the KS
         return [(d, entry.addr) for d in out.send]
+
+    def _is_coop_peer(self, entry: _SaEntry) -> bool:
+        return self.coop is not None and entry.sa.peer_address in self.coop.peers
 
     def _pull_events(self, out: PullOutput, entry: _SaEntry, now: float) -> None:
         for reason in out.drops:
@@ -390,6 +408,9 @@ class KeyServerEngine:
                 self.responders.pop(icky, None)
                 self.counters["half_open_expired"] += 1
             self._phase1_events(mm_out.events, icky, peer, now)
+        for key, (_, _, _, at) in list(self.pulls_done.items()):
+            if now - at > SA_LINGER:
+                del self.pulls_done[key]
         for icky, (_, _, _, at) in list(self.completed.items()):
             if now - at > SA_LINGER:
                 del self.completed[icky]

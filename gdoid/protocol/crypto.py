@@ -23,7 +23,6 @@ from enum import IntEnum
 from typing import TypeAlias
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dh, ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.utils import CryptographyDeprecationWarning
 
 from gdoid.protocol.errors import CryptoError
 
