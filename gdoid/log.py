@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
 import string
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -302,14 +304,98 @@ def _json_renderer(_logger: Any, _method: str, event_dict: MutableMapping[str, A
     return json.dumps(dict(event_dict), default=str)
 
 
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+_SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+_FIELD_OK = re.compile(r"[^A-Z0-9_]")
+
+
+def journal_fields(event_dict: MutableMapping[str, Any]) -> dict[str, str]:
+    """An event as journald fields: MESSAGE is the IOS line, every field its own KEY."""
+    fields = {
+        "MESSAGE": str(event_dict.get("event", "")),
+        # IOS severities are syslog severities: %GDOI-5-... is PRIORITY=5 (notice).
+        "PRIORITY": str(event_dict.get("severity", _SYSLOG_PRIORITY.get(str(event_dict.get("level", "info")), 6))),
+        "SYSLOG_IDENTIFIER": "gdoid",
+    }
+    if "mnemonic" in event_dict:
+        fields["GDOI_MNEMONIC"] = str(event_dict["mnemonic"])
+    for key, value in event_dict.items():
+        if key in ("event", "level", "timestamp", "mnemonic"):
+            continue
+        name = "GDOI_" + _FIELD_OK.sub("_", key.upper())
+        fields[name] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return fields
+
+
+def encode_journal(fields: Mapping[str, str]) -> bytes:
+    """systemd's native journal protocol: KEY=value lines, binary-safe form for newlines."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalLogger:
+    """A structlog logger that sends each rendered event to journald's socket."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET, fallback: TextIO = sys.stderr) -> None:
+        self.path = path
+        self.fallback = fallback
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def msg(self, message: bytes) -> None:
+        try:
+            self.sock.sendto(message, self.path)
+        except OSError:  # no journald (or a message too large): keep the line on stderr
+            self.fallback.write(message.decode("utf-8", "replace") + "\n")
+            self.fallback.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
+
+
+def _journal_renderer(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> bytes:
+    event_dict.pop("timestamp", None)  # journald stamps entries itself
+    exc = event_dict.pop("exception", None)
+    fields = journal_fields(event_dict)
+    if exc:
+        fields["GDOI_EXCEPTION"] = str(exc)
+    return encode_journal(fields)
+
+
 def configure_logging(
-    fmt: Literal["ios", "json"] = "ios",
+    fmt: Literal["ios", "json", "journal"] = "ios",
     stream: TextIO = sys.stderr,
     level: int = logging.INFO,
+    journal_socket: str = JOURNAL_SOCKET,
 ) -> None:
-    """Configure structlog process-wide; callable again (tests, SIGHUP) to switch."""
-    if fmt not in ("ios", "json"):
-        raise ValueError(f"unknown log format {fmt!r} (expected 'ios' or 'json')")
+    """Configure structlog process-wide; callable again (tests, SIGHUP) to switch.
+
+    ``journal`` sends entries to journald natively: MESSAGE is the IOS line and
+    every structured field is a GDOI_* journal field (``journalctl -o verbose``).
+    """
+    if fmt not in ("ios", "json", "journal"):
+        raise ValueError(f"unknown log format {fmt!r} (expected 'ios', 'json' or 'journal')")
+    if fmt == "journal":
+        journal = JournalLogger(journal_socket, stream)
+        structlog.configure(
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                _add_level,
+                _add_timestamp,
+                structlog.processors.format_exc_info,
+                redact,
+                _render_mnemonic,
+                _journal_renderer,
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(level),
+            logger_factory=lambda *_args: journal,
+            cache_logger_on_first_use=False,
+        )
+        return
     renderer = _ios_renderer if fmt == "ios" else _json_renderer
     structlog.configure(
         processors=[

@@ -73,3 +73,43 @@ def test_daemons_notify_ready_watchdog_and_reload(tmp_path: Path) -> None:
                 if "STATUS=registered" in m:
                     break
             gm.wait_for("GM_REGS_COMPL")  # READY came only after registration
+
+
+def _journal_entry(data: bytes) -> dict[str, str]:
+    """Parse systemd's native journal protocol (KEY=value, or KEY\\n<len><data>\\n)."""
+    fields: dict[str, str] = {}
+    i = 0
+    while i < len(data):
+        nl = data.index(b"\n", i)
+        line = data[i:nl]
+        if b"=" in line:
+            key, value = line.split(b"=", 1)
+            fields[key.decode()] = value.decode()
+            i = nl + 1
+        else:
+            size = int.from_bytes(data[nl + 1 : nl + 9], "little")
+            fields[line.decode()] = data[nl + 9 : nl + 9 + size].decode()
+            i = nl + 9 + size + 1
+    return fields
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+def test_journal_entries_carry_the_ios_message_and_structured_fields(tmp_path: Path) -> None:
+    write_private(tmp_path / "psk.secret", "s3cret\n")
+    write_signing_key(tmp_path / "rekey.key")
+    auth = auth_toml("psk.secret")
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(tmp_path / "journal.sock"))
+    journal.settimeout(20)
+    env = {"GDOID_JOURNAL_SOCKET": str(tmp_path / "journal.sock")}
+    ks_daemon = Daemon("ks", ks_toml(tmp_path, auth=auth), "--log-format", "journal", env=env)
+    gm_config = gm_toml(tmp_path, address="127.0.0.2", name="gm1", auth=auth)
+    with journal, ks_daemon, Daemon("gm", gm_config) as gm:
+        gm.wait_for("GM_REGS_COMPL")
+        while True:
+            entry = _journal_entry(journal.recv(65536))
+            if entry.get("GDOI_MNEMONIC") == "GDOI-5-KS_REGS_COMPL":
+                break
+    assert entry["MESSAGE"] == "%GDOI-5-KS_REGS_COMPL: KS completed successful registration in group GET with GM 127.0.0.2"
+    assert entry["PRIORITY"] == "5" and entry["SYSLOG_IDENTIFIER"] == "gdoid"
+    assert entry["GDOI_GROUP"] == "GET" and entry["GDOI_GM"] == "127.0.0.2"

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -19,7 +20,12 @@ from gdoid.systemd import Notifier
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keylog", type=Path, metavar="DIR", help="append Wireshark key-log lines to DIR")
-    p.add_argument("--log-format", choices=("ios", "json"), default="ios")
+    p.add_argument(
+        "--log-format",
+        choices=("ios", "json", "journal"),
+        default="ios",
+        help="ios lines or JSON lines on stderr, or native journald entries with structured fields",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
@@ -88,7 +94,11 @@ async def _notify_ready(daemon: object, notifier: Notifier) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log.configure_logging(args.log_format, level=getattr(logging, args.log_level.upper()))
+    log.configure_logging(
+        args.log_format,
+        level=getattr(logging, args.log_level.upper()),
+        journal_socket=os.environ.get("GDOID_JOURNAL_SOCKET", log.JOURNAL_SOCKET),
+    )
     try:
         if args.command == "ks":
             from gdoid.keyserver.daemon import KeyServerDaemon
