@@ -46,7 +46,7 @@ FAILOVER_WITHIN = 3 * PERIOD + 3 * STEP
 KS_TOML = """
 [ks]
 address = "{address}"
-software_version = "1.0.2"
+software_version = "{version}"
 [[auth.psk]]
 peer = "10.0.0.0/8"
 key_file = "{psk}"
@@ -133,10 +133,12 @@ class Sim:
 
     # --- nodes ------------------------------------------------------------------------
 
-    def add_ks(self, address: str, priority: int | None = None, psk: str = "psk") -> KeyServerEngine:
+    def add_ks(
+        self, address: str, priority: int | None = None, psk: str = "psk", version: str = "1.0.2"
+    ) -> KeyServerEngine:
         peers = "".join(f'[[coop.peer]]\naddress = "{a}"\n' for a in KSS if a != address)
         text = KS_TOML.format(address=address, psk=psk, priority=priority or PRIORITY[address],
-                              period=PERIOD, peers=peers)
+                              period=PERIOD, peers=peers, version=version)
         cfg = parse_ks_config(text, self.base)
         assert cfg.coop is not None
         p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
@@ -697,3 +699,18 @@ def test_large_member_list_is_split_below_32_kib(files: Path) -> None:
     for i in range(20):
         values = fresh.allocate_sender_ids(GROUP, 1, f"new-{i}")
         assert values is not None and not set(values.values) & taken
+
+
+def test_a_1_0_1_key_server_shows_as_no_in_the_feature_tables(files: Path) -> None:
+    """Every KS knows each peer's version from its ANNs; the primary's tables list them."""
+    from gdoid.keyserver.show import show_feature
+
+    sim = Sim(files)
+    sim.add_ks(KS1)
+    sim.add_ks(KS2)
+    sim.add_ks(KS3, version="1.0.1")
+    sim.run_until(lambda: sim.primaries() == [KS1] and all(sim.coop(a).serving for a in KSS), ELECTED_WITHIN + PERIOD)
+    table = show_feature([sim.group(KS1)], sim.coop(KS1).key_servers(), sim.now)
+    assert " 10.0.8.1 1.0.2 Yes\n" in table
+    assert " 10.0.9.1 1.0.2 Yes\n" in table
+    assert " 10.0.10.1 1.0.1 No\n" in table

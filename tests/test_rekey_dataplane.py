@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from gdoid.dataplane.engine import Dataplane, DropReason
 from gdoid.groupmember.sadb import shortened_lifetime
 from gdoid.netlab import GM1_WAN, GM2_WAN, HOST_B, KS, Topology
 from tests.netns import netns_required, topology  # noqa: F401 (fixtures)
@@ -608,3 +609,24 @@ def test_policy_replace_cbc_to_gcm_under_traffic(lab: tuple[Topology, Path]) -> 
             assert "GM_REKEY_REJECTED" not in gm.text() and "Traceback" not in gm.text()
         lost = assert_losses_explained(stream, d, max_no_sa=2)
     print(f"policy replace: {len(stream.sent)} echoes, {lost} lost (no-sa at a switch)")
+
+
+def test_gcm_tek_without_sender_ids_leaves_outbound_on_the_older_tek() -> None:
+    """Sans-I/O: the fix test 4 needs.  A rekey brings a GCM TEK to a GM registered under
+    CBC, so it holds no sender IDs yet: outbound stays on the CBC TEK (instead of dropping
+    as counter-exhausted) until a re-registration brings them, then moves to GCM."""
+    from tests.test_esp import T0, make_tek, sids, udp
+
+    cbc = make_tek("esp-cbc-256-sha256", spi=0x1000, created=T0)
+    gcm = make_tek("esp-gcm-256", spi=0x2000, created=T0 + 10)
+    dp = Dataplane()
+    dp.install(1, [cbc, gcm], None, None, T0 + 10)
+    out = dp.outbound(udp(), T0 + 11)
+    assert out.drop is None and int.from_bytes(out.to_network[0][20:24], "big") == cbc.spi
+    dp.install(1, [cbc, gcm], sids(7), None, T0 + 12)  # the re-registration
+    out = dp.outbound(udp(), T0 + 13)
+    assert out.drop is None and int.from_bytes(out.to_network[0][20:24], "big") == gcm.spi
+    # Only the GCM TEK and no sender IDs: nothing else to use, dropped as before.
+    dp = Dataplane()
+    dp.install(1, [gcm], None, None, T0 + 10)
+    assert dp.outbound(udp(), T0 + 11).drop is DropReason.COUNTER_EXHAUSTED

@@ -499,6 +499,11 @@ class Coop:
 
     # --- show ------------------------------------------------------------------------------
 
+    def key_servers(self) -> list[tuple[IPv4Address, SoftwareVersion | None]]:
+        """Every KS of the group with its version: ours, and each peer's from its ANNs."""
+        peers = sorted(self.peers.values(), key=lambda p: p.address)
+        return [(self.address, self.version), *((p.address, p.version) for p in peers)]
+
     def describe(self, now: float) -> dict[str, Any]:
         role = {Role.PRIMARY: "Primary", Role.SECONDARY: "Secondary", None: "Listening"}[self.role]
         return {

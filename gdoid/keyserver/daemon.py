@@ -197,10 +197,9 @@ class KeyServerDaemon:
 
     def key_servers(self) -> list[tuple[Any, Any]]:
         """Every KS of the group with its version (from COOP announcements)."""
-        out: list[tuple[Any, Any]] = [(self.config.address, self.config.software_version)]
         if self.coop is not None:
-            out += [(p.address, p.version) for p in sorted(self.coop.peers.values(), key=lambda p: p.address)]
-        return out
+            return list(self.coop.key_servers())
+        return [(self.config.address, self.config.software_version)]
 
     def _show_feature(self, params: dict[str, str], now: float) -> ControlResponse:
         if params["feature"] not in show.FEATURES:
