@@ -321,7 +321,9 @@ class GroupMemberEngine:
         pseudotime = None
         if g.pseudotime_ms is not None:  # the KS's pseudotime, advanced by our clock since
             pseudotime = g.pseudotime_ms + int((now - g.pseudotime_at) * 1000)
-        self.dataplane.install(group_number, list(g.teks.values()), g.sender_ids, pseudotime, now, g.activation_delay)
+        self.dataplane.install(
+            group_number, list(g.teks.values()), g.sender_ids, pseudotime, now, self.sadb.send_delay(group_number, now)
+        )
 
     # --- GROUPKEY-PUSH ----------------------------------------------------------------
 
@@ -373,6 +375,7 @@ class GroupMemberEngine:
             if replace is not None:
                 if replace.data[:1] == bytes([POLICY_REPLACE_NOW]):
                     self.sadb.delete_teks(g.group_number, old)
+                    g.transition_until = 0.0  # replace-now: the new policy applies at once
                 else:
                     self.sadb.shorten_teks(g.group_number, now)
             self._install(keys, None, now)

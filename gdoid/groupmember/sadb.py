@@ -29,6 +29,9 @@ class GroupSas:
     pseudotime_ms: int | None = None
     pseudotime_at: float = 0.0  # local time the pseudotime was received
     activation_delay: int = 0  # from the GAP: new TEKs are sent on only after this
+    # Until then the shortened (transitional) TEKs carry our outbound traffic: every GM
+    # switches to the new TEKs at the same moment, so none loses traffic (spec §2.2, §3.1).
+    transition_until: float = 0.0
     deactivation_delay: int = 0  # and replaced TEKs are kept this long after that
 
     def active_teks(self, now: float) -> list[Tek]:
@@ -79,6 +82,13 @@ class Sadb:
         for spi, t in g.teks.items():
             slt = shortened_lifetime(t.expires_at - now, t.policy.configured_lifetime)
             g.teks[spi] = replace(t, expires_at=now + slt)
+        if g.teks:
+            g.transition_until = max(t.expires_at for t in g.teks.values())
+
+    def send_delay(self, group_number: int, now: float) -> float:
+        """How long new TEKs wait before we send on them: GAP activation, or the transition."""
+        g = self.group(group_number)
+        return max(float(g.activation_delay), g.transition_until - now)
 
     def clear(self, group_number: int) -> None:
         self.groups.pop(group_number, None)
