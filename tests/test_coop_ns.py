@@ -12,7 +12,11 @@ The tests share one running group (a module fixture) and run in file order;
 each starts from (and waits for) the converged group.  The group has
 ``activation_delay = 1`` (GAP ATD): a GM keeps sending on the old TEK for one
 second after a rekey, so every GM holds the new TEK before anyone sends on it
-and a rekey loses no packet.  The failover test kills KS1, so it comes last.
+and a rekey loses no packet.  A policy replace (``crypto gdoi ks rekey``)
+goes further (spec §3.1): the GMs install the new TEKs for receiving at once
+but keep sending on the old ones, shortened to TEK_SLT (180 s here), until
+those run out, longer than the tests watch.  The failover test kills KS1, so
+it comes last.
 """
 
 from __future__ import annotations
@@ -411,6 +415,27 @@ def teks_active(lab: CoopLab, teks: frozenset[str], timeout: float = 10.0) -> No
     until(f"TEKs {sorted(teks)} active on every GM", check, timeout)
 
 
+def teks_pending(lab: CoopLab, teks: frozenset[str], old: frozenset[str] | None = None,
+                 timeout: float = 10.0) -> None:
+    """After a policy replace: every GM's data path holds ``teks`` for receiving but
+    does not send on them yet; it sends on older TEKs (``old`` if given), shortened to
+    TEK_SLT, until those run out."""
+    wanted = {int(t, 16) for t in teks}
+
+    def check() -> bool:
+        for i in lab.gms:
+            sas = lab.sas(i)
+            assert all(spi in sas and not sas[spi]["active"] for spi in wanted), (i, sas)
+            sending = {spi for spi, sa in sas.items() if sa["active"]}
+            assert sending and sending.isdisjoint(wanted), (i, sas)
+            assert all(sas[spi]["remaining"] <= TEK_SLT for spi in sending), (i, sas)
+            if old is not None:
+                assert sending == {int(t, 16) for t in old}, (i, sas)
+        return True
+
+    until(f"TEKs {sorted(teks)} installed, not yet sent on, on every GM", check, timeout)
+
+
 def ping_pairs(lab: CoopLab, count: int = 3) -> None:
     """Every GM's LAN host reaches every other one (an echo crosses both directions)."""
     failures = []
@@ -642,6 +667,7 @@ def test_policy_replace_and_removal_from_the_primary_reach_gms_of_secondaries(la
 
 def test_partition_heals_to_one_primary_and_one_set_of_keys(lab: CoopLab) -> None:
     groups = converged(lab)
+    before_teks = keys_of(groups[1])[1]
     regs = {i: lab.gm(i)["registrations"] for i in GMS}
     side_a = ("ks1", "gm1", "gm4")
     side_b = ("ks2", "ks3", "gm2", "gm3")
@@ -652,7 +678,8 @@ def test_partition_heals_to_one_primary_and_one_set_of_keys(lab: CoopLab) -> Non
         lab.kss[2].wait_for("COOP_KS_TRANS_TO_PRI", start=mark2, timeout=FAILOVER_WITHIN + 5)
         until("KS3 follows KS2", lambda: lab.coop(3)["primary"] == ks_addr(2))
         assert lab.coop(1)["role"] == "Primary"
-        # Both halves rekey on their own: the keys diverge.
+        # Both halves rekey on their own (policy replace): the keys diverge, while the TEK
+        # of before the partition, shortened to TEK_SLT, keeps carrying every GM's traffic.
         for k, gms in ((1, (1, 4)), (2, (2, 3))):
             data = lab.query(lab.ks_sock(k), "crypto", "gdoi", "ks", "rekey")
             for i in gms:
@@ -660,7 +687,7 @@ def test_partition_heals_to_one_primary_and_one_set_of_keys(lab: CoopLab) -> Non
                                     start=gm_marks[i])
         winner = keys_of(lab.ks_group(1))
         loser = keys_of(lab.ks_group(2))
-        assert winner[1] != loser[1] and winner[1] != keys_of(groups[1])[1]
+        assert winner[1] != loser[1] and winner[1] != before_teks
         until("KS3 holds KS2's keys", lambda: keys_of(lab.ks_group(3)) == loser)
         # Each half still works on its own keys.
         assert lab.topo.ping("host1", host_addr(4), count=2, timeout=1.0, interval=0.05) == 2
@@ -674,7 +701,8 @@ def test_partition_heals_to_one_primary_and_one_set_of_keys(lab: CoopLab) -> Non
     for i in GMS:
         gm = lab.gm(i)
         assert gm["registrations"] == regs[i], (i, gm)  # the loser's GMs moved by rekey, not re-registration
-    teks_active(lab, winner[1])
+    # Every GM holds the winner's TEK, to send on once the transitional one runs out.
+    teks_pending(lab, winner[1], old=before_teks)
     ping_pairs(lab)
 
 
@@ -717,11 +745,16 @@ def test_primary_killed_secondary_takes_over_rekeys_and_traffic_never_stops(lab:
             assert new_teks <= set(gm["tek_spis"]), (i, gm)
             assert gm["state"] == "REGISTERED"
             assert not any("GM_REKEY_REJECTED" in line for line in lab.gms[i].since(marks[i]))
-        # The stream moves to the new TEK (after the activation delay) and keeps flowing.
+        # A policy replace: every GM holds the new TEK for receiving, while the stream
+        # keeps flowing on the transitional TEK (shortened to TEK_SLT) until that runs out.
+        teks_pending(lab, new_teks)
         spi = int(next(iter(new_teks)), 16)
-        until("GM1 -> GM2 on the new TEK", lambda: lab.sas(1)[spi]["pkts_encaps"] > 0 and lab.sas(2)[spi]["pkts_decaps"] > 0)
-        until("GM2 -> GM1 on the new TEK", lambda: lab.sas(2)[spi]["pkts_encaps"] > 0 and lab.sas(1)[spi]["pkts_decaps"] > 0)
+        totals = {i: lab.esp_totals(i) for i in (1, 2)}
         stream.wait_replies(stream.ok + 10)
+        for i in (1, 2):
+            encaps, decaps = lab.esp_totals(i)
+            assert encaps - totals[i][0] >= 10 and decaps - totals[i][1] >= 10, (i, totals[i], lab.sas(i))
+            assert lab.sas(i)[spi]["pkts_encaps"] == lab.sas(i)[spi]["pkts_decaps"] == 0, (i, lab.sas(i))
     finally:
         sent, lost = stream.stop()
     assert sent > 50 and lost == [], f"{len(lost)} of {sent} echoes lost: {lost}"

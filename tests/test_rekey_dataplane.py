@@ -7,17 +7,23 @@ hostA to hostB while the KS rekeys, removes members or replaces policy; the
 GMs' ``show crypto ipsec sa`` counters say which SA carried the traffic and
 why packets were dropped.
 
-Waits are event-driven: daemon log lines (:meth:`Daemon.wait_for`) and echo
-replies of the stream (:meth:`PingStream.wait_replies`); counters are read
-when those events have happened.
+Waits are event-driven: daemon log lines (:meth:`Daemon.wait_for`), echo
+replies of the stream (:meth:`PingStream.wait_replies`) and, for an SA
+becoming the one a GM sends on, polling ``show crypto ipsec sa`` with a
+deadline (:func:`until`); counters are read when those events have happened.
 
-Losses.  A GM switches its outbound traffic to a new TEK as soon as it
-installs it, and the KS pushes a rekey to the GMs one after the other, so an
-echo sent by the GM that installed first can reach the other GM a moment
-before that one installed the new TEK: it is dropped there as ``no-sa``.  The
-tests therefore allow a lost echo only where the peer GM counted exactly that
-many ``no-sa`` drops, at most a couple per rekey; every other drop reason
-(``icv``, ``replay``, ``expired``, ...) must stay at zero.
+Losses.  After a scheduled rekey a GM switches its outbound traffic to the
+new TEK as soon as it installs it, and the KS pushes a rekey to the GMs one
+after the other, so an echo sent by the GM that installed first can reach the
+other GM a moment before that one installed the new TEK: it is dropped there
+as ``no-sa``.  The tests therefore allow a lost echo only where the peer GM
+counted exactly that many ``no-sa`` drops, at most a couple per rekey; every
+other drop reason (``icv``, ``replay``, ``expired``, ...) must stay at zero.
+After a transitional GM removal or a policy replace without ``replace-now``
+(spec §2.2, §3.1) the GMs install the new TEKs for receiving at once but keep
+sending on the old, shortened ones until TEK_SLT ends (less
+:data:`~gdoid.groupmember.sadb.TRANSITION_SWITCH_LEAD`), so every GM switches
+at the same moment and no valid GM loses an echo.
 """
 
 from __future__ import annotations
@@ -27,16 +33,18 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from gdoid.dataplane.engine import Dataplane, DropReason
-from gdoid.groupmember.sadb import shortened_lifetime
+from gdoid.groupmember.sadb import TRANSITION_SWITCH_LEAD, shortened_lifetime
 from gdoid.netlab import GM1_WAN, GM2_WAN, HOST_B, KS, Topology
 from tests.netns import netns_required, topology  # noqa: F401 (fixtures)
 from tests.procs import (
@@ -63,6 +71,21 @@ REMOVAL_NOW = (
 )
 # Drop reasons a rekey must never cause (no-sa is checked against the lost echoes instead).
 BAD_DROPS = ("icv", "replay", "tbar", "malformed", "expired", "too-big", "counter-exhausted", "fail-close")
+
+
+T = TypeVar("T")
+
+
+def until(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.05) -> T:
+    """Poll ``check`` (a daemon's state) until it returns something truthy, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
 
 
 def registered(gm: str) -> str:
@@ -390,19 +413,22 @@ def test_scheduled_rekeys_and_kek_rollover_keep_traffic_flowing(lab: tuple[Topol
 def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[Topology, Path]) -> None:
     """Per-GM PSKs; gm2's is revoked on the KS, then ``clear crypto gdoi ks members``.
 
-    TEK 20 s, so TEK_SLT is the remaining lifetime and both GMs re-register at
-    80-90 % of it: gm1 gets the new TEK and moves its outbound traffic to it;
-    gm2 is refused (AUTHENTICATION_FAILED) and keeps only the old TEK, so it
-    can decrypt hostA's echoes until gm1 switches, and none after.  The new
-    TEKs get 60 s (a staged lifetime change the removal applies), so neither
-    they expire nor the KS rekeys while the test counts packets on them.
+    TEK 40 s, so TEK_SLT is the remaining lifetime (under 90 s) and both GMs
+    re-register at 80-90 % of it.  gm1 gets the new TEK and installs it for
+    receiving at once, but both GMs keep sending on the old (transitional) TEK
+    until it runs out: nothing is lost.  gm2 is refused (AUTHENTICATION_FAILED)
+    and keeps only the old TEK.  When the transitional SA ends (its last
+    TRANSITION_SWITCH_LEAD seconds only receive) gm1 moves its outbound traffic
+    to the new TEK, and from then on gm2 cannot decrypt hostA's echoes: each one
+    is a ``no-sa`` drop there.  The new TEKs get 60 s (a staged lifetime change
+    the removal applies), so neither they expire nor the KS rekeys meanwhile.
     """
     topo, d = lab
     for name in ("gm1", "gm2"):
         write_private(d / f"ks-{name}.secret", f"secret-of-{name}\n")
         write_private(d / f"{name}.secret", f"secret-of-{name}\n")
     ks_auth = auth_toml("ks-gm1.secret", peer=f"{GM1_WAN}/32") + auth_toml("ks-gm2.secret", peer=f"{GM2_WAN}/32")
-    cfg = ks_config(d, auth=ks_auth, lifetime=20, rekey={"lead_time": 1})
+    cfg = ks_config(d, auth=ks_auth, lifetime=40, rekey={"lead_time": 1})
     psk = {"gm1": "gm1.secret", "gm2": "gm2.secret"}
     with running(topo, d, cfg, psk=psk) as (ks, gms), PingStream(topo, "hostA", HOST_B) as stream:
         stream.wait_replies(5)
@@ -424,39 +450,59 @@ def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[T
             gm.wait_for(re.escape(GM_RECV_DELETE), start=marks[name])
             g = show(d, name)
             assert g["kek_spi"] is None and g["tek_spis"] == [old_tek]
-            assert abs(g["teks"][0]["remaining"] - shortened_lifetime(old["teks"][0]["remaining"], 20)) <= 2
+            assert abs(g["teks"][0]["remaining"] - shortened_lifetime(old["teks"][0]["remaining"], 40)) <= 2
 
         # The transitional SAs carry the traffic: nothing lost, gm2 decrypts everything.
         assert_outbound_on(d, stream, old_tek, [])
-        assert stream.lost == [] and ipsec(d, "gm2")["drops"].get("no-sa", 0) == 0
+        assert stream.lost == [] and ipsec(d, "gm2")["drops"]["no-sa"] == 0
 
-        # gm1 re-registers with the new TEK and keeps forwarding on it ...
-        gms["gm1"].wait_for(registered("gm1"), start=marks["gm1"], timeout=25)
+        # gm1 re-registers: the new TEK is installed at once, for receiving only ...
+        gms["gm1"].wait_for(registered("gm1"), start=marks["gm1"], timeout=40)
         g1 = show(d, "gm1")
         assert g1["registrations"] == 2 and g1["tek_spis"] == [old_tek, new_tek] and g1["kek_spi"] is not None
+        sas = ipsec(d, "gm1")["by_spi"]
+        assert not sas[new_tek]["active"] and sas[old_tek]["active"], sas
+        assert sas[old_tek]["remaining"] > TRANSITION_SWITCH_LEAD, sas
+        # ... both GMs keep sending on the transitional SA: still nothing lost.
+        assert_outbound_on(d, stream, old_tek, [new_tek])
+        assert stream.lost == []
+
+        # gm2, refused, gets no new TEK and no KEK.
+        line = gms["gm2"].wait_for("AUTHENTICATION_FAILED", start=marks["gm2"], timeout=40)
+        assert "%GDOI-4-GM_REG_FAILURE" in line or "%IKE-4-PHASE1_FAILED" in line
+        g2 = show(d, "gm2")
+        assert g2["registrations"] == 1 and g2["kek_spi"] is None and new_tek not in g2["tek_spis"]
+        assert new_tek not in ipsec(d, "gm2")["by_spi"]
+
+        # The transitional SA ends: gm1 switches to the new TEK (the old one, about to
+        # expire, only receives), and gm2 drops every echo as no-sa from then on.
+        switch = until(
+            "gm1 sends on the new TEK",
+            lambda: (lambda s: s if s[new_tek]["active"] else None)(ipsec(d, "gm1")["by_spi"]),
+            timeout=sas[old_tek]["remaining"] + 5,
+        )
+        assert old_tek in switch and switch[old_tek]["remaining"] <= TRANSITION_SWITCH_LEAD, switch
         before = ipsec(d, "gm1")
         stream.wait_sent(20)
         after = ipsec(d, "gm1")
         assert delta(after, before, new_tek, "pkts_encaps") >= 19
         assert delta(after, before, old_tek, "pkts_encaps") == 0
-
-        # ... while gm2, refused, cannot decrypt it: no-sa drops for the new SPI.
-        line = gms["gm2"].wait_for("AUTHENTICATION_FAILED", start=marks["gm2"], timeout=25)
-        assert "%GDOI-4-GM_REG_FAILURE" in line or "%IKE-4-PHASE1_FAILED" in line
-        g2 = show(d, "gm2")
-        assert g2["registrations"] == 1 and g2["kek_spi"] is None and new_tek not in g2["tek_spis"]
-        assert new_tek not in ipsec(d, "gm2")["by_spi"]
+        for name, gm in gms.items():
+            gm.wait_for(rf"tek_expired spi=0x{old_tek}", start=marks[name], timeout=10)
+        assert list(ipsec(d, "gm1")["by_spi"]) == [new_tek] and ipsec(d, "gm2")["sas"] == []
         stream.stop()
 
         members = gdoictl_json(d / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"]
         assert [m["address"] for m in members] == [GM1_WAN]
         c1, c2 = ipsec(d, "gm1"), ipsec(d, "gm2")
-        # Every echo gm1 sent on the new SA was lost at gm2 as no-sa; nothing else was lost.
+        # Every echo before the switch was answered, every one after it lost: each one
+        # gm1 sent on the new SA and gm2 dropped as no-sa; nothing else was lost.
         on_new = c1["by_spi"][new_tek]["pkts_encaps"]
-        assert on_new >= 19 and set(c1["by_spi"]) <= {old_tek, new_tek}
-        assert len(stream.lost) == c2["drops"]["no-sa"] == on_new, (stream.lost, c2["drops"], c1["by_spi"])
-        assert min(stream.lost) > max(stream.replies) - 2  # all losses came after the switch
-        assert not bad_drops(c1) and not bad_drops(c2)
+        assert on_new >= 19 and len(stream.lost) == c2["drops"]["no-sa"] == on_new, (stream.lost, c2["drops"])
+        first_lost = min(stream.lost)
+        assert set(stream.replies) == set(range(first_lost)), (first_lost, sorted(stream.replies)[-5:])
+        assert stream.lost == list(range(first_lost, len(stream.sent)))
+        assert c1["drops"]["no-sa"] == 0 and not bad_drops(c1) and not bad_drops(c2)
         assert not re.search(registered("gm2"), "\n".join(gms["gm2"].lines[marks["gm2"]:]))
     print(f"revocation: {len(stream.replies)} echoes answered, then {len(stream.lost)} lost at gm2 (no-sa)")
 
@@ -547,8 +593,14 @@ def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) 
 
 
 def test_policy_replace_cbc_to_gcm_under_traffic(lab: tuple[Topology, Path]) -> None:
+    """CBC TEK of 30 s (so TEK_SLT is its remaining lifetime), then a GCM policy of 120 s.
+
+    The triggered rekey installs the GCM SA on both GMs at once (receiving), but
+    the traffic stays on the CBC SA until TEK_SLT ends; then both GMs switch to
+    GCM together and not one echo is lost.  ``replace-now`` switches at once.
+    """
     topo, d = lab
-    cfg = ks_config(d, transform="esp-cbc-256-sha256", lifetime=3600)
+    cfg = ks_config(d, transform="esp-cbc-256-sha256", lifetime=30, rekey={"lead_time": 1})
     with running(topo, d, cfg) as (ks, gms), PingStream(topo, "hostA", HOST_B) as stream:
         stream.wait_replies(5)
         g0 = show(d, "gm1")
@@ -558,16 +610,18 @@ def test_policy_replace_cbc_to_gcm_under_traffic(lab: tuple[Topology, Path]) -> 
         assert_outbound_on(d, stream, cbc, [])
 
         # The policy changes: announced, nothing sent, traffic stays on the CBC SA.
-        ks_config(d, transform="esp-gcm-256", lifetime=3600)
+        ks_config(d, transform="esp-gcm-256", lifetime=120, rekey={"lead_time": 1})
         res = gdoictl(d / "ks.sock", "reload")
         assert res.returncode == 0 and res.stdout == POLICY_CHANGE + "\n", res.stdout + res.stderr
         assert_outbound_on(d, stream, cbc, [])
+        before = {}
         for name in gms:
-            g = show(d, name)
+            before[name] = g = show(d, name)
             assert g["seq"] == 1 and g["tek_spis"] == [cbc]
             assert list(ipsec(d, name)["by_spi"]) == [cbc]
 
-        # The triggered rekey: a GCM SA on both GMs, outbound moves to it, the CBC SA is cut to TEK_SLT.
+        # The triggered rekey: a GCM SA on both GMs at once, for receiving; the CBC SA is
+        # cut to TEK_SLT (here its remaining lifetime) and keeps carrying the traffic.
         marks = {name: len(gm.lines) for name, gm in gms.items()}
         res = gdoictl(d / "ks.sock", "crypto", "gdoi", "ks", "rekey")
         assert res.returncode == 0 and res.stdout == send_rekey(2, replace=True) + "\n", res.stdout
@@ -577,38 +631,69 @@ def test_policy_replace_cbc_to_gcm_under_traffic(lab: tuple[Topology, Path]) -> 
         for name in gms:
             teks = {t["spi"]: t for t in show(d, name)["teks"]}
             assert set(teks) == {cbc, gcm}
-            assert "gcm" in teks[gcm]["transform"].lower() and teks[gcm]["remaining"] > 3500
-            assert abs(teks[cbc]["remaining"] - shortened_lifetime(3600, 3600)) <= 5  # 180 s
+            assert "gcm" in teks[gcm]["transform"].lower() and teks[gcm]["remaining"] > 115
+            slt = shortened_lifetime(before[name]["teks"][0]["remaining"], 30)
+            assert abs(teks[cbc]["remaining"] - slt) <= 2, (teks, slt)
             sas = ipsec(d, name)["by_spi"]
             assert set(sas) == {cbc, gcm} and "gcm" in sas[gcm]["transform"].lower()
-        # Registered under CBC, the GMs hold no GCM sender IDs (RFC 6054): each re-registers for
-        # them, the CBC SA carrying the traffic meanwhile; then outbound moves to the GCM SA.
+            assert sas[cbc]["active"] and not sas[gcm]["active"], sas
+        assert_outbound_on(d, stream, cbc, [gcm])
+        # Registered under CBC, the GMs hold no GCM sender IDs (RFC 6054): each re-registers
+        # for them before the GCM SA is due, the CBC SA carrying the traffic meanwhile.
         for name, gm in gms.items():
-            gm.wait_for("sender_id_counter_low", start=marks[name], timeout=10)
+            gm.wait_for("sender_id_counter_low", start=marks[name], timeout=5)
             gm.wait_for(registered(name), start=marks[name])
             g = show(d, name)
             assert g["registrations"] == 2 and g["sender_ids"] and set(g["tek_spis"]) == {cbc, gcm}
+            assert not ipsec(d, name)["by_spi"][gcm]["active"]
+        assert_outbound_on(d, stream, cbc, [gcm])
+
+        # TEK_SLT ends: both GMs switch to GCM together (the CBC SA, about to expire,
+        # only receives), and then the CBC SA goes.
+        def switched() -> dict[str, dict[str, Any]] | None:
+            sas = {name: ipsec(d, name)["by_spi"] for name in gms}
+            for name, s in sas.items():
+                if s[gcm]["active"] and name not in at_switch:
+                    at_switch[name] = s
+            return at_switch if len(at_switch) == len(gms) else None
+
+        at_switch: dict[str, dict[str, Any]] = {}
+        until("both GMs send on the GCM SA", switched, timeout=35)
+        for name, s in at_switch.items():
+            assert cbc in s and s[cbc]["remaining"] <= TRANSITION_SWITCH_LEAD, (name, s)
         assert_outbound_on(d, stream, gcm, [cbc])
+        for name, gm in gms.items():
+            gm.wait_for(rf"tek_expired spi=0x{cbc}", start=marks[name], timeout=10)
+            assert list(ipsec(d, name)["by_spi"]) == [gcm]
+        assert_outbound_on(d, stream, gcm, [])
+        # Not one echo lost, nothing dropped, at either switch.
+        assert stream.lost == []
+        for name in gms:
+            c = ipsec(d, name)
+            assert c["drops"]["no-sa"] == 0 and not bad_drops(c), (name, c["drops"])
 
         # Another change, then replace-now: the old SAs leave both data paths at once.
-        ks_config(d, transform="esp-gcm-128", lifetime=3600)
+        ks_config(d, transform="esp-gcm-128", lifetime=120, rekey={"lead_time": 1})
         assert gdoictl(d / "ks.sock", "reload").stdout == POLICY_CHANGE + "\n"
         res = gdoictl(d / "ks.sock", "crypto", "gdoi", "ks", "rekey", "replace-now")
         assert res.returncode == 0 and res.stdout == send_rekey(3, replace=True) + "\n", res.stdout
         for name, gm in gms.items():
-            gm.wait_for(recv_rekey(name, 3))
+            gm.wait_for(recv_rekey(name, 3), start=marks[name])
         newest = show(d, "ks")["tek_spis"][0]
         for name in gms:
             assert show(d, name)["tek_spis"] == [newest]
-            assert list(ipsec(d, name)["by_spi"]) == [newest]
+            sas = ipsec(d, name)["by_spi"]
+            assert list(sas) == [newest] and sas[newest]["active"]
         assert_outbound_on(d, stream, newest, [])
         stream.stop()
 
         for name, gm in gms.items():
             assert show(d, name)["registrations"] == 2  # only the one for sender IDs
             assert "GM_REKEY_REJECTED" not in gm.text() and "Traceback" not in gm.text()
+        # replace-now: the GM that installs first may send on the new SA a moment before
+        # the other one holds it (spec §3.2: a brief disruption can happen).
         lost = assert_losses_explained(stream, d, max_no_sa=2)
-    print(f"policy replace: {len(stream.sent)} echoes, {lost} lost (no-sa at a switch)")
+    print(f"policy replace: {len(stream.sent)} echoes, {lost} lost (no-sa at replace-now)")
 
 
 def test_gcm_tek_without_sender_ids_leaves_outbound_on_the_older_tek() -> None:
@@ -630,3 +715,47 @@ def test_gcm_tek_without_sender_ids_leaves_outbound_on_the_older_tek() -> None:
     dp = Dataplane()
     dp.install(1, [gcm], None, None, T0 + 10)
     assert dp.outbound(udp(), T0 + 11).drop is DropReason.COUNTER_EXHAUSTED
+
+
+def test_transition_switches_outbound_just_before_the_shortened_teks_expire() -> None:
+    """Sans-I/O: the moment tests 2 and 4 wait for.  After ``shorten_teks`` a new TEK is
+    sent on TRANSITION_SWITCH_LEAD (at most 5 % of the transition) before the old TEKs
+    expire, and the old TEK still receives until then, from a peer whose copy expires
+    a little later (lifetimes travel in whole seconds)."""
+    from gdoid.groupmember.sadb import Sadb
+    from gdoid.protocol.policy import GroupKeys
+    from tests.test_esp import T0, make_tek, udp
+
+    old = make_tek("esp-cbc-256-sha256", spi=0x1000, created=T0, lifetime=60)
+    sadb = Sadb()
+    sadb.install(GroupKeys(1, None, (old,), 1), None, T0)
+    sadb.shorten_teks(1, T0 + 2)  # 58 s left, under 90 s: TEK_SLT is what is left
+    end = T0 + 60
+    assert sadb.group(1).teks[old.spi].expires_at == end
+    assert sadb.send_delay(1, T0 + 2) == pytest.approx(58 - TRANSITION_SWITCH_LEAD)
+    new = make_tek("esp-cbc-256-sha256", spi=0x2000, created=T0 + 50, lifetime=60)
+    sadb.install(GroupKeys(1, None, (new,), 2), None, T0 + 50)  # the re-registration
+    dp = Dataplane()
+    dp.install(1, list(sadb.group(1).teks.values()), None, None, T0 + 50, sadb.send_delay(1, T0 + 50))
+
+    def spi_out(now: float) -> int:
+        out = dp.outbound(udp(), now)
+        assert out.drop is None
+        return int.from_bytes(out.to_network[0][20:24], "big")
+
+    switch = end - TRANSITION_SWITCH_LEAD
+    assert spi_out(switch - 0.01) == old.spi and spi_out(switch + 0.01) == new.spi
+    # A peer whose copy of the old TEK expires 0.8 s later still sends on it after our
+    # switch: we receive it until our copy expires.
+    peer = Dataplane()
+    peer.install(1, [replace(sadb.group(1).teks[old.spi], expires_at=end + 0.8)], None, None, T0 + 2)
+    packet = peer.outbound(udp(), end - 0.5).to_network[0]
+    assert int.from_bytes(packet[20:24], "big") == old.spi
+    got = dp.inbound(packet, end - 0.5)
+    assert got.drop is None and got.to_tun
+    assert dp.inbound(packet, end + 0.1).drop is DropReason.EXPIRED
+    # A short transition: the lead is 5 % of it.
+    sadb = Sadb()
+    sadb.install(GroupKeys(1, None, (old,), 1), None, T0)
+    sadb.shorten_teks(1, end - 10)
+    assert sadb.send_delay(1, end - 10) == pytest.approx(10 - 0.5)

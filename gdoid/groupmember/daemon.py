@@ -100,8 +100,11 @@ class GroupMemberDaemon:
         while True:
             await asyncio.sleep(1.0)
             now = wall_clock()
+            # Pending SAs too (not active yet, not expired): a GCM TEK a policy replace
+            # brought to a GM registered under CBC waits for the transition to end, and
+            # must hold sender IDs by then.
             low = {sa["group"] for sa in self.dataplane.stats(now)["sas"]
-                   if sa.get("active") and sa.get("counter_remaining") is not None
+                   if sa["remaining"] > 0 and sa.get("counter_remaining") is not None
                    and sa["counter_remaining"] < SID_COUNTER_LOW_WATER}
             for number in low:
                 reg = self.engine.registrations.get(number)

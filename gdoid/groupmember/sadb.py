@@ -12,6 +12,12 @@ from gdoid.protocol.policy import GroupKeys, Kek, SenderIds, Tek
 
 TEK_SLT_FLOOR = 90  # seconds
 TEK_SLT_CAP = 3600
+# Outbound leaves the transitional TEKs this long before they expire, while they still
+# receive: GMs' expiries differ by up to a second (lifetimes travel in whole seconds,
+# rekeys reach GMs one after the other) and packets are in flight, so a GM switching at
+# the very moment its own copy expires drops what a peer still sends on the old SA.
+# At most 5 % of the transition: GMs re-register for the new TEKs by 90 % of it.
+TRANSITION_SWITCH_LEAD = 2.0
 
 
 def shortened_lifetime(remaining: float, configured: float) -> float:
@@ -83,7 +89,8 @@ class Sadb:
             slt = shortened_lifetime(t.expires_at - now, t.policy.configured_lifetime)
             g.teks[spi] = replace(t, expires_at=now + slt)
         if g.teks:
-            g.transition_until = max(t.expires_at for t in g.teks.values())
+            end = max(t.expires_at for t in g.teks.values())
+            g.transition_until = end - min(TRANSITION_SWITCH_LEAD, 0.05 * (end - now))
 
     def send_delay(self, group_number: int, now: float) -> float:
         """How long new TEKs wait before we send on them: GAP activation, or the transition."""
