@@ -187,11 +187,10 @@ async def run_lab(
     keylog: Path | None = None,
     duration: float = 0.0,
     timeout: float = 30.0,
-    directory: Path | None = None,
     kss: int = 1,
 ) -> int:
     with tempfile.TemporaryDirectory(prefix="gdoid-lab-") as tmp:
-        files = export(directory or Path(tmp), gms, port, kss)
+        files = export(Path(tmp), gms, port, kss)
         servers = [KeyServerDaemon(load_ks_config(p), keylog_dir=keylog, config_path=p) for p in files.kss]
         members = [GroupMemberDaemon(load_gm_config(p), keylog_dir=keylog) for p in files.gms]
         for k in servers:

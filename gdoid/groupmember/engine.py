@@ -450,9 +450,3 @@ class GroupMemberEngine:
             for number in self.sadb.groups:
                 self._sync_dataplane(number, now)
         return out
-
-    def notify_name(self, value: int) -> str:
-        try:
-            return NotifyType(value).name
-        except ValueError:
-            return str(value)

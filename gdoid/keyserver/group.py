@@ -389,13 +389,3 @@ class Group:
 
     def unsupported_members(self) -> list[Member]:
         return [m for m in self.members.values() if not supports_removal_and_replace(m.version)]
-
-
-@dataclass
-class GroupTable:
-    """All groups of a KS, by number; the PULL responder's directory."""
-
-    groups: dict[int, Group] = field(default_factory=dict)
-
-    def by_name(self, name: str) -> Group | None:
-        return next((g for g in self.groups.values() if g.name == name), None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from gdoid.protocol.attributes import Attribute, decode_attributes, encode_attributes
-from gdoid.protocol.constants import Doi, PayloadType
+from gdoid.protocol.constants import PayloadType
 from gdoid.protocol.errors import DecodeError
 from gdoid.protocol.reader import Reader
 
@@ -354,5 +354,3 @@ class UnknownPayload(Payload):
     def encode_body(self) -> bytes:
         return self.body
 
-
-ISAKMP_DOIS = (Doi.ISAKMP, Doi.IPSEC, Doi.GDOI)
