@@ -1,0 +1,1 @@
+"""Security regression tests (issue 9): each names the attack it replays."""
