@@ -41,6 +41,7 @@ from gdoid.protocol.gdoi_payloads import (
     GdoiSaPayload,
     KdPayload,
     KeyPacket,
+    OpaqueSatPayload,
     SakPayload,
     SatPayload,
     SeqPayload,
@@ -174,13 +175,21 @@ traffic_ids = st.one_of(
 sak_payloads = st.builds(
     SakPayload, u8, traffic_ids, traffic_ids, st.binary(min_size=16, max_size=16), attribute_lists
 )
-sat_payloads = st.builds(SatPayload, u8, u8, traffic_ids, traffic_ids, u8, u32, attribute_lists)
+# RFC 6407 §5.4: the Protocol-ID selects the layout; ESP (1) and AH (2) have the ID layout.
+sat_payloads = st.builds(
+    SatPayload, st.sampled_from([1, 2]), u8, traffic_ids, traffic_ids, u8, u32, attribute_lists
+)
+opaque_sat_payloads = st.builds(
+    OpaqueSatPayload, u8.filter(lambda p: p not in (1, 2)), st.binary(max_size=40)
+)
 gap_payloads = st.builds(GapPayload, attribute_lists)
 gdoi_sa_payloads = st.builds(
     GdoiSaPayload,
-    st.lists(st.one_of(sak_payloads, sat_payloads, gap_payloads), min_size=1, max_size=4).map(
-        tuple
-    ),
+    st.lists(
+        st.one_of(sak_payloads, sat_payloads, opaque_sat_payloads, gap_payloads),
+        min_size=1,
+        max_size=4,
+    ).map(tuple),
     u32,
 )
 
@@ -269,6 +278,7 @@ BODY_CASES: list[tuple[type, st.SearchStrategy]] = [
     (VendorIdPayload, vid_payloads),
     (SakPayload, sak_payloads),
     (SatPayload, sat_payloads),
+    (OpaqueSatPayload, opaque_sat_payloads),
     (GapPayload, gap_payloads),
     (GdoiSaPayload, gdoi_sa_payloads),
     (GdoiSaPayload, full_gdoi_sas()),

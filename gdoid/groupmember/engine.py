@@ -33,7 +33,7 @@ from gdoid.protocol.ike import (
     Phase1Failed,
 )
 from gdoid.protocol.payloads import NotifyPayload
-from gdoid.protocol.policy import GroupKeys, SenderIds, Tek, parse_keys, parse_sa
+from gdoid.protocol.policy import GroupKeys, ParsedSa, SenderIds, Tek, parse_keys, parse_sa
 from gdoid.protocol.pull import PullFailed, PullInitiator, PullOutput, Registered
 from gdoid.protocol.push import POLICY_REPLACE_NOW, RemovalMode, ack_key, build_ack, open_push
 from gdoid.protocol.version import CURRENT_VERSION, SoftwareVersion, supports_removal_and_replace
@@ -280,6 +280,8 @@ class GroupMemberEngine:
         return sends
 
     def _registered(self, reg: Registration, ev: Registered, now: float) -> Outgoing:
+        if reg.pull is not None and reg.pull.parsed is not None:
+            self._log_skipped(reg, reg.pull.parsed, str(reg.ks))
         self._install(ev.keys, ev.sender_ids, now)
         if reg.sa is not None:
             reg.ack_hash = reg.sa.hash
@@ -297,6 +299,11 @@ class GroupMemberEngine:
         log.emit(self.log, log.GM_REGS_COMPL, ks=str(reg.ks), group=reg.group.name, address=str(self.address))
         self._notify("registered", reg)
         return []
+
+    def _log_skipped(self, reg: Registration, parsed: ParsedSa, ks: str) -> None:
+        """SATs of a protocol other than ESP are not installed: say so (docs/wire.md)."""
+        if parsed.skipped_reason is not None:
+            self.log.warning("sa_tek_skipped", group=reg.group.name, ks=ks, reason=parsed.skipped_reason)
 
     def _install(self, keys: GroupKeys, sender_ids: SenderIds | None, now: float) -> None:
         new = self.sadb.install(keys, sender_ids, now)
@@ -368,6 +375,7 @@ class GroupMemberEngine:
             try:
                 parsed = parse_sa(push.sa, now, require_tek=False)
                 keys, _ = parse_keys(parsed, push.kd, push.seq, g.group_number, now, False)
+                self._log_skipped(reg, parsed, peer[0])
             except ProtocolError as exc:
                 log.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=f"policy: {exc}")
                 return ack

@@ -165,6 +165,7 @@ class GdoiProtocol(IntEnum):
 
     GDOI_PROTO_KEK = 0  # wire.md §4: DELETE of a KEK uses 0
     GDOI_PROTO_IPSEC_ESP = 1
+    GDOI_PROTO_IPSEC_AH = 2  # RFC 6407 §5.4; same SAT layout as ESP, not implemented
 
 
 class KekAttribute(IntEnum):

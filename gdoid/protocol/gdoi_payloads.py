@@ -1,18 +1,22 @@
 """GDOI payloads of RFC 6407 §5: SA (DOI 2), SAK, SAT, KD, SEQ, GAP.
 
 Layouts follow wire.md §4 (which matches Wireshark's dissector): the SA
-payload of DOI 2 carries its SAK/SAT/GAP chain inside its own length.
+payload of DOI 2 carries its SAK/SAT/GAP chain inside its own length.  A SAT's
+Protocol-ID selects the layout of the rest of it (RFC 6407 §5.4): ESP and AH
+use the ID-based layout of §5.4.1 (:class:`SatPayload`); any other protocol
+(RFC 8052's, private use) is kept as opaque octets (:class:`OpaqueSatPayload`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from gdoid.protocol.attributes import Attribute, decode_attributes, encode_attributes
-from gdoid.protocol.constants import Doi, IdType, KeyPacketType, PayloadType
+from gdoid.protocol.constants import Doi, GdoiProtocol, IdType, KeyPacketType, PayloadType
 from gdoid.protocol.errors import DecodeError
 from gdoid.protocol.payloads import Payload, generic_header, split_generic
 from gdoid.protocol.reader import Reader
@@ -100,9 +104,13 @@ class SakPayload(Payload):
         return cls(proto, src, dst, spi, decode_attributes(r.rest(), "SAK"))
 
 
+# RFC 6407 §5.4.1: the Protocol-IDs whose SAT has the ID-based (ESP/AH) layout.
+ID_LAYOUT_PROTOCOLS = frozenset((GdoiProtocol.GDOI_PROTO_IPSEC_ESP, GdoiProtocol.GDOI_PROTO_IPSEC_AH))
+
+
 @dataclass(frozen=True)
 class SatPayload(Payload):
-    """SA TEK (RFC 6407 §5.4) with the ESP protocol-specific layout (§5.4.1)."""
+    """SA TEK (RFC 6407 §5.4) with the ESP/AH protocol-specific layout (§5.4.1)."""
 
     payload_type: ClassVar[int] = PayloadType.SAT
     protocol_id: int
@@ -112,6 +120,10 @@ class SatPayload(Payload):
     transform_id: int
     spi: int
     attributes: tuple[Attribute, ...]
+
+    def __post_init__(self) -> None:
+        if self.protocol_id not in ID_LAYOUT_PROTOCOLS:
+            raise ValueError(f"SAT protocol {self.protocol_id} has no ESP/AH layout: OpaqueSatPayload")
 
     def encode_body(self) -> bytes:
         return (
@@ -126,12 +138,49 @@ class SatPayload(Payload):
     def decode_body(cls, data: bytes) -> SatPayload:
         r = Reader(data, "SAT")
         proto_id = r.u8("protocol_id")
+        if proto_id not in ID_LAYOUT_PROTOCOLS:
+            raise DecodeError("SAT", "protocol_id", f"{proto_id} has no ESP/AH layout")
         ip_proto = r.u8("ip_protocol")
         src = _decode_traffic_id(r, "src", True)
         dst = _decode_traffic_id(r, "dst", True)
         transform = r.u8("transform_id")
         spi = r.u32("spi")
         return cls(proto_id, ip_proto, src, dst, transform, spi, decode_attributes(r.rest(), "SAT"))
+
+
+@dataclass(frozen=True)
+class OpaqueSatPayload(Payload):
+    """SA TEK of a Protocol-ID without the ESP/AH layout: its TEK protocol-specific
+    payload kept as octets (RFC 6407 §5.4.2 leaves other protocols to their own RFCs)."""
+
+    payload_type: ClassVar[int] = PayloadType.SAT
+    protocol_id: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if self.protocol_id in ID_LAYOUT_PROTOCOLS or not 0 <= self.protocol_id <= 255:
+            raise ValueError(f"SAT protocol {self.protocol_id}: use SatPayload")
+
+    def encode_body(self) -> bytes:
+        return bytes([self.protocol_id]) + self.data
+
+    @classmethod
+    def decode_body(cls, data: bytes) -> OpaqueSatPayload:
+        r = Reader(data, "SAT")
+        proto_id = r.u8("protocol_id")
+        if proto_id in ID_LAYOUT_PROTOCOLS:
+            raise DecodeError("SAT", "protocol_id", f"{proto_id} has the ESP/AH layout")
+        return cls(proto_id, r.rest())
+
+
+AnySat = SatPayload | OpaqueSatPayload
+
+
+def decode_sat(data: bytes) -> AnySat:
+    """A SAT body, decoded by its Protocol-ID (RFC 6407 §5.4)."""
+    if data[:1] and data[0] not in ID_LAYOUT_PROTOCOLS:
+        return OpaqueSatPayload.decode_body(data)
+    return SatPayload.decode_body(data)
 
 
 @dataclass(frozen=True)
@@ -149,10 +198,11 @@ class GapPayload(Payload):
         return cls(decode_attributes(data, "GAP"))
 
 
-_SA_ATTRIBUTE_PAYLOADS: dict[int, type[Payload]] = {
-    PayloadType.SAK: SakPayload,
-    PayloadType.SAT: SatPayload,
-    PayloadType.GAP: GapPayload,
+# Type in the chain -> (name for errors, body decoder).
+_SA_ATTRIBUTE_PAYLOADS: dict[int, tuple[str, Callable[[bytes], Payload]]] = {
+    PayloadType.SAK: ("SakPayload", SakPayload.decode_body),
+    PayloadType.SAT: ("SatPayload", decode_sat),
+    PayloadType.GAP: ("GapPayload", GapPayload.decode_body),
 }
 
 
@@ -161,7 +211,7 @@ class GdoiSaPayload(Payload):
     """SA payload of DOI 2: situation, then the SAK/SAT/GAP chain inside it."""
 
     payload_type: ClassVar[int] = PayloadType.SA
-    attributes: tuple[Payload, ...]  # SakPayload | SatPayload | GapPayload
+    attributes: tuple[Payload, ...]  # SakPayload | SatPayload | OpaqueSatPayload | GapPayload
     situation: int = 0
 
     def encode_body(self) -> bytes:
@@ -188,11 +238,12 @@ class GdoiSaPayload(Payload):
         r.zero(2, "reserved2")
         attrs: list[Payload] = []
         while np != PayloadType.NONE:
-            klass = _SA_ATTRIBUTE_PAYLOADS.get(np)
-            if klass is None:
+            entry = _SA_ATTRIBUTE_PAYLOADS.get(np)
+            if entry is None:
                 raise DecodeError("SA(GDOI)", "sa_attribute_next_payload", f"type {np} not allowed")
-            np_next, body = split_generic(r, klass.__name__)
-            attrs.append(klass.decode_body(body))
+            name, decode = entry
+            np_next, body = split_generic(r, name)
+            attrs.append(decode(body))
             np = np_next
         r.end("sa_attributes")
         if not attrs:
@@ -205,7 +256,13 @@ class GdoiSaPayload(Payload):
 
     @property
     def sats(self) -> tuple[SatPayload, ...]:
+        """The SATs with the ESP/AH layout."""
         return tuple(p for p in self.attributes if isinstance(p, SatPayload))
+
+    @property
+    def all_sats(self) -> tuple[AnySat, ...]:
+        """Every SAT in order, whatever its Protocol-ID."""
+        return tuple(p for p in self.attributes if isinstance(p, SatPayload | OpaqueSatPayload))
 
     @property
     def gap(self) -> GapPayload | None:

@@ -2,8 +2,10 @@
 
 The KS turns its current :class:`GroupKeys` into payloads with
 :func:`build_sa` / :func:`build_kd`; the GM turns received payloads back into
-:class:`GroupKeys` with :func:`parse_policy`, refusing anything it cannot
-implement (no partial install).
+:class:`GroupKeys` with :func:`parse_sa` / :func:`parse_keys`, refusing any ESP
+policy it cannot implement (no partial install).  SATs of another data-security
+protocol (AH, RFC 8052's, private use) are skipped: they protect traffic this
+ESP data path never handles (docs/wire.md, "SATs of other protocols").
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from gdoid.protocol.gdoi_payloads import (
     GdoiSaPayload,
     KdPayload,
     KeyPacket,
+    OpaqueSatPayload,
     SakPayload,
     SatPayload,
     TrafficId,
@@ -385,6 +388,14 @@ def parse_sak(sak: SakPayload) -> KekPolicy:
     )
 
 
+def sat_protocol_name(protocol_id: int) -> str:
+    """``6``, or ``2 (GDOI_PROTO_IPSEC_AH)`` for the ones RFC 6407 names."""
+    try:
+        return f"{protocol_id} ({GdoiProtocol(protocol_id).name})" if protocol_id else "0"
+    except ValueError:
+        return str(protocol_id)
+
+
 @dataclass(frozen=True)
 class ParsedSa:
     """Phase one of GM validation: the SA of PULL message 2 (or a push)."""
@@ -392,20 +403,44 @@ class ParsedSa:
     kek: KekPolicy | None
     teks: tuple[tuple[int, TekPolicy, float], ...]
     gap: GapPayload | None
+    skipped: tuple[int, ...] = ()  # Protocol-IDs of SATs that are not ESP, in order
 
     @property
     def needs_sender_ids(self) -> bool:
         return any(p.transform.is_gcm for _, p, _ in self.teks)
 
+    @property
+    def skipped_reason(self) -> str | None:
+        """``unsupported SA TEK protocol 6`` when SATs were skipped, else None."""
+        if not self.skipped:
+            return None
+        names = ", ".join(sat_protocol_name(p) for p in dict.fromkeys(self.skipped))
+        return f"unsupported SA TEK protocol {names}"
+
 
 def parse_sa(sa: GdoiSaPayload, now: float, require_tek: bool = True) -> ParsedSa:
+    """Validate the SA; SATs of other protocols than ESP are skipped (``ParsedSa.skipped``).
+
+    With ``require_tek`` (registration) an SA left without an ESP TEK is refused:
+    INVALID_PROTOCOL_ID when it only had SATs of other protocols.
+    """
     kek = parse_sak(sa.sak) if sa.sak is not None else None
-    teks = tuple(parse_sat(s, now) for s in sa.sats)
+    teks = []
+    skipped = []
+    for s in sa.all_sats:
+        if isinstance(s, SatPayload) and s.protocol_id == GdoiProtocol.GDOI_PROTO_IPSEC_ESP:
+            teks.append(parse_sat(s, now))
+        else:
+            assert isinstance(s, SatPayload | OpaqueSatPayload)
+            skipped.append(s.protocol_id)
+    parsed = ParsedSa(kek, tuple(teks), sa.gap, tuple(skipped))
     if require_tek and not teks:
+        if parsed.skipped_reason is not None:
+            raise _refuse(parsed.skipped_reason, NotifyType.INVALID_PROTOCOL_ID)
         raise _refuse("SA carries no SAT", NotifyType.BAD_PROPOSAL_SYNTAX)
     if len({spi for spi, _, _ in teks}) != len(teks):
         raise _refuse("two SATs with the same SPI", NotifyType.INVALID_SPI)
-    return ParsedSa(kek, teks, sa.gap)
+    return parsed
 
 
 def parse_keys(
@@ -444,10 +479,18 @@ def parse_keys(
         raise _refuse("KD: KEK key packet without a SAK", NotifyType.INVALID_SPI)
 
     by_spi = {}
+    wanted = {spi for spi, _, _ in parsed.teks}
+    unused = 0  # TEK key packets for no ESP SAT: allowed once per skipped SAT, never read
     for pkt in kd.of_type(KeyPacketType.TEK):
-        if len(pkt.spi) != 4:
+        spi = int.from_bytes(pkt.spi, "big")
+        if len(pkt.spi) == 4 and spi in wanted and spi not in by_spi:
+            by_spi[spi] = pkt
+        elif len(pkt.spi) != 4 and not parsed.skipped:
             raise _refuse("KD: TEK SPI must be 4 octets", NotifyType.INVALID_SPI)
-        by_spi[int.from_bytes(pkt.spi, "big")] = pkt
+        else:
+            unused += 1
+    if unused > len(parsed.skipped):
+        raise _refuse("KD: keys for a TEK the SA does not describe", NotifyType.INVALID_SPI)
     teks = []
     for spi, policy, expires in parsed.teks:
         pkt = by_spi.pop(spi, None)
@@ -462,8 +505,6 @@ def parse_keys(
         if len(ikey) != t.integrity_key_len:
             raise _refuse(f"KD: TEK 0x{spi:08x} integrity key must be {t.integrity_key_len} octets", NotifyType.INVALID_KEY_INFORMATION)
         teks.append(Tek(spi, policy, ck.bytes_value, ikey, now, expires))
-    if by_spi:
-        raise _refuse("KD: keys for a TEK the SA does not describe", NotifyType.INVALID_SPI)
 
     sids = None
     sid_packets = kd.of_type(KeyPacketType.SID)
