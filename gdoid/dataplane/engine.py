@@ -8,13 +8,16 @@ packets for an ``IP_HDRINCL`` raw socket, protected or in the clear) and
 packets to write to the TUN.  Nothing here raises out of ``outbound`` /
 ``inbound``; every drop is counted by reason (and per SA where one is known).
 Callers pass ``now`` (seconds, the same clock as the TEKs' ``created_at`` /
-``expires_at``).
+``expires_at``).  An unexpected exception (a bug, not a bad packet) is dropped as
+``internal-error``, apart from ``malformed``, and its traceback is logged at most
+once per :data:`INTERNAL_ERROR_LOG_INTERVAL` seconds with the count suppressed since.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -27,6 +30,7 @@ from gdoid.dataplane.esp import (
     ipv4_checksum,
 )
 from gdoid.dataplane.replay import SequenceWindow, TbarClock
+from gdoid.log import get_logger
 from gdoid.protocol.policy import SenderIds, Tek, TrafficSelector
 
 __all__ = [
@@ -45,6 +49,43 @@ _SPI = struct.Struct("!I")
 _ICMP_HDR = struct.Struct("!BBHHH")
 _TCP_UDP = (6, 17)
 _ICMP_ERRORS = frozenset((3, 4, 5, 11, 12))
+
+INTERNAL_ERROR_LOG_INTERVAL = 10.0  # seconds between two logged tracebacks
+_TRACEBACK_MAX = 4000  # octets of traceback per log line (the tail: where it was raised)
+
+log = get_logger("gdoid.dataplane")
+
+
+class LogLimiter:
+    """At most one event per ``interval`` seconds of the caller's clock; counts the rest.
+
+    :meth:`allow` returns None to suppress, else how many were suppressed since the
+    last allowed one.  A clock that jumps back re-opens the gate.
+    """
+
+    __slots__ = ("interval", "last", "suppressed")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last: float | None = None
+        self.suppressed = 0
+
+    def allow(self, now: float) -> int | None:
+        last = self.last
+        if last is not None and last <= now < last + self.interval:
+            self.suppressed += 1
+            return None
+        n, self.suppressed, self.last = self.suppressed, 0, now
+        return n
+
+
+def log_internal_error(limiter: LogLimiter, now: float, event: str, **fields: object) -> None:
+    """Log the exception being handled, with its (bounded) traceback, if ``limiter`` allows."""
+    suppressed = limiter.allow(now)
+    if suppressed is None:
+        return
+    tb = traceback.format_exc()[-_TRACEBACK_MAX:]
+    log.error(event, **fields, suppressed=suppressed, exception=tb)
 
 
 @dataclass(slots=True)
@@ -245,7 +286,8 @@ class Dataplane:
         self._ghosts: list[_Sel] = []  # selectors of groups that currently have no TEK
         self._drops: dict[DropReason, int] = {r: 0 for r in DropReason}
         self.clear_out = 0
-        self.internal_errors = 0  # unexpected exceptions, counted as malformed drops
+        self.internal_errors = 0  # unexpected exceptions: drops[INTERNAL_ERROR], logged
+        self._error_log = LogLimiter(INTERNAL_ERROR_LOG_INTERVAL)
 
     @property
     def mtu(self) -> int:
@@ -355,6 +397,16 @@ class Dataplane:
         entry.sa.bytes_decaps -= len(inner) if inner is not None else 0
         return self._drop(reason, entry)
 
+    def _internal_error(self, direction: str, now: float, entry: _Entry | None) -> Result:
+        """An exception that is not a verdict on the packet: a bug.  Count it apart from
+        malformed input, keep the traceback visible (rate-limited), go on."""
+        self.internal_errors += 1
+        log_internal_error(
+            self._error_log, now, "dataplane_internal_error", direction=direction,
+            spi=f"0x{entry.sa.spi:08x}" if entry is not None else None, count=self.internal_errors,
+        )  # fmt: skip
+        return self._drop(DropReason.INTERNAL_ERROR, entry)
+
     def _clear(self, packet: bytes) -> Result:
         self.clear_out += 1
         return Result([packet], [])
@@ -363,6 +415,7 @@ class Dataplane:
 
     def outbound(self, packet: bytes, now: float) -> Result:
         """A plaintext IPv4 packet read from the TUN."""
+        use: _Entry | None = None
         try:
             n = len(packet)
             if n == 0:
@@ -380,7 +433,7 @@ class Dataplane:
             if self._need_ports and proto in _TCP_UDP and not nonfirst and n >= ihl + 4:
                 ports = _PORTS.unpack_from(packet, ihl)
 
-            use: _Entry | None = None
+            use = None
             pending: _Entry | None = None
             matched = False
             for e in self._out:
@@ -428,9 +481,8 @@ class Dataplane:
             return Result([out], [])
         except EspError as exc:
             return self._drop(exc.reason)
-        except Exception:  # a bug: never let it out, but keep it visible in stats
-            self.internal_errors += 1
-            return self._drop(DropReason.MALFORMED)
+        except Exception:  # a bug: never let it out; counted and logged, not "malformed"
+            return self._internal_error("outbound", now, use)
 
     def _too_big(
         self, entry: _Entry, packet: bytes, ihl: int, df: int, pseudotime: int | None
@@ -470,6 +522,7 @@ class Dataplane:
 
     def inbound(self, packet: bytes, now: float) -> Result:
         """An IPv4 packet from the raw ESP socket (IPv4 header included)."""
+        e: _Entry | None = None
         try:
             n = len(packet)
             if n < 20:
@@ -532,9 +585,8 @@ class Dataplane:
             return Result([], [inner])
         except EspError as exc:
             return self._drop(exc.reason)
-        except Exception:  # a bug: never let it out, but keep it visible in stats
-            self.internal_errors += 1
-            return self._drop(DropReason.MALFORMED)
+        except Exception:  # a bug: never let it out; counted and logged, not "malformed"
+            return self._internal_error("inbound", now, e)
 
     @staticmethod
     def _ecn_decap(inner: bytes, ihl: int, itos: int, oecn: int) -> bytes | None:

@@ -65,6 +65,7 @@ class DropReason(StrEnum):
     COUNTER_EXHAUSTED = "counter-exhausted"
     NOT_IPV4 = "not-ipv4"
     EXPIRED = "expired"
+    INTERNAL_ERROR = "internal-error"  # a bug in the data path, not a bad packet
 
 
 class EspError(Exception):

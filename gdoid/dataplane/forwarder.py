@@ -11,7 +11,9 @@ goes through the sans-I/O dataplane (``outbound`` / ``inbound``), whose
 ``Result.to_network`` packets are sent with the IP_HDRINCL socket and whose
 ``Result.to_tun`` packets are written to the TUN.  Readers drain up to
 ``batch`` packets per wakeup.  Send errors are counted, never raised; an
-exception from the dataplane is counted and logged and the loop goes on.
+exception from the dataplane (which catches its own: this is the last net) is
+counted and its traceback logged at most once per
+:data:`~gdoid.dataplane.engine.INTERNAL_ERROR_LOG_INTERVAL`, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Network
 from typing import Any, Protocol
 
+from gdoid.dataplane.engine import INTERNAL_ERROR_LOG_INTERVAL, LogLimiter, log_internal_error
 from gdoid.dataplane.routing import (
     DEFAULT_LOCAL_TABLE,
     DEFAULT_MARK,
@@ -43,8 +46,6 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SOCKET_BUFFER = 4 * 1024 * 1024
 DEFAULT_BATCH = 64
-_LOG_FIRST_ERRORS = 10
-_LOG_EVERY_ERRORS = 1000
 
 log = get_logger("gdoid.dataplane")
 
@@ -119,6 +120,7 @@ class Forwarder:
         self.batch = batch
         self.socket_buffer = socket_buffer
         self.stats = ForwarderStats()
+        self._error_log = LogLimiter(INTERNAL_ERROR_LOG_INTERVAL)
         self.routes = RouteSetup(
             tun_name,
             wan_interface=wan_interface,
@@ -373,6 +375,7 @@ class Forwarder:
 
     def _dataplane_failed(self, direction: str) -> None:
         self.stats.dataplane_errors += 1
-        n = self.stats.dataplane_errors
-        if n <= _LOG_FIRST_ERRORS or n % _LOG_EVERY_ERRORS == 0:
-            log.exception("dataplane_error", direction=direction, count=n)
+        log_internal_error(
+            self._error_log, self.clock(), "dataplane_error",
+            direction=direction, count=self.stats.dataplane_errors,
+        )  # fmt: skip
