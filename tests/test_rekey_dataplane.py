@@ -70,7 +70,8 @@ REMOVAL_NOW = (
     r"policy now\. Re-registration will start in a randomly chosen period of (\d+) sec$"
 )
 # Drop reasons a rekey must never cause (no-sa is checked against the lost echoes instead).
-BAD_DROPS = ("icv", "replay", "tbar", "malformed", "expired", "too-big", "counter-exhausted", "fail-close")
+BAD_DROPS = ("icv", "replay", "tbar", "malformed", "expired", "too-big", "counter-exhausted", "fail-close",
+             "internal-error")
 
 
 T = TypeVar("T")

@@ -84,7 +84,7 @@ def log_internal_error(limiter: LogLimiter, now: float, event: str, **fields: ob
     suppressed = limiter.allow(now)
     if suppressed is None:
         return
-    tb = traceback.format_exc()[-_TRACEBACK_MAX:]
+    tb = traceback.format_exc().rstrip()[-_TRACEBACK_MAX:]
     log.error(event, **fields, suppressed=suppressed, exception=tb)
 
 
