@@ -48,6 +48,8 @@ from gdoid.protocol.gdoi_payloads import (
 from gdoid.protocol.payloads import Payload
 
 IPPROTO_UDP = 17
+MAX_REPLAY_WINDOW = 65536  # packets; the KS's config allows 64..1024 (IOS's range)
+MAX_PSEUDOTIME_MS = (1 << 63) - 1  # leaves 2**63 ms of room in the 8-octet TBAR field
 # IPsec DOI attribute types we do not know but may ignore: the private-use range.
 _PRIVATE_ATTRIBUTES = range(32001, 32768)
 
@@ -334,6 +336,10 @@ def parse_sat(sat: SatPayload, now: float) -> tuple[int, TekPolicy, float]:
     life = value(IpsecAttribute.SA_LIFE_DURATION)
     if ltype not in (None, LifeType.SECONDS) or life is None or life <= 0:
         raise _refuse(f"{where}: needs a lifetime in seconds")
+    replay = value(IpsecAttribute.REPLAY_WINDOW)
+    if replay is not None and replay > MAX_REPLAY_WINDOW:
+        # The data path keeps a bitmap of this many bits per sender: bound what a KS can make it hold.
+        raise _refuse(f"{where}: replay window {replay} above {MAX_REPLAY_WINDOW}")
     try:
         src, dst = sat.src.to_network(), sat.dst.to_network()
     except Exception as exc:  # DecodeError from an unknown ID type
@@ -344,7 +350,7 @@ def parse_sat(sat: SatPayload, now: float) -> tuple[int, TekPolicy, float]:
         selector=TrafficSelector(src, dst, sat.ip_protocol, sat.src.port, sat.dst.port),
         configured_lifetime=value(IpsecAttribute.CONFIGURED_LIFETIME) or life,
         tbar_window_ms=value(IpsecAttribute.TBAR_WINDOW),
-        replay_window=value(IpsecAttribute.REPLAY_WINDOW),
+        replay_window=replay,
         receive_only=bool(value(IpsecAttribute.RECEIVE_ONLY)),
     )
     return sat.spi, policy, now + life
@@ -469,6 +475,9 @@ def parse_keys(
             raise _refuse(f"KD: KS signing key: {exc}", NotifyType.INVALID_KEY_INFORMATION) from exc
         pt = find(attrs, KekKeyAttribute.GROUP_PSEUDOTIME)
         pseudotime = pt.int_value if pt is not None else None
+        if pseudotime is not None and pseudotime > MAX_PSEUDOTIME_MS:
+            # The data path adds elapsed time and sends it back in 8 octets: keep the room.
+            raise _refuse(f"KD: GROUP_PSEUDOTIME {pseudotime} out of range", NotifyType.INVALID_KEY_INFORMATION)
         raw = key_attr.bytes_value
         kek = Kek(
             spi=p.spi, key_bits=p.key_bits, key=raw[16:], iv=raw[:16], configured_lifetime=p.lifetime,

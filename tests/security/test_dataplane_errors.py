@@ -13,6 +13,9 @@ The errors are provoked through the Dataplane's own API, with state it accepts:
   TBAR metadata and ``struct.pack`` raises ``struct.error``;
 * inbound: a TEK whose policy carries a replay window ``SequenceWindow`` refuses
   (``ValueError``), hit on the first packet from a sender.
+
+Neither state can come from the wire any more: the GM's policy check refuses a
+GROUP_PSEUDOTIME of 2**63 or more and a REPLAY_WINDOW above 65536 (last test).
 """
 
 from __future__ import annotations
@@ -34,8 +37,21 @@ from gdoid.config import parse_gm_config
 from gdoid.control import ControlRequest
 from gdoid.dataplane.engine import INTERNAL_ERROR_LOG_INTERVAL, Dataplane, DropReason
 from gdoid.groupmember.daemon import GroupMemberDaemon
-from gdoid.protocol.policy import Tek, TrafficSelector
+from gdoid.protocol.constants import NotifyType
+from gdoid.protocol.errors import NotifyError
+from gdoid.protocol.policy import (
+    GroupKeys,
+    Tek,
+    TrafficSelector,
+    build_kd,
+    build_sa,
+    build_sat,
+    parse_keys,
+    parse_sa,
+    parse_sat,
+)
 from tests.test_esp import T0, make_tek, sids, udp
+from tests.test_pull import make_kek
 
 TBAR_NET = TrafficSelector(IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16"))
 PLAIN_NET = TrafficSelector(IPv4Network("10.3.0.0/16"), IPv4Network("10.4.0.0/16"))
@@ -184,3 +200,26 @@ def test_show_crypto_ipsec_sa_shows_internal_errors(tmp_path: Path) -> None:
     assert "     #drops: internal-error 3" in lines  # the SA's own line
     [total] = [ln for ln in lines if ln.startswith("   drops: ")]
     assert "internal-error 3" in total and "malformed 0" in total
+
+
+def test_the_wire_cannot_bring_these_states() -> None:
+    """A KS (authenticated, but possibly buggy) cannot hand a GM the overflowing clock or a
+    replay window bitmap of 2**32 bits: the GM's policy check refuses them."""
+    tek = make_tek(spi=0x4444, selector=PLAIN_NET, replay_window=(1 << 32) - 1)
+    with pytest.raises(NotifyError, match="replay window 4294967295 above 65536") as exc:
+        parse_sat(build_sat(tek, T0), T0)
+    assert exc.value.notify == NotifyType.ATTRIBUTES_NOT_SUPPORTED
+
+    tek = make_tek(spi=0x4444, selector=PLAIN_NET, tbar_window_ms=5000)
+    keys = GroupKeys(7, make_kek(T0), (tek,), 1, PSEUDOTIME_MAX)
+    parsed = parse_sa(build_sa(keys, T0), T0)
+    with pytest.raises(NotifyError, match="GROUP_PSEUDOTIME") as exc:
+        parse_keys(parsed, build_kd(keys, sids(1)), 1, 7, T0, True)
+    assert exc.value.notify == NotifyType.INVALID_KEY_INFORMATION
+    # The largest value accepted still leaves the data path room to count.
+    keys = replace(keys, pseudotime_ms=(1 << 63) - 1)
+    got, _ = parse_keys(parsed, build_kd(keys, sids(1)), 1, 7, T0, True)
+    dp = Dataplane()
+    dp.install(7, list(got.teks), sids(1), got.pseudotime_ms, T0)
+    r = dp.outbound(udp("10.3.0.1", "10.4.0.1"), T0 + 86400 * 365)
+    assert r.drop is None and len(r.to_network) == 1
