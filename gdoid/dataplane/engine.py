@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -285,6 +285,10 @@ class Dataplane:
         self._out: list[_Entry] = []  # newest first
         self._ghosts: list[_Sel] = []  # selectors of groups that currently have no TEK
         self._drops: dict[DropReason, int] = {r: 0 for r in DropReason}
+        # SPI -> (TEK expiry, IV ranges used) of GCM SAs removed before their TEK expired:
+        # if the TEK comes back (clear crypto gdoi, re-registration) its new EspSa skips them,
+        # even if the KS hands out the same sender ID again (RFC 4106 §3: never reuse an IV).
+        self._spent_ivs: dict[int, tuple[float, list[tuple[int, int]]]] = {}
         self.clear_out = 0
         self.internal_errors = 0  # unexpected exceptions: drops[INTERNAL_ERROR], logged
         self._error_log = LogLimiter(INTERNAL_ERROR_LOG_INTERVAL)
@@ -332,6 +336,7 @@ class Dataplane:
         g = self._groups.get(group)
         if g is None:
             g = self._groups[group] = _Group(group)
+        self._spend(g.entries.values(), {t.spi for t in teks}, now)
         if sender_ids is not None:
             g.sender_ids = sender_ids
         if pseudotime_ms is not None:
@@ -346,6 +351,9 @@ class Dataplane:
                 entries[tek.spi] = old
             else:
                 sa = self._sa_class(tek, g.sender_ids if tek.policy.transform.is_gcm else None)
+                spent = self._spent_ivs.pop(tek.spi, None)
+                if spent is not None:
+                    sa.mark_ivs_used(spent[1])
                 entries[tek.spi] = _Entry(g, tek, sa, tek.created_at + activation_delay)
         g.entries = entries
         if entries:
@@ -354,8 +362,20 @@ class Dataplane:
 
     def remove_group(self, group: int) -> None:
         """Forget the group entirely: its traffic is no longer ours (passes in the clear)."""
-        if self._groups.pop(group, None) is not None:
+        g = self._groups.pop(group, None)
+        if g is not None:
+            self._spend(g.entries.values(), set(), None)
             self._rebuild()
+
+    def _spend(self, entries: Iterable[_Entry], keep: set[int], now: float | None) -> None:
+        """Remember the IVs of the GCM SAs about to go (not in ``keep``) until their TEK expires."""
+        if now is not None:
+            self._spent_ivs = {s: v for s, v in self._spent_ivs.items() if v[0] > now}
+        for e in entries:
+            if e.sa.spi not in keep and e.sa.is_gcm and (now is None or e.expires_at > now):
+                used = e.sa.used_ivs()
+                if used:
+                    self._spent_ivs[e.sa.spi] = (e.expires_at, used)
 
     def _rebuild(self) -> None:
         entries = [e for g in self._groups.values() for e in g.entries.values()]

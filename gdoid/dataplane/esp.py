@@ -283,6 +283,14 @@ class EspSa:
             "no sender ID with free IVs" if self.sender_ids else "no sender ID",
         )
 
+    def used_ivs(self) -> list[tuple[int, int]]:
+        """The explicit-IV ranges [lo, hi) used under this key so far."""
+        return list(self._current_used())
+
+    def mark_ivs_used(self, ranges: list[tuple[int, int]]) -> None:
+        """Never use these IVs (an earlier EspSa used them under this key); before any seal."""
+        self._used.extend(ranges)
+
     @property
     def iv_remaining(self) -> int | None:
         """GCM: explicit IVs left across the current and queued SIDs (None for CBC)."""
