@@ -299,7 +299,8 @@ def parse_sat(sat: SatPayload, now: float) -> tuple[int, TekPolicy, float]:
     """The (SPI, policy, expiry) a SAT describes, or NotifyError if we cannot implement it."""
     where = f"SAT SPI 0x{sat.spi:08x}"
     if sat.protocol_id != GdoiProtocol.GDOI_PROTO_IPSEC_ESP:
-        raise _refuse(f"{where}: protocol {sat.protocol_id} is not ESP", NotifyType.INVALID_PROTOCOL_ID)
+        reason = f"{where}: unsupported SA TEK protocol {sat_protocol_name(sat.protocol_id)}"
+        raise _refuse(reason, NotifyType.INVALID_PROTOCOL_ID)
     for a in sat.attributes:
         if a.type not in _KNOWN_SAT_ATTRIBUTES and a.type not in _PRIVATE_ATTRIBUTES:
             raise _refuse(f"{where}: unsupported SA attribute {a.type}")
