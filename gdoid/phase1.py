@@ -58,6 +58,7 @@ def phase1_config(
         local_address=local_address,
         proposals=proposals,
         psk_lookup=auth.psk_for,
+        psk_identity_lookup=auth.psk_identity_for,
         signature=signature,
         software_version=software_version,
         retransmit_interval=ike.retransmit_interval,
