@@ -92,6 +92,14 @@ class KeyServerEngine:
 
     # --- GroupDirectory for the PULL responder -------------------------------
 
+    def pop_signer(self, group_number: int) -> PopSigner:
+        # A GM that pins its KS asks for a proof of the KS role in message 4.
+        g = self.groups[group_number]
+        sig = self.phase1.signature
+        return PopSigner(
+            sig.certificate if sig else None, sig.private_key if sig else None, g.signing_key, g.kek.sig_hash
+        )
+
     def snapshot(self, group_number: int, now: float) -> GroupKeys | None:
         g = self.groups.get(group_number)
         return g.snapshot(now) if g is not None else None
@@ -103,14 +111,6 @@ class KeyServerEngine:
 
     def authorize(self, group_number: int, sa: IkeSa) -> str | None:
         return None  # phase 1 already authenticated the GM with today's credentials
-
-    def pop_signer(self, group_number: int) -> PopSigner:
-        # A GM that pins its KS asks for a proof of the KS role in message 4.
-        g = self.groups[group_number]
-        sig = self.phase1.signature
-        return PopSigner(
-            sig.certificate if sig else None, sig.private_key if sig else None, g.signing_key, g.kek.sig_hash
-        )
 
     # --- input ------------------------------------------------------------------
 
