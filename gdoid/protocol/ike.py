@@ -160,12 +160,12 @@ class Phase1Config:
     psk_lookup: Callable[[ipaddress.IPv4Address], bytes | None]
     signature: SignatureCredentials | None = None
     software_version: SoftwareVersion | None = None  # None: send no version VID
-    retransmit_interval: float = 2.0
-    retransmit_count: int = 4
-    half_open_timeout: float = 30.0
     # PSK: the phase-1 ID a peer may use besides its source address (an IPv4
     # address or a DNS name, from its [[auth.psk]] entry's ``identity``).
     psk_identity_lookup: Callable[[ipaddress.IPv4Address], str | None] | None = None
+    retransmit_interval: float = 2.0
+    retransmit_count: int = 4
+    half_open_timeout: float = 30.0
 
 
 # --- the established SA ---------------------------------------------------

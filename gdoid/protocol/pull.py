@@ -394,16 +394,16 @@ class PullInitiator:
 class GroupDirectory(Protocol):
     """What the PULL responder asks the KS about groups (pure, no I/O)."""
 
+    def pop_signer(self, group_number: int) -> PopSigner:
+        """Keys to prove the KS role with, asked only when a GM requests a POP."""
+        ...
+
     def snapshot(self, group_number: int, now: float) -> GroupKeys | None: ...
 
     def allocate_sender_ids(self, group_number: int, count: int, member: str) -> SenderIds | None: ...
 
     def authorize(self, group_number: int, sa: IkeSa) -> str | None:
         """None if the peer may join; else the reason it may not."""
-        ...
-
-    def pop_signer(self, group_number: int) -> PopSigner:
-        """Keys to prove the KS role with, asked only when a GM requests a POP."""
         ...
 
 
