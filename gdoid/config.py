@@ -23,6 +23,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gdoid.protocol.identity import IdentityPattern
 from gdoid.protocol.version import CURRENT_VERSION, SoftwareVersion
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "KekPolicy",
     "KsConfig",
     "KsGroupConfig",
+    "KsPop",
     "PkiConfig",
     "PskEntry",
     "RekeyPolicy",
@@ -128,6 +130,9 @@ class PskEntry:
 
     peer: IPv4Network
     key: bytes = field(repr=False)  # never in logs or tracebacks
+    # The phase-1 ID these peers may use instead of their source address (NAT):
+    # an IPv4 address (ID_IPV4_ADDR) or a DNS name (ID_FQDN).
+    identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,13 +151,22 @@ class AuthConfig:
     psks: tuple[PskEntry, ...] = ()
     pki: PkiConfig | None = None
 
-    def psk_for(self, addr: IPv4Address) -> bytes | None:
-        """The key of the longest prefix containing ``addr``, or None."""
+    def _psk_entry(self, addr: IPv4Address) -> PskEntry | None:
         best: PskEntry | None = None
         for entry in self.psks:
             if addr in entry.peer and (best is None or entry.peer.prefixlen > best.peer.prefixlen):
                 best = entry
+        return best
+
+    def psk_for(self, addr: IPv4Address) -> bytes | None:
+        """The key of the longest prefix containing ``addr``, or None."""
+        best = self._psk_entry(addr)
         return None if best is None else best.key
+
+    def psk_identity_for(self, addr: IPv4Address) -> str | None:
+        """The extra phase-1 identity allowed for ``addr``'s PSK entry, or None."""
+        best = self._psk_entry(addr)
+        return None if best is None else best.identity
 
 
 # --------------------------------------------------------------------------
@@ -254,12 +268,24 @@ class KsConfig:
 # --------------------------------------------------------------------------
 
 
+class KsPop(StrEnum):
+    """``ks_pop``: what a GM demands in GROUPKEY-PULL message 4 (docs/config.md)."""
+
+    NONE = "none"
+    CERTIFICATE = "certificate"  # RFC 6407 CERT + POP_R by a pinned KS certificate
+    REKEY_KEY = "rekey-key"  # POP_R by the rekey signing key pinned by rekey_key_sha256
+
+
 @dataclass(frozen=True)
 class GmGroupConfig:
     name: str
     number: int
     servers: tuple[IPv4Address, ...]  # tried in order (IOS ``server address ipv4``)
     server_port: int = 848
+    # KS pinning (issue 9 §2): certificate patterns, proof of the KS role, rekey key pin.
+    ks_identities: tuple[IdentityPattern, ...] = ()
+    ks_pop: KsPop = KsPop.NONE
+    rekey_key_sha256: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -614,11 +640,27 @@ def _read_psk(t: _Table) -> bytes:
     return data
 
 
+_FQDN_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _psk_identity(t: _Table) -> str | None:
+    if not t.has("identity"):
+        return None
+    v = t.string("identity").strip()
+    try:
+        return str(IPv4Address(v))
+    except ValueError:
+        pass
+    if not _FQDN_RE.fullmatch(v):
+        raise t.err("identity", "must be an IPv4 address (ID_IPV4_ADDR) or a DNS name (ID_FQDN)")
+    return v.rstrip(".").lower()
+
+
 def _parse_auth(root: _Table) -> AuthConfig:
     auth = root.req_table("auth", ("psk", "pki"))
     psks: list[PskEntry] = []
-    for t in auth.tables("psk", ("peer", "key_file")):
-        psks.append(PskEntry(peer=t.network("peer"), key=_read_psk(t)))
+    for t in auth.tables("psk", ("peer", "key_file", "identity")):
+        psks.append(PskEntry(peer=t.network("peer"), key=_read_psk(t), identity=_psk_identity(t)))
     for peer, path, first in _enumerate_dupes(
         [(e.peer, f"{auth.sub('psk')}[{i}].peer") for i, e in enumerate(psks)]
     ):
@@ -851,13 +893,44 @@ _GM_KEYS = (
 )
 
 
+_GM_GROUP_KEYS = ("name", "number", "servers", "server_port", "ks_identities", "ks_pop", "rekey_key_sha256")
+
+
+def _identity_pattern(ctx: _Ctx, path: str, v: Any) -> IdentityPattern:
+    if not isinstance(v, str):
+        raise ctx.error(path, "must be a string such as \"CN=ks1.example.com\" or \"dns:ks1.example.com\"")
+    try:
+        return IdentityPattern.parse(v)
+    except ValueError as exc:
+        raise ctx.error(path, str(exc)) from None
+
+
+def _fingerprint(g: _Table, key: str) -> bytes | None:
+    if not g.has(key):
+        return None
+    text = g.string(key).strip().lower().replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise g.err(key, "must be the SHA-256 of the rekey public key (DER): 64 hex digits")
+    return bytes.fromhex(text)
+
+
 def _parse_gm_group(g: _Table) -> GmGroupConfig:
     ctx = g.ctx
+    identities = g.array("ks_identities", lambda p, v: _identity_pattern(ctx, p, v), ())
+    pop = g.enum("ks_pop", KsPop, KsPop.NONE)
+    pin = _fingerprint(g, "rekey_key_sha256")
+    if pop == KsPop.CERTIFICATE and not identities:
+        raise g.err("ks_pop", '"certificate" needs ks_identities: the KS certificates to accept')
+    if pop == KsPop.REKEY_KEY and pin is None:
+        raise g.err("ks_pop", '"rekey-key" needs rekey_key_sha256: the rekey key to accept')
     return GmGroupConfig(
         name=g.name("name"),
         number=g.integer("number", 1, 2**32 - 1),
         servers=g.array("servers", lambda p, v: _address(ctx, p, v)),
         server_port=g.integer("server_port", 1, 65535, 848),
+        ks_identities=identities,
+        ks_pop=pop,
+        rekey_key_sha256=pin,
     )
 
 
@@ -900,10 +973,19 @@ def _build_gm(ctx: _Ctx, data: dict[str, Any]) -> GmConfig:
         rereg_jitter=gm.number("rereg_jitter", 0.0, 0.5, 0.1),
         tun_name=_tun_name(gm),
         ike=_parse_ike(root),
-        auth=_parse_auth(root),
-        groups=_parse_groups(root, ("name", "number", "servers", "server_port"), _parse_gm_group),
+        auth=(auth := _parse_auth(root)),
+        groups=_gm_groups(root, auth),
         dataplane=_parse_dataplane(root),
     )
+
+
+def _gm_groups(root: _Table, auth: AuthConfig) -> tuple[GmGroupConfig, ...]:
+    groups = _parse_groups(root, _GM_GROUP_KEYS, _parse_gm_group)
+    for i, g in enumerate(groups):
+        if g.ks_pop == KsPop.CERTIFICATE and auth.pki is None:
+            # The KS certificate in message 4 is checked against [auth.pki] ca_file.
+            raise root.ctx.error(f"group[{i}].ks_pop", '"certificate" needs [auth.pki] (its ca_file)')
+    return tuple(groups)
 
 
 # --------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def phase1_config(
         psk_lookup=auth.psk_for,
         signature=signature,
         software_version=software_version,
+        psk_identity_lookup=auth.psk_identity_for,
         retransmit_interval=ike.retransmit_interval,
         retransmit_count=ike.retransmit_count,
         half_open_timeout=half_open_timeout,

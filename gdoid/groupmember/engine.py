@@ -17,7 +17,7 @@ from ipaddress import IPv4Address
 from typing import Protocol
 
 from gdoid import log
-from gdoid.config import GmGroupConfig
+from gdoid.config import GmGroupConfig, KsPop
 from gdoid.groupmember.sadb import Sadb
 from gdoid.keylog import KeyLog
 from gdoid.protocol import crypto
@@ -25,6 +25,7 @@ from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.crypto import HashAlgorithm
 from gdoid.protocol.errors import NotifyError, ProtocolError
 from gdoid.protocol.header import IsakmpHeader
+from gdoid.protocol.identity import describe_certificate, matching_pattern
 from gdoid.protocol.ike import (
     IkeSa,
     MainModeInitiator,
@@ -34,7 +35,15 @@ from gdoid.protocol.ike import (
 )
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.policy import GroupKeys, ParsedSa, SenderIds, Tek, parse_keys, parse_sa
-from gdoid.protocol.pull import PullFailed, PullInitiator, PullOutput, Registered
+from gdoid.protocol.pull import (
+    KsPinning,
+    PopMethod,
+    PullFailed,
+    PullInitiator,
+    PullOutput,
+    Registered,
+    rekey_key_fingerprint,
+)
 from gdoid.protocol.push import POLICY_REPLACE_NOW, RemovalMode, ack_key, build_ack, open_push
 from gdoid.protocol.version import CURRENT_VERSION, SoftwareVersion, supports_removal_and_replace
 
@@ -255,15 +264,40 @@ class GroupMemberEngine:
             reg.ks_version = str(ev.sa.peer_version or "unknown")
             if self.keylog is not None:
                 self.keylog.ike(ev.sa)
+            refusal = self._phase1_ks_refusal(reg, ev.sa)
+            if refusal is not None:
+                return self._failed(reg, refusal, now)  # nothing installed; next KS
             reg.state = RegState.PULL
             reg.pull = PullInitiator(
                 ev.sa,
                 reg.group.number,
                 retransmit_interval=self.phase1.retransmit_interval,
                 retransmit_count=self.phase1.retransmit_count,
+                pinning=self._pinning(reg.group),
             )
             return [(d, reg.ks_addr) for d in reg.pull.start(now).send]
         return []
+
+    def _phase1_ks_refusal(self, reg: Registration, sa: IkeSa) -> str | None:
+        """Why the peer that completed phase 1 is not a KS this group accepts, or None."""
+        pins = reg.group.ks_identities
+        if not pins:
+            return None
+        cert = sa.peer_certificate
+        if cert is None:
+            if reg.group.ks_pop == KsPop.CERTIFICATE:
+                return None  # message 4 must carry a pinned CERT + POP_R
+            return "KS authenticated with a pre-shared key: ks_identities need a KS certificate (phase 1 or ks_pop = certificate)"
+        if matching_pattern(pins, cert) is None:
+            return f"KS certificate {describe_certificate(cert)} matches none of ks_identities"
+        return None
+
+    def _pinning(self, group: GmGroupConfig) -> KsPinning | None:
+        if group.ks_pop == KsPop.NONE and group.rekey_key_sha256 is None:
+            return None
+        pop = {KsPop.CERTIFICATE: PopMethod.CERTIFICATE, KsPop.REKEY_KEY: PopMethod.REKEY_KEY}.get(group.ks_pop)
+        validator = self.phase1.signature.validator if self.phase1.signature is not None else None
+        return KsPinning(pop, group.ks_identities, validator, group.rekey_key_sha256)
 
     def _pull_output(self, reg: Registration, out: PullOutput, now: float) -> Outgoing:
         sends = [(d, reg.ks_addr) for d in out.send]
@@ -282,6 +316,8 @@ class GroupMemberEngine:
     def _registered(self, reg: Registration, ev: Registered, now: float) -> Outgoing:
         if reg.pull is not None and reg.pull.parsed is not None:
             self._log_skipped(reg, reg.pull.parsed, str(reg.ks))
+        if ev.ks_proof:
+            self.log.info("ks_role_verified", group=reg.group.name, ks=str(reg.ks), proof=ev.ks_proof)
         self._install(ev.keys, ev.sender_ids, now)
         if reg.sa is not None:
             reg.ack_hash = reg.sa.hash
@@ -378,6 +414,13 @@ class GroupMemberEngine:
                 self._log_skipped(reg, parsed, peer[0])
             except ProtocolError as exc:
                 log.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=f"policy: {exc}")
+                return ack
+            pin = reg.group.rekey_key_sha256
+            if pin is not None and keys.kek is not None and not crypto.constant_time_equal(
+                rekey_key_fingerprint(keys.kek.public_key_der), pin
+            ):
+                reason = "policy: the new KEK's rekey key is not the pinned rekey_key_sha256"
+                log.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=reason)
                 return ack
             old = set(g.teks)
             if replace is not None:

@@ -32,7 +32,7 @@ from gdoid.protocol.ike import (
 )
 from gdoid.protocol.payloads import DeletePayload, NotifyPayload
 from gdoid.protocol.policy import GroupKeys, SenderIds
-from gdoid.protocol.pull import MemberRegistered, PullFailed, PullOutput, PullResponder
+from gdoid.protocol.pull import MemberRegistered, PopSigner, PullFailed, PullOutput, PullResponder
 from gdoid.protocol.push import GROUPKEY_PUSH_ACK, ack_key, parse_ack, verify_ack
 from gdoid.protocol.version import supports_removal_and_replace
 
@@ -91,6 +91,14 @@ class KeyServerEngine:
                     keylog.esp(t)
 
     # --- GroupDirectory for the PULL responder -------------------------------
+
+    def pop_signer(self, group_number: int) -> PopSigner:
+        # A GM that pins its KS asks for a proof of the KS role in message 4.
+        g = self.groups[group_number]
+        sig = self.phase1.signature
+        return PopSigner(
+            sig.certificate if sig else None, sig.private_key if sig else None, g.signing_key, g.kek.sig_hash
+        )
 
     def snapshot(self, group_number: int, now: float) -> GroupKeys | None:
         g = self.groups.get(group_number)

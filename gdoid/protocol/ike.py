@@ -160,6 +160,9 @@ class Phase1Config:
     psk_lookup: Callable[[ipaddress.IPv4Address], bytes | None]
     signature: SignatureCredentials | None = None
     software_version: SoftwareVersion | None = None  # None: send no version VID
+    # PSK: the phase-1 ID a peer may use besides its source address (an IPv4
+    # address or a DNS name, from its [[auth.psk]] entry's ``identity``).
+    psk_identity_lookup: Callable[[ipaddress.IPv4Address], str | None] | None = None
     retransmit_interval: float = 2.0
     retransmit_count: int = 4
     half_open_timeout: float = 30.0
@@ -334,6 +337,28 @@ def _local_id(config: Phase1Config, auth: AuthenticationMethod) -> IdPayload:
     return IdPayload(IdType.ID_IPV4_ADDR, 0, 0, config.local_address.packed)
 
 
+def _id_names(ident: IdPayload, identity: str) -> bool:
+    """Does an ID payload carry ``identity`` (an IPv4 address or a DNS name)?"""
+    try:
+        addr = ipaddress.IPv4Address(identity)
+    except ValueError:
+        return ident.id_type == IdType.ID_FQDN and ident.data.lower().rstrip(b".") == identity.encode()
+    return ident.id_type == IdType.ID_IPV4_ADDR and ident.data == addr.packed
+
+
+def _describe_id(ident: IdPayload) -> str:
+    """An ID for a log line: bounded, printable."""
+    if ident.id_type == IdType.ID_IPV4_ADDR and len(ident.data) == 4:
+        return f"ID_IPV4_ADDR {ipaddress.IPv4Address(ident.data)}"
+    try:
+        type_name = IdType(ident.id_type).name
+    except ValueError:
+        type_name = f"type {ident.id_type}"
+    data = ident.data[:64]
+    text = data.decode("ascii") if data.isascii() and data.decode("ascii").isprintable() else data.hex()
+    return f"{type_name} {text}" + ("..." if len(ident.data) > 64 else "")
+
+
 class _MainMode:
     """What initiator and responder share: keys, auth payloads, retransmission."""
 
@@ -426,6 +451,7 @@ class _MainMode:
                 raise NotifyError(
                     NotifyType.AUTHENTICATION_FAILED, "HASH mismatch: pre-shared keys differ"
                 )
+            self._check_psk_identity(peer_id)
             return peer_id, None
         sig = msg.get(SigPayload)
         certp = msg.get(CertPayload)
@@ -450,6 +476,25 @@ class _MainMode:
         if not isinstance(pub, rsa.RSAPublicKey) or not crypto.ike_rsa_verify(pub, want, sig.data):
             raise NotifyError(NotifyType.AUTHENTICATION_FAILED, "signature does not verify")
         return peer_id, cert
+
+    def _check_psk_identity(self, peer_id: IdPayload) -> None:
+        """A PSK proves the key, not the name: the ID must be the sender's own address.
+
+        Otherwise any holder of a group-wide PSK could claim another GM's identity
+        (and with it that GM's sender IDs). The one exception is the identity
+        configured for the peer's PSK entry (a GM behind NAT names its inside address).
+        """
+        if peer_id.id_type == IdType.ID_IPV4_ADDR and peer_id.data == self.peer.packed:
+            return
+        lookup = self.config.psk_identity_lookup
+        allowed = lookup(self.peer) if lookup is not None else None
+        if allowed is not None and _id_names(peer_id, allowed):
+            return
+        raise NotifyError(
+            NotifyType.INVALID_ID_INFORMATION,
+            f"phase-1 ID {_describe_id(peer_id)} is not the peer's address {self.peer}"
+            + (f" nor its configured identity {allowed}" if allowed is not None else ""),
+        )
 
     def _encrypt(self, payloads: Sequence[Payload]) -> bytes:
         body = crypto.pad_zero(encode_payloads(payloads))

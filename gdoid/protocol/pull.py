@@ -3,24 +3,38 @@
     (1) GM -> KS : HDR*, HASH(1), Ni, ID
     (2) KS -> GM : HDR*, HASH(2), Nr, SA
     (3) GM -> KS : HDR*, HASH(3) [, GAP]
-    (4) KS -> GM : HDR*, HASH(4) [, SEQ], KD
+    (4) KS -> GM : HDR*, HASH(4) [, SEQ], KD [, CERT] [, POP_R]
 
 HASH(n) = prf(SKEYID_a, M-ID | <prefix> | every payload after HASH as sent),
 with the prefix empty for (1), Ni_b for (2) and Ni_b | Nr_b for (3)/(4)
 (wire.md §3: no leading zero octet).
+
+Proof of the KS role (RFC 6407 §3.2, wire.md §3): a GM that pins its KS asks for
+it with the project-private GAP attribute POP_REQUEST in (3); the KS answers with
+CERT + POP_R (a SIG payload: the phase-1 style RSA signature of
+hash(Ni_b | Nr_b) by the certificate's key) or, for the rekey-key variant, POP_R
+alone (the group's rekey signature over "pop_r" | Ni_b | Nr_b, verified with the
+SIG_ALGORITHM_KEY the KD carries). HASH(4) covers both, as every payload.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum, auto
+from enum import Enum, IntEnum, auto
 from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from gdoid.protocol import crypto
 from gdoid.protocol.attributes import Attribute, find
 from gdoid.protocol.constants import (
+    CertEncoding,
     Doi,
     ExchangeType,
     GapAttribute,
@@ -29,9 +43,19 @@ from gdoid.protocol.constants import (
 )
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError
 from gdoid.protocol.gdoi_payloads import GapPayload, GdoiSaPayload, KdPayload, SeqPayload
+from gdoid.protocol.identity import IdentityPattern, describe_certificate, matching_pattern
 from gdoid.protocol.ike import IkeSa
 from gdoid.protocol.message import Message, encode_payloads
-from gdoid.protocol.payloads import HashPayload, IdPayload, NoncePayload, NotifyPayload, Payload
+from gdoid.protocol.payloads import (
+    CertPayload,
+    HashPayload,
+    IdPayload,
+    NoncePayload,
+    NotifyPayload,
+    Payload,
+    SigPayload,
+)
+from gdoid.protocol.pki import CertificateValidator, PkiError, PrivateKey
 from gdoid.protocol.policy import (
     GroupKeys,
     ParsedSa,
@@ -44,6 +68,54 @@ from gdoid.protocol.policy import (
 )
 
 NONCE_LEN = 32
+
+# GAP attribute in message 3 asking the KS to prove its role in message 4; the
+# value is a PopMethod. Private-use range of RFC 6407's GAP attribute registry.
+GAP_POP_REQUEST = 16384
+POP_R_LABEL = b"pop_r"  # rekey-key variant: keeps POP_R apart from push signatures ("rekey")
+
+
+class PopMethod(IntEnum):
+    """How the KS proves its role in message 4 (wire.md §3)."""
+
+    CERTIFICATE = 1  # RFC 6407 CERT + POP_R with the KS certificate's key
+    REKEY_KEY = 2  # POP_R with the group's rekey signing key (project variant)
+
+
+@dataclass(frozen=True)
+class KsPinning:
+    """What a GM requires of its KS before it installs anything (docs/config.md).
+
+    ``pop`` asks for a proof of the KS role in message 4. ``identities`` are the
+    certificates accepted for CERTIFICATE (checked against ``validator``'s CA);
+    ``rekey_key_sha256`` pins the rekey signing key the KD carries (SHA-256 of
+    its DER SubjectPublicKeyInfo), with or without a POP.
+    """
+
+    pop: PopMethod | None = None
+    identities: tuple[IdentityPattern, ...] = ()
+    validator: CertificateValidator | None = None
+    rekey_key_sha256: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PopSigner:
+    """The KS's means to prove its role: its phase-1 certificate, the rekey key."""
+
+    certificate: x509.Certificate | None
+    certificate_key: PrivateKey | None
+    rekey_key: PrivateKey | None
+    rekey_sig_hash: crypto.SigHash
+
+
+def pop_hash(sa: IkeSa, ni_b: bytes, nr_b: bytes) -> bytes:
+    """The hash the certificate POP signs: hash(Ni_b | Nr_b), phase-1 hash algorithm."""
+    return crypto.hash_digest(sa.hash, ni_b + nr_b)
+
+
+def rekey_key_fingerprint(public_key_der: bytes) -> bytes:
+    """SHA-256 of the rekey public key's DER SubjectPublicKeyInfo (``rekey_key_sha256``)."""
+    return hashlib.sha256(public_key_der).digest()
 
 
 def group_id(group_number: int) -> IdPayload:
@@ -94,6 +166,7 @@ class Registered:
     group_number: int
     keys: GroupKeys
     sender_ids: SenderIds | None
+    ks_proof: str = ""  # what the KS proved in message 4, for the log ("" = nothing asked)
 
 
 @dataclass(frozen=True)
@@ -144,8 +217,10 @@ class PullInitiator:
         retransmit_interval: float = 2.0,
         retransmit_count: int = 4,
         sender_ids_wanted: int = 1,
+        pinning: KsPinning | None = None,
     ) -> None:
         self.sa = sa
+        self.pinning = pinning
         self.group_number = group_number
         self.message_id = secrets.randbits(32) or 1
         self.ni_b = secrets.token_bytes(NONCE_LEN)
@@ -236,9 +311,14 @@ class PullInitiator:
         self.nr_b = nr.data
         self.parsed = parse_sa(sa, now)
         payloads: list[Payload] = []
+        gap: list[Attribute] = []
         if self.parsed.needs_sender_ids and self.sender_ids_wanted:
             self.requested_sids = self.sender_ids_wanted
-            payloads.append(GapPayload((Attribute(GapAttribute.SENDER_ID_REQUEST, self.requested_sids),)))
+            gap.append(Attribute(GapAttribute.SENDER_ID_REQUEST, self.requested_sids))
+        if self.pinning is not None and self.pinning.pop is not None:
+            gap.append(Attribute(GAP_POP_REQUEST, self.pinning.pop))
+        if gap:
+            payloads.append(GapPayload(tuple(gap)))
         self.state = _State.SENT_3
         self._send(_seal_with_hash(self.sa, self.message_id, self.ni_b + self.nr_b, payloads), now, out)
 
@@ -251,10 +331,61 @@ class PullInitiator:
         keys, sids = parse_keys(
             self.parsed, kd, seq.seq if seq else 0, self.group_number, now, self.requested_sids > 0
         )
+        proof = self._check_ks(msg, keys, now) if self.pinning is not None else ""
         self.state = _State.DONE
         self.deadline = None
         self.sa.forget_exchange(self.message_id)
-        out.events.append(Registered(self.group_number, keys, sids))
+        out.events.append(Registered(self.group_number, keys, sids, proof))
+
+    def _check_ks(self, msg: Message, keys: GroupKeys, now: float) -> str:
+        """Refuse message 4 unless the KS proved what the GM pins; say what it proved."""
+        pin = self.pinning
+        assert pin is not None
+        proved: list[str] = []
+        if pin.rekey_key_sha256 is not None or pin.pop == PopMethod.REKEY_KEY:
+            if keys.kek is None:
+                raise NotifyError(NotifyType.INVALID_KEY_INFORMATION, "no KEK: the rekey key cannot be checked")
+            got = rekey_key_fingerprint(keys.kek.public_key_der)
+            if pin.rekey_key_sha256 is None or not crypto.constant_time_equal(got, pin.rekey_key_sha256):
+                raise NotifyError(
+                    NotifyType.INVALID_KEY_INFORMATION,
+                    f"rekey signing key sha256 {got.hex()} is not the pinned rekey_key_sha256",
+                )
+            proved.append("rekey key pinned")
+        if pin.pop is None:
+            return ", ".join(proved)
+        sig = msg.get(SigPayload)
+        if sig is None:
+            raise NotifyError(NotifyType.AUTHENTICATION_FAILED, "message 4 carries no POP_R: the KS did not prove its role")
+        if pin.pop == PopMethod.REKEY_KEY:
+            assert keys.kek is not None
+            public = crypto.load_public_key_der(keys.kek.public_key_der)
+            if not crypto.rekey_verify(public, keys.kek.sig_hash, POP_R_LABEL + self.ni_b + self.nr_b, sig.data):
+                raise NotifyError(NotifyType.INVALID_SIGNATURE, "POP_R does not verify with the pinned rekey key")
+            return ", ".join([*proved, "POP_R by the rekey key"])
+        certp = msg.get(CertPayload)
+        if certp is None:
+            raise NotifyError(NotifyType.AUTHENTICATION_FAILED, "message 4 carries no CERT: the KS did not prove its role")
+        if certp.encoding != CertEncoding.X509_CERT_SIGNATURE:
+            raise NotifyError(NotifyType.CERT_TYPE_UNSUPPORTED, f"CERT encoding {certp.encoding}")
+        if pin.validator is None:
+            raise NotifyError(NotifyType.INVALID_CERT_AUTHORITY, "no CA configured to check the KS certificate")
+        try:
+            cert = pin.validator.validate(certp.data, dt.datetime.fromtimestamp(now, dt.UTC))
+        except PkiError as exc:
+            raise NotifyError(NotifyType.INVALID_CERTIFICATE, f"KS certificate refused: {exc}") from exc
+        match = matching_pattern(pin.identities, cert)
+        if match is None:
+            raise NotifyError(
+                NotifyType.INVALID_ID_INFORMATION,
+                f"KS certificate {describe_certificate(cert)} matches none of ks_identities",
+            )
+        public = cert.public_key()
+        if not isinstance(public, rsa.RSAPublicKey) or not crypto.ike_rsa_verify(
+            public, pop_hash(self.sa, self.ni_b, self.nr_b), sig.data
+        ):
+            raise NotifyError(NotifyType.INVALID_SIGNATURE, "POP_R does not verify with the KS certificate")
+        return ", ".join([*proved, f"CERT+POP_R {describe_certificate(cert, 120)} (matches {match.text})"])
 
 
 # --- KS: responder ----------------------------------------------------------
@@ -262,6 +393,10 @@ class PullInitiator:
 
 class GroupDirectory(Protocol):
     """What the PULL responder asks the KS about groups (pure, no I/O)."""
+
+    def pop_signer(self, group_number: int) -> PopSigner:
+        """Keys to prove the KS role with, asked only when a GM requests a POP."""
+        ...
 
     def snapshot(self, group_number: int, now: float) -> GroupKeys | None: ...
 
@@ -357,6 +492,8 @@ class PullResponder:
         assert self.keys is not None and self.group_number is not None
         sids = None
         gap = msg.get(GapPayload)
+        pop_req = find(gap.attributes, GAP_POP_REQUEST) if gap is not None else None
+        proof = self._proof(pop_req.int_value) if pop_req is not None else []
         if gap is not None:
             req = find(gap.attributes, GapAttribute.SENDER_ID_REQUEST)
             if req is not None and req.int_value:
@@ -367,6 +504,28 @@ class PullResponder:
         self.state = _State.DONE
         self.deadline = None
         self._reply(
-            self.ni_b + self.nr_b, [SeqPayload(self.keys.seq), build_kd(self.keys, sids)], out
+            self.ni_b + self.nr_b, [SeqPayload(self.keys.seq), build_kd(self.keys, sids), *proof], out
         )
         out.events.append(MemberRegistered(self.group_number, self.sa, self.keys, sids))
+
+    def _proof(self, method: int) -> list[Payload]:
+        """CERT + POP_R or POP_R for message 4 (before any sender ID is spent)."""
+        assert self.group_number is not None
+        try:
+            pop = PopMethod(method)
+        except ValueError:
+            raise NotifyError(NotifyType.ATTRIBUTES_NOT_SUPPORTED, f"POP method {method} unknown") from None
+        signer = self.directory.pop_signer(self.group_number)
+        if pop == PopMethod.CERTIFICATE:
+            key = signer.certificate_key
+            if signer.certificate is None or not isinstance(key, rsa.RSAPrivateKey):
+                raise NotifyError(
+                    NotifyType.CERT_TYPE_UNSUPPORTED, "KS has no RSA certificate ([auth.pki]) to prove its role"
+                )
+            der = signer.certificate.public_bytes(Encoding.DER)
+            signature = crypto.ike_rsa_sign(key, pop_hash(self.sa, self.ni_b, self.nr_b))
+            return [CertPayload(CertEncoding.X509_CERT_SIGNATURE, der), SigPayload(signature)]
+        if signer.rekey_key is None:
+            raise NotifyError(NotifyType.INVALID_KEY_INFORMATION, "group has no rekey signing key")
+        data = POP_R_LABEL + self.ni_b + self.nr_b
+        return [SigPayload(crypto.rekey_sign(signer.rekey_key, signer.rekey_sig_hash, data))]
