@@ -247,6 +247,9 @@ class KeyServerEngine:
             self.drop(peer, "GROUPKEY-PULL for no phase-1 SA", now)
             return []
         entry.last_used = now
+        if self._is_coop_peer(entry):  # a COOP peer address is a KS's: it never registers as a GM
+            self.drop(peer, "GROUPKEY-PULL from a COOP key server address", now)
+            return []
         key = (header.cookies, header.message_id)
         pull = self.pulls.get(key)
         if pull is None:
