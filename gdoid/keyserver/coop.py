@@ -67,6 +67,7 @@ UNKNOWN_GROUP = "unknown_group"
 INVALID = "invalid"  # a block that does not validate (annblocks.parse_ann)
 FINGERPRINT = "fingerprint"  # the peer's rekey signing key differs from ours: no sync
 INTERNAL = "internal"  # a bug: logged with its traceback
+NO_SA = "no_sa"  # for no phase-1 SA we hold (or one we refused as not a KS's)
 
 
 class OncePerInterval:
@@ -299,16 +300,16 @@ class Coop:
     def peer_sa_up(self, peer: Peer, now: float) -> Outgoing:
         """A phase-1 SA with a peer exists (either side started it): say hello at once.
 
-        The engine calls this for an SA a peer address set up to us: one that does not
-        prove the peer's KS credentials (a GM key or certificate) is dropped at once.
+        The engine calls this for an SA a peer address set up to us.  One that does not
+        prove the peer's KS credentials (a GM key or certificate) gets nothing from us:
+        _usable_sa never picks it and every ANN on it is rejected (reason ``auth``).
         """
-        for cookies, entry in list(self.engine.sas.items()):
-            if entry.sa.peer_address == peer.address:
-                why = self.auth_failure(peer, entry.sa)
-                if why is not None:
-                    self.engine._drop_sa(cookies)
-                    self.engine.counters["coop_sa_refused"] += 1
-                    self._log_limited(str(peer.address), AUTH, now, event="coop_peer_not_authenticated", reason=why)
+        latest = max((e.sa for e in self.engine.sas.values() if e.sa.peer_address == peer.address),
+                     key=lambda sa: sa.established_at, default=None)
+        why = self.auth_failure(peer, latest) if latest is not None else None
+        if why is not None:
+            self.engine.counters["coop_sa_not_ks"] += 1
+            self._log_limited(str(peer.address), AUTH, now, event="coop_peer_not_authenticated", reason=why)
         if self._usable_sa(peer, now) is None:
             return []
         peer.ike_status = "Established"
@@ -426,7 +427,7 @@ class Coop:
     def _receive_ann(self, sa: IkeSa, data: bytes, peer_addr: Address, now: float) -> Outgoing:
         peer = self.peers.get(sa.peer_address)
         if peer is None or peer_addr[0] != str(sa.peer_address):
-            self._reject(None, peer_addr[0], NOT_PEER, "ANN on an SA that is not with a configured COOP peer", now)
+            self._reject(None, str(sa.peer_address), NOT_PEER, "ANN on an SA that is not with a configured COOP peer", now)
             return []
         why = self.auth_failure(peer, sa)
         if why is not None:  # checked before anything is decrypted
@@ -493,6 +494,14 @@ class Coop:
             peer.full_sent = False
             out += self._announce_to(peer, now)
         return out
+
+    def reject_no_sa(self, peer_addr: Address, now: float) -> None:
+        """An ANN for cookies of no SA we keep: a peer's address is logged as itself,
+        any other source under one shared key (spoofed sources fill no table)."""
+        peer = self.peers.get(IPv4Address(peer_addr[0]))
+        self._count_reject(peer, NO_SA)
+        key = peer_addr[0] if peer is not None else "*"
+        self._log_limited(key, NO_SA, now, log.COOP_ANN_REJECTED, reason=f"{NO_SA}: ANN for no phase-1 SA")
 
     def _count_reject(self, peer: Peer | None, reason: str) -> None:
         if peer is not None:

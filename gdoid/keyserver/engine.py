@@ -148,7 +148,8 @@ class KeyServerEngine:
         if sa is None:
             sa = next((p.sa for p in self.coop.peers.values() if p.sa is not None and p.sa.cookies == header.cookies), None)
         if sa is None:
-            self.drop(peer, "ANN for no phase-1 SA", now)
+            self.counters["dropped"] += 1
+            self.coop.reject_no_sa(peer, now)  # counted by reason, logged once a minute
             return []
         return self.coop.receive_ann(sa, data, peer, now)
 
