@@ -379,8 +379,9 @@ def test_daemons_rogue_with_the_gm_psk_at_the_peer_address(tmp_path: Path) -> No
     gm_cfg.write_text(LO_GM_TOML.format(address=LO_GM, dir=tmp_path, ks=LO_KS))
     with Daemon("ks", ks_cfg) as ks, Daemon("ks", rogue_cfg) as rogue:
         ks.wait_for(r"COOP_KS_TRANS_TO_PRI: KS 127\.0\.2\.1")
-        rogue.wait_for("coop_phase1_failed")  # it tries; its MM5 does not verify
-        ks.wait_for(f"PHASE1_FAILED.*{LO_ROGUE}")
+        # Both directions fail at message 5: each side's key for the other's address differs.
+        rogue.wait_for(r"PHASE1_FAILED: IKE phase 1 with 127\.0\.2\.1 failed")
+        ks.wait_for(r"PHASE1_FAILED: IKE phase 1 with 127\.0\.2\.3 failed")
         with Daemon("gm", gm_cfg) as gm:
             gm.wait_for("GM_REGS_COMPL")
             coop = gdoictl_json(tmp_path / "ks.sock", "show", "crypto", "gdoi", "ks", "coop")
