@@ -72,7 +72,7 @@ RELOAD_GROUP = """
 name = "{name}"
 number = {number}
 [group.kek]
-signing_key = "rekey.key"
+signing_key = "{signing_key}"
 [[group.sa_ipsec]]
 number = 1
 profile = "gdoi-p"
@@ -87,12 +87,14 @@ dst = "10.0.0.0/8"
 class Pair:
     """Two KS daemons (not started: no sockets) whose engines exchange datagrams in memory."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, ks2_signing_key: str = "rekey.key") -> None:
         self.dir = tmp
+        self.ks2_signing_key = ks2_signing_key
         write_private(tmp / "gm.psk", "gm-secret\n")
         write_private(tmp / "coop.psk", "ks-pair-secret\n")
         write_private(tmp / "coop2.psk", "ks-pair-secret-2\n")
         write_signing_key(tmp / "rekey.key")
+        write_signing_key(tmp / "other-rekey.key")
         self.now = time.time()
         self.daemons = {a: self._daemon(a, priority) for a, priority in ((KS1, 100), (KS2, 50))}
 
@@ -103,7 +105,9 @@ class Pair:
         path.write_text(RELOAD_KS.format(
             address=address, dir=self.dir, name=name, priority=100 if address == KS1 else 50,
             peer=KS2 if address == KS1 else KS1, coop_psk=coop_psk,
-            groups="".join(RELOAD_GROUP.format(name=n, number=num) for n, num in groups)))
+            groups="".join(RELOAD_GROUP.format(
+                name=n, number=num, signing_key=self.ks2_signing_key if address == KS2 else "rekey.key")
+                for n, num in groups)))
         return path
 
     def _daemon(self, address: str, priority: int) -> KeyServerDaemon:
@@ -184,6 +188,19 @@ def test_reload_refreshes_coop_credentials(tmp_path: Path) -> None:
     pair.tick(1.0)
     assert pair.coop(KS1).peers[IPv4Address(KS2)].ann_received > received
     assert pair.coop(KS1).is_primary and pair.coop(KS2).primary == IPv4Address(KS1)
+
+
+def test_show_coop_says_why_sync_is_refused(tmp_path: Path) -> None:
+    pair = Pair(tmp_path, ks2_signing_key="other-rekey.key")
+    pair.run_until(lambda: pair.coop(KS1).is_primary and pair.coop(KS2).is_primary, 5.0)  # no sync: two
+    for a, peer in ((KS1, KS2), (KS2, KS1)):
+        res = pair.daemons[a]._show_coop({}, pair.now)
+        assert res.ok
+        assert f"Peer Address: {peer}" in res.output and "Peer KS Status: Sync refused" in res.output
+        assert "Sync refused: rekey signing key differs in group GET: peer sha256:" in res.output
+        assert "fingerprint: " in res.output  # the per-reason rejection counter
+        assert "Authentication: psk" in res.output
+    assert pair.daemons[KS1].groups[1234].kek.spi != pair.daemons[KS2].groups[1234].kek.spi
 
 
 # --- ANN blocks are validated before anything changes -------------------------------------
