@@ -13,6 +13,7 @@ The layout and every key are documented in ``docs/config.md``.
 from __future__ import annotations
 
 import difflib
+import hmac
 import re
 import stat
 import tomllib
@@ -231,8 +232,12 @@ class KsGroupConfig:
 
 @dataclass(frozen=True)
 class CoopPeer:
+    """A cooperative KS and the credentials it must prove in phase 1 (not a GM's)."""
+
     address: IPv4Address
     port: int = 848
+    psk: bytes | None = field(default=None, repr=False)  # this KS pair's own key, never a GM key
+    identities: tuple[str, ...] = ()  # certificate subject DN / subjectAltName patterns
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,9 @@ class CoopConfig:
     priority: int = 100
     peers: tuple[CoopPeer, ...] = ()
     announce_interval: float = 30.0
+
+    def peer(self, addr: IPv4Address) -> CoopPeer | None:
+        return next((p for p in self.peers if p.address == addr), None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -624,19 +632,19 @@ def _parse_ike(root: _Table) -> IkePolicy:
     )
 
 
-def _read_psk(t: _Table) -> bytes:
-    p = t.existing_file("key_file", private=True)
+def _read_psk(t: _Table, key: str = "key_file") -> bytes:
+    p = t.existing_file(key, private=True)
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise t.err("key_file", f"cannot read {p}: {exc.strerror}") from None
+        raise t.err(key, f"cannot read {p}: {exc.strerror}") from None
     # Editors add one trailing newline; anything else is part of the key.
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):
         data = data[:-1]
     if not data:
-        raise t.err("key_file", f"{p} is empty")
+        raise t.err(key, f"{p} is empty")
     return data
 
 
@@ -830,18 +838,38 @@ def _parse_groups(
     return tuple(groups)
 
 
-def _parse_coop(root: _Table, own: IPv4Address) -> CoopConfig | None:
+def _coop_identity(ctx: _Ctx, path: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip() or len(v) > 1024:
+        raise ctx.error(path, 'must be a non-empty pattern like "CN=ks2.example" or "DNS:ks2.example"')
+    return v.strip()
+
+
+def _parse_coop(root: _Table, own: IPv4Address, auth: AuthConfig) -> CoopConfig | None:
     t = root.table("coop", ("priority", "announce_interval", "peer"))
     if t is None:
         return None
     peers: list[CoopPeer] = []
-    for p in t.tables("peer", ("address", "port")):
-        peer = CoopPeer(address=p.address("address"), port=p.integer("port", 1, 65535, 848))
-        if peer.address == own:
+    for p in t.tables("peer", ("address", "port", "psk_file", "identity")):
+        address = p.address("address")
+        port = p.integer("port", 1, 65535, 848)
+        if address == own:
             raise p.err("address", f"{own} is this key server's own address")
-        if peer in peers:
-            raise p.err("address", f"duplicate peer {peer.address}:{peer.port}")
-        peers.append(peer)
+        if any(q.address == address and q.port == port for q in peers):
+            raise p.err("address", f"duplicate peer {address}:{port}")
+        psk = _read_psk(p, "psk_file") if p.has("psk_file") else None
+        # A GM key here would let every GM pose as this KS (issue 9 §2).
+        if psk is not None and any(hmac.compare_digest(psk, e.key) for e in auth.psks):
+            raise p.err("psk_file", "is also an [[auth.psk]] (GM) key: a COOP peer needs a key of its own")
+        raw = p._get("identity", [])
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list):
+            raise p.err("identity", "must be a string or an array of strings")
+        identities = tuple(_coop_identity(p.ctx, f"{p.sub('identity')}[{i}]", v) for i, v in enumerate(items))
+        if identities and auth.pki is None:
+            raise p.err("identity", "a pinned certificate identity needs [auth.pki]")
+        if psk is None and not identities:
+            raise p.err("address", "needs psk_file or identity: a COOP peer authenticates as a KS, not as a GM")
+        peers.append(CoopPeer(address=address, port=port, psk=psk, identities=identities))
     return CoopConfig(
         priority=t.integer("priority", 1, 255, 100),
         peers=tuple(peers),
@@ -874,9 +902,9 @@ def _build_ks(ctx: _Ctx, data: dict[str, Any]) -> KsConfig:
         keylog_dir=ks.path("keylog_dir", None),
         max_half_open=ks.integer("max_half_open", 1, 1_000_000, 4096),
         ike=_parse_ike(root),
-        auth=_parse_auth(root),
+        auth=(auth := _parse_auth(root)),
         groups=_parse_groups(root, _KS_GROUP_KEYS, _parse_ks_group),
-        coop=_parse_coop(root, address),
+        coop=_parse_coop(root, address, auth),
     )
 
 

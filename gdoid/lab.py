@@ -138,6 +138,8 @@ def export(directory: Path, gms: int = 2, port: int = 848, kss: int = 1) -> LabF
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     _write_private(directory / "psk.secret", (secrets.token_hex(24) + "\n").encode())
+    if kss > 1:  # the KSs' own COOP key: a GM's PSK must not make it a KS
+        _write_private(directory / "coop.psk", (secrets.token_hex(24) + "\n").encode())
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -150,7 +152,8 @@ def export(directory: Path, gms: int = 2, port: int = 848, kss: int = 1) -> LabF
         name = "ks" if kss == 1 else f"ks{k}"
         coop = ""
         if kss > 1:
-            peers = "".join(f'[[coop.peer]]\naddress = "{a}"\nport = {port}\n' for a in addresses if a != addr)
+            peers = "".join(f'[[coop.peer]]\naddress = "{a}"\nport = {port}\npsk_file = "coop.psk"\n'
+                            for a in addresses if a != addr)
             coop = COOP_TEMPLATE.format(priority=100 - 10 * (k - 1), peers=peers)
         path = directory / f"{name}.toml"
         path.write_text(KS_TEMPLATE.format(address=addr, name=name, coop=coop, **common))

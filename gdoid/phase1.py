@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import IPv4Address
 
-from gdoid.config import AuthConfig, IkeCipher, IkeHash, IkePolicy
+from cryptography import x509
+
+from gdoid.config import AuthConfig, CoopConfig, CoopPeer, IkeCipher, IkeHash, IkePolicy
 from gdoid.protocol.constants import AuthenticationMethod
 from gdoid.protocol.crypto import DhGroup, HashAlgorithm
 from gdoid.protocol.ike import Phase1Config, SignatureCredentials, proposals_from_policy
@@ -34,18 +39,69 @@ def load_signature_credentials(auth: AuthConfig) -> SignatureCredentials | None:
     return SignatureCredentials(certs[0], load_private_key(pki.key_file), validator)
 
 
+def psk_lookup(auth: AuthConfig, coop: CoopConfig | None) -> Callable[[IPv4Address], bytes | None]:
+    """The PSK for a peer address: a COOP peer's own key, never a GM key, for a COOP address.
+
+    Main Mode picks the key by address before message 5, so a configured COOP
+    peer address gets its COOP key or none (a certificate-only peer): a GM
+    holding the group's PSK cannot complete phase 1 from a KS's address.
+    """
+    peers = {p.address: p for p in coop.peers} if coop is not None else {}
+
+    def lookup(addr: IPv4Address) -> bytes | None:
+        peer = peers.get(addr)
+        return peer.psk if peer is not None else auth.psk_for(addr)
+
+    return lookup
+
+
+def coop_peer_phase1(base: Phase1Config, peer: CoopPeer) -> Phase1Config:
+    """What we offer when we initiate to ``peer``: only the methods its config allows."""
+    allowed = set()
+    if peer.psk is not None:
+        allowed.add(AuthenticationMethod.PRE_SHARED_KEY)
+    if peer.identities and base.signature is not None:
+        allowed.add(AuthenticationMethod.RSA_SIG)
+    return replace(base, proposals=tuple(p for p in base.proposals if p.auth in allowed))
+
+
+def certificate_identities(cert: x509.Certificate) -> list[str]:
+    """The names a certificate proves: its subject DN (RFC 4514) and its subjectAltNames."""
+    names = [cert.subject.rfc4514_string()]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return names
+    names += [f"DNS:{v}" for v in san.get_values_for_type(x509.DNSName)]
+    names += [f"IP:{v}" for v in san.get_values_for_type(x509.IPAddress)]
+    names += [f"email:{v}" for v in san.get_values_for_type(x509.RFC822Name)]
+    names += [f"URI:{v}" for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    return names
+
+
+def identity_match(cert: x509.Certificate | None, patterns: tuple[str, ...]) -> str | None:
+    """The first certificate name matching a pinned pattern (fnmatch, case-sensitive), or None."""
+    if cert is None:
+        return None
+    for name in certificate_identities(cert):
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            return name
+    return None
+
+
 def phase1_config(
     ike: IkePolicy,
     auth: AuthConfig,
     local_address: IPv4Address,
     software_version: SoftwareVersion | None,
     half_open_timeout: float = 30.0,
+    coop: CoopConfig | None = None,
 ) -> Phase1Config:
     auths = []
     signature = load_signature_credentials(auth)
     if signature is not None:
         auths.append(AuthenticationMethod.RSA_SIG)
-    if auth.psks:
+    if auth.psks or (coop is not None and any(p.psk is not None for p in coop.peers)):
         auths.append(AuthenticationMethod.PRE_SHARED_KEY)
     proposals = proposals_from_policy(
         [_KEY_BITS[c] for c in ike.ciphers],
@@ -57,7 +113,7 @@ def phase1_config(
     return Phase1Config(
         local_address=local_address,
         proposals=proposals,
-        psk_lookup=auth.psk_for,
+        psk_lookup=psk_lookup(auth, coop),
         signature=signature,
         software_version=software_version,
         psk_identity_lookup=auth.psk_identity_for,

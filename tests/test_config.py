@@ -113,6 +113,7 @@ priority = 100
 announce_interval = 30.0
 [[coop.peer]]
 address = "10.0.9.1"
+psk_file = "coop.secret"
 """
 
 GM_TOML = """\
@@ -148,6 +149,7 @@ def confdir(tmp_path: Path) -> Path:
     """A directory holding every file the sample configs refer to."""
     _write(tmp_path / "psk.secret", b"s3cret-key\n")
     _write(tmp_path / "psk-lab.secret", b"lab-key")
+    _write(tmp_path / "coop.secret", b"ks-pair-key\n")
     _write(tmp_path / "rekey.key", b"-----BEGIN PRIVATE KEY-----\n")
     _write(tmp_path / "ks.key", b"-----BEGIN PRIVATE KEY-----\n")
     for name in ("ca.pem", "ks.pem", "crl.pem"):
@@ -232,7 +234,7 @@ def test_full_ks_config(confdir: Path) -> None:
                 rekey=RekeyPolicy(),
             ),
         ),
-        coop=CoopConfig(priority=100, peers=(CoopPeer(IPv4Address("10.0.9.1")),)),
+        coop=CoopConfig(priority=100, peers=(CoopPeer(IPv4Address("10.0.9.1"), psk=b"ks-pair-key"),)),
     )
     assert cfg == expected
     assert isinstance(cfg.groups[0].rekey.retransmit_interval, float)

@@ -49,7 +49,7 @@ address = "{address}"
 software_version = "{version}"
 [[auth.psk]]
 peer = "10.0.0.0/8"
-key_file = "{psk}"
+key_file = "psk"
 [[group]]
 name = "GET"
 number = 1234
@@ -108,7 +108,7 @@ class Events:
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    for name, text in (("psk", "coop-secret\n"), ("wrong.psk", "not-the-secret\n")):
+    for name, text in (("psk", "gm-secret\n"), ("coop.psk", "coop-secret\n"), ("wrong.psk", "not-the-secret\n")):
         (tmp_path / name).write_text(text)
         os.chmod(tmp_path / name, 0o600)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -134,14 +134,15 @@ class Sim:
     # --- nodes ------------------------------------------------------------------------
 
     def add_ks(
-        self, address: str, priority: int | None = None, psk: str = "psk", version: str = "1.0.2"
+        self, address: str, priority: int | None = None, psk: str = "coop.psk", version: str = "1.0.2"
     ) -> KeyServerEngine:
-        peers = "".join(f'[[coop.peer]]\naddress = "{a}"\n' for a in KSS if a != address)
-        text = KS_TOML.format(address=address, psk=psk, priority=priority or PRIORITY[address],
+        # Each KS pair proves a COOP key of its own, not the GMs' (issue 9 §2).
+        peers = "".join(f'[[coop.peer]]\naddress = "{a}"\npsk_file = "{psk}"\n' for a in KSS if a != address)
+        text = KS_TOML.format(address=address, priority=priority or PRIORITY[address],
                               period=PERIOD, peers=peers, version=version)
         cfg = parse_ks_config(text, self.base)
         assert cfg.coop is not None
-        p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
+        p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version, coop=cfg.coop)
         groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, self.now)
                   for g in cfg.groups}
         engine = KeyServerEngine(p1, groups, logger=Events())

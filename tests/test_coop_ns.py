@@ -2,7 +2,7 @@
 
 :class:`gdoid.netlab.CoopTopology` puts every KS and GM in its own namespace on
 one core bridge: KS1-3 on 192.0.2.11-13 (priorities 100 / 75 / 50, ANN every
-0.5 s), a rogue ks4 on 192.0.2.14 with the wrong PSK (configured as a peer
+0.5 s), a rogue ks4 on 192.0.2.14 with the GMs' PSK, not the KSs' COOP PSK (configured as a peer
 everywhere, started only by the ANN test), GM1-4 on 192.0.2.21-24 with a host
 behind each (host<i> = 10.<i>.0.2).  GM i asks KS ((i-1) % 3) + 1 first: GM1
 and GM4 register at KS1, GM2 at KS2, GM3 at KS3.  All KSs share the rekey
@@ -291,10 +291,14 @@ class CoopLab:
     def write_configs(self) -> None:
         write_private(self.dir / "psk.secret", "coop-namespace-secret\n")
         write_private(self.dir / "wrong.psk", "not-the-group-secret\n")
+        write_private(self.dir / "coop.psk", "coop-namespace-ks-pair-secret\n")
         write_signing_key(self.dir / "rekey.key")  # one rekey signing key for every KS
         every = (*KSS, ROGUE)
         for k in every:
-            peers = "".join(f'[[coop.peer]]\naddress = "{ks_addr(p)}"\n' for p in every if p != k)
+            # KS pairs share a COOP key of their own; the rogue holds only the GMs' PSK.
+            coop_psk = "psk.secret" if k == ROGUE else "coop.psk"
+            peers = "".join(f'[[coop.peer]]\naddress = "{ks_addr(p)}"\npsk_file = "{coop_psk}"\n'
+                            for p in every if p != k)
             (self.dir / f"ks{k}.toml").write_text(KS_TOML.format(
                 address=ks_addr(k), k=k, dir=self.dir, psk="wrong.psk" if k == ROGUE else "psk.secret",
                 atd=ACTIVATION_DELAY, tek_lifetime=TEK_LIFETIME, priority=PRIORITY[k], period=PERIOD, peers=peers,

@@ -14,16 +14,29 @@ Pure logic driven by the KS engine (it passes ``now`` and routes datagrams):
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
 from gdoid import log
-from gdoid.config import CoopConfig
+from gdoid.config import CoopConfig, CoopPeer
 from gdoid.keyserver import state
+from gdoid.keyserver.annblocks import (
+    AnnInvalid,
+    AnnKeys,
+    ParsedAnn,
+    parse_ann,
+    signing_key_block,
+    signing_key_fingerprint,
+)
 from gdoid.keyserver.group import Group, Member
+from gdoid.phase1 import coop_peer_phase1, identity_match
 from gdoid.protocol.ann import AnnBlock, AnnFlag, AnnPayload, BlockType, Role, open_ann, seal_ann
+from gdoid.protocol.constants import AuthenticationMethod
 from gdoid.protocol.errors import ProtocolError
 from gdoid.protocol.ike import (
     IkeSa,
@@ -43,12 +56,52 @@ Outgoing = list[tuple[bytes, Address]]
 MEMBER_CHUNK_BYTES = 24_000  # JSON per ANN so a datagram stays below 32 KiB
 MISSED_PERIODS = 3
 LISTEN_PERIODS = 2
+REJECT_LOG_INTERVAL = 60.0  # one log line per (peer, reason) per minute
+
+# ann_rejected reasons (counters ann_rejected_<reason>):
+NOT_PEER = "not_peer"  # on an SA whose peer is not a configured COOP peer
+AUTH = "auth"  # the SA was not authenticated with the peer's own COOP credentials
+DECODE = "decode"  # does not decrypt / HASH(1) wrong / malformed payload
+REPLAY = "replay"  # sequence number not above the last accepted one
+UNKNOWN_GROUP = "unknown_group"
+INVALID = "invalid"  # a block that does not validate (annblocks.parse_ann)
+FINGERPRINT = "fingerprint"  # the peer's rekey signing key differs from ours: no sync
+INTERNAL = "internal"  # a bug: logged with its traceback
+NO_SA = "no_sa"  # for no phase-1 SA we hold (or one we refused as not a KS's)
+
+
+class OncePerInterval:
+    """At most one log line per key per interval; counts the lines it held back.
+
+    A small local limiter (keys are (peer, reason) pairs, bounded in number), to be
+    replaced by the general one in gdoid.log.
+    """
+
+    def __init__(self, interval: float = REJECT_LOG_INTERVAL, max_keys: int = 1024) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: Counter[tuple[str, str]] = Counter()
+
+    def allow(self, key: tuple[str, str], now: float) -> int | None:
+        """None: stay quiet; else log now, mentioning this many suppressed lines."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] += 1
+            return None
+        if last is None and len(self._last) >= self.max_keys:
+            oldest = min(self._last, key=self._last.__getitem__)
+            del self._last[oldest]
+            self._held.pop(oldest, None)
+        self._last[key] = now
+        return self._held.pop(key, 0)
 
 
 @dataclass
 class Peer:
     address: IPv4Address
     port: int
+    config: CoopPeer | None = None
     initiator: MainModeInitiator | None = None
     sa: IkeSa | None = None
     next_attempt: float = 0.0
@@ -61,6 +114,8 @@ class Peer:
     ann_sent: int = 0
     ann_received: int = 0
     ann_rejected: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    sync_refused: dict[int, str] = field(default_factory=dict)  # group number -> why
     full_sent: bool = False
     ike_status: str = "Down"
     reachable: bool = False
@@ -104,13 +159,14 @@ class Coop:
         self.last_primary_heard = now
         self.next_announce = now
         self.ann_seq = int(now * 1_000_000)  # strictly increasing across restarts too
-        self.peers = {p.address: Peer(p.address, p.port) for p in config.peers}
-        self.groups_state: dict[int, CoopGroupState] = {n: CoopGroupState() for n in engine.groups}
+        self.peers = {p.address: Peer(p.address, p.port, p) for p in config.peers}
+        self.groups_state: dict[int, CoopGroupState] = {}
         self.on_role_change: Callable[[], None] | None = None
+        self.on_dirty: Callable[[], None] | None = None  # the daemon saves state, coalesced
         self.synced = False  # True once primary, or once a primary's keys were adopted
-        everyone = sorted([address, *self.peers])
+        self._log_limit = OncePerInterval()
         for g in engine.groups.values():
-            g.sids.set_slice(everyone.index(address), len(everyone))
+            self._group_state(g)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -125,24 +181,88 @@ class Coop:
     def my_rank(self) -> tuple[int, int]:
         return self._rank(self.priority, self.address)
 
+    def _group_state(self, group: Group) -> CoopGroupState:
+        """Per-group COOP state, created on first use (a reload may add groups)."""
+        gs = self.groups_state.get(group.number)
+        if gs is None:
+            gs = self.groups_state[group.number] = CoopGroupState()
+            self._slice(group)
+        return gs
+
+    def _slice(self, group: Group) -> None:
+        everyone = sorted([self.address, *self.peers])
+        group.sids.set_slice(everyone.index(self.address), len(everyone))
+
+    def _dirty(self) -> None:
+        if self.on_dirty is not None:
+            self.on_dirty()
+
+    def auth_failure(self, peer: Peer, sa: IkeSa) -> str | None:
+        """Why ``sa`` does not prove ``peer``'s own KS credentials (None: it does).
+
+        A PSK SA must have used this peer's COOP key (never a GM key); a signature SA
+        needs a certificate whose subject or subjectAltName matches a pinned identity.
+        """
+        conf = peer.config
+        if conf is None:
+            return "no credentials configured"
+        if sa.peer_address != peer.address:
+            return f"SA is with {sa.peer_address}"
+        if sa.proposal.auth == AuthenticationMethod.PRE_SHARED_KEY:
+            if conf.psk is None:
+                return "pre-shared key, but this peer must use a certificate"
+            if sa.psk_digest is None or not hmac.compare_digest(sa.psk_digest, hashlib.sha256(conf.psk).digest()):
+                return "pre-shared key is not this peer's COOP key"
+            return None
+        if sa.proposal.auth == AuthenticationMethod.RSA_SIG:
+            if not conf.identities:
+                return "certificate, but this peer must use its COOP pre-shared key"
+            if identity_match(sa.peer_certificate, conf.identities) is None:
+                subject = sa.peer_certificate.subject.rfc4514_string() if sa.peer_certificate else "none"
+                return f"certificate {subject[:120]} matches no pinned identity"
+            return None
+        return f"authentication method {sa.proposal.auth}"
+
     def _usable_sa(self, peer: Peer, now: float) -> IkeSa | None:
         # Ours or one the peer initiated to us, whichever is newest: a restarted
-        # peer has forgotten the older ones.
+        # peer has forgotten the older ones.  Only SAs that prove the peer's KS
+        # credentials: one a GM set up from the peer's address never carries our keys.
         best = peer.sa if peer.sa is not None and peer.sa.expires_at > now else None
         for entry in self.engine.sas.values():
             if entry.sa.peer_address == peer.address and entry.sa.expires_at > now and (
                 best is None or entry.sa.established_at > best.established_at
-            ):
+            ) and self.auth_failure(peer, entry.sa) is None:
                 best = entry.sa
         return best
 
     def owns_initiator(self, icky: bytes) -> Peer | None:
         return next((p for p in self.peers.values() if p.initiator is not None and p.initiator.icky == icky), None)
 
+    def _log_limited(self, peer: str, kind: str, now: float, mnemonic: log.Mnemonic | None = None,
+                     event: str = "", **fields: Any) -> None:
+        suppressed = self._log_limit.allow((peer, kind), now)
+        if suppressed is None:
+            return
+        if suppressed:
+            fields["suppressed"] = suppressed
+        if mnemonic is not None:
+            if suppressed:
+                fields["reason"] = f"{fields.get('reason', '')} ({suppressed} more suppressed)"
+                del fields["suppressed"]
+            log.emit(self.log, mnemonic, peer=peer, **fields)
+        else:
+            self.log.warning(event, peer=peer, **fields)
+
+    def _internal_error(self, where: str, peer: str, exc: BaseException, now: float) -> None:
+        self.engine.counters["coop_internal_error"] += 1
+        if self._log_limit.allow((peer, f"{INTERNAL}:{where}"), now) is not None:
+            self.log.exception("coop_internal_error", where=where, peer=peer, error=repr(exc)[:200])
+
     # --- phase 1 to peers ----------------------------------------------------------------
 
     def _start_phase1(self, peer: Peer, now: float) -> Outgoing:
-        mm = MainModeInitiator(self.phase1, peer.address, now)
+        config = coop_peer_phase1(self.phase1, peer.config) if peer.config is not None else self.phase1
+        mm = MainModeInitiator(config, peer.address, now)
         out = mm.start(now)
         peer.initiator = mm
         peer.ike_status = "Negotiating"
@@ -158,8 +278,15 @@ class Coop:
 
     def _phase1_event(self, peer: Peer, ev: object, now: float) -> Outgoing:
         if isinstance(ev, Phase1Established):
-            peer.sa = ev.sa
             peer.initiator = None
+            why = self.auth_failure(peer, ev.sa)
+            if why is not None:
+                peer.failures += 1
+                peer.ike_status = "Failed (not a KS credential)"
+                peer.next_attempt = now + min(30.0, self.period * 2 ** min(peer.failures, 5))
+                self._log_limited(str(peer.address), AUTH, now, event="coop_peer_not_authenticated", reason=why)
+                return []
+            peer.sa = ev.sa
             peer.failures = 0
             return self.peer_sa_up(peer, now)
         if isinstance(ev, Phase1Failed):
@@ -167,11 +294,24 @@ class Coop:
             peer.failures += 1
             peer.ike_status = f"Failed ({ev.reason})"
             peer.next_attempt = now + min(30.0, self.period * 2 ** min(peer.failures, 5))
-            self.log.warning("coop_phase1_failed", peer=str(peer.address), reason=ev.reason)
+            self._log_limited(str(peer.address), "phase1", now, event="coop_phase1_failed", reason=ev.reason)
         return []
 
     def peer_sa_up(self, peer: Peer, now: float) -> Outgoing:
-        """A phase-1 SA with a peer exists (either side started it): say hello at once."""
+        """A phase-1 SA with a peer exists (either side started it): say hello at once.
+
+        The engine calls this for an SA a peer address set up to us.  One that does not
+        prove the peer's KS credentials (a GM key or certificate) gets nothing from us:
+        _usable_sa never picks it and every ANN on it is rejected (reason ``auth``).
+        """
+        latest = max((e.sa for e in self.engine.sas.values() if e.sa.peer_address == peer.address),
+                     key=lambda sa: sa.established_at, default=None)
+        why = self.auth_failure(peer, latest) if latest is not None else None
+        if why is not None:
+            self.engine.counters["coop_sa_not_ks"] += 1
+            self._log_limited(str(peer.address), AUTH, now, event="coop_peer_not_authenticated", reason=why)
+        if self._usable_sa(peer, now) is None:
+            return []
         peer.ike_status = "Established"
         peer.full_sent = False
         return self._announce_to(peer, now, reply=True)
@@ -201,26 +341,32 @@ class Coop:
         return chunks
 
     def _anns_for(self, peer: Peer, g: Group, now: float, reply: bool) -> list[AnnPayload]:
+        gs = self._group_state(g)
+        fingerprint = signing_key_block(g)  # in every ANN: each is checked on its own
+        anns: list[list[AnnBlock]] = []
+        if peer.sync_refused:
+            # No keys and no members for a KS we refuse to sync with; the
+            # fingerprint lets it see (and show) why.
+            anns.append([])
         # Synced secondaries send theirs too: the primary takes only their SEQ (a
         # handover rekey from a former primary raised it); a restarted KS that is
         # still listening takes the keys, so it never claims primary with fresh ones.
-        blocks: list[AnnBlock] = [self._keys_block(g)] if self.is_primary or self.synced else []
-        delta = list(self.groups_state[g.number].delta.values())
-        anns: list[list[AnnBlock]] = []
-        if not peer.full_sent:
+        elif not peer.full_sent:
+            blocks: list[AnnBlock] = [self._keys_block(g)] if self.is_primary or self.synced else []
             chunks = self._member_chunks(list(g.members.values()))
             for i, chunk in enumerate(chunks):
                 part = AnnBlock.of(BlockType.MEMBERS_FULL, {"chunk": i, "of": len(chunks), "members": chunk})
                 anns.append(([*blocks] if i == 0 else []) + [part])
             peer.full_sent = True
         else:
+            blocks = [self._keys_block(g)] if self.is_primary or self.synced else []
+            delta = list(gs.delta.values())
             chunks = self._member_chunks(delta) if delta else [[]]
             for i, chunk in enumerate(chunks):
                 extra = [AnnBlock.of(BlockType.MEMBERS_DELTA, chunk)] if chunk else []
                 anns.append(([*blocks] if i == 0 else []) + extra)
-        removed = self.groups_state[g.number].removed
-        if removed:
-            anns[0].append(AnnBlock.of(BlockType.MEMBERS_REMOVED, {str(a): t for a, t in removed.items()}))
+        if gs.removed and not peer.sync_refused:
+            anns[0].append(AnnBlock.of(BlockType.MEMBERS_REMOVED, {str(a): t for a, t in gs.removed.items()}))
         out = []
         for i, blocks_i in enumerate(anns):
             self.ann_seq += 1
@@ -228,7 +374,7 @@ class Coop:
             out.append(AnnPayload(
                 self.version, self.priority, self._role_for_ann(),
                 AnnFlag.REPLY_REQUESTED if reply and i == 0 else 0, self.ann_seq, g.number, g.rekeys_sent & 0xFFFFFFFF,
-                tuple(blocks_i),
+                (*blocks_i, fingerprint),
             ))
         return out
 
@@ -237,15 +383,18 @@ class Coop:
         if sa is None:
             return []
         out: Outgoing = []
-        for g in self.engine.groups.values():
-            for ann in self._anns_for(peer, g, now, reply):
-                out.append((seal_ann(sa, ann), peer.addr))
-                peer.ann_sent += 1
+        for g in list(self.engine.groups.values()):
+            try:  # one group that cannot be announced must not silence the others
+                for ann in self._anns_for(peer, g, now, reply):
+                    out.append((seal_ann(sa, ann), peer.addr))
+                    peer.ann_sent += 1
+            except Exception as exc:  # noqa: BLE001 - counted and logged with its traceback
+                self._internal_error(f"announce group {g.name}", str(peer.address), exc, now)
         return out
 
     def announce(self, now: float) -> Outgoing:
         out: Outgoing = []
-        for peer in self.peers.values():
+        for peer in list(self.peers.values()):
             out += self._announce_to(peer, now)
         for gs in self.groups_state.values():
             gs.delta.clear()
@@ -254,13 +403,13 @@ class Coop:
         return out
 
     def member_changed(self, group: Group, member: Member) -> None:
-        gs = self.groups_state[group.number]
+        gs = self._group_state(group)
         gs.delta[member.address] = member
         gs.removed.pop(member.address, None)
 
     def member_removed(self, group: Group, address: IPv4Address, now: float) -> None:
         """GM removal or a GM dropped for missed rekeys: the other KSs forget it too."""
-        gs = self.groups_state[group.number]
+        gs = self._group_state(group)
         gs.delta.pop(address, None)
         gs.removed[address] = now
         gs.tombstones[address] = now
@@ -268,22 +417,63 @@ class Coop:
     # --- receiving ------------------------------------------------------------------------
 
     def receive_ann(self, sa: IkeSa, data: bytes, peer_addr: Address, now: float) -> Outgoing:
+        try:
+            return self._receive_ann(sa, data, peer_addr, now)
+        except Exception as exc:  # noqa: BLE001 - a bug must not cost the daemon its timers
+            self._count_reject(self.peers.get(sa.peer_address), INTERNAL)
+            self._internal_error("receive_ann", peer_addr[0], exc, now)
+            return []
+
+    def _receive_ann(self, sa: IkeSa, data: bytes, peer_addr: Address, now: float) -> Outgoing:
         peer = self.peers.get(sa.peer_address)
-        if peer is None:
-            self._reject(None, peer_addr[0], "ANN from a KS that is not a configured peer")
+        if peer is None or peer_addr[0] != str(sa.peer_address):
+            self._reject(None, str(sa.peer_address), NOT_PEER, "ANN on an SA that is not with a configured COOP peer", now)
+            return []
+        why = self.auth_failure(peer, sa)
+        if why is not None:  # checked before anything is decrypted
+            self._reject(peer, peer_addr[0], AUTH, f"phase 1 not authenticated as a KS: {why}", now)
             return []
         try:
             ann = open_ann(sa, data)
         except ProtocolError as exc:
-            self._reject(peer, peer_addr[0], str(exc))
+            self._reject(peer, peer_addr[0], DECODE, str(exc), now)
             return []
         if ann.sequence <= peer.last_seq:
-            self._reject(peer, peer_addr[0], f"replayed ANN sequence {ann.sequence} (last {peer.last_seq})")
+            self._reject(peer, peer_addr[0], REPLAY, f"replayed ANN sequence {ann.sequence} (last {peer.last_seq})", now)
             return []
         group = self.engine.groups.get(ann.group_number)
         if group is None:
-            self._reject(peer, peer_addr[0], f"ANN for unknown group {ann.group_number}")
+            self._reject(peer, peer_addr[0], UNKNOWN_GROUP, f"ANN for unknown group {ann.group_number}", now)
             return []
+        try:
+            parsed = parse_ann(ann, group)
+        except AnnInvalid as exc:
+            self._reject(peer, peer_addr[0], INVALID, str(exc), now)
+            return []
+        if not self._fingerprint_matches(peer, group, parsed, now):
+            return []
+        # The whole ANN is valid: only now does any state change.
+        return self._apply(peer, group, parsed, now)
+
+    def _fingerprint_matches(self, peer: Peer, group: Group, parsed: ParsedAnn, now: float) -> bool:
+        ours = signing_key_fingerprint(group)
+        if hmac.compare_digest(parsed.fingerprint, ours):
+            peer.sync_refused.pop(group.number, None)
+        else:
+            peer.sync_refused[group.number] = (
+                f"rekey signing key differs in group {group.name}: peer sha256:{parsed.fingerprint.hex()[:16]}..., "
+                f"ours sha256:{ours.hex()[:16]}..."
+            )
+        if not peer.sync_refused:
+            return True
+        # GET VPN needs one push-signing key on every KS: no keys, members or election from this peer.
+        reason = next(iter(peer.sync_refused.values()))
+        self._count_reject(peer, FINGERPRINT)
+        self._log_limited(str(peer.address), FINGERPRINT, now, event="coop_sync_refused", reason=reason)
+        return False
+
+    def _apply(self, peer: Peer, group: Group, parsed: ParsedAnn, now: float) -> Outgoing:
+        ann = parsed.ann
         peer.last_seq = ann.sequence
         peer.ann_received += 1
         self.engine.counters["ann_received"] += 1
@@ -294,91 +484,79 @@ class Coop:
         peer.last_heard = now
         peer.version, peer.priority, peer.role = ann.version, ann.priority, ann.role
         out: Outgoing = []
-        try:
-            self._merge_members(group, ann)
-            if ann.role == Role.PRIMARY:
-                out += self._from_primary(peer, group, ann, now)
-            else:
-                self._from_secondary(peer, group, ann)
-        except ProtocolError as exc:
-            self._reject(peer, peer_addr[0], str(exc))
-            return out
+        if self._merge_members(group, parsed):
+            self._dirty()
+        if ann.role == Role.PRIMARY:
+            out += self._from_primary(peer, group, parsed, now)
+        else:
+            self._from_secondary(peer, group, parsed)
         if ann.flags & AnnFlag.REPLY_REQUESTED:
             peer.full_sent = False
             out += self._announce_to(peer, now)
         return out
 
-    def _reject(self, peer: Peer | None, addr: str, reason: str) -> None:
+    def reject_no_sa(self, peer_addr: Address, now: float) -> None:
+        """An ANN for cookies of no SA we keep: a peer's address is logged as itself,
+        any other source under one shared key (spoofed sources fill no table)."""
+        peer = self.peers.get(IPv4Address(peer_addr[0]))
+        self._count_reject(peer, NO_SA)
+        key = peer_addr[0] if peer is not None else "*"
+        self._log_limited(key, NO_SA, now, log.COOP_ANN_REJECTED, reason=f"{NO_SA}: ANN for no phase-1 SA")
+
+    def _count_reject(self, peer: Peer | None, reason: str) -> None:
         if peer is not None:
             peer.ann_rejected += 1
+            peer.rejected[reason] += 1
         self.engine.counters["ann_rejected"] += 1
-        log.emit(self.log, log.COOP_ANN_REJECTED, peer=addr, reason=reason)
+        self.engine.counters[f"ann_rejected_{reason}"] += 1
 
-    def _merge_members(self, group: Group, ann: AnnPayload) -> None:
-        gs = self.groups_state[group.number]
-        gone = ann.block(BlockType.MEMBERS_REMOVED)
-        if gone is not None:
-            try:
-                removed = {IPv4Address(a): float(t) for a, t in gone.json().items()}
-            except (AttributeError, TypeError, ValueError) as exc:
-                raise ProtocolError(f"ANN removed-members block: {exc}") from exc
-            for address, at in removed.items():
-                gs.tombstones[address] = max(at, gs.tombstones.get(address, 0.0))
-                m = group.members.get(address)
-                if m is not None and m.registered_at <= at:
-                    group.remove_member(address)
-        for btype in (BlockType.MEMBERS_FULL, BlockType.MEMBERS_DELTA):
-            block = ann.block(btype)
-            if block is None:
-                continue
-            value = block.json()
-            rows = value["members"] if btype == BlockType.MEMBERS_FULL else value
-            try:
-                members = [state.member_from_json(r) for r in rows]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ProtocolError(f"ANN member block: {exc}") from exc
-            for m in members:
-                if m.registered_at <= gs.tombstones.get(m.address, -1.0):
-                    continue  # removed after this registration
-                old = group.members.get(m.address)
-                if old is None or m.registered_at >= old.registered_at:
-                    if old is not None and old.pending is not None:
-                        m.pending = old.pending
-                    group.members[m.address] = m
-                    if m.sender_ids:
-                        group.sids.claim(m.identity, m.sender_ids)
+    def _reject(self, peer: Peer | None, addr: str, reason: str, detail: str, now: float) -> None:
+        self._count_reject(peer, reason)
+        self._log_limited(addr, reason, now, log.COOP_ANN_REJECTED, reason=f"{reason}: {detail[:200]}")
 
-    def _adopt_keys(self, group: Group, ann: AnnPayload) -> dict[str, Any] | None:
-        block = ann.block(BlockType.GROUP_KEYS)
-        if block is None:
-            return None
-        value = block.json()
-        try:
-            return {
-                "seq": int(value["seq"]), "epoch": float(value["epoch"]),
-                "last_rekey_at": float(value["last_rekey_at"]), "rekeys_sent": int(value["rekeys_sent"]),
-                "kek": state.kek_from_json(value["kek"]), "teks": [state.tek_from_json(t) for t in value["teks"]],
-            }
-        except (KeyError, TypeError, ValueError, state.StateError) as exc:
-            raise ProtocolError(f"ANN key block: {exc}") from exc
+    def _merge_members(self, group: Group, parsed: ParsedAnn) -> bool:
+        """Apply MEMBERS_REMOVED / FULL / DELTA; True if the member table changed."""
+        gs = self._group_state(group)
+        changed = False
+        for address, at in parsed.removed.items():
+            gs.tombstones[address] = max(at, gs.tombstones.get(address, 0.0))
+            m = group.members.get(address)
+            if m is not None and m.registered_at <= at:
+                group.remove_member(address)
+                changed = True
+        for m in parsed.members():
+            if m.registered_at <= gs.tombstones.get(m.address, -1.0):
+                continue  # removed after this registration
+            old = group.members.get(m.address)
+            if old is None or m.registered_at >= old.registered_at:
+                if old is not None and old.pending is not None:
+                    m.pending = old.pending
+                changed = changed or old is None or state.member_to_json(old) != state.member_to_json(m)
+                group.members[m.address] = m
+                if m.sender_ids:
+                    group.sids.claim(m.identity, m.sender_ids)
+        return changed
 
-    def _install_keys(self, group: Group, keys: dict[str, Any]) -> None:
+    def _install_keys(self, group: Group, keys: AnnKeys) -> None:
         self.synced = True
-        group.kek = keys["kek"]
-        group.teks = keys["teks"]
-        group.seq = max(group.seq, keys["seq"])
-        group.epoch = keys["epoch"]
-        group.last_rekey_at = keys["last_rekey_at"]
-        group.rekeys_sent = keys["rekeys_sent"]
-        if self.engine.keylog is not None:
-            for t in group.teks:
-                self.engine.keylog.esp(t)
+        changed = (group.kek, group.teks, group.seq) != (keys.kek, list(keys.teks), max(group.seq, keys.seq))
+        group.kek = keys.kek
+        group.teks = list(keys.teks)
+        group.seq = max(group.seq, keys.seq)
+        group.epoch = keys.epoch
+        group.last_rekey_at = keys.last_rekey_at
+        group.rekeys_sent = keys.rekeys_sent
+        if changed:
+            self._dirty()
+            if self.engine.keylog is not None:
+                for t in group.teks:
+                    self.engine.keylog.esp(t)
 
-    def _from_primary(self, peer: Peer, group: Group, ann: AnnPayload, now: float) -> Outgoing:
-        keys = self._adopt_keys(group, ann)
+    def _from_primary(self, peer: Peer, group: Group, parsed: ParsedAnn, now: float) -> Outgoing:
+        keys = parsed.keys
         out: Outgoing = []
         if self.is_primary:
-            if self._rank(ann.priority, peer.address) <= self.my_rank:
+            if self._rank(parsed.ann.priority, peer.address) <= self.my_rank:
                 return self._announce_to(peer, now)  # we win: tell it at once
             # Two primaries and the peer wins: bring our GMs onto its keys, then step down.
             if keys is not None:
@@ -388,7 +566,7 @@ class Coop:
         if keys is not None:
             self._install_keys(group, keys)
         self.last_primary_heard = now
-        if self.role is None and self.my_rank > self._rank(ann.priority, peer.address):
+        if self.role is None and self.my_rank > self._rank(parsed.ann.priority, peer.address):
             # We outrank the running primary: take over, now that we are in sync.
             self._become_primary(group, now, previous=peer.address)
             return self._announce_all(now)
@@ -396,27 +574,29 @@ class Coop:
             self._become_secondary(peer.address, group, now)
         return out
 
-    def _from_secondary(self, peer: Peer, group: Group, ann: AnnPayload) -> None:
-        keys = self._adopt_keys(group, ann)
+    def _from_secondary(self, peer: Peer, group: Group, parsed: ParsedAnn) -> None:
+        keys = parsed.keys
         if keys is not None and self.role is None and not self.synced:
             self._install_keys(group, keys)  # restarted: the group's keys, not our fresh ones
-        elif keys is not None and keys["seq"] > group.seq:
-            group.seq = keys["seq"]
+        elif keys is not None and keys.seq > group.seq:
+            group.seq = keys.seq
+            self._dirty()
 
-    def _handover(self, group: Group, keys: dict[str, Any], now: float) -> Outgoing:
-        if keys["kek"].spi == group.kek.spi and {t.spi for t in keys["teks"]} <= {t.spi for t in group.teks}:
+    def _handover(self, group: Group, keys: AnnKeys, now: float) -> Outgoing:
+        if keys.kek.spi == group.kek.spi and {t.spi for t in keys.teks} <= {t.spi for t in group.teks}:
             self._install_keys(group, keys)
             return []
-        seq = max(group.seq, keys["seq"]) + 1
-        messages = group.plan_handover(now, keys["kek"], keys["teks"], seq)
-        keys = {**keys, "seq": seq}
-        self._install_keys(group, keys)
+        seq = max(group.seq, keys.seq) + 1
+        messages = group.plan_handover(now, keys.kek, list(keys.teks), seq)
+        self._install_keys(group, AnnKeys(seq, keys.epoch, keys.last_rekey_at, keys.rekeys_sent, keys.kek, keys.teks))
         self.log.info("coop_handover", group=group.name, seq=seq, members=len(group.members))
+        if self.engine.on_state_change is not None:
+            self.engine.on_state_change()  # saved before the rekey leaves: SEQ never goes backwards
         return self.engine.send_rekey(group, messages, now)
 
     def _announce_all(self, now: float) -> Outgoing:
         out: Outgoing = []
-        for peer in self.peers.values():
+        for peer in list(self.peers.values()):
             out += self._announce_to(peer, now)
         return out
 
@@ -456,7 +636,7 @@ class Coop:
             log.emit(self.log, log.COOP_KS_ELECTION, group=g.name, previous=str(previous) if previous else "NONE")
         candidates = [(self.my_rank, self.address)]
         for p in self.peers.values():
-            if p.alive(now, self.period) and p.priority is not None and p.address != previous:
+            if p.alive(now, self.period) and p.priority is not None and p.address != previous and not p.sync_refused:
                 candidates.append((self._rank(p.priority, p.address), p.address))
         _, winner = max(candidates)
         if winner == self.address:
@@ -470,20 +650,11 @@ class Coop:
 
     def on_timer(self, now: float) -> Outgoing:
         out: Outgoing = []
-        for peer in self.peers.values():
-            if peer.initiator is not None:
-                mm_out = peer.initiator.on_timeout(now)
-                out += [(d, peer.addr) for d in mm_out.send]
-                for ev in mm_out.events:
-                    out += self._phase1_event(peer, ev, now)
-            elif self._usable_sa(peer, now) is None and now >= peer.next_attempt:
-                if peer.ike_status == "Established":
-                    peer.ike_status = "Expired"
-                out += self._start_phase1(peer, now)
-            if peer.reachable and not peer.alive(now, self.period):
-                peer.reachable = False
-                for g in self.engine.groups.values():
-                    log.emit(self.log, log.COOP_KS_UNREACH, peer=str(peer.address), group=g.name, status=peer.ike_status)
+        for peer in list(self.peers.values()):
+            try:  # one peer's failure must not stop the others, nor the engine's timers
+                out += self._peer_timer(peer, now)
+            except Exception as exc:  # noqa: BLE001 - counted and logged with its traceback
+                self._internal_error("peer timer", str(peer.address), exc, now)
         if self.role is None and now - self.started_at >= LISTEN_PERIODS * self.period:
             out += self._elect(now)
         elif self.role == Role.SECONDARY and now - self.last_primary_heard > MISSED_PERIODS * self.period:
@@ -496,6 +667,60 @@ class Coop:
         elif any(gs.delta or gs.removed for gs in self.groups_state.values()):
             out += self.announce(now)  # tell the others about new members at once
         return out
+
+    def _peer_timer(self, peer: Peer, now: float) -> Outgoing:
+        out: Outgoing = []
+        if peer.initiator is not None:
+            mm_out = peer.initiator.on_timeout(now)
+            out += [(d, peer.addr) for d in mm_out.send]
+            for ev in mm_out.events:
+                out += self._phase1_event(peer, ev, now)
+        elif self._usable_sa(peer, now) is None and now >= peer.next_attempt:
+            if peer.ike_status == "Established":
+                peer.ike_status = "Expired"
+            out += self._start_phase1(peer, now)
+        if peer.reachable and not peer.alive(now, self.period):
+            peer.reachable = False
+            for g in self.engine.groups.values():
+                log.emit(self.log, log.COOP_KS_UNREACH, peer=str(peer.address), group=g.name, status=peer.ike_status)
+        return out
+
+    # --- reload ----------------------------------------------------------------------------
+
+    def reload(self, config: CoopConfig, phase1: Phase1Config, now: float) -> None:
+        """Adopt a reloaded [coop] and phase-1 config: new credentials apply to new SAs at once.
+
+        A peer whose address, port or credentials changed starts over: its SAs (proved
+        with the old credentials) are dropped and phase 1 is redone.
+        """
+        self.config = config
+        self.phase1 = phase1
+        self.priority = config.priority
+        self.period = config.announce_interval
+        before = set(self.peers)
+        wanted = {p.address: p for p in config.peers}
+        for address in list(self.peers):
+            old = self.peers[address]
+            conf = wanted.get(address)
+            if conf is None or conf != old.config:
+                self._forget_peer(old)
+                del self.peers[address]
+        for address, conf in wanted.items():
+            if address not in self.peers:
+                self.peers[address] = Peer(address, conf.port, conf, next_attempt=now)
+        for number in [n for n in self.groups_state if n not in self.engine.groups]:
+            del self.groups_state[number]
+        for g in self.engine.groups.values():
+            if set(self.peers) != before and g.number in self.groups_state:
+                self._slice(g)
+            self._group_state(g)
+
+    def _forget_peer(self, peer: Peer) -> None:
+        for cookies, entry in list(self.engine.sas.items()):
+            if entry.sa.peer_address == peer.address:
+                self.engine._drop_sa(cookies)
+        peer.sa = None
+        peer.initiator = None
 
     # --- show ------------------------------------------------------------------------------
 
@@ -519,10 +744,15 @@ class Coop:
                     "priority": p.priority,
                     "role": {Role.PRIMARY: "Primary", Role.SECONDARY: "Secondary"}.get(p.role, "Unknown"),  # type: ignore[call-overload]
                     "version": str(p.version) if p.version else "unknown",
-                    "status": "Alive" if p.alive(now, self.period) else "Dead",
+                    "status": "Sync refused" if p.sync_refused else "Alive" if p.alive(now, self.period) else "Dead",
                     "ann_sent": p.ann_sent,
                     "ann_received": p.ann_received,
                     "ann_rejected": p.ann_rejected,
+                    "rejected": dict(p.rejected),
+                    "sync": "; ".join(p.sync_refused.values()) or None,
+                    "auth": ("psk" if p.config and p.config.psk is not None else "")
+                    + ("+" if p.config and p.config.psk is not None and p.config.identities else "")
+                    + ("certificate" if p.config and p.config.identities else ""),
                     "last_heard": None if p.last_heard is None else round(now - p.last_heard, 1),
                     "ike_status": p.ike_status,
                 }

@@ -41,6 +41,7 @@ REMOVAL_WARNING_PROMPT = (
 )
 NOT_PRIMARY_REMOVAL = "ERROR for group {group}: can only execute this command on Primary KS"
 NOT_PRIMARY_REKEY = "ERROR for group {group}: This command must be executed on Pri-KS"
+SAVE_INTERVAL = 0.2  # seconds: member-table and COOP changes are saved, coalesced, this often
 
 
 class KeyServerDaemon:
@@ -58,7 +59,7 @@ class KeyServerDaemon:
             key = load_private_key(g.kek.signing_key)
             self.groups[g.number] = Group(g, key, config.address, config.port, now)
         self.engine = KeyServerEngine(
-            phase1_config(config.ike, config.auth, config.address, config.software_version),
+            phase1_config(config.ike, config.auth, config.address, config.software_version, coop=config.coop),
             self.groups,
             max_half_open=config.max_half_open,
             keylog=self.keylog,
@@ -68,6 +69,7 @@ class KeyServerDaemon:
         if config.coop is not None:
             self.coop = Coop(config.coop, config.address, config.software_version, self.engine.phase1, self.engine, now)
             self.engine.coop = self.coop
+            self.coop.on_dirty = self.mark_dirty
             self.engine.scheduled_rekeys = False  # until elected primary
             tick = min(tick, config.coop.announce_interval / 4)
         self.shell = UdpShell("ks", (str(config.address), config.port), config.control_socket, tick, self.log)
@@ -75,7 +77,12 @@ class KeyServerDaemon:
         self._restore_state()
         self.engine.on_state_change = self.save_state
         self._dirty = False
-        self._saved_registrations = 0
+        self._saved_counters = self._state_counters()
+
+    def _state_counters(self) -> tuple[int, int]:
+        # The engine counts the member-table changes it makes itself (registrations,
+        # GMs dropped for missed rekeys); COOP calls mark_dirty for the rest.
+        return (self.engine.counters["registrations"], self.engine.counters["members_dropped"])
 
     def _restore_state(self) -> None:
         if not self.state_path.exists():
@@ -122,11 +129,13 @@ class KeyServerDaemon:
         )
 
     async def _save_loop(self) -> None:
-        # Member-table changes are saved at most once a second; rekeys save at once.
+        # Member-table and COOP changes are saved, coalesced, within SAVE_INTERVAL;
+        # rekeys (and COOP handovers) save at once, before anything is sent.
         while True:
-            await asyncio.sleep(1.0)
-            if self._dirty or self.engine.counters["registrations"] != self._saved_registrations:
-                self._saved_registrations = self.engine.counters["registrations"]
+            await asyncio.sleep(SAVE_INTERVAL)
+            counters = self._state_counters()
+            if self._dirty or counters != self._saved_counters:
+                self._saved_counters = counters
                 try:
                     self.save_state()
                 except OSError as exc:
@@ -270,7 +279,9 @@ class KeyServerDaemon:
             return ControlResponse.failure("% no configuration file to reload")
         try:
             new = load_ks_config(self.config_path)
-            phase1 = phase1_config(new.ike, new.auth, new.address, new.software_version)
+            if (new.coop is None) != (self.coop is None):
+                raise ConfigError("coop", "adding or removing [coop] needs a restart")
+            phase1 = phase1_config(new.ike, new.auth, new.address, new.software_version, coop=new.coop)
             keys = {g.number: load_private_key(g.kek.signing_key) for g in new.groups}
         except (ConfigError, PkiError, OSError) as exc:
             self.log.error("reload_failed", error=str(exc))
@@ -289,6 +300,8 @@ class KeyServerDaemon:
                 log.emit(self.log, log.POLICY_CHANGE, group=g.name)
         for number in [n for n in self.groups if new.group_by_number(n) is None]:
             del self.groups[number]
+        if self.coop is not None and new.coop is not None:
+            self.coop.reload(new.coop, phase1, now)  # fresh credentials, peers and groups
         self.config = new
         return ControlResponse(ok=True, output="".join(
             log.POLICY_CHANGE.text(group=name) + "\n" for name in changed
@@ -325,11 +338,15 @@ class KeyServerDaemon:
                     f"                Peer KS Role: {p['role']} , Peer KS Status: {p['status']}",
                     f"                Last heard: {p['last_heard']} secs ago" if p["last_heard"] is not None else "                Last heard: never",
                     f"                IKE status: {p['ike_status']}",
+                    f"                Authentication: {p.get('auth') or 'none'}",
                     "                Counters:",
                     f"                    Ann msgs sent: {p['ann_sent']}",
                     f"                    Ann msgs recv: {p['ann_received']}",
                     f"                    Ann msgs rejected: {p['ann_rejected']}",
+                    *(f"                      {reason}: {n}" for reason, n in sorted(p.get("rejected", {}).items())),
                 ]
+                if p.get("sync"):
+                    lines.append(f"                Sync refused: {p['sync']}")
             lines.append("")
         return ControlResponse(ok=True, output="\n".join(lines), data=role)
 

@@ -156,7 +156,8 @@ class KeyServerEngine:
         if sa is None:
             sa = next((p.sa for p in self.coop.peers.values() if p.sa is not None and p.sa.cookies == header.cookies), None)
         if sa is None:
-            self.drop(peer, "ANN for no phase-1 SA", now)
+            self.counters["dropped"] += 1
+            self.coop.reject_no_sa(peer, now)  # counted by reason, logged once a minute
             return []
         return self.coop.receive_ann(sa, data, peer, now)
 
@@ -255,6 +256,9 @@ class KeyServerEngine:
             self.drop(peer, "GROUPKEY-PULL for no phase-1 SA", now)
             return []
         entry.last_used = now
+        if self._is_coop_peer(entry):  # a COOP peer address is a KS's: it never registers as a GM
+            self.drop(peer, "GROUPKEY-PULL from a COOP key server address", now)
+            return []
         key = (header.cookies, header.message_id)
         pull = self.pulls.get(key)
         if pull is None:

@@ -9,6 +9,7 @@ Informational, COOP ANN) with the IV chains of RFC 2409 appendix B.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import secrets
 from collections.abc import Callable, Sequence
@@ -196,6 +197,9 @@ class IkeSa:
     established_at: float
     expires_at: float
     peer_certificate: x509.Certificate | None = None
+    # SHA-256 of the PSK that authenticated the SA (None with signatures): lets COOP
+    # check that a KS peer proved its own key, not a GM's.
+    psk_digest: bytes | None = field(default=None, repr=False)
     _ivs: dict[int, bytes] = field(default_factory=dict, repr=False)
 
     @property
@@ -383,6 +387,7 @@ class _MainMode:
         self.deadline: float | None = None
         self.created = now
         self.sa: IkeSa | None = None
+        self.psk_digest: bytes | None = None
 
     @property
     def is_initiator(self) -> bool:
@@ -400,7 +405,9 @@ class _MainMode:
         assert self.proposal is not None
         h = self.proposal.hash
         if self.proposal.auth == AuthenticationMethod.PRE_SHARED_KEY:
-            skeyid = crypto.skeyid_psk(h, self._psk(), self.ni_b, self.nr_b)
+            psk = self._psk()
+            self.psk_digest = hashlib.sha256(psk).digest()
+            skeyid = crypto.skeyid_psk(h, psk, self.ni_b, self.nr_b)
         else:
             skeyid = crypto.skeyid_sig(h, self.ni_b, self.nr_b, gxy)
         self.keys = crypto.derive_phase1_keys(h, skeyid, gxy, self.icky, self.rcky)
@@ -554,6 +561,7 @@ class _MainMode:
             established_at=now,
             expires_at=now + self.proposal.lifetime,
             peer_certificate=cert,
+            psk_digest=self.psk_digest,
         )
         out.events.append(Phase1Established(self.sa))
 
