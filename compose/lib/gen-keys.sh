@@ -2,7 +2,11 @@
 # gen-keys.sh KS_DIR GM_DIR [CAPTURE_DIR]: fresh lab secrets, generated at `up`.
 #
 # KS_DIR gets psk.secret and rekey.key (the KEK signing key, shared by all KSs
-# as GET VPN COOP requires), GM_DIR gets psk.secret; all 0600.  Existing keys
+# as GET VPN COOP requires), GM_DIR gets psk.secret; all 0600 and owned by the
+# daemons' user gdoid.  CAPTURE_DIR/keys, the daemons' --keylog directory, is
+# made gdoid's, mode 0700 (gdoid refuses a key-log directory anyone else could
+# write to).  Runs as uid 0 with CHOWN (and DAC_OVERRIDE to remove the previous
+# run's gdoid-owned key log).  Existing keys
 # are kept (so `docker-compose up` on a running topology changes nothing);
 # `docker-compose down -v` deletes the volumes and with them the keys.  When
 # new keys are made, the old capture (pcap and key log) in CAPTURE_DIR is
@@ -12,9 +16,20 @@ set -eu
 ks=$1
 gm=$2
 cap=${3:-}
+owner=${KEY_OWNER:-gdoid}
 umask 077
+keylog_dir() {  # the daemons' --keylog DIR: theirs, private
+    if [ -n "$cap" ] && [ -d "$cap" ]; then
+        mkdir -p "$cap/keys"
+        chmod 700 "$cap/keys"
+        printf '%s\n' '# Written by compose/lib/gen-keys.sh: GDOI uses UDP 848.' \
+            'decode_as_entry: udp.port,848,(none),ISAKMP' >"$cap/keys/decode_as_entries"
+        chown "$owner:$owner" "$cap/keys" "$cap/keys/decode_as_entries"
+    fi
+}
 if [ -s "$ks/psk.secret" ] && [ -s "$ks/rekey.key" ] && [ -s "$gm/psk.secret" ]; then
     echo "gen-keys: keeping the existing keys"
+    keylog_dir
     exit 0
 fi
 tmp=$(mktemp -d)
@@ -24,7 +39,9 @@ cp "$tmp/psk.secret" "$ks/psk.secret"
 cp "$tmp/rekey.key" "$ks/rekey.key"
 cp "$tmp/psk.secret" "$gm/psk.secret"
 chmod 600 "$ks/psk.secret" "$ks/rekey.key" "$gm/psk.secret"
+chown "$owner:$owner" "$ks/psk.secret" "$ks/rekey.key" "$gm/psk.secret"
 if [ -n "$cap" ] && [ -d "$cap" ]; then
     rm -rf "$cap/keys" "$cap/capture.pcap"
 fi
+keylog_dir
 echo "gen-keys: new PSK and KEK signing key (RSA 2048) written"
