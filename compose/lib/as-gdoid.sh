@@ -14,5 +14,12 @@ set -eu
 caps=${AS_GDOID_CAPS:-net_admin,net_raw}
 plus=$(echo "$caps" | sed 's/[^,][^,]*/+&/g')
 [ $# -gt 0 ] || { echo "as-gdoid: no command" >&2; exit 2; }
+# Docker copies the host's mode of /dev/net/tun, 0600 on some hosts: give the
+# container's node the usual 0666 (root owns it here, so no capability is
+# needed).  Opening it grants nothing by itself: creating an interface
+# (TUNSETIFF) still needs CAP_NET_ADMIN.
+if [ -c /dev/net/tun ]; then
+    chmod 0666 /dev/net/tun
+fi
 exec setpriv --reuid=gdoid --regid=gdoid --init-groups --no-new-privs \
     --inh-caps="-all,$plus" --ambient-caps="-all,$plus" "$@"
