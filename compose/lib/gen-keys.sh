@@ -24,7 +24,7 @@ keylog_dir() {  # the daemons' --keylog DIR: theirs, private
         chmod 700 "$cap/keys"
         printf '%s\n' '# Written by compose/lib/gen-keys.sh: GDOI uses UDP 848.' \
             'decode_as_entry: udp.port,848,(none),ISAKMP' >"$cap/keys/decode_as_entries"
-        chown "$owner:$owner" "$cap/keys" "$cap/keys/decode_as_entries"
+        chown -R "$owner:$owner" "$cap/keys"
     fi
 }
 if [ -s "$ks/psk.secret" ] && [ -s "$ks/rekey.key" ] && [ -s "$gm/psk.secret" ]; then
