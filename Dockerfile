@@ -8,12 +8,15 @@
 #         --build-arg BASE=gdoid-base:bookworm --build-arg WHEELHOUSE=compose/wheels -t gdoid .
 #
 # BASE must provide python3.11 with the venv module.  The image ships no
-# configuration and no keys: mount them (see docs/deploy.md).  Run-time
-# capabilities: a KS needs none (Docker lets a container's processes bind
-# ports >= net.ipv4.ip_unprivileged_port_start, 0 by default since Docker 20.10);
-# a GM with the data path needs NET_ADMIN + NET_RAW and /dev/net/tun, which
-# Docker only grants to uid 0, so such a GM runs with --user 0 --cap-drop ALL
-# --cap-add NET_ADMIN --cap-add NET_RAW --cap-add NET_BIND_SERVICE.
+# configuration and no keys: mount them (see docs/deploy.md).  The daemons run
+# as the non-root user gdoid (uid 848).  Run-time privileges: a KS, and a GM
+# without the data path, need no capability at all: UDP 848 is bound thanks to
+# the per-container sysctl net.ipv4.ip_unprivileged_port_start=848 (Docker
+# 20.10 gives a non-root user no capabilities, so NET_BIND_SERVICE would not
+# help).  A GM with the data path needs NET_ADMIN + NET_RAW and /dev/net/tun:
+# it starts as uid 0 with only NET_ADMIN, NET_RAW, SETUID and SETGID, and
+# setpriv(1) switches it to gdoid keeping NET_ADMIN + NET_RAW as ambient
+# capabilities (compose/lib/as-gdoid.sh, docs/deploy.md).
 
 ARG BASE=python:3.11-slim
 
@@ -48,9 +51,11 @@ LABEL org.opencontainers.image.title="gdoid" \
 ENV PATH=/opt/gdoid/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=builder /wheels/ /tmp/wheels/
-# The data directories are owned by gdoid, group root, mode 0770: usable both by
-# the gdoid user and by a daemon run as uid 0 with every capability dropped
-# (no CAP_DAC_OVERRIDE), as the compose topologies do.
+# The data directories are owned by gdoid, group root, mode 0770: usable by the
+# gdoid user and by uid 0 with every capability dropped (no CAP_DAC_OVERRIDE).
+# /run/gdoid is setgid, so the control sockets belong to group root: with
+# control_group = "root" (mode 0660) such a capability-less root, e.g. a
+# `docker exec` in a GM container, can still run gdoictl.
 RUN set -eu; \
     python3 -m venv /opt/gdoid; \
     extra=; [ -s /tmp/wheels/extra-requirements.txt ] && extra="-r /tmp/wheels/extra-requirements.txt"; \
@@ -63,7 +68,9 @@ RUN set -eu; \
         --shell /usr/sbin/nologin gdoid; \
     mkdir -p /etc/gdoid /var/lib/gdoid /run/gdoid; \
     chown gdoid:0 /etc/gdoid /var/lib/gdoid /run/gdoid; \
-    chmod 0770 /etc/gdoid /var/lib/gdoid /run/gdoid
+    chmod 0770 /etc/gdoid /var/lib/gdoid; \
+    chmod 2770 /run/gdoid; \
+    setpriv --help >/dev/null
 VOLUME ["/etc/gdoid", "/var/lib/gdoid", "/run/gdoid"]
 USER gdoid
 WORKDIR /var/lib/gdoid

@@ -56,3 +56,13 @@ def _match(items: list[object], words: Sequence[str], params: dict[str, str]) ->
 
 def match(words: Sequence[str], pattern: str) -> dict[str, str] | None:
     return _match(_parse(pattern), list(words), {})
+
+
+def is_read_only(words: Sequence[str]) -> bool:
+    """The one place that tells control commands that only read (``show ...``) from
+    those that change state (``clear ...``, ``crypto gdoi ks rekey``, ``reload``).
+
+    Anything that is not a ``show`` command counts as changing, including input
+    that matches no command at all: an unknown word must never widen access.
+    """
+    return bool(words) and _word_matches(words[0], "show")

@@ -13,6 +13,7 @@ The layout and every key are documented in ``docs/config.md``.
 from __future__ import annotations
 
 import difflib
+import grp
 import hmac
 import re
 import stat
@@ -256,6 +257,7 @@ class KsConfig:
     port: int = 848
     software_version: SoftwareVersion = DEFAULT_SOFTWARE_VERSION
     control_socket: Path = KS_CONTROL_SOCKET
+    control_group: str | None = None  # may use the control socket besides root and our user
     state_dir: Path = KS_STATE_DIR
     keylog_dir: Path | None = None
     max_half_open: int = 4096
@@ -315,6 +317,7 @@ class GmConfig:
     port: int = 848
     software_version: SoftwareVersion = DEFAULT_SOFTWARE_VERSION
     control_socket: Path = GM_CONTROL_SOCKET
+    control_group: str | None = None  # may use the control socket besides root and our user
     keylog_dir: Path | None = None
     fail_close: bool = False
     registration_timeout: float = 10.0
@@ -882,6 +885,7 @@ _KS_KEYS = (
     "port",
     "software_version",
     "control_socket",
+    "control_group",
     "state_dir",
     "keylog_dir",
     "max_half_open",
@@ -898,6 +902,7 @@ def _build_ks(ctx: _Ctx, data: dict[str, Any]) -> KsConfig:
         port=ks.integer("port", 1, 65535, 848),
         software_version=ks.version("software_version"),
         control_socket=ks.req_path("control_socket", KS_CONTROL_SOCKET),
+        control_group=_control_group(ks),
         state_dir=ks.req_path("state_dir", KS_STATE_DIR),
         keylog_dir=ks.path("keylog_dir", None),
         max_half_open=ks.integer("max_half_open", 1, 1_000_000, 4096),
@@ -908,11 +913,27 @@ def _build_ks(ctx: _Ctx, data: dict[str, Any]) -> KsConfig:
     )
 
 
+def _control_group(t: _Table) -> str | None:
+    """``control_group``: a group name (or numeric gid) that exists on this host."""
+    v = t.string("control_group", "")
+    if not v:
+        return None
+    try:
+        if v.isdigit():
+            grp.getgrgid(int(v))
+        else:
+            grp.getgrnam(v)
+    except (KeyError, OverflowError):
+        raise t.err("control_group", f"no such group: {v!r}") from None
+    return v
+
+
 _GM_KEYS = (
     "address",
     "port",
     "software_version",
     "control_socket",
+    "control_group",
     "keylog_dir",
     "fail_close",
     "registration_timeout",
@@ -995,6 +1016,7 @@ def _build_gm(ctx: _Ctx, data: dict[str, Any]) -> GmConfig:
         port=gm.integer("port", 1, 65535, 848),
         software_version=gm.version("software_version"),
         control_socket=gm.req_path("control_socket", GM_CONTROL_SOCKET),
+        control_group=_control_group(gm),
         keylog_dir=gm.path("keylog_dir", None),
         fail_close=gm.boolean("fail_close", False),
         registration_timeout=gm.number("registration_timeout", 0.1, 300, 10.0),

@@ -18,25 +18,38 @@ texts (it alone knows whether e.g. the "some devices cannot support" warning
 applies). The client shows them one by one and, when every answer is
 ``yes``, resends the same command with ``confirm=len(prompts)``. Nothing is
 executed before that, so an aborted prompt has no side effect.
+
+Access: the socket file is 0600 (0660 with ``control_group``), and every
+request is checked against the caller's kernel-reported credentials
+(``SO_PEERCRED``/``SO_PEERGROUPS``, fixed at connect time): only root, the
+daemon's own user and members of ``control_group`` are served; anyone else
+gets ``% Permission denied`` and a rate-limited log line.  The file mode is
+the first fence, the credential check holds even if the mode is loosened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
 import socket
 import stat
+import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gdoid.commands import is_read_only
 from gdoid.log import get_logger
 
 __all__ = [
     "MAX_LINE",
+    "PERMISSION_DENIED",
+    "ControlAccess",
     "ControlRequest",
     "ControlResponse",
     "ControlServer",
@@ -51,6 +64,11 @@ _READ_CHUNK = 64 * 1024
 _CLOSE_GRACE = 1.0  # seconds a running command may take to finish at shutdown
 
 _log = get_logger("gdoid.control")
+
+PERMISSION_DENIED = "% Permission denied"
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python does not export it
+_DENIED_LOG_BURST = 5  # denial log lines per interval; the rest are counted
+_DENIED_LOG_INTERVAL = 60.0
 
 
 def _loads_object(text: str | bytes, what: str) -> dict[str, Any]:
@@ -131,6 +149,95 @@ class ControlResponse:
 Handler = Callable[[ControlRequest], Awaitable[ControlResponse]]
 
 
+@dataclass(frozen=True)
+class PeerCred:
+    """A Unix-socket client as the kernel saw it at connect() time."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+def peer_credentials(sock: Any) -> PeerCred | None:
+    """``SO_PEERCRED`` (+ ``SO_PEERGROUPS``) of a connected Unix socket; None if unknown."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+    except (OSError, struct.error, AttributeError):
+        return None
+    groups: tuple[int, ...] = ()
+    # 256 groups fit Python's getsockopt buffer limit; a peer with more (ERANGE)
+    # is judged by uid and primary gid only, which can only deny, never grant.
+    with contextlib.suppress(OSError):
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+        groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return PeerCred(pid, uid, gid, groups)
+
+
+def _resolve_group(group: str | int | None) -> int | None:
+    if group is None or group == "":
+        return None
+    try:
+        if isinstance(group, int) or group.isdigit():
+            return grp.getgrgid(int(group)).gr_gid
+        return grp.getgrnam(group).gr_gid
+    except (KeyError, OverflowError):
+        raise OSError(f"control_group {group!r}: no such group") from None
+
+
+class ControlAccess:
+    """Who may use the control socket, per kind of command (see commands.is_read_only).
+
+    Changing commands (``clear ...``, ``crypto gdoi ks rekey``, ``reload``, and
+    anything unrecognised): root, the daemon's user, ``control_group``.
+    ``show``: the same principals; nobody else gets anything, since the show
+    output names every member, identity and SPI.
+    """
+
+    def __init__(self, group: str | int | None = None, owner_uid: int | None = None) -> None:
+        self.group = group
+        self.gid = _resolve_group(group)
+        self.owner_uid = os.geteuid() if owner_uid is None else owner_uid
+
+    @property
+    def socket_mode(self) -> int:
+        return 0o660 if self.gid is not None else 0o600
+
+    def _trusted(self, cred: PeerCred) -> bool:
+        return cred.uid in (0, self.owner_uid)
+
+    def _in_group(self, cred: PeerCred) -> bool:
+        return self.gid is not None and (cred.gid == self.gid or self.gid in cred.groups)
+
+    def permits(self, cred: PeerCred | None, command: tuple[str, ...]) -> bool:
+        if cred is None:  # credentials unknown: fail closed
+            return False
+        # Both kinds go to the same principals (issue 9 §5); is_read_only() is the
+        # one place that tells them apart, here and in the denial log.
+        return self._trusted(cred) or self._in_group(cred)
+
+
+class _LogLimiter:
+    """At most ``burst`` lines per ``interval``; the next line reports what was dropped."""
+
+    def __init__(self, burst: int = _DENIED_LOG_BURST, interval: float = _DENIED_LOG_INTERVAL) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._window_start = float("-inf")
+        self._used = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        if now - self._window_start >= self.interval:
+            self._window_start, self._used = now, 0
+        if self._used < self.burst:
+            self._used += 1
+            return True
+        self.suppressed += 1
+        return False
+
+
 class _LineTooLong:
     """Marker yielded by :func:`_lines` once per oversized line."""
 
@@ -168,11 +275,14 @@ async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes | _LineToo
 
 
 class ControlServer:
-    """Serves ``handler`` on a Unix socket, mode 0600 (the socket is root's console)."""
+    """Serves ``handler`` on a Unix socket, mode 0600 (0660 with a control group),
+    to the callers ``access`` permits."""
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, access: ControlAccess | None = None) -> None:
         self.path = Path(path)
         self._handler = handler
+        self.access = access if access is not None else ControlAccess()
+        self._denied_log = _LogLimiter()
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
         self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
@@ -194,7 +304,10 @@ class ControlServer:
                 sock.bind(str(self.path))
             finally:
                 os.umask(old_umask)
-            os.chmod(self.path, 0o600)
+            if self.access.gid is not None and os.stat(self.path).st_gid != self.access.gid:
+                # Group first, then mode: never 0660 for the wrong group.
+                os.chown(self.path, -1, self.access.gid)
+            os.chmod(self.path, self.access.socket_mode)
             sock.setblocking(False)
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
@@ -257,6 +370,7 @@ class ControlServer:
             writer.close()
             return
         self._conns[task] = writer
+        cred = peer_credentials(writer.get_extra_info("socket"))
         try:
             async for line in _lines(reader):
                 if isinstance(line, _LineTooLong):
@@ -265,7 +379,7 @@ class ControlServer:
                 elif not line.strip():
                     continue
                 else:
-                    answer = await self._dispatch(line)
+                    answer = await self._dispatch(line, cred)
                 writer.write(answer.encode() + b"\n")
                 await writer.drain()
         except ConnectionError:
@@ -281,12 +395,30 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _dispatch(self, line: bytes) -> str:
+    def _deny(self, cred: PeerCred | None, command: tuple[str, ...]) -> str:
+        if self._denied_log.allow(time.monotonic()):
+            suppressed, self._denied_log.suppressed = self._denied_log.suppressed, 0
+            # Who and what kind, never the command text: it is the caller's input.
+            _log.warning(
+                "control_permission_denied",
+                uid=cred.uid if cred else None,
+                gid=cred.gid if cred else None,
+                pid=cred.pid if cred else None,
+                kind="show" if is_read_only(command) else "change",
+                suppressed=suppressed,
+            )
+        return ControlResponse.failure(PERMISSION_DENIED).to_json()
+
+    async def _dispatch(self, line: bytes, cred: PeerCred | None) -> str:
         """Run one request line through the handler; always returns a JSON answer."""
         try:
             req = ControlRequest.from_json(line)
         except ValueError as exc:
+            if not self.access.permits(cred, ()):
+                return self._deny(cred, ())
             return ControlResponse.failure(f"bad request: {exc}").to_json()
+        if not self.access.permits(cred, req.command):
+            return self._deny(cred, req.command)
         try:
             resp = await self._handler(req)
             if not isinstance(resp, ControlResponse):

@@ -1,20 +1,31 @@
 """Wireshark key-log files (wire.md §7), written only when ``--keylog DIR`` is given.
 
+``DIR`` must belong to the daemon's user and be writable by nobody else (it is
+created 0700 when missing); the files are created 0600 and never through a
+symlink.
+
 ``DIR`` can then be used as ``WIRESHARK_CONFIG_DIR``: ``ikev1_decryption_table``
 decrypts Main Mode 5/6 and GROUPKEY-PULL, ``esp_sa`` decrypts the ESP traffic.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
+from gdoid.config import ConfigError
+from gdoid.fsutil import write_all
+from gdoid.log import get_logger
 from gdoid.protocol.ike import IkeSa
 from gdoid.protocol.policy import Tek
 
 IKE_TABLE = "ikev1_decryption_table"
 ESP_TABLE = "esp_sa"
 PREFERENCES = "preferences"
+
+_log = get_logger("gdoid.keylog")
 
 _PREFS = """# written by gdoid --keylog
 esp.enable_encryption_decode: TRUE
@@ -40,23 +51,106 @@ def esp_sa_line(tek: Tek) -> str:
     )
 
 
+class KeylogError(ConfigError):
+    """``--keylog DIR`` is unsafe or unusable; the daemon refuses to start."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("keylog", message)
+
+
+def _open_directory(directory: Path) -> int:
+    """Open (creating it 0700 if missing) and vet the key-log directory.
+
+    The directory must belong to the daemon's user and be writable by no one
+    else: anyone who can create entries in it could plant a symlink or a
+    readable file that the keys would then be written to.  The returned
+    descriptor pins the directory, so renaming it away later changes nothing.
+    """
+    try:
+        directory.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise KeylogError(f"cannot create {directory}: {exc.strerror}") from None
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise KeylogError(f"{directory} is not a directory (symlinks are refused)") from None
+        raise KeylogError(f"cannot open {directory}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    problem = None
+    if st.st_uid != os.geteuid():
+        problem = f"is owned by uid {st.st_uid}, not by the daemon's user (uid {os.geteuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):04o}: must not be group/world-writable"
+    if problem is not None:
+        os.close(fd)
+        raise KeylogError(f"{directory} {problem} (use a private directory, e.g. mode 0700)")
+    return fd
+
+
 class KeyLog:
-    """Appends key lines; files are created owner-only since they hold keys."""
+    """Appends key lines to files in a private directory, owner-only (they hold keys).
+
+    Every file is opened relative to the vetted directory with ``O_NOFOLLOW``:
+    a symlink in place of a key file is never followed, the line is dropped
+    and the refusal logged.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._dir_fd = _open_directory(directory)
         self._esp_spis: set[int] = set()
-        prefs = directory / PREFERENCES
-        if not prefs.exists():
+        self._warned: set[str] = set()
+        for name in (PREFERENCES, IKE_TABLE, ESP_TABLE):
+            self._check_entry(name)
+        try:
+            os.stat(PREFERENCES, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
             self._append(PREFERENCES, _PREFS)
 
-    def _append(self, name: str, line: str) -> None:
-        fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    def _check_entry(self, name: str) -> None:
+        """Refuse at startup what _append would refuse later (a symlink, a FIFO...)."""
         try:
-            os.write(fd, line.encode())
+            st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise KeylogError(f"{self.directory / name} is not a regular file (symlinks are refused)")
+        if st.st_uid != os.geteuid():
+            raise KeylogError(f"{self.directory / name} is owned by uid {st.st_uid}, not by the daemon's user")
+
+    def _append(self, name: str, line: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=self._dir_fd)
+        except OSError as exc:
+            self._refused(name, exc.strerror or str(exc))
+            return
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                self._refused(name, "not a regular file of the daemon's user")
+                return
+            if st.st_mode & 0o077:  # e.g. made by an older version under a loose umask
+                os.fchmod(fd, 0o600)
+            write_all(fd, line.encode())
+        except OSError as exc:
+            self._refused(name, exc.strerror or str(exc))
         finally:
             os.close(fd)
+
+    def _refused(self, name: str, error: str) -> None:
+        # Once per file: a registration storm must not become a log storm.
+        if name not in self._warned:
+            self._warned.add(name)
+            _log.error("keylog_write_refused", file=str(self.directory / name), error=error)
+
+    def close(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     def ike(self, sa: IkeSa) -> None:
         self._append(IKE_TABLE, ikev1_line(sa))

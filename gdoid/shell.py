@@ -18,7 +18,7 @@ from typing import Protocol
 import asyncio_dgram
 
 from gdoid import log
-from gdoid.control import ControlRequest, ControlResponse, ControlServer
+from gdoid.control import ControlAccess, ControlRequest, ControlResponse, ControlServer
 
 RECEIVE_BUFFER = 4 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python does not export it
@@ -46,10 +46,12 @@ class UdpShell:
         control_socket: Path | None,
         tick: float = 0.25,
         logger: object | None = None,
+        control_group: str | None = None,
     ) -> None:
         self.name = name
         self.bind = bind
         self.control_socket = control_socket
+        self.control_group = control_group
         self.tick = tick
         self.log = logger or log.get_logger(f"gdoid.{name}")
         self.engine: Engine | None = None
@@ -72,7 +74,8 @@ class UdpShell:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         if self.control_socket is not None:
-            self._control = ControlServer(self.control_socket, handler)
+            access = ControlAccess(self.control_group)
+            self._control = ControlServer(self.control_socket, handler, access)
             await self._control.start()
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name=f"{self.name}-udp"),

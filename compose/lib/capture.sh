@@ -5,17 +5,14 @@
 # core network (named by the compose file's com.docker.network.bridge.name);
 # tshark puts the bridge in promiscuous mode, so it also sees the frames
 # bridged between the containers.  DIR/keys is the daemons' --keylog
-# directory; a decode_as_entries file is added so that Wireshark reads UDP 848
-# as ISAKMP.  Open the result with
+# directory, made by gen-keys.sh (owned by gdoid, 0700, with a
+# decode_as_entries file so that Wireshark reads UDP 848 as ISAKMP); this
+# service, root without CAP_DAC_OVERRIDE, does not touch it.  Open the result with
 #     WIRESHARK_CONFIG_DIR=DIR/keys wireshark DIR/capture.pcap
 # The pcap is complete once the service is stopped (docker-compose stop capture).
 set -eu
 iface=$1
 dir=$2
-mkdir -p "$dir/keys"
-chmod 700 "$dir/keys"
-printf '%s\n' '# Written by compose/lib/capture.sh: GDOI uses UDP 848.' \
-    'decode_as_entry: udp.port,848,(none),ISAKMP' >"$dir/keys/decode_as_entries"
 i=0
 until ip link show dev "$iface" >/dev/null 2>&1; do
     i=$((i + 1))

@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gdoid: {exc}", file=sys.stderr)
         return 2
     except PermissionError as exc:
-        print(f"gdoid: {exc} (binding port 848 needs root or CAP_NET_BIND_SERVICE; try --base-port)", file=sys.stderr)
+        # A named file (e.g. /dev/net/tun) is a different problem than a port.
+        hint = "" if exc.filename else " (binding port 848 needs root or CAP_NET_BIND_SERVICE; try --base-port)"
+        print(f"gdoid: {exc}{hint}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"gdoid: {exc}", file=sys.stderr)

@@ -75,7 +75,8 @@ class GroupMemberDaemon:
             software_version=config.software_version,
             dataplane=_DataplaneSync(self) if self.dataplane is not None else None,
         )
-        self.shell = UdpShell("gm", (str(config.address), config.port), config.control_socket, tick, self.log)
+        self.shell = UdpShell("gm", (str(config.address), config.port), config.control_socket, tick, self.log,
+                              control_group=config.control_group)
 
     def _on_event(self, what: str, reg: Registration) -> None:
         if all(r.registered_at is not None for r in self.engine.registrations.values()):

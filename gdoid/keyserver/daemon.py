@@ -72,7 +72,8 @@ class KeyServerDaemon:
             self.coop.on_dirty = self.mark_dirty
             self.engine.scheduled_rekeys = False  # until elected primary
             tick = min(tick, config.coop.announce_interval / 4)
-        self.shell = UdpShell("ks", (str(config.address), config.port), config.control_socket, tick, self.log)
+        self.shell = UdpShell("ks", (str(config.address), config.port), config.control_socket, tick, self.log,
+                              control_group=config.control_group)
         self.state_path = config.state_dir / "state.json"
         self._restore_state()
         self.engine.on_state_change = self.save_state

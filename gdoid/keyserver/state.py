@@ -9,6 +9,7 @@ or validate is never half-loaded: it is moved aside and reported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from gdoid.fsutil import fsync_dir, write_all
 from gdoid.keyserver.group import Group, Member
 from gdoid.protocol.crypto import HashAlgorithm, SigAlgorithm, SigHash
 from gdoid.protocol.policy import Kek, Tek, TekPolicy, TekTransform, TrafficSelector
@@ -116,18 +118,37 @@ def save(path: Path, groups: dict[int, Group]) -> None:
     data = json.dumps(snapshot(groups), separators=(",", ":")).encode()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = _create_private(tmp)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _create_private(tmp: Path) -> int:
+    """A new, empty 0600 file at ``tmp``: never an existing file, never via a symlink.
+
+    A temporary left by a crash (or anything planted in its place) is unlinked
+    first; unlink removes a symlink itself, not its target.  O_EXCL|O_NOFOLLOW
+    then guarantees that what we write to is the inode we just created.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            return os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            continue  # re-created between unlink and open: someone races us; retry
+    raise FileExistsError(f"{tmp} keeps reappearing: not writing the state through it")
 
 
 def load(path: Path) -> dict[int, dict[str, Any]]:

@@ -142,6 +142,27 @@ class Topology:
             return None
         return json.loads(proc.stdout)
 
+    def assert_daemon_unprivileged(self, service: str, caps: int = 0) -> None:
+        """The gdoid daemon process in ``service`` runs as a non-root uid with exactly
+        the effective capabilities ``caps`` (a CapEff bit mask; /proc of the container)."""
+        probe = (
+            "import os\n"
+            "for p in os.listdir('/proc'):\n"
+            "    try:\n"
+            "        argv = open(f'/proc/{p}/cmdline', 'rb').read().split(b'\\0')\n"
+            "        st = dict(line.split(':', 1) for line in open(f'/proc/{p}/status'))\n"
+            "    except (OSError, ValueError):\n"
+            "        continue\n"
+            "    if any(a.endswith(b'bin/gdoid') for a in argv):\n"
+            "        print(p, st['Uid'].split()[1], int(st['CapEff'], 16), b' '.join(argv).decode())\n"
+        )
+        out = self.exec(service, "python3", "-c", probe).stdout
+        daemons = [line.split(maxsplit=3) for line in out.splitlines() if line.strip()]
+        assert daemons, f"{service}: no gdoid daemon process found"
+        for _pid, euid, cap_eff, cmd in daemons:
+            assert int(euid) != 0, f"{service}: {cmd!r} runs as root"
+            assert int(cap_eff) == caps, f"{service}: {cmd!r} has CapEff {int(cap_eff):#x}, not {caps:#x}"
+
     def logs(self, *services: str) -> str:
         proc = subprocess.run(
             ["docker-compose", "--ansi", "never", "logs", "--no-color", "--tail", "60", *services],
@@ -448,6 +469,10 @@ class TestBasic:
         for gm in BASIC_GMS:
             assert t.events(gm, "GM_REGS_COMPL"), t.logs(gm)
         print(f"basic: both GMs registered {time.monotonic() - t0:.1f} s after up")
+        # Non-root daemons: the KS without capabilities, the GMs with NET_ADMIN + NET_RAW only.
+        t.assert_daemon_unprivileged("ks")
+        for gm in BASIC_GMS:
+            t.assert_daemon_unprivileged(gm, caps=(1 << 12) | (1 << 13))
 
         # 2. LAN host A pings LAN host B through gm1 -> ESP -> gm2.
         self._traffic(t, "after registration")
@@ -685,6 +710,8 @@ class TestCoop:
         assert all(d["primary"] == COOP_KSS["ks1"] for d in got.values()), got
         # Members registered at secondaries reach the primary with the announcements.
         t.wait_members("ks1", set(COOP_GMS.values()), COOP_DAEMONS)
+        for svc in COOP_DAEMONS:  # no data path here: no capabilities at all
+            t.assert_daemon_unprivileged(svc)
 
     def test_primary_killed_group_survives(self, coop: Topology) -> None:
         """Kill the primary's container: ks2 (next priority) becomes primary, its rekey
@@ -793,6 +820,8 @@ class TestMixedVersions:
     def test_feature_table(self, mixed: Topology) -> None:
         t = mixed
         t.wait_members("ks", set(MIXED_GMS.values()), MIXED_DAEMONS)
+        for svc in MIXED_DAEMONS:
+            t.assert_daemon_unprivileged(svc)
         for feature in ("gm-removal", "policy-replace"):
             out = t.exec("ks", "gdoictl", "show", "crypto", "gdoi", "feature", feature).stdout
             lines = [" ".join(line.split()) for line in out.splitlines()]
