@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from gdoid import log
 from gdoid.config import CoopConfig
-from gdoid.keyserver import state
+from gdoid.keyserver import sender_ids, state
 from gdoid.keyserver.group import Group, Member
 from gdoid.protocol.ann import AnnBlock, AnnFlag, AnnPayload, BlockType, Role, open_ann, seal_ann
 from gdoid.protocol.errors import ProtocolError
@@ -221,6 +221,7 @@ class Coop:
         removed = self.groups_state[g.number].removed
         if removed:
             anns[0].append(AnnBlock.of(BlockType.MEMBERS_REMOVED, {str(a): t for a, t in removed.items()}))
+        sender_ids.add_block(anns, sender_ids.ann_block(g.sids, str(self.address), str(peer.address), now))
         out = []
         for i, blocks_i in enumerate(anns):
             self.ann_seq += 1
@@ -296,6 +297,7 @@ class Coop:
         out: Outgoing = []
         try:
             self._merge_members(group, ann)
+            sender_ids.receive_block(group.sids, ann.block(BlockType.SENDER_IDS), str(self.address), now)
             if ann.role == Role.PRIMARY:
                 out += self._from_primary(peer, group, ann, now)
             else:
