@@ -331,6 +331,7 @@ class Group:
         self.pending_signing_key = None
         kept = [] if replace else self.current_teks(now)
         self.teks = kept + new_teks
+        self.sids.expire(now)  # SIDs tainted only by TEKs no longer handed out are free
         self.rekeys_sent += 1
         kind = "policy-replace" if replace else "scheduled"
         return RekeyMessages(self.seq, modern, legacy, kind, next_kek is not None)

@@ -463,13 +463,16 @@ class SenderIdAllocator:
 # --- state file ------------------------------------------------------------------------------
 
 
-def state_json(alloc: SenderIdAllocator, saved_at: float) -> dict[str, Any]:
-    """The record for the state file; ``orphans_before`` marks when it was written."""
+def state_json(alloc: SenderIdAllocator, latest_registration: float) -> dict[str, Any]:
+    """The record for the state file.
+
+    Reserved SIDs may be handed out after this save to a GM whose new row is
+    then lost: a restart treats them as orphans, blocked while any member
+    registered up to now (the latest row saved, the latest allocation) remains.
+    """
     rec = alloc.record()
     data = rec.to_json()
-    # Reserved SIDs may be handed out after this save: a restart treats them as
-    # orphans blocked by every member registered before now.
-    data["orphans_before"] = max(rec.orphans_before, saved_at)
+    data["orphans_before"] = max(rec.orphans_before, alloc.clock, latest_registration)
     return data
 
 

@@ -99,17 +99,17 @@ def member_from_json(d: dict[str, Any]) -> Member:
 
 
 def snapshot(groups: dict[int, Group]) -> dict[str, Any]:
-    saved_at = time.time()
     return {
         "format": FORMAT,
-        "saved_at": saved_at,
+        "saved_at": time.time(),
         "groups": [
             {
                 "number": g.number, "name": g.name, "seq": g.seq, "epoch": g.epoch,
                 "last_rekey_at": g.last_rekey_at, "rekeys_sent": g.rekeys_sent,
                 "kek": kek_to_json(g.kek), "teks": [tek_to_json(t) for t in g.teks],
                 "members": [member_to_json(m) for m in g.members.values()],
-                "sender_ids": {"bits": g.sids.bits, "record": sender_ids.state_json(g.sids, saved_at)},
+                "sender_ids": {"bits": g.sids.bits, "record": sender_ids.state_json(
+                    g.sids, max((m.registered_at for m in g.members.values()), default=0.0))},
             }
             for g in groups.values()
         ],
