@@ -418,26 +418,42 @@ class SenderIdAllocator:
             self.free_count,
         )
 
-    def merge(self, rec: SidRecord, now: float) -> None:
+    def merge(self, rec: SidRecord, now: float, own: bool = False) -> None:
         """Take in a record of (part of) our slice: what it says is used stays used.
 
         Held, reserved and orphaned SIDs become orphans unless a member of ours
         holds them (members claim theirs afterwards); cooling stays cooling.
+        ``own``: our own record, newer than what we know (we lost our state):
+        its cooling SIDs are cooling even if a member row made us skip past
+        them, and the block after its cursor may have been reserved (and
+        handed out) after it was written, so that is skipped too.
         """
+        cursor = min(rec.next, self.last + 1)
         if rec.next > self.next:
-            for sid in range(self.next, min(rec.next, self.last + 1)):
+            for sid in range(self.next, cursor):
                 self._add_free(sid)
-            self.next = min(rec.next, self.last + 1)
+            self.next = cursor
         used = [*rec.held, *rec.reserved, *rec.orphans]
         for sid in from_ranges(used):
             if self._mine(sid) and sid not in self.held:
                 self._remove_from_pools(sid)
                 self.orphans.add(sid)
+        rec_orphans = set(from_ranges(used))
         for c in rec.cooling:
             for sid in from_ranges(c.sids):
-                if self._mine(sid) and sid not in self.held and sid not in self.orphans:
+                if not self._mine(sid) or sid in self.held:
+                    continue
+                if sid in self.orphans and not (own and sid not in rec_orphans):
+                    continue
+                self._remove_from_pools(sid)
+                self.cooling.setdefault((c.until, c.teks), set()).add(sid)
+        if own:
+            ahead = min(cursor + self.block, self.last + 1)
+            for sid in range(cursor, ahead):
+                if sid not in self.held:
                     self._remove_from_pools(sid)
-                    self.cooling.setdefault((c.until, c.teks), set()).add(sid)
+                    self.orphans.add(sid)
+            used.append((cursor, ahead - 1))
         if used:
             # Any member registered before the record was written may hold them.
             self.orphans_before = max(self.orphans_before, rec.orphans_before, now)
@@ -523,7 +539,7 @@ def receive_block(alloc: SenderIdAllocator, block: AnnBlock | None, me: str, now
     for rec in records:
         if rec.owner == me:
             if rec.version > alloc.version:
-                alloc.merge(rec, now)
+                alloc.merge(rec, now, own=True)
             continue
         known = alloc.peer_records.get(rec.owner)
         if known is not None and known.version >= rec.version:
