@@ -50,7 +50,7 @@ def test_coop_kss_never_hand_out_the_same_sid(files: Path) -> None:
 def test_ks_with_lost_state_recovers_its_record_from_a_peer(files: Path) -> None:
     sim = elected(files)
     used_at_ks2: list[int] = []
-    for i in range(12):  # one GM restarting: 11 released SIDs cool off at KS2
+    for _ in range(12):  # one GM restarting: 11 released SIDs cool off at KS2
         sim.register("10.0.0.1", KS2)
         used_at_ks2 += sids_of(sim, "10.0.0.1")
     sim.run(2 * PERIOD)  # KS2 announces its record; the others keep a copy
