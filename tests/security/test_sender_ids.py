@@ -265,3 +265,29 @@ def test_malformed_block_is_rejected() -> None:
         with pytest.raises(ProtocolError) as exc:
             sender_ids.parse_block(bad, 12)
         assert getattr(exc.value, "field", None) == field, str(exc.value)
+
+
+# --- GM side --------------------------------------------------------------------------------
+
+
+def test_gm_reregistration_moves_every_installed_gcm_sa_to_the_new_sids(files: Path) -> None:
+    """Pushes carry no SIDs: a TEK installed by an earlier rekey keeps sending under the
+    registration's SIDs, and a re-registration replaces them on every GCM SA (the data
+    path engine's view), never leaving one on the old SIDs."""
+    from gdoid.dataplane.engine import Dataplane
+
+    ks = new_ks(files)
+    dp = Dataplane()
+    gm = make_gm(files, logger=Events(), dataplane=dp)
+    net = register(ks, gm)
+    first = gm.sadb.groups[GROUP].sender_ids
+    assert first is not None
+    g = ks.groups[GROUP]
+    net.run(ks.rekey(g, T0 + 10), "127.0.0.1", T0 + 10)  # a second GCM TEK arrives by push
+    gcm = [sa for sa in dp.stats(T0 + 11)["sas"] if "gcm" in sa["transform"]]
+    assert len(gcm) == 2
+    assert {dp._groups[GROUP].entries[sa["spi"]].sa.sender_ids for sa in gcm} == {first}
+    net.run(gm.reregister(GROUP, T0 + 20), str(gm.address), T0 + 20)
+    second = gm.sadb.groups[GROUP].sender_ids
+    assert second is not None and not set(second.values) & set(first.values)
+    assert {dp._groups[GROUP].entries[sa["spi"]].sa.sender_ids for sa in gcm} == {second}

@@ -90,15 +90,16 @@ def test_gm_restarted_under_the_same_tek_never_repeats_an_iv(tmp_path: Path) -> 
                 b.wait(10)
         shown = gdoictl_json(g.ks_sock, "show", "crypto", "gdoi", "ks", "members")
         ks_members = {m["address"]: m for m in shown["groups"][0]["members"]}
-    assert old_sids and new_sids and not old_sids & new_sids, (old_sids, new_sids)
-    assert set(ks_members["192.0.2.1"]["sender_ids"]) == new_sids
     packets = ip_packets(read_pcap(pcap))
     gm1_esp = esp_from(packets, "10.1.")
     gm2_esp = esp_from(packets, "10.2.")
     assert len(gm1_esp) >= 1500 and len(gm2_esp) >= 1500
     every = gm1_esp + gm2_esp
     assert len({spi for spi, _ in every}) == 1  # one TEK throughout
-    assert len(set(every)) == len(every), "an (SPI, IV) pair repeated under the group key"
+    repeated = len(every) - len(set(every))
+    assert repeated == 0, f"{repeated} (SPI, IV) pairs repeated under the group key"
+    assert old_sids and new_sids and not old_sids & new_sids, (old_sids, new_sids)
+    assert set(ks_members["192.0.2.1"]["sender_ids"]) == new_sids
     # GM1's IVs: the old SIDs, then (after the restart) only the new ones, never the old again.
     prefixes = [iv[0] for _, iv in gm1_esp]
     first_new = next(i for i, p in enumerate(prefixes) if p in new_sids)
