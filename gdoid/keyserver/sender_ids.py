@@ -253,6 +253,7 @@ class SenderIdAllocator:
         self.needs_save = False  # a reservation not yet persisted: save before sending
         self.clock = 0.0  # the latest ``now`` seen (for orphans found outside merge)
         self.peer_records: dict[str, SidRecord] = {}  # other KSs' slices, from their ANNs
+        self._record_cache: tuple[tuple[int, str], SidRecord] | None = None
 
     # --- slice ---------------------------------------------------------------------
 
@@ -269,6 +270,7 @@ class SenderIdAllocator:
         self._free_set.clear()
         self.cooling.clear()
         self.orphans.clear()
+        self.version += 1
 
     @property
     def size(self) -> int:
@@ -297,6 +299,7 @@ class SenderIdAllocator:
         for key in [k for k in self.cooling if now >= k[0] or not live.intersection(k[1])]:
             for sid in sorted(self.cooling.pop(key)):
                 self._add_free(sid)
+            self.version += 1
 
     def _add_free(self, sid: int) -> None:
         if sid not in self._free_set:
@@ -410,13 +413,18 @@ class SenderIdAllocator:
     # --- the record ------------------------------------------------------------------
 
     def record(self, owner: str = "") -> SidRecord:
+        """The record (cached per version: announcing it costs no sort of the held SIDs)."""
+        if self._record_cache is not None and self._record_cache[0] == (self.version, owner):
+            return self._record_cache[1]
         held = to_ranges(s for s in self.held if self._mine(s))
-        return SidRecord(
+        rec = SidRecord(
             owner, self.first, self.last, self.version, self.next, held,
             to_ranges(self.reserved), to_ranges(self.orphans), self.orphans_before,
             tuple(CoolingEntry(k[0], k[1], to_ranges(v)) for k, v in sorted(self.cooling.items())),
             self.free_count,
         )
+        self._record_cache = ((self.version, owner), rec)
+        return rec
 
     def merge(self, rec: SidRecord, now: float, own: bool = False) -> None:
         """Take in a record of (part of) our slice: what it says is used stays used.
