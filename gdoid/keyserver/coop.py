@@ -221,7 +221,7 @@ class Coop:
         removed = self.groups_state[g.number].removed
         if removed:
             anns[0].append(AnnBlock.of(BlockType.MEMBERS_REMOVED, {str(a): t for a, t in removed.items()}))
-        sender_ids.add_block(anns, sender_ids.ann_block(g.sids, str(self.address), str(peer.address), now))
+        sender_ids.add_block(anns, g.sids, str(self.address), str(peer.address), now)
         out = []
         for i, blocks_i in enumerate(anns):
             self.ann_seq += 1

@@ -49,6 +49,7 @@ MAX_COOLING_ENTRIES = 64
 MAX_TEKS_PER_ENTRY = 32
 SENDER_IDS_BLOCK_BUDGET = 24_000  # JSON octets of the block
 ANN_BLOCKS_ROOM = MAX_ANN_DATAGRAM - 1024  # block octets per ANN (headers, HASH, padding)
+RECORD_REFRESH = 30.0  # resend an unchanged record to a peer this often
 
 Ranges = list[tuple[int, int]]
 LiveTeks = Callable[[], list[tuple[int, float]]]  # (SPI, expires_at) of the TEKs handed out
@@ -254,6 +255,7 @@ class SenderIdAllocator:
         self.clock = 0.0  # the latest ``now`` seen (for orphans found outside merge)
         self.peer_records: dict[str, SidRecord] = {}  # other KSs' slices, from their ANNs
         self._record_cache: tuple[tuple[int, str], SidRecord] | None = None
+        self.sent_to: dict[str, tuple[Any, float]] = {}  # peer -> (what we last sent it, when)
 
     # --- slice ---------------------------------------------------------------------
 
@@ -523,8 +525,22 @@ def ann_block(alloc: SenderIdAllocator, me: str, to: str, now: float) -> AnnBloc
     return AnnBlock.of(BlockType.SENDER_IDS, value)
 
 
-def add_block(anns: list[list[AnnBlock]], block: AnnBlock) -> None:
-    """Into the batch's last ANN if the datagram stays below 32 KiB, else an ANN of its own."""
+def add_block(anns: list[list[AnnBlock]], alloc: SenderIdAllocator, me: str, to: str, now: float) -> None:
+    """Add the SENDER_IDS block to an announcement batch for ``to``, when it is news.
+
+    Sent when any record changed since the last one sent to that peer, with every
+    full member list, and at least every RECORD_REFRESH seconds (ANNs are UDP); the
+    rest of the time ANNs stay as small as before.  Into the batch's last ANN if
+    the datagram stays below 32 KiB, else an ANN of its own.
+    """
+    alloc.expire(now)
+    signature = (alloc.version, tuple(sorted((o, r.version) for o, r in alloc.peer_records.items())))
+    full = any(b.type == BlockType.MEMBERS_FULL for blocks in anns for b in blocks)
+    sent = alloc.sent_to.get(to)
+    if not full and sent is not None and sent[0] == signature and now - sent[1] < RECORD_REFRESH:
+        return
+    alloc.sent_to[to] = (signature, now)
+    block = ann_block(alloc, me, to, now)
     last = anns[-1] if anns else None
     if last is not None and sum(len(b.data) + 4 for b in last) + len(block.data) + 4 <= ANN_BLOCKS_ROOM:
         last.append(block)
