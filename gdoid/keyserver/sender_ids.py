@@ -47,6 +47,7 @@ MAX_RECORD_RANGES = 600  # per record in an ANN (about 9 KB); more are coarsened
 MAX_ANN_RECORDS = 8
 MAX_COOLING_ENTRIES = 64
 MAX_TEKS_PER_ENTRY = 32
+VERSION_CAP = 1 << 62
 SENDER_IDS_BLOCK_BUDGET = 24_000  # JSON octets of the block
 ANN_BLOCKS_ROOM = MAX_ANN_DATAGRAM - 1024  # block octets per ANN (headers, HASH, padding)
 RECORD_REFRESH = 30.0  # resend an unchanged record to a peer this often
@@ -468,7 +469,8 @@ class SenderIdAllocator:
             # Any member registered before the record was written may hold them.
             self.orphans_before = max(self.orphans_before, rec.orphans_before, now)
         self.clock = max(self.clock, now)
-        self.version = max(self.version, rec.version) + 1
+        # Capped well below the validator's limit: a peer's huge version cannot make ours invalid.
+        self.version = min(max(self.version, rec.version) + 1, VERSION_CAP)
         self.needs_save = True
 
     # --- exhaustion --------------------------------------------------------------------

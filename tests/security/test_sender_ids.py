@@ -291,3 +291,24 @@ def test_gm_reregistration_moves_every_installed_gcm_sa_to_the_new_sids(files: P
     second = gm.sadb.groups[GROUP].sender_ids
     assert second is not None and not set(second.values) & set(first.values)
     assert {dp._groups[GROUP].entries[sa["spi"]].sa.sender_ids for sa in gcm} == {second}
+
+
+def test_state_file_with_a_malformed_sid_record_is_refused(files: Path, tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "state" / "state.json"
+    ks = saving_ks(files, path)
+    registered_sids(ks)
+    state.save(path, ks.groups)
+    doc = json.loads(path.read_bytes())
+    doc["groups"][0]["sender_ids"]["record"]["reserved"] = [[70000, 70001]]  # outside the 16-bit space
+    path.write_text(json.dumps(doc))
+    with pytest.raises(state.StateError, match="reserved"):
+        state.load(path)
+
+
+def test_a_peer_version_cannot_push_ours_past_the_validator() -> None:
+    alloc = sender_ids.SenderIdAllocator(12)
+    rec = sender_ids.parse_record({**good_record(), "version": (1 << 63) - 1, "owner": "me"}, 12)
+    alloc.merge(rec, 0.0, own=True)
+    assert sender_ids.parse_record(alloc.record("me").to_json(), 12).version == alloc.version

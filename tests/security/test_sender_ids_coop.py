@@ -99,3 +99,20 @@ def test_malformed_sender_ids_block_is_rejected(files: Path) -> None:
     assert ks1.groups[GROUP].sids.record(KS1) == before
     assert KS2 not in ks1.groups[GROUP].sids.peer_records or \
         ks1.groups[GROUP].sids.peer_records[KS2].held == sim.group(KS2).sids.record(KS2).held
+
+
+def test_primary_rekeys_when_a_secondary_runs_low(files: Path) -> None:
+    """Only the primary rekeys: it sees a secondary's slice run low in that KS's record."""
+    sim = elected(files)
+    ks2, g2 = sim.ks(KS2), sim.group(KS2)
+    old_teks = {t.spi for t in g2.teks}
+    for i in range(1300):  # GMs registering at KS2 and leaving again, under the same TEKs
+        got = ks2.allocate_sender_ids(GROUP, 1, f"gm-{i}")
+        assert got is not None
+        g2.sids.release(got.values, sim.now)
+    assert g2.sids.low() and g2.sids.cooling_count == 1300
+    assert "KS_SID_EXHAUSTION_REKEY" not in events(ks2)
+    sim.run(3 * PERIOD)
+    assert events(sim.ks(KS1)).count("KS_SID_EXHAUSTION_REKEY") == 1
+    assert not {t.spi for t in g2.teks} & old_teks  # KS2 took the primary's new TEKs
+    assert not g2.sids.low() and g2.sids.cooling_count == 0
