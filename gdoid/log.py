@@ -42,6 +42,7 @@ __all__ = [
     "KS_REGS_FAILURE",
     "KS_SEND_GM_REMOVAL",
     "KS_SEND_UNICAST_REKEY",
+    "KS_SID_EXHAUSTION_REKEY",
     "MALFORMED_DROP",
     "MNEMONICS",
     "PHASE1_FAILED",
@@ -145,6 +146,10 @@ KS_MEMBER_DROPPED = Mnemonic(
 KS_SEND_GM_REMOVAL = Mnemonic(
     5, "KS_SEND_GM_REMOVAL", "Sending GM-Removal message to group {group}..."
 )
+KS_SID_EXHAUSTION_REKEY = Mnemonic(
+    5, "KS_SID_EXHAUSTION_REKEY",
+    "Sender-ID space of group {group} low ({free} of {size} free, {released} held by departed GMs): rekeying",
+)
 MALFORMED_DROP = Mnemonic(4, "MALFORMED_DROP", "Dropped malformed message from {peer}: {reason}")
 COOP_KS_TRANS_TO_PRI = Mnemonic(
     5, "COOP_KS_TRANS_TO_PRI", "KS {ks} in group {group} transitioned to Primary (Previous Primary = {previous})"
@@ -177,6 +182,7 @@ MNEMONICS: Mapping[str, Mnemonic] = {
         GM_REKEY_REJECTED,
         KS_MEMBER_DROPPED,
         KS_SEND_GM_REMOVAL,
+        KS_SID_EXHAUSTION_REKEY,
         MALFORMED_DROP,
         COOP_KS_TRANS_TO_PRI,
         COOP_KS_TRANS_TO_SEC,

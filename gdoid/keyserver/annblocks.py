@@ -20,6 +20,7 @@ from enum import IntEnum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
+from gdoid.keyserver import sender_ids
 from gdoid.keyserver.group import Group, Member
 from gdoid.protocol import crypto
 from gdoid.protocol.ann import AnnBlock, AnnFlag, AnnPayload, BlockType
@@ -345,6 +346,13 @@ def parse_signing_key(v: Any, group: Group) -> bytes:
     return _hex(d["sha256"], "SIGNING_KEY.sha256", (32,))
 
 
+def parse_sender_ids(v: Any, group: Group) -> list[sender_ids.SidRecord]:
+    try:
+        return sender_ids.parse_block(v, group.sids.bits)
+    except ProtocolError as exc:
+        raise AnnInvalid("SENDER_IDS", str(exc)) from None
+
+
 def signing_key_block(group: Group) -> AnnBlock:
     return AnnBlock.of(BlockType.SIGNING_KEY, {"sha256": signing_key_fingerprint(group).hex()})
 
@@ -356,6 +364,7 @@ BLOCK_PARSERS: dict[int, Callable[[Any, Group], Any]] = {
     BlockType.MEMBERS_DELTA: parse_members_delta,
     BlockType.MEMBERS_REMOVED: parse_members_removed,
     BlockType.SIGNING_KEY: parse_signing_key,
+    BlockType.SENDER_IDS: parse_sender_ids,
 }
 REQUIRED_BLOCKS = (BlockType.SIGNING_KEY,)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from gdoid import log
 from gdoid.config import CoopConfig, CoopPeer
-from gdoid.keyserver import state
+from gdoid.keyserver import sender_ids, state
 from gdoid.keyserver.annblocks import (
     AnnInvalid,
     AnnKeys,
@@ -367,6 +367,8 @@ class Coop:
                 anns.append(([*blocks] if i == 0 else []) + extra)
         if gs.removed and not peer.sync_refused:
             anns[0].append(AnnBlock.of(BlockType.MEMBERS_REMOVED, {str(a): t for a, t in gs.removed.items()}))
+        if not peer.sync_refused:
+            sender_ids.add_block(anns, g.sids, str(self.address), str(peer.address), now)
         out = []
         for i, blocks_i in enumerate(anns):
             self.ann_seq += 1
@@ -486,6 +488,9 @@ class Coop:
         out: Outgoing = []
         if self._merge_members(group, parsed):
             self._dirty()
+        records = parsed.blocks.get(BlockType.SENDER_IDS)
+        if records is not None:
+            sender_ids.apply_records(group.sids, records, str(self.address), now)
         if ann.role == Role.PRIMARY:
             out += self._from_primary(peer, group, parsed, now)
         else:

@@ -147,6 +147,8 @@ class KeyServerDaemon:
         with contextlib.suppress(asyncio.CancelledError):
             await self._saver
         await self.shell.close()
+        for g in self.groups.values():
+            g.sids.unreserve()  # nothing more is sent: the reserved SIDs are free again
         try:
             self.save_state()
         except OSError as exc:

@@ -85,6 +85,7 @@ class KeyServerEngine:
         self._coop_out: Outgoing = []
         self.on_state_change: Callable[[], None] | None = None  # persist before sending
         self._last_drop_log = 0.0
+        self._now = 0.0  # of the datagram being handled (SID allocation needs it)
         if keylog is not None:
             for g in groups.values():
                 for t in g.teks:
@@ -106,7 +107,7 @@ class KeyServerEngine:
 
     def allocate_sender_ids(self, group_number: int, count: int, member: str) -> SenderIds | None:
         g = self.groups[group_number]
-        values = g.sids.allocate(member, count)
+        values = g.sids.allocate(member, count, self._now)
         return SenderIds(g.sids.bits, values) if values is not None else None
 
     def authorize(self, group_number: int, sa: IkeSa) -> str | None:
@@ -123,6 +124,7 @@ class KeyServerEngine:
 
     def datagram_received(self, data: bytes, peer: Address, now: float) -> Outgoing:
         self.counters["received"] += 1
+        self._now = now
         try:
             header = IsakmpHeader.decode(data)
         except ProtocolError as exc:
@@ -275,7 +277,25 @@ class KeyServerEngine:
             assert pull.last_received is not None and pull.last_sent is not None
             self.pulls_done[key] = (pull.last_received, pull.last_sent, entry.addr, now)
             self._drop_sa(header.cookies)  # a registered GM needs no phase-1 SA on the KS
+        if out.send and not self._sids_durable():
+            self.pulls_done.pop(key, None)  # not sent, so never resent from there either
+            return []
         return [(d, entry.addr) for d in out.send]
+
+    def _sids_durable(self) -> bool:
+        """Persist a new SID reservation before message 4 carrying its SIDs leaves."""
+        pending = [g for g in self.groups.values() if g.sids.needs_save]
+        if not pending:
+            return True
+        if self.on_state_change is not None:
+            try:
+                self.on_state_change()
+            except OSError as exc:
+                self.log.error("state_save_failed", error=str(exc), detail="message 4 withheld")
+                return False
+        for g in pending:
+            g.sids.needs_save = False
+        return True
 
     def _is_coop_peer(self, entry: _SaEntry) -> bool:
         return self.coop is not None and entry.sa.peer_address in self.coop.peers
@@ -414,6 +434,11 @@ class KeyServerEngine:
             for g in self.groups.values():
                 if now >= g.next_rekey_at():
                     out += self.rekey(g, now)
+                elif g.sid_rekey_due(now):
+                    g.last_sid_rekey_at = now
+                    log.emit(self.log, log.KS_SID_EXHAUSTION_REKEY, group=g.name, free=g.sids.free_count,
+                             size=g.sids.size, released=g.sids.reclaimable())
+                    out += self.rekey(g, now, replace=True)
         for icky, (responder, peer) in list(self.responders.items()):
             mm_out = responder.on_timeout(now)  # not ``out``: that holds the rekey datagrams
             if responder.failed:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from gdoid.config import KsGroupConfig, SaIpsec
+from gdoid.keyserver.sender_ids import SID_REKEY_MIN_INTERVAL, SenderIdAllocator
 from gdoid.protocol import crypto
 from gdoid.protocol.crypto import HashAlgorithm, PrivateKey, SigHash
 from gdoid.protocol.gdoi_payloads import SeqPayload
@@ -119,64 +120,6 @@ class Member:
     pending: PendingPush | None = None
 
 
-class SenderIdAllocator:
-    """RFC 6054 sender IDs: each GM gets its own so GCM nonces never collide.
-
-    COOP key servers each allocate from their own slice of the space
-    (:meth:`set_slice`), so two KSs never hand out the same SID.
-    """
-
-    def __init__(self, bits: int) -> None:
-        self.bits = bits
-        self._owner: dict[int, str] = {}
-        self._by_member: dict[str, tuple[int, ...]] = {}
-        self.first = 1  # SID 0 is kept back: a zeroed IV then never looks valid
-        self.last = (1 << bits) - 1
-        self._next = self.first
-
-    def set_slice(self, index: int, count: int) -> None:
-        """Use slice ``index`` of ``count`` equal slices of the SID space."""
-        space = (1 << self.bits) - 1
-        size = max(1, space // count)
-        self.first = 1 + index * size
-        self.last = space if index == count - 1 else index * size + size
-        self._next = self.first
-
-    def allocate(self, member: str, count: int) -> tuple[int, ...] | None:
-        have = self._by_member.get(member)
-        if have is not None and len(have) >= count:
-            return have[:count]
-        self.release(member)
-        got: list[int] = []
-        for _ in range(self.last - self.first + 1):
-            if len(got) == count:
-                break
-            sid = self._next
-            self._next = sid + 1 if sid < self.last else self.first
-            if sid not in self._owner:
-                got.append(sid)
-        if len(got) < count:
-            return None
-        for sid in got:
-            self._owner[sid] = member
-        self._by_member[member] = tuple(got)
-        return tuple(got)
-
-    def claim(self, member: str, sids: tuple[int, ...]) -> None:
-        """Restore an allocation (from the state file or a COOP peer)."""
-        for sid in sids:
-            self._owner[sid] = member
-        self._by_member[member] = tuple(sids)
-
-    def release(self, member: str) -> None:
-        for sid in self._by_member.pop(member, ()):
-            self._owner.pop(sid, None)
-
-    @property
-    def in_use(self) -> int:
-        return len(self._owner)
-
-
 TBAR_REKEY_INTERVAL = 7200  # getvpn-features §4: with TBAR the KS rekeys every 2 hours
 
 
@@ -211,7 +154,10 @@ class Group:
         self.last_rekey_at = now
         self.rekeys_sent = 0
         self.members: dict[IPv4Address, Member] = {}
-        self.sids = SenderIdAllocator(config.sender_id_bits)
+        # The used-SID record: a SID counts as used under every TEK handed out while held.
+        self.sids = SenderIdAllocator(config.sender_id_bits, lambda: [(t.spi, t.expires_at) for t in self.teks])
+        self.last_sid_rekey_at = -SID_REKEY_MIN_INTERVAL
+        self._sid_checked_at = -SID_REKEY_MIN_INTERVAL
         # A reloaded policy waits here for the next rekey (getvpn-features §3.2).
         self.pending_config: KsGroupConfig | None = None
         self.pending_signing_key: PrivateKey | None = None
@@ -274,13 +220,42 @@ class Group:
             ack_hash=ack_hash,
         )
         self.members[address] = member
+        if old is not None:
+            # The GM replaced its SIDs on every TEK it holds (it re-registered): the old
+            # ones cool off until the TEKs handed out now are gone.
+            self.sids.release([s for s in old.sender_ids if s not in member.sender_ids], now)
         return member
 
-    def remove_member(self, address: IPv4Address) -> Member | None:
+    def remove_member(self, address: IPv4Address, now: float = 0.0) -> Member | None:
         m = self.members.pop(address, None)
         if m is not None:
-            self.sids.release(m.identity)
+            self.sids.release(m.sender_ids, now)
         return m
+
+    def reconcile_sids(self, now: float) -> None:
+        self.sids.reconcile(((m.registered_at, m.sender_ids) for m in self.members.values()), now)
+
+    def sid_rekey_due(self, now: float) -> bool:
+        """Whether this KS's (or, on the primary, a peer's) SID slice runs low.
+
+        A rekey frees space: every released SID stays tainted while a TEK that was
+        handed out when it was released is still handed out (the departed GM used
+        it with those keys).  The SID-exhaustion rekey replaces the TEKs (policy
+        replace, see Group.plan_rekey): the KS stops handing out the old ones at
+        once, so SIDs of departed GMs are free again for the new TEKs; GMs still
+        holding the old TEKs only ever send under them with their own, held SIDs.
+        """
+        if now - self.last_sid_rekey_at < SID_REKEY_MIN_INTERVAL:
+            return False
+        self.sids.expire(now)
+        if not (self.sids.low() or self.sids.peers_low()):
+            return False
+        if now - self._sid_checked_at < 5.0:
+            return False  # the sweep below is O(members): not every tick
+        self._sid_checked_at = now
+        self.reconcile_sids(now)
+        self.sids.expire(now)
+        return (self.sids.low() and self.sids.reclaimable() > 0) or self.sids.peers_low()
 
     # --- policy --------------------------------------------------------------------
 
@@ -356,6 +331,7 @@ class Group:
         self.pending_signing_key = None
         kept = [] if replace else self.current_teks(now)
         self.teks = kept + new_teks
+        self.sids.expire(now)  # SIDs tainted only by TEKs no longer handed out are free
         self.rekeys_sent += 1
         kind = "policy-replace" if replace else "scheduled"
         return RekeyMessages(self.seq, modern, legacy, kind, next_kek is not None)
@@ -364,6 +340,10 @@ class Group:
         """GM removal: tell every GM, then switch to a new KEK and TEKs nobody has yet."""
         self.seq += 1
         data = self._sign_and_encrypt([SeqPayload(self.seq), removal_notify(mode)])
+        # Release the SIDs while the old TEKs are the live ones: the removed GMs used
+        # them only with those, so they are free for the new TEKs nobody has yet.
+        for address in list(self.members):
+            self.remove_member(address, now)
         config = self.pending_config or self.config
         self.config = config
         self.pending_config = None
@@ -373,8 +353,6 @@ class Group:
         self.teks = [new_tek(sa, now) for sa in config.sa_ipsec]
         self.last_rekey_at = now
         self.rekeys_sent += 1
-        for address in list(self.members):
-            self.remove_member(address)
         return RekeyMessages(self.seq, data, data, "gm-removal", True)
 
     def plan_handover(self, now: float, kek: Kek, teks: list[Tek], seq: int) -> RekeyMessages:

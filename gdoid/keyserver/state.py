@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from gdoid.fsutil import fsync_dir, write_all
+from gdoid.keyserver import sender_ids
 from gdoid.keyserver.group import Group, Member
 from gdoid.protocol.crypto import HashAlgorithm, SigAlgorithm, SigHash
+from gdoid.protocol.errors import ProtocolError
 from gdoid.protocol.policy import Kek, Tek, TekPolicy, TekTransform, TrafficSelector
 from gdoid.protocol.version import SoftwareVersion
 
@@ -108,6 +110,8 @@ def snapshot(groups: dict[int, Group]) -> dict[str, Any]:
                 "last_rekey_at": g.last_rekey_at, "rekeys_sent": g.rekeys_sent,
                 "kek": kek_to_json(g.kek), "teks": [tek_to_json(t) for t in g.teks],
                 "members": [member_to_json(m) for m in g.members.values()],
+                "sender_ids": {"bits": g.sids.bits, "record": sender_ids.state_json(
+                    g.sids, max((m.registered_at for m in g.members.values()), default=0.0))},
             }
             for g in groups.values()
         ],
@@ -167,12 +171,25 @@ def load(path: Path) -> dict[int, dict[str, Any]]:
                 "rekeys_sent": int(g["rekeys_sent"]), "kek": kek_from_json(g["kek"]),
                 "teks": [tek_from_json(t) for t in g["teks"]],
                 "members": [member_from_json(m) for m in g["members"]],
+                "sender_ids": _sids_from_json(g.get("sender_ids")),
             }
         return out
     except StateError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StateError(f"invalid content: {type(exc).__name__}: {exc}") from exc
+
+
+def _sids_from_json(value: Any) -> dict[str, Any] | None:
+    """The used-SID record, validated (None in files written before it existed)."""
+    if value is None:
+        return None
+    try:
+        bits = int(value["bits"])
+        sender_ids.parse_record(value["record"], bits)
+    except ProtocolError as exc:
+        raise StateError(f"sender IDs: {exc}") from exc
+    return {"bits": bits, "record": value["record"]}
 
 
 def apply(group: Group, restored: dict[str, Any]) -> None:
@@ -184,6 +201,10 @@ def apply(group: Group, restored: dict[str, Any]) -> None:
     group.last_rekey_at = restored["last_rekey_at"]
     group.rekeys_sent = restored["rekeys_sent"]
     group.members = {m.address: m for m in restored["members"]}
+    sids = restored.get("sender_ids")
+    if sids is not None and sids["bits"] == group.sids.bits:
+        # Reserved SIDs come back as orphans: message 4 may have carried them after the save.
+        sender_ids.restore(group.sids, sids["record"])
     for m in group.members.values():
         if m.sender_ids:
             group.sids.claim(m.identity, m.sender_ids)

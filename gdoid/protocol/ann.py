@@ -46,6 +46,7 @@ class BlockType(IntEnum):
     MEMBERS_FULL = 2  # a chunk of the full member list: {"chunk": i, "of": n, "members": [...]}
     MEMBERS_DELTA = 3  # members added or changed since the last ANN
     MEMBERS_REMOVED = 4  # addresses removed
+    SENDER_IDS = 5  # used-SID records per KS slice (keyserver/sender_ids.py)
     SIGNING_KEY = 6  # {"sha256": hex}: fingerprint of the sender's rekey signing public key (DER)
 
 
