@@ -238,7 +238,7 @@ class CoopPeer:
     address: IPv4Address
     port: int = 848
     psk: bytes | None = field(default=None, repr=False)  # this KS pair's own key, never a GM key
-    identities: tuple[str, ...] = ()  # certificate subject DN / subjectAltName patterns
+    identities: tuple[IdentityPattern, ...] = ()  # certificate subject DN / subjectAltName patterns
 
 
 @dataclass(frozen=True)
@@ -841,12 +841,6 @@ def _parse_groups(
     return tuple(groups)
 
 
-def _coop_identity(ctx: _Ctx, path: str, v: Any) -> str:
-    if not isinstance(v, str) or not v.strip() or len(v) > 1024:
-        raise ctx.error(path, 'must be a non-empty pattern like "CN=ks2.example" or "DNS:ks2.example"')
-    return v.strip()
-
-
 def _parse_coop(root: _Table, own: IPv4Address, auth: AuthConfig) -> CoopConfig | None:
     t = root.table("coop", ("priority", "announce_interval", "peer"))
     if t is None:
@@ -867,7 +861,7 @@ def _parse_coop(root: _Table, own: IPv4Address, auth: AuthConfig) -> CoopConfig 
         items = [raw] if isinstance(raw, str) else raw
         if not isinstance(items, list):
             raise p.err("identity", "must be a string or an array of strings")
-        identities = tuple(_coop_identity(p.ctx, f"{p.sub('identity')}[{i}]", v) for i, v in enumerate(items))
+        identities = tuple(_identity_pattern(p.ctx, f"{p.sub('identity')}[{i}]", v) for i, v in enumerate(items))
         if identities and auth.pki is None:
             raise p.err("identity", "a pinned certificate identity needs [auth.pki]")
         if psk is None and not identities:

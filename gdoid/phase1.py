@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import replace
 from ipaddress import IPv4Address
-
-from cryptography import x509
 
 from gdoid.config import AuthConfig, CoopConfig, CoopPeer, IkeCipher, IkeHash, IkePolicy
 from gdoid.protocol.constants import AuthenticationMethod
@@ -63,30 +60,6 @@ def coop_peer_phase1(base: Phase1Config, peer: CoopPeer) -> Phase1Config:
     if peer.identities and base.signature is not None:
         allowed.add(AuthenticationMethod.RSA_SIG)
     return replace(base, proposals=tuple(p for p in base.proposals if p.auth in allowed))
-
-
-def certificate_identities(cert: x509.Certificate) -> list[str]:
-    """The names a certificate proves: its subject DN (RFC 4514) and its subjectAltNames."""
-    names = [cert.subject.rfc4514_string()]
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return names
-    names += [f"DNS:{v}" for v in san.get_values_for_type(x509.DNSName)]
-    names += [f"IP:{v}" for v in san.get_values_for_type(x509.IPAddress)]
-    names += [f"email:{v}" for v in san.get_values_for_type(x509.RFC822Name)]
-    names += [f"URI:{v}" for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
-    return names
-
-
-def identity_match(cert: x509.Certificate | None, patterns: tuple[str, ...]) -> str | None:
-    """The first certificate name matching a pinned pattern (fnmatch, case-sensitive), or None."""
-    if cert is None:
-        return None
-    for name in certificate_identities(cert):
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            return name
-    return None
 
 
 def phase1_config(

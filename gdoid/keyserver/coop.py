@@ -34,10 +34,11 @@ from gdoid.keyserver.annblocks import (
     signing_key_fingerprint,
 )
 from gdoid.keyserver.group import Group, Member
-from gdoid.phase1 import coop_peer_phase1, identity_match
+from gdoid.phase1 import coop_peer_phase1
 from gdoid.protocol.ann import AnnBlock, AnnFlag, AnnPayload, BlockType, Role, open_ann, seal_ann
 from gdoid.protocol.constants import AuthenticationMethod
 from gdoid.protocol.errors import ProtocolError
+from gdoid.protocol.identity import describe_certificate, matching_pattern
 from gdoid.protocol.ike import (
     IkeSa,
     MainModeInitiator,
@@ -217,9 +218,10 @@ class Coop:
         if sa.proposal.auth == AuthenticationMethod.RSA_SIG:
             if not conf.identities:
                 return "certificate, but this peer must use its COOP pre-shared key"
-            if identity_match(sa.peer_certificate, conf.identities) is None:
-                subject = sa.peer_certificate.subject.rfc4514_string() if sa.peer_certificate else "none"
-                return f"certificate {subject[:120]} matches no pinned identity"
+            cert = sa.peer_certificate
+            if cert is None or matching_pattern(conf.identities, cert) is None:
+                subject = describe_certificate(cert, 120) if cert is not None else "none"
+                return f"certificate {subject} matches no pinned identity"
             return None
         return f"authentication method {sa.proposal.auth}"
 

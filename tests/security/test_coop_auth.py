@@ -34,9 +34,10 @@ from gdoid.keyserver.annblocks import signing_key_block
 from gdoid.keyserver.coop import Coop
 from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group
-from gdoid.phase1 import certificate_identities, identity_match, phase1_config
+from gdoid.phase1 import phase1_config
 from gdoid.protocol import pki
 from gdoid.protocol.ann import AnnPayload, Role, seal_ann
+from gdoid.protocol.identity import IdentityPattern, matching_pattern
 from gdoid.protocol.ike import IkeSa, MainModeInitiator, Phase1Config, Phase1Established
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import SoftwareVersion
@@ -232,7 +233,7 @@ def test_ca_issued_gm_certificate_at_a_peer_address_is_refused(files: Path, lab:
     cert_ks(sim, KS1, lab, "ks1")
     cert_ks(sim, KS2, lab, "ks2")
     # A GM's certificate from the same CA, at KS3's address, accepting anyone as a peer.
-    rogue = cert_ks(sim, ROGUE, lab, "gm1", priority=255, pin="*")
+    rogue = cert_ks(sim, ROGUE, lab, "gm1", priority=255, pin="CN=*")
     sim.run(3 * PERIOD)
     gms = [gm_register(sim, "10.0.0.1", KS1), gm_register(sim, "10.0.0.2", KS2)]
     sim.run(4 * PERIOD)
@@ -274,11 +275,12 @@ def test_pinned_ks_certificates_form_the_group(files: Path, lab: dict[str, Path]
 
 def test_identity_patterns_match_subject_and_subject_alt_names(lab: dict[str, Path]) -> None:
     cert = pki.load_certificates(lab["ks2.pem"])[0]
-    assert certificate_identities(cert)[0] == "CN=ks2"
-    assert identity_match(cert, ("CN=ks2",)) == "CN=ks2"
-    assert identity_match(cert, ("CN=ks*",)) == "CN=ks2"
-    assert identity_match(cert, ("CN=ks1", "DNS:ks2")) is None
-    assert identity_match(None, ("*",)) is None
+    def pats(*texts: str) -> tuple[IdentityPattern, ...]:
+        return tuple(IdentityPattern.parse(t) for t in texts)
+
+    assert matching_pattern(pats("CN=ks2"), cert) == IdentityPattern.parse("CN=ks2")
+    assert matching_pattern(pats("CN=ks1", "CN=ks*"), cert) == IdentityPattern.parse("CN=ks*")
+    assert matching_pattern(pats("CN=ks1", "DNS:ks2"), cert) is None
 
 
 # --- the push-signing key fingerprint ------------------------------------------------------
