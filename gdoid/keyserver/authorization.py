@@ -17,9 +17,7 @@ The address is the datagram source the phase-1 SA was built with, never an ID cl
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 from cryptography import x509
@@ -30,6 +28,7 @@ from gdoid.protocol.constants import IdType
 from gdoid.protocol.ike import IkeSa
 
 MAX_LOGGED = 128  # characters of a peer-chosen identity that reach a log line
+MAX_MATCHED = 1024  # longer names never match a pattern (and cost nothing to refuse)
 
 _OIDS: dict[str, x509.ObjectIdentifier] = {
     "CN": NameOID.COMMON_NAME,
@@ -70,9 +69,30 @@ def printable(text: str, limit: int = MAX_LOGGED) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
-@lru_cache(maxsize=256)
-def _wildcard(pattern: str) -> re.Pattern[str]:
-    return re.compile(".*".join(re.escape(p) for p in pattern.split("*")), re.IGNORECASE | re.DOTALL)
+def wildcard_match(pattern: str, text: str) -> bool:
+    """Case-insensitive match where ``*`` is any run of characters.
+
+    Two pointers, back to the last ``*`` only: O(len(pattern) * len(text)) at worst,
+    unlike a regex of several ``.*``, which a peer-chosen name could make explode.
+    """
+    if len(text) > MAX_MATCHED:
+        return False  # no real DN value or host name is this long
+    p, t = pattern.casefold(), text.casefold()
+    i = j = 0
+    star, mark = -1, 0
+    while j < len(t):
+        if i < len(p) and p[i] == "*":
+            star, mark = i, j
+            i += 1
+        elif i < len(p) and p[i] == t[j]:
+            i += 1
+            j += 1
+        elif star >= 0:
+            i, mark = star + 1, mark + 1
+            j = mark
+        else:
+            return False
+    return all(c == "*" for c in p[i:])
 
 
 def _str(value: str | bytes) -> str:
@@ -103,12 +123,12 @@ def matches(pattern: IdentityPattern, sa: IkeSa) -> bool:
             return False
         for attr, value in pattern.dn:
             values = [_str(a.value) for a in cert.subject.get_attributes_for_oid(_OIDS[attr])]
-            if not any(_wildcard(value).fullmatch(v) for v in values):
+            if not any(wildcard_match(value, v) for v in values):
                 return False
         return True
     if pattern.kind == "fqdn":
         names = _dns_names(cert) if cert is not None else [n for n in [_psk_id(sa, IdType.ID_FQDN)] if n]
-        return any(_wildcard(pattern.value).fullmatch(n.rstrip(".")) for n in names)
+        return any(wildcard_match(pattern.value, n.rstrip(".")) for n in names)
     if pattern.kind == "key-id":
         return _psk_id(sa, IdType.ID_KEY_ID) == pattern.value
     return False

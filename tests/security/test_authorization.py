@@ -296,6 +296,19 @@ def test_refused_identity_in_the_log_is_bounded_and_printable(files: Path) -> No
     assert r.value.isprintable() and "\x1b" not in r.value
 
 
+def test_wildcards_cost_linear_time_on_hostile_names(files: Path) -> None:
+    """A pattern with many ``*`` against a long peer-chosen name: a backtracking regex
+    would take ~len**7 steps here; the matcher must answer at once."""
+    from gdoid.keyserver import authorization
+
+    auth = _auth(files, 'identities = ["fqdn:*a*a*a*a*a*a*a*b.example.com"]')
+    start = time.perf_counter()
+    for n in (900, 1000, 5000):
+        assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"a" * n)) is not None
+    assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"aaaaaaaab.example.com")) is None
+    assert time.perf_counter() - start < 1.0
+
+
 @pytest.mark.parametrize(
     ("body", "key", "message"),
     [
