@@ -36,6 +36,8 @@ __all__ = [
     "CoopPeer",
     "GmConfig",
     "GmGroupConfig",
+    "GroupAuthorization",
+    "AuthorizedIdentity",
     "IkeCipher",
     "IkeHash",
     "IkePolicy",
@@ -219,6 +221,41 @@ class RekeyPolicy:
     max_missed: int = 3
 
 
+IDENTITY_KINDS = ("dn", "fqdn", "key-id")
+
+
+@dataclass(frozen=True)
+class AuthorizedIdentity:
+    """One allowed GM identity (IOS ``crypto identity``: ``dn`` / ``fqdn``; and ``key-id``).
+
+    ``dn`` is ``((attribute, value pattern), ...)`` with upper-case attribute
+    names; every pair must be in the peer certificate's subject.  ``*`` in a
+    value (or in an fqdn) matches any run of characters.
+    """
+
+    kind: str  # one of IDENTITY_KINDS
+    value: str  # as configured, after "kind:"
+    dn: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+
+@dataclass(frozen=True)
+class GroupAuthorization:
+    """``authorization address ipv4 ACL`` / ``authorization identity NAME`` of one group.
+
+    Empty tuples mean "not configured"; when both are configured a GM must pass both.
+    """
+
+    addresses: tuple[IPv4Network, ...] = ()
+    identities: tuple[AuthorizedIdentity, ...] = ()
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.addresses or self.identities)
+
+
 @dataclass(frozen=True)
 class KsGroupConfig:
     name: str
@@ -229,6 +266,7 @@ class KsGroupConfig:
     sender_id_bits: int = 8
     activation_delay: int = 0
     deactivation_delay: int = 0
+    authorization: GroupAuthorization = GroupAuthorization()
 
 
 @dataclass(frozen=True)
@@ -782,6 +820,7 @@ _KS_GROUP_KEYS = (
     "kek",
     "rekey",
     "sa_ipsec",
+    "authorization",
 )
 
 
@@ -823,7 +862,93 @@ def _parse_ks_group(g: _Table) -> KsGroupConfig:
         sender_id_bits=g.integer("sender_id_bits", 1, 16, 8),
         activation_delay=delays["activation_delay"],
         deactivation_delay=delays["deactivation_delay"],
+        authorization=_parse_authorization(g),
     )
+
+
+# RFC 4514 attribute names accepted in ``dn:`` patterns (upper-cased); the KS maps
+# them to OIDs when it matches (gdoid/keyserver/authorization.py).
+DN_ATTRIBUTES = ("CN", "O", "OU", "C", "L", "ST", "STREET", "DC", "UID", "SERIALNUMBER",
+                 "E", "EMAILADDRESS", "T", "TITLE", "GN", "SN")
+_DN_PAIR_RE = re.compile(r"\s*([A-Za-z]+)\s*=\s*(\S(?:.*\S)?)\s*")
+_FQDN_RE = re.compile(r"(?=.{1,253}$)(\*|[A-Za-z0-9*]([A-Za-z0-9*-]{0,61}[A-Za-z0-9*])?)"
+                      r"(\.[A-Za-z0-9*]([A-Za-z0-9*-]{0,61}[A-Za-z0-9*])?)*\.?")
+_KEY_ID_RE = re.compile(r"[!-~]{1,128}")
+
+
+def _split_dn(text: str) -> list[str]:
+    """Split on commas not escaped with a backslash (RFC 4514 style ``\\,``)."""
+    parts, cur, esc = [], "", False
+    for ch in text:
+        if esc:
+            cur += ch
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if esc:
+        cur += "\\"
+    parts.append(cur)
+    return parts
+
+
+def _identity(ctx: _Ctx, path: str, v: Any) -> AuthorizedIdentity:
+    if not isinstance(v, str):
+        raise ctx.error(path, 'must be a string like "dn:CN=gm*,O=Example" or "fqdn:gm1.example.com"')
+    kind, sep, value = v.partition(":")
+    if not sep or kind not in IDENTITY_KINDS:
+        raise ctx.error(path, f"{v!r} must start with one of {_fmt_choices([k + ':' for k in IDENTITY_KINDS])}")
+    if not value or value != value.strip() or any(not c.isprintable() for c in value):
+        raise ctx.error(path, f"{v!r}: the {kind} must be printable, non-empty, without leading or trailing spaces")
+    if len(value) > 512:
+        raise ctx.error(path, f"{kind} longer than 512 characters")
+    if kind == "fqdn":
+        if not _FQDN_RE.fullmatch(value):
+            raise ctx.error(path, f"{value!r} is not a host name (letters, digits, '-', '.', '*' wildcards)")
+        return AuthorizedIdentity(kind, value.rstrip(".").lower())
+    if kind == "key-id":
+        if not _KEY_ID_RE.fullmatch(value):
+            raise ctx.error(path, "key-id must be 1-128 printable ASCII characters without spaces")
+        return AuthorizedIdentity(kind, value)
+    pairs: list[tuple[str, str]] = []
+    for part in _split_dn(value):
+        m = _DN_PAIR_RE.fullmatch(part)
+        if m is None:
+            raise ctx.error(path, f"{part!r} in {value!r} is not ATTRIBUTE=value")
+        attr = m.group(1).upper()
+        if attr not in DN_ATTRIBUTES:
+            raise ctx.error(path, f"unknown DN attribute {m.group(1)!r} (known: {', '.join(DN_ATTRIBUTES)})")
+        pairs.append((attr, m.group(2)))
+    return AuthorizedIdentity(kind, value, tuple(pairs))
+
+
+def _parse_authorization(g: _Table) -> GroupAuthorization:
+    t = g.table("authorization", ("addresses", "identities"))
+    if t is None:
+        return GroupAuthorization()
+
+    def prefix(path: str, v: Any) -> IPv4Network:
+        if not isinstance(v, str):
+            raise t.ctx.error(path, 'must be a string like "10.1.0.0/16"')
+        try:
+            return IPv4Network(v)  # strict, as everywhere: host bits set is an error
+        except ValueError as exc:
+            raise t.ctx.error(path, f"invalid IPv4 prefix {v!r}: {exc}") from None
+
+    def ident(path: str, v: Any) -> AuthorizedIdentity:
+        return _identity(t.ctx, path, v)
+
+    auth = GroupAuthorization(
+        addresses=t.array("addresses", prefix, ()),
+        identities=t.array("identities", ident, ()),
+    )
+    if not auth.restricted:
+        raise g.err("authorization", "needs addresses or identities (omit the table to allow any peer)")
+    return auth
 
 
 def _parse_groups(

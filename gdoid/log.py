@@ -48,6 +48,8 @@ __all__ = [
     "PHASE1_FAILED",
     "POLICY_CHANGE",
     "REDACTED",
+    "UNAUTHORIZED_IDENTITY",
+    "UNAUTHORIZED_IPADDR",
     "Mnemonic",
     "configure_logging",
     "emit",
@@ -165,6 +167,13 @@ COOP_KS_UNREACH = Mnemonic(
     3, "COOP_KS_UNREACH", "Cooperative KS {peer} Unreachable in group {group}. IKE SA Status = {status}"
 )
 COOP_ANN_REJECTED = Mnemonic(4, "COOP_ANN_REJECTED", "ANN from {peer} dropped: {reason}")
+# IOS's texts for a GM outside a group's ``authorization address ipv4`` / ``identity``.
+UNAUTHORIZED_IPADDR = Mnemonic(
+    1, "UNAUTHORIZED_IPADDR", "Group {group} received registration from unauthorized ip address: {address}"
+)
+UNAUTHORIZED_IDENTITY = Mnemonic(
+    1, "UNAUTHORIZED_IDENTITY", "Group {group} received registration from unauthorized identity: {identity}"
+)
 
 MNEMONICS: Mapping[str, Mnemonic] = {
     m.name: m
@@ -190,6 +199,8 @@ MNEMONICS: Mapping[str, Mnemonic] = {
         COOP_KS_REACH,
         COOP_KS_UNREACH,
         COOP_ANN_REJECTED,
+        UNAUTHORIZED_IPADDR,
+        UNAUTHORIZED_IDENTITY,
     )
 }
 

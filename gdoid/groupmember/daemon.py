@@ -130,8 +130,9 @@ class GroupMemberDaemon:
         now = wall_clock()
         if match(req.command, "show crypto ipsec sa") is not None:
             return self._show_ipsec_sa(now)
-        if match(req.command, "show crypto gdoi [group <group>] gm replay") is not None:
-            return self._show_gm_replay(now)
+        params = match(req.command, "show crypto gdoi [group <group>] gm replay")
+        if params is not None:
+            return self._show_gm_replay(params.get("group"), now)
         for pattern in ("show crypto gdoi [group <group>] gm", "show crypto gdoi [group <group>]"):
             params = match(req.command, pattern)
             if params is not None:
@@ -173,10 +174,14 @@ class GroupMemberDaemon:
         lines.append(f"   forwarder: {', '.join(f'{k} {v}' for k, v in fwd.items() if not isinstance(v, dict))}")
         return ControlResponse(ok=True, output="\n".join(lines) + "\n", data={**stats, "forwarder": fwd, "enabled": True})
 
-    def _show_gm_replay(self, now: float) -> ControlResponse:
+    def _show_gm_replay(self, name: str | None, now: float) -> ControlResponse:
+        regs = self._select(name)
+        if isinstance(regs, ControlResponse):
+            return regs  # "% Group X not found", as IOS
         if self.dataplane is None:
             return ControlResponse(ok=True, output="% data path not enabled\n", data={"groups": []})
-        info = self.dataplane.replay_stats(now)
+        numbers = {r.group.number for r in regs}
+        info = {"groups": [g for g in self.dataplane.replay_stats(now)["groups"] if g["group"] in numbers]}
         lines = []
         for g in info["groups"]:
             reg = self.engine.registrations.get(g["group"])
@@ -192,6 +197,10 @@ class GroupMemberDaemon:
                 f"      Replay Drops       : {g['drops'].get('replay', 0)}",
                 "",
             ]
+        shown = {g["group"] for g in info["groups"]}
+        for r in regs:
+            if r.group.number not in shown:
+                lines += [f"Anti-replay Information For Group {r.group.name}:", "    no SAs installed", ""]
         return ControlResponse(ok=True, output="\n".join(lines) + "\n", data=info)
 
     def _select(self, name: str | None) -> list[Registration] | ControlResponse:

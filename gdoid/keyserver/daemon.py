@@ -357,23 +357,8 @@ class KeyServerDaemon:
         groups = self._groups(params.get("group"))
         if isinstance(groups, ControlResponse):
             return groups
-        lines = []
-        for g in groups:
-            windows = [sa.tbar_window_ms for sa in g.config.sa_ipsec if sa.tbar_window_ms]
-            lines += [
-                f"Anti-replay Information For Group {g.name}:",
-                "    Timebased Replay:",
-                f"      Replay Value       : {g.pseudotime_ms(now) / 1000:.2f} secs" if windows else "      Replay Value       : disabled",
-                "      Input Packets      : 0     Output Packets : 0",
-                "      Input Error Packets: 0     Output Error Packets : 0",
-                "      Time Sync Error    : 0     Max time delta : 0.00 secs",
-                f"      TBAR Window        : {windows[0]} msec" if windows else "      TBAR Window        : disabled",
-                "      TBAR Rekey Period  : 7200 secs" if windows else "",
-                f"      Next Rekey In      : {max(0, int(g.next_rekey_at() - now))} secs",
-                "",
-            ]
-        data = [{"group": g.name, "pseudotime_ms": g.pseudotime_ms(now), "next_rekey_in": g.next_rekey_at() - now} for g in groups]
-        return ControlResponse(ok=True, output="\n".join(line for line in lines if line is not None) + "\n", data=data)
+        data = [show.replay_data(g, now) for g in groups]
+        return ControlResponse(ok=True, output=show.show_replay(groups, now), data=data)
 
     def _show_counters(self, params: dict[str, str], now: float) -> ControlResponse:
         counters = dict(self.engine.counters)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from gdoid import log
 from gdoid.keylog import KeyLog
+from gdoid.keyserver import authorization
 from gdoid.keyserver.group import Group, Member, PendingPush, RekeyMessages
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class KeyServerEngine:
         self.on_state_change: Callable[[], None] | None = None  # persist before sending
         self._last_drop_log = 0.0
         self._now = 0.0  # of the datagram being handled (SID allocation needs it)
+        self._refusal: authorization.Refusal | None = None  # from authorize(), logged with its PullFailed
+        self._authz_log = authorization.LogLimiter()
         if keylog is not None:
             for g in groups.values():
                 for t in g.teks:
@@ -111,7 +114,12 @@ class KeyServerEngine:
         return SenderIds(g.sids.bits, values) if values is not None else None
 
     def authorize(self, group_number: int, sa: IkeSa) -> str | None:
-        return None  # phase 1 already authenticated the GM with today's credentials
+        """The group's ``authorization address`` / ``identity`` (phase 1 authenticated the peer)."""
+        g = self.groups.get(group_number)
+        if g is None:
+            return None  # the responder refuses an unknown group itself
+        self._refusal = authorization.check(g.config.authorization, g.name, sa)
+        return self._refusal.reason if self._refusal is not None else None
 
     # --- input ------------------------------------------------------------------
 
@@ -323,6 +331,10 @@ class KeyServerEngine:
                 log.emit(self.log, log.KS_REGS_COMPL, group=g.name, gm=entry.addr[0])
             elif isinstance(ev, PullFailed):
                 self.counters["registrations_failed"] += 1
+                refusal, self._refusal = self._refusal, None
+                if refusal is not None:
+                    self._unauthorized(refusal, entry.addr[0], now)
+                    continue
                 g = self.groups.get(ev.group_number or -1)
                 name = g.name if g else str(ev.group_number)
                 log.emit(
@@ -332,6 +344,19 @@ class KeyServerEngine:
                     group=name,
                     reason=_with_notify(ev.reason, ev.notify, ev.received),
                 )
+
+    def _unauthorized(self, refusal: authorization.Refusal, peer: str, now: float) -> None:
+        self.counters["unauthorized"] += 1
+        # An authenticated but unauthorized GM can retry at will: bound what it costs in logs.
+        emit, suppressed = self._authz_log.allow(now)
+        if not emit:
+            return
+        if suppressed:
+            self.log.warning("unauthorized_log_suppressed", count=suppressed)
+        if refusal.kind == "address":
+            log.emit(self.log, log.UNAUTHORIZED_IPADDR, group=refusal.group, address=refusal.value)
+        else:
+            log.emit(self.log, log.UNAUTHORIZED_IDENTITY, group=refusal.group, identity=refusal.value, peer=peer)
 
     def _informational(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
         if not header.encrypted:

@@ -6,6 +6,7 @@ pure: callers pass ``now``; nothing here touches sockets or files.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -261,6 +262,8 @@ class Group:
 
     def stage_config(self, config: KsGroupConfig, signing_key: PrivateKey | None) -> bool:
         """Keep a reloaded policy for the next rekey; True if anything changed."""
+        # Authorization is the KS's own check, not policy sent to GMs: it applies at once.
+        self.config = dataclasses.replace(self.config, authorization=config.authorization)
         changed_key = signing_key is not None and crypto.public_key_der(signing_key) != crypto.public_key_der(self.signing_key)
         if config == self.config and not changed_key:
             self.pending_config = None

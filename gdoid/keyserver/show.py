@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from typing import Any
 
-from gdoid.keyserver.group import Group
+from gdoid.keyserver.authorization import describe as describe_authorization
+from gdoid.keyserver.group import TBAR_REKEY_INTERVAL, Group
 from gdoid.protocol.version import SoftwareVersion, format_version, supports_removal_and_replace
 
 FEATURES = ("gm-removal", "policy-replace")
@@ -43,6 +44,10 @@ def group_data(g: Group, now: float) -> dict[str, Any]:
             for t in g.current_teks(now)
         ],
         "members": [member_data(m) for m in g.members.values()],
+        "authorization": {
+            "addresses": [str(n) for n in g.config.authorization.addresses],
+            "identities": [str(p) for p in g.config.authorization.identities],
+        },
     }
 
 
@@ -81,6 +86,7 @@ def show_gdoi(
             f"    Group Rekey Lifetime     : {k.configured_lifetime} secs",
             f"    Rekey Retransmit Period  : {g.config.rekey.retransmit_interval:g} secs",
             f"    Rekey Retransmit Attempts: {g.config.rekey.retransmit_count}",
+            *_authorization_lines(g),
             "",
             f"    Group Server list        : {ks_address} (local, {role}, version {version})",
             "",
@@ -116,6 +122,53 @@ def show_gdoi(
             ]
         lines.append("")
     return "\n".join(lines)
+
+
+def _authorization_lines(g: Group) -> list[str]:
+    first, *rest = describe_authorization(g.config.authorization)
+    return [f"    Authorization            : {first}"] + [f"                               {x}" for x in rest]
+
+
+def replay_data(g: Group, now: float) -> dict[str, Any]:
+    """The group's replay settings in force: per-SA windows from its policy, TBAR pseudotime."""
+    return {
+        "group": g.name,
+        "number": g.number,
+        "tbar": g.tbar,
+        "pseudotime_ms": g.pseudotime_ms(now) if g.tbar else None,
+        "tbar_rekey_period": TBAR_REKEY_INTERVAL if g.tbar else None,
+        "next_rekey_in": g.next_rekey_at() - now,
+        "sa_ipsec": [
+            {"number": sa.number, "replay_window": sa.replay_window, "tbar_window_ms": sa.tbar_window_ms}
+            for sa in g.config.sa_ipsec
+        ],
+    }
+
+
+def show_replay(groups: list[Group], now: float) -> str:
+    """``show crypto gdoi ks replay``: what the KS configures, not packet counters
+    (a KS has no data path; IOS prints zeros there)."""
+    lines: list[str] = []
+    for g in groups:
+        d = replay_data(g, now)
+        lines += [
+            f"Anti-replay Information For Group {g.name}:",
+            "    Timebased Replay:",
+            "      Replay Value       : "
+            + (f"{d['pseudotime_ms'] / 1000:.2f} secs" if g.tbar else "disabled"),
+            "      TBAR Rekey Period  : "
+            + (f"{d['tbar_rekey_period']} secs" if g.tbar else "n/a (no TBAR)"),
+        ]
+        for sa in d["sa_ipsec"]:
+            lines += [
+                f"    sa ipsec {sa['number']}:",
+                "      Counter-based Replay Window : "
+                + (str(sa["replay_window"]) if sa["replay_window"] else "disabled"),
+                "      Time-based Replay Window    : "
+                + (f"{sa['tbar_window_ms']} msec" if sa["tbar_window_ms"] else "disabled"),
+            ]
+        lines += [f"    Next Rekey In        : {max(0, int(d['next_rekey_in']))} secs", ""]
+    return "\n".join(lines) + "\n"
 
 
 def show_members(groups: list[Group], ks_address: IPv4Address, now: float) -> str:

@@ -422,6 +422,7 @@ class PullResponder:
         self.last_received: bytes | None = None
         self.last_sent: bytes | None = None
         self.deadline: float | None = now + timeout
+        self.notify_text = b""  # Notification Data of a refusal (empty unless said below)
 
     @property
     def finished(self) -> bool:
@@ -458,7 +459,7 @@ class PullResponder:
         except NotifyError as exc:
             self.state = _State.FAILED
             self.deadline = None
-            out.send.append(error_notify(self.sa, NotifyType(exc.notify)))
+            out.send.append(error_notify(self.sa, NotifyType(exc.notify), self.notify_text))
             out.events.append(PullFailed(self.group_number, exc.reason, NotifyType(exc.notify)))
         except (DecodeError, CryptoError) as exc:
             out.drops.append(str(exc))
@@ -480,6 +481,8 @@ class PullResponder:
             raise NotifyError(NotifyType.INVALID_ID_INFORMATION, f"unknown group number {self.group_number}")
         refusal = self.directory.authorize(self.group_number, self.sa)
         if refusal is not None:
+            # Phase 1 authenticated the GM: it may learn why, though not the list it failed.
+            self.notify_text = f"not authorized for group {self.group_number}".encode()
             raise NotifyError(NotifyType.AUTHENTICATION_FAILED, refusal)
         self.keys = keys
         self.nr_b = secrets.token_bytes(NONCE_LEN)
