@@ -312,7 +312,7 @@ class Coop:
         if peer is not None:
             peer.ann_rejected += 1
         self.engine.counters["ann_rejected"] += 1
-        log.emit(self.log, log.COOP_ANN_REJECTED, peer=addr, reason=reason)
+        self.engine.log_limit.emit(self.log, log.COOP_ANN_REJECTED, peer=addr, reason=reason)  # rate-limited
 
     def _merge_members(self, group: Group, ann: AnnPayload) -> None:
         gs = self.groups_state[group.number]

@@ -31,6 +31,7 @@ from gdoid.protocol.ike import (
     Phase1Config,
     Phase1Established,
     Phase1Failed,
+    Phase1Proposal,
     ResponderCookies,
     plain_notify,
     respond_mm1,
@@ -39,7 +40,7 @@ from gdoid.protocol.payloads import DeletePayload, NotifyPayload
 from gdoid.protocol.policy import GroupKeys, SenderIds
 from gdoid.protocol.pull import MemberRegistered, PullFailed, PullOutput, PullResponder
 from gdoid.protocol.push import GROUPKEY_PUSH_ACK, ack_key, parse_ack, verify_ack
-from gdoid.protocol.version import supports_removal_and_replace
+from gdoid.protocol.version import SoftwareVersion, supports_removal_and_replace
 
 Address = tuple[str, int]
 Outgoing = list[tuple[bytes, Address]]
@@ -55,6 +56,19 @@ MAX_HALF_OPEN_BYTES = 8 << 20  # SA bodies kept for HASH_I/HASH_R, over all entr
 HALF_OPEN_OVERHEAD = 300  # octets an entry costs beyond its SA body (dict, record, key)
 MAX_RESPONDERS_PER_PEER = 16  # exchanges past message 3 (with DH state) per address
 ZERO_COOKIE = bytes(8)
+OFFER_CACHE_SIZE = 64  # distinct message 1 bodies whose answer is kept (each <= MAX_MM1_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class _Offer:
+    """A message 1 body already answered: its HalfOpen fields and message 2 after the cookies."""
+
+    sai_b: bytes
+    proposal: Phase1Proposal | None  # None: refused with ``notify``
+    peer_version: SoftwareVersion | None
+    mm2_tail: bytes
+    notify: NotifyType | None
+    reason: str
 
 
 @dataclass
@@ -83,6 +97,8 @@ class KeyServerEngine:
         # Cookie pair -> what message 3 needs, oldest first.  No machine, no DH key.
         self.half_open_mm1: OrderedDict[bytes, HalfOpen] = OrderedDict()
         self._half_open_bytes = 0
+        self._offers: OrderedDict[tuple[bytes, bool], _Offer] = OrderedDict()
+        self._offers_for: Phase1Config | None = None
         # Cookie pair -> the machine of an exchange past message 3 (the peer proved its
         # address), oldest first; and how many of those each address has.
         self.responders: OrderedDict[bytes, tuple[MainModeResponder, Address]] = OrderedDict()
@@ -272,16 +288,34 @@ class KeyServerEngine:
             return []
         icky = header.initiator_cookie
         rcky = self.cookies.make(peer[0], peer[1], icky, now)
-        try:
-            half, mm2 = respond_mm1(self.phase1, IPv4Address(peer[0]), data, header, rcky, now)
-        except (NotifyError, DecodeError, CryptoError) as exc:
-            notify = NotifyType(exc.notify) if isinstance(exc, NotifyError) else NotifyType.PAYLOAD_MALFORMED
-            reason = exc.reason if isinstance(exc, NotifyError) else str(exc)
+        address = IPv4Address(peer[0])
+        # Everything after the cookies decides the answer (with whether the peer has a
+        # PSK): a flood of one message 1 from many addresses is parsed once.
+        if self._offers_for is not self.phase1:
+            self._offers.clear()
+            self._offers_for = self.phase1
+        key = (data[16:], self.phase1.psk_lookup(address) is not None)
+        offer = self._offers.get(key)
+        if offer is None:
+            try:
+                half, mm2 = respond_mm1(self.phase1, address, data, header, rcky, now)
+                offer = _Offer(half.sai_b, half.proposal, half.peer_version, mm2[16:], None, "")
+            except (NotifyError, DecodeError, CryptoError) as exc:
+                notify = NotifyType(exc.notify) if isinstance(exc, NotifyError) else NotifyType.PAYLOAD_MALFORMED
+                reason = exc.reason if isinstance(exc, NotifyError) else str(exc)
+                offer = _Offer(b"", None, None, b"", notify, reason)
+            if len(self._offers) >= OFFER_CACHE_SIZE:
+                del self._offers[next(iter(self._offers))]
+            self._offers[key] = offer
+        if offer.proposal is None:
+            assert offer.notify is not None
             self.counters["phase1_failed"] += 1
             self.log_limit.emit(
-                self.log, log.PHASE1_FAILED, peer=peer[0], reason=_with_notify(reason, notify, False)
+                self.log, log.PHASE1_FAILED, peer=peer[0], reason=_with_notify(offer.reason, offer.notify, False)
             )
-            return [plain_notify(icky, rcky, notify)]
+            return [plain_notify(icky, rcky, offer.notify)]
+        half = HalfOpen(offer.sai_b, offer.proposal, offer.peer_version, now)
+        mm2 = icky + rcky + offer.mm2_tail
         cookies = icky + rcky
         old = self.half_open_mm1.pop(cookies, None)  # a retransmitted message 1: renewed
         if old is not None:

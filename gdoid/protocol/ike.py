@@ -713,7 +713,7 @@ class MainModeInitiator(_MainMode):
 MAX_MM1_LEN = 4096  # octets; larger MM1s are refused before any parsing
 MAX_PROPOSALS = 8
 MAX_TRANSFORMS = 32  # over all proposals
-MIN_NONCE_LEN = 16  # our Nr follows the length of Ni (never longer than MM3), at least this
+MIN_NONCE_LEN = 8  # RFC 2409 §5 minimum; our Nr is as long as Ni (up to NONCE_LEN): MM4 <= MM3
 COOKIE_SECRET_LIFETIME = 300.0  # seconds; the previous secret is accepted for as long again
 COOKIE_MAC = "sha256"
 
