@@ -236,7 +236,7 @@ class KsConfig:
     control_socket: Path = KS_CONTROL_SOCKET
     state_dir: Path = KS_STATE_DIR
     keylog_dir: Path | None = None
-    max_half_open: int = 4096
+    max_half_open: int = 16384
     ike: IkePolicy = IkePolicy()
     auth: AuthConfig
     groups: tuple[KsGroupConfig, ...]
@@ -830,7 +830,7 @@ def _build_ks(ctx: _Ctx, data: dict[str, Any]) -> KsConfig:
         control_socket=ks.req_path("control_socket", KS_CONTROL_SOCKET),
         state_dir=ks.req_path("state_dir", KS_STATE_DIR),
         keylog_dir=ks.path("keylog_dir", None),
-        max_half_open=ks.integer("max_half_open", 1, 1_000_000, 4096),
+        max_half_open=ks.integer("max_half_open", 1, 1_000_000, 16384),
         ike=_parse_ike(root),
         auth=_parse_auth(root),
         groups=_parse_groups(root, _KS_GROUP_KEYS, _parse_ks_group),

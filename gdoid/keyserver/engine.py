@@ -52,7 +52,7 @@ MAX_SAS_PER_PEER = 4
 # HalfOpen record, evicted oldest first when the table is full (a flood shortens every
 # entry's life instead of locking newcomers out) and expired after MM1_STATE_LIFETIME.
 MM1_STATE_LIFETIME = 5.0  # seconds: a GM answers message 2 within milliseconds
-MAX_HALF_OPEN_BYTES = 8 << 20  # SA bodies kept for HASH_I/HASH_R, over all entries
+MAX_HALF_OPEN_BYTES = 16 << 20  # SA bodies kept for HASH_I/HASH_R (+ overhead), all entries
 HALF_OPEN_OVERHEAD = 300  # octets an entry costs beyond its SA body (dict, record, key)
 MAX_RESPONDERS_PER_PEER = 16  # exchanges past message 3 (with DH state) per address
 ZERO_COOKIE = bytes(8)
@@ -84,7 +84,7 @@ class KeyServerEngine:
         phase1: Phase1Config,
         groups: dict[int, Group],
         *,
-        max_half_open: int = 4096,
+        max_half_open: int = 16384,
         keylog: KeyLog | None = None,
         logger: object | None = None,
     ) -> None:
