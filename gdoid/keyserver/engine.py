@@ -317,6 +317,9 @@ class KeyServerEngine:
         half = HalfOpen(offer.sai_b, offer.proposal, offer.peer_version, now)
         mm2 = icky + rcky + offer.mm2_tail
         cookies = icky + rcky
+        if cookies in self.responders:  # a late duplicate: the exchange is past message 3
+            self.drop(peer, "Main Mode message 1 for an exchange past message 3", now)
+            return []
         old = self.half_open_mm1.pop(cookies, None)  # a retransmitted message 1: renewed
         if old is not None:
             self._half_open_bytes -= len(old.sai_b)
@@ -476,11 +479,12 @@ class KeyServerEngine:
                 if half is not None:
                     self._half_open_bytes -= len(half.sai_b)
                     self.counters["half_open_aborted"] += 1
-                    return []
                 entry = self.responders.get(icky + rc)
                 if entry is not None and entry[1] == peer:
                     out = entry[0].receive(data, now)
                     self._phase1_events(out.events, icky + rc, peer, now)
+                    return []
+                if half is not None:
                     return []
             self.drop(peer, "unprotected Informational for no exchange", now)
             return []
