@@ -663,6 +663,7 @@ def _notify_name(value: int) -> str:
 
 
 def _with_notify(reason: str, notify: NotifyType | None, received: bool) -> str:
+    reason = log.bound_field(reason, 140)  # peer-derived text: cut here, so the notify name stays
     if notify is None:
         return reason
     return f"{reason} ({'received' if received else 'sent'} {notify.name})"
