@@ -57,18 +57,41 @@ HALF_OPEN_OVERHEAD = 300  # octets an entry costs beyond its SA body (dict, reco
 MAX_RESPONDERS_PER_PEER = 16  # exchanges past message 3 (with DH state) per address
 ZERO_COOKIE = bytes(8)
 OFFER_CACHE_SIZE = 64  # distinct message 1 bodies whose answer is kept (each <= MAX_MM1_LEN)
+# Decoding message 1 bodies not seen before: a budget per second, each body costing
+# PARSE_BASE_COST + one unit per PARSE_OCTETS_PER_UNIT octets.  Some 10-20 % of a core;
+# beyond it, novel bodies are dropped unanswered (the GM retransmits).
+PARSE_BUDGET = 10_000
+PARSE_BASE_COST = 8
+PARSE_OCTETS_PER_UNIT = 64
 
 
 @dataclass(frozen=True, slots=True)
 class _Offer:
     """A message 1 body already answered: its HalfOpen fields and message 2 after the cookies."""
 
+    key: tuple[bytes, bool]
     sai_b: bytes
     proposal: Phase1Proposal | None  # None: refused with ``notify``
     peer_version: SoftwareVersion | None
     mm2_tail: bytes
     notify: NotifyType | None
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """One half-open exchange between message 1 and 3: a shared offer and a time."""
+
+    offer: _Offer
+    created: float
+
+    @property
+    def sai_b(self) -> bytes:
+        return self.offer.sai_b
+
+    def half_open(self) -> HalfOpen:
+        assert self.offer.proposal is not None
+        return HalfOpen(self.offer.sai_b, self.offer.proposal, self.offer.peer_version, self.created)
 
 
 @dataclass
@@ -95,10 +118,16 @@ class KeyServerEngine:
         self.log = logger or log.get_logger("gdoid.ks")
         self.cookies = ResponderCookies()
         # Cookie pair -> what message 3 needs, oldest first.  No machine, no DH key.
-        self.half_open_mm1: OrderedDict[bytes, HalfOpen] = OrderedDict()
+        self.half_open_mm1: OrderedDict[bytes, _Pending] = OrderedDict()
         self._half_open_bytes = 0
+        # Answers to message 1 bodies seen lately, and (apart, so that a flood of novel
+        # bodies cannot push them out) those of exchanges that got to message 3.
         self._offers: OrderedDict[tuple[bytes, bool], _Offer] = OrderedDict()
+        self._proven_offers: OrderedDict[tuple[bytes, bool], _Offer] = OrderedDict()
         self._offers_for: Phase1Config | None = None
+        # Decoding a novel body costs 0.1-0.5 ms: a budget per second, in PARSE_COST units.
+        self._parse_tokens = float(PARSE_BUDGET)
+        self._parse_at: float | None = None
         # Cookie pair -> the machine of an exchange past message 3 (the peer proved its
         # address), oldest first; and how many of those each address has.
         self.responders: OrderedDict[bytes, tuple[MainModeResponder, Address]] = OrderedDict()
@@ -246,6 +275,10 @@ class KeyServerEngine:
                 notify = [] if header.encrypted else [plain_notify(icky, rcky, NotifyType.INVALID_COOKIE)]
                 return self._unauthenticated(kind, data, peer, notify)
             self._half_open_bytes -= len(half.sai_b)
+            if half.offer.key not in self._proven_offers:  # this body leads somewhere: keep it
+                if len(self._proven_offers) >= OFFER_CACHE_SIZE:
+                    self._proven_offers.popitem(last=False)
+                self._proven_offers[half.offer.key] = half.offer
             if self._responders_per_peer[peer[0]] >= MAX_RESPONDERS_PER_PEER:
                 self.counters["half_open_refused"] += 1
                 self.drop(peer, f"more than {MAX_RESPONDERS_PER_PEER} Main Mode exchanges from one address", now)
@@ -254,7 +287,7 @@ class KeyServerEngine:
                 old, (_, old_peer) = self.responders.popitem(last=False)
                 self._forget_responder(old_peer)
                 self.counters["half_open_evicted"] += 1
-            responder = MainModeResponder.resume(self.phase1, IPv4Address(peer[0]), icky, rcky, half, now)
+            responder = MainModeResponder.resume(self.phase1, IPv4Address(peer[0]), icky, rcky, half.half_open(), now)
             self.responders[cookies] = (responder, peer)
             self._responders_per_peer[peer[0]] += 1
         else:
@@ -293,19 +326,24 @@ class KeyServerEngine:
         # PSK): a flood of one message 1 from many addresses is parsed once.
         if self._offers_for is not self.phase1:
             self._offers.clear()
+            self._proven_offers.clear()
             self._offers_for = self.phase1
         key = (data[16:], self.phase1.psk_lookup(address) is not None)
-        offer = self._offers.get(key)
+        offer = self._proven_offers.get(key) or self._offers.get(key)
         if offer is None:
+            if not self._parse_budget(data, now):
+                self.counters["mm1_shed"] += 1
+                self.drop(peer, "novel Main Mode message 1 over the decoding budget", now)
+                return []
             try:
                 half, mm2 = respond_mm1(self.phase1, address, data, header, rcky, now)
-                offer = _Offer(half.sai_b, half.proposal, half.peer_version, mm2[16:], None, "")
+                offer = _Offer(key, half.sai_b, half.proposal, half.peer_version, mm2[16:], None, "")
             except (NotifyError, DecodeError, CryptoError) as exc:
                 notify = NotifyType(exc.notify) if isinstance(exc, NotifyError) else NotifyType.PAYLOAD_MALFORMED
                 reason = exc.reason if isinstance(exc, NotifyError) else str(exc)
-                offer = _Offer(b"", None, None, b"", notify, reason)
+                offer = _Offer(key, b"", None, None, b"", notify, reason)
             if len(self._offers) >= OFFER_CACHE_SIZE:
-                del self._offers[next(iter(self._offers))]
+                self._offers.popitem(last=False)
             self._offers[key] = offer
         if offer.proposal is None:
             assert offer.notify is not None
@@ -314,7 +352,7 @@ class KeyServerEngine:
                 self.log, log.PHASE1_FAILED, peer=peer[0], reason=_with_notify(offer.reason, offer.notify, False)
             )
             return [plain_notify(icky, rcky, offer.notify)]
-        half = HalfOpen(offer.sai_b, offer.proposal, offer.peer_version, now)
+        half = _Pending(offer, now)
         mm2 = icky + rcky + offer.mm2_tail
         cookies = icky + rcky
         if cookies in self.responders:  # a late duplicate: the exchange is past message 3
@@ -334,6 +372,17 @@ class KeyServerEngine:
         self.half_open_mm1[cookies] = half
         self._half_open_bytes += size
         return [mm2]
+
+    def _parse_budget(self, data: bytes, now: float) -> bool:
+        """Take the cost of decoding ``data`` from the per-second budget, if it is there."""
+        if self._parse_at is not None and now > self._parse_at:
+            self._parse_tokens = min(float(PARSE_BUDGET), self._parse_tokens + (now - self._parse_at) * PARSE_BUDGET)
+        self._parse_at = now
+        cost = PARSE_BASE_COST + len(data) // PARSE_OCTETS_PER_UNIT
+        if self._parse_tokens < cost:
+            return False
+        self._parse_tokens -= cost
+        return True
 
     def _forget_responder(self, peer: Address) -> None:
         self._responders_per_peer[peer[0]] -= 1

@@ -832,12 +832,12 @@ def _select(
                     return prop, t, Phase1Proposal(
                         offered.key_bits, offered.hash, offered.auth, offered.group, offered.lifetime
                     )
-    offered_text = "; ".join(
-        p.describe() if p else "unsupported transform"
-        for prop in sa.proposals
-        for p in (Phase1Proposal.from_transform(t) for t in prop.transforms)
+    offered = [t for prop in sa.proposals for t in prop.transforms]
+    offered_text = "; ".join(  # the first few: the reason is logged, and cheap to build
+        p.describe() if p else "unsupported transform" for p in map(Phase1Proposal.from_transform, offered[:4])
     )
-    raise NotifyError(NotifyType.NO_PROPOSAL_CHOSEN, f"no acceptable proposal (offered: {offered_text})")
+    more = f"; {len(offered) - 4} more" if len(offered) > 4 else ""
+    raise NotifyError(NotifyType.NO_PROPOSAL_CHOSEN, f"no acceptable proposal (offered: {offered_text}{more})")
 
 
 def respond_mm1(

@@ -338,3 +338,24 @@ def test_forged_rekeys_log_a_bounded_number_of_lines(files: Path, log_stream: io
     rejected = [line for line in _lines(log_stream)[before:] if "GM_REKEY_REJECTED" in line]
     assert gm.counters["rekeys_rejected"] == 200
     assert len(rejected) <= log.LIMIT_LINES
+
+
+def test_novel_mm1_bodies_cost_a_bounded_budget_and_proven_offers_stay_answered(files: Path) -> None:
+    """A flood whose every message 1 differs (random VID) cannot use the parse cache:
+    decoding is budgeted, and the offer of a GM that once reached message 3 stays cached."""
+    ks = make_ks(files)
+    register_at = T0
+    gm = make_gm(files, address="127.0.0.2")
+    link = Link(ks, gm, Flood(ks, gm_mm1(files)), burst=0)
+    link.run(gm.start(register_at), register_at)  # proves this configuration's offer
+    assert gm.registrations[GROUP].state == RegState.REGISTERED
+    now, parsed = T0 + 10, 0
+    for i in range(20_000):  # 20,000 novel bodies in one second
+        data = mm1_with(1, 1, vid_bytes=16 + i % 200, cipher=7)
+        data = data[:-16] + os.urandom(16)
+        parsed += bool(ks.datagram_received(data, (f"127.20.{i >> 8}.{i & 255}", 500), now + i / 20_000))
+    assert ks.counters["mm1_shed"] > 10_000
+    assert parsed < 3_000  # about PARSE_BUDGET / (cost of one body) per second
+    gm2 = make_gm(files, address="127.0.0.3")  # same configuration: same message 1 body
+    Link(ks, gm2, Flood(ks, gm_mm1(files)), burst=0).run(gm2.start(now + 1), now + 1)
+    assert gm2.registrations[GROUP].state == RegState.REGISTERED
