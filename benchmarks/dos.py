@@ -80,6 +80,7 @@ KINDS = ("mm1", "mm3", "mm5", "notify", "malformed")
 SENDER = r"""
 import json, os, socket, struct, sys, time
 target, port, rate, duration, nsrc, first = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+novel = sys.argv[7] == "1"  # every message 1 body differs (its last 3 octets: the version VID)
 mm1 = bytes.fromhex(sys.stdin.readline().strip())
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL implied
 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
@@ -109,7 +110,7 @@ while True:
         continue
     for _ in range(min(256, due - sent)):
         try:
-            s.sendto(heads[i] + rnd(8) + rest, (target, 0))
+            s.sendto(heads[i] + rnd(8) + (rest[:-3] + rnd(3) if novel else rest), (target, 0))
         except OSError:
             errors += 1
         sent += 1
@@ -219,7 +220,7 @@ def write_lab(directory: Path) -> tuple[Path, GmConfig]:
 
 def measure(
     directory: Path, ks_cfg: Path, template: GmConfig, rate: int, duration: float, gms: int, sources: int,
-    grace: float,
+    grace: float, novel: bool = False,
 ) -> Run:
     shutil.rmtree(directory / "ks-state", ignore_errors=True)
     addresses = gm_addresses(gms + 1)
@@ -235,7 +236,8 @@ def measure(
         sender = None
         if rate:
             sender = subprocess.Popen(
-                [sys.executable, "-c", SENDER, KS_ADDRESS, str(KS_PORT), str(rate), str(duration), str(sources), FIRST_SOURCE],
+                [sys.executable, "-c", SENDER, KS_ADDRESS, str(KS_PORT), str(rate), str(duration), str(sources), FIRST_SOURCE,
+                 "1" if novel else "0"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )
             assert sender.stdin is not None and sender.stdout is not None
@@ -323,6 +325,7 @@ def show(run: Run, baseline: Run | None) -> None:
     c = run.counters
     print(f"  half-open         max {run.half_open_max} sampled; evicted {c.get('half_open_evicted', 0)}, "
           f"expired {c.get('half_open_expired', 0)}, MM3 after eviction {c.get('half_open_lost', 0)}, "
+          f"novel MM1s shed {c.get('mm1_shed', 0)}, "
           f"DH computations {c.get('dh_computations', 0)}, amplification drops {c.get('amplification_dropped', 0)}")
     print("  unauthenticated   kind       datagrams     bytes in    bytes out  out/in")
     for kind in KINDS:
@@ -338,6 +341,8 @@ def main() -> int:
     parser.add_argument("--gms", type=int, default=20, help="real GMs registering during each flood (default 20)")
     parser.add_argument("--sources", type=int, default=50_000, help="distinct spoofed source addresses (default 50000)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds GMs may take after the flood ends")
+    parser.add_argument("--novel-bodies", action="store_true",
+                        help="every spoofed message 1 differs (random version VID): defeats the KS's offer cache")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (UDP 848, raw socket)", file=sys.stderr)
@@ -346,7 +351,8 @@ def main() -> int:
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
           f"Python {sys.version.split()[0]}; KS {KS_ADDRESS}:{KS_PORT}; {args.gms} GMs; "
-          f"{args.sources} spoofed sources from {FIRST_SOURCE}; {args.duration:g} s per rate")
+          f"{args.sources} spoofed sources from {FIRST_SOURCE}; {args.duration:g} s per rate"
+          f"{'; novel message 1 bodies' if args.novel_bodies else ''}")
     with tempfile.TemporaryDirectory(prefix="gdoid-dos-") as tmp:
         directory = Path(tmp)
         ks_cfg, template = write_lab(directory)
@@ -358,7 +364,8 @@ def main() -> int:
         show(baseline, None)
         runs = []
         for rate in rates:
-            run = measure(directory, ks_cfg, template, rate, args.duration, args.gms, args.sources, args.grace)
+            run = measure(directory, ks_cfg, template, rate, args.duration, args.gms, args.sources, args.grace,
+                          args.novel_bodies)
             runs.append(run)
             show(run, baseline)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
