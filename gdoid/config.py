@@ -298,7 +298,7 @@ class KsConfig:
     control_group: str | None = None  # may use the control socket besides root and our user
     state_dir: Path = KS_STATE_DIR
     keylog_dir: Path | None = None
-    max_half_open: int = 4096
+    max_half_open: int = 16384
     ike: IkePolicy = IkePolicy()
     auth: AuthConfig
     groups: tuple[KsGroupConfig, ...]
@@ -1024,7 +1024,7 @@ def _build_ks(ctx: _Ctx, data: dict[str, Any]) -> KsConfig:
         control_group=_control_group(ks),
         state_dir=ks.req_path("state_dir", KS_STATE_DIR),
         keylog_dir=ks.path("keylog_dir", None),
-        max_half_open=ks.integer("max_half_open", 1, 1_000_000, 4096),
+        max_half_open=ks.integer("max_half_open", 1, 1_000_000, 16384),
         ike=_parse_ike(root),
         auth=(auth := _parse_auth(root)),
         groups=_parse_groups(root, _KS_GROUP_KEYS, _parse_ks_group),

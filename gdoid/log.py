@@ -23,7 +23,8 @@ import re
 import socket
 import string
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TextIO
@@ -44,13 +45,16 @@ __all__ = [
     "KS_SEND_UNICAST_REKEY",
     "KS_SID_EXHAUSTION_REKEY",
     "MALFORMED_DROP",
+    "MAX_FIELD_LEN",
     "MNEMONICS",
     "PHASE1_FAILED",
     "POLICY_CHANGE",
     "REDACTED",
     "UNAUTHORIZED_IDENTITY",
     "UNAUTHORIZED_IPADDR",
+    "LogLimiter",
     "Mnemonic",
+    "bound_field",
     "configure_logging",
     "emit",
     "get_logger",
@@ -448,3 +452,97 @@ def emit(logger: Any, mnemonic: Mnemonic, **fields: Any) -> None:
     logger.log(
         severity_to_level(mnemonic.severity), mnemonic.name, **{_MNEMONIC_KEY: mnemonic}, **fields
     )
+
+
+# --------------------------------------------------------------------------- rate limiting
+
+# Lines that unauthenticated or unverified input can trigger go through a LogLimiter:
+# a flood of bad datagrams must not become a flood of log lines (or a 176 KB line).
+MAX_FIELD_LEN = 200  # characters of any one field; the rest is cut and counted
+LIMIT_LINES = 10  # lines per mnemonic (and key) per interval ...
+LIMIT_INTERVAL = 10.0  # ... seconds; then one summary line per interval
+
+
+def bound_field(value: Any, limit: int = MAX_FIELD_LEN) -> Any:
+    """``value`` cut to ``limit`` characters if it is a string (peer-derived text)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}...[{len(value) - limit} more characters]"
+    return value
+
+
+@dataclass
+class _Window:
+    mnemonic: Mnemonic
+    logger: Any
+    started: float
+    lines: int = 0
+    suppressed: int = 0
+
+
+class LogLimiter:
+    """Per-mnemonic (optionally per-key) rate limit for :func:`emit`.
+
+    At most ``lines`` lines per ``interval`` seconds; what is held back is counted
+    and reported as one summary line (``%GDOI-4-MALFORMED_DROP: 1234 similar
+    messages suppressed in the last 10 s``) once the interval is over: at the next
+    emit of that mnemonic or at :meth:`flush` (the daemons call it from their timer).
+    Every string field is cut to ``field_limit`` characters.  Its clock is its own
+    (log volume is about real time), injectable for tests.
+    """
+
+    def __init__(
+        self,
+        lines: int = LIMIT_LINES,
+        interval: float = LIMIT_INTERVAL,
+        field_limit: int = MAX_FIELD_LEN,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 256,
+    ) -> None:
+        self.lines = lines
+        self.interval = interval
+        self.field_limit = field_limit
+        self.clock = clock
+        self.max_keys = max_keys  # keys may be peer-derived: the table itself is bounded
+        self.suppressed_total = 0
+        self._windows: dict[tuple[str, str], _Window] = {}
+
+    def emit(self, logger: Any, mnemonic: Mnemonic, *, key: str = "", **fields: Any) -> bool:
+        """Log ``mnemonic`` unless its budget is spent; True if a line was written."""
+        now = self.clock()
+        wkey = (mnemonic.name, key)
+        w = self._windows.get(wkey)
+        if w is not None and now - w.started >= self.interval:
+            self._close(w, now)
+            w = None
+            del self._windows[wkey]
+        if w is None:
+            if key and len(self._windows) >= self.max_keys:
+                return self.emit(logger, mnemonic, **fields)  # too many keys: share one budget
+            w = self._windows[wkey] = _Window(mnemonic, logger, now)
+        if w.lines >= self.lines:
+            w.suppressed += 1
+            self.suppressed_total += 1
+            return False
+        w.lines += 1
+        emit(logger, mnemonic, **{k: bound_field(v, self.field_limit) for k, v in fields.items()})
+        return True
+
+    def flush(self, force: bool = False) -> None:
+        """Write the summaries of intervals that are over (all of them with ``force``)."""
+        now = self.clock()
+        for wkey, w in list(self._windows.items()):
+            if force or now - w.started >= self.interval:
+                self._close(w, now)
+                del self._windows[wkey]
+
+    def _close(self, w: _Window, now: float) -> None:
+        if not w.suppressed:
+            return
+        seconds = max(1, round(min(now - w.started, self.interval)))
+        summary = Mnemonic(
+            w.mnemonic.severity,
+            w.mnemonic.name,
+            "{count} similar messages suppressed in the last {seconds} s",
+            w.mnemonic.facility,
+        )
+        emit(w.logger, summary, count=w.suppressed, seconds=seconds, suppressed=w.suppressed)

@@ -22,7 +22,7 @@ from gdoid.groupmember.sadb import (
     Sadb,
     shortened_lifetime,
 )
-from gdoid.keyserver.engine import KeyServerEngine
+from gdoid.keyserver.engine import MM1_STATE_LIFETIME, KeyServerEngine
 from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol.constants import ExchangeType
@@ -318,6 +318,7 @@ def test_unsupported_transform_installs_nothing(files: Path) -> None:
 
 
 def test_max_half_open(files: Path) -> None:
+    """A full half-open table evicts its oldest entry (issue 9 §4): newcomers are never refused."""
     ks = make_ks(files, max_half_open=2)
     p1 = make_gm(files).phase1
     replies = []
@@ -325,11 +326,12 @@ def test_max_half_open(files: Path) -> None:
         mm = MainModeInitiator(p1, IPv4Address(KS), T0)
         [mm1] = mm.start(T0).send
         replies.append(ks.datagram_received(mm1, (f"127.0.1.{i}", 848), T0))
-    assert [len(r) for r in replies] == [1, 1, 0]
-    assert ks.counters["half_open_refused"] == 1
+    assert [len(r) for r in replies] == [1, 1, 1]
+    assert ks.counters["half_open_evicted"] == 1
+    assert ks.counters["half_open_refused"] == 0
     assert ks.half_open == 2
-    # Half-open exchanges expire and make room again.
-    ks.on_timer(T0 + 30.0)
+    # Unanswered message-1 state expires within seconds.
+    ks.on_timer(T0 + MM1_STATE_LIFETIME)
     assert ks.half_open == 0
     assert ks.counters["half_open_expired"] == 2
     mm = MainModeInitiator(p1, IPv4Address(KS), T0 + 31)
@@ -392,12 +394,13 @@ def test_random_bodies_with_live_cookies_never_raise(files: Path) -> None:
     mm = MainModeInitiator(p1, IPv4Address(KS), T0)
     [mm1] = mm.start(T0).send
     ks.datagram_received(mm1, (GM, 848), T0)
-    [(resp, _)] = ks.responders.values()
+    [half_open] = ks.half_open_mm1  # the cookie pair of a half-open exchange
+    rcky = half_open[8:]
     rng = random.Random(2)
     for i in range(300):
         body = rng.randbytes(rng.randrange(0, 100))
         xchg = rng.choice([2, 5, 32])
-        ck = cookies if i % 2 else mm.icky + resp.rcky
+        ck = cookies if i % 2 else mm.icky + rcky
         hdr = struct.pack(
             "!BBBBII",
             rng.randrange(30),

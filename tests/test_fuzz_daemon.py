@@ -6,7 +6,7 @@ from those (bit flips, byte replacements, truncation, extension, length-field
 edits, cookie swaps, header-only, random bytes, empty) go to the KS port from
 one UDP socket, deterministic seed, paced in batches by a ``show gdoid
 counters`` round trip so the KS's socket buffer never overflows.  Part of it
-is a flood of fresh Main Mode exchanges that runs into ``max_half_open``.
+is a flood of fresh Main Mode exchanges that runs into ``max_half_open`` (and evicts).
 
 Afterwards the KS must still be alive, small, traceback-free, and a real GM
 process must still register.
@@ -312,8 +312,8 @@ def test_ks_survives_10000_mutated_datagrams(lab: Path) -> None:
             final = fuzzer.counters()
             assert final["received"] - fuzzer.base_received >= 10_000
             assert final["received"] - fuzzer.base_received == fuzzer.sent  # nothing lost on the way
-            assert after_flood["half_open_refused"] > 0  # the flood did reach the limit...
-            assert fuzzer.max_half_open <= MAX_HALF_OPEN  # ...and never got past it
+            assert after_flood["half_open_evicted"] > 0  # the flood did reach the limit (issue 9: evict, never refuse)...
+            assert fuzzer.max_half_open <= 2 * MAX_HALF_OPEN  # ...and never got past it (MM1 records + past-MM3 machines)
 
             # Abandon our half-open exchanges the way an initiator does (an unprotected
             # notify from the same address), so the limit frees up before its 30 s expiry.
@@ -321,7 +321,7 @@ def test_ks_survives_10000_mutated_datagrams(lab: Path) -> None:
             for i in range(0, len(cleanup), BATCH):
                 fuzzer.send_batch(cleanup[i : i + BATCH])
             assert fuzzer.last["half_open"] == 0
-            assert fuzzer.max_half_open <= MAX_HALF_OPEN
+            assert fuzzer.max_half_open <= 2 * MAX_HALF_OPEN
         finally:
             fuzzer.close()
 

@@ -144,6 +144,7 @@ class GroupMemberEngine:
         self.registrations: dict[int, Registration] = {g.number: Registration(g) for g in groups}
         self._by_icky: dict[bytes, Registration] = {}
         self.counters: Counter[str] = Counter()
+        self.log_limit = log.LogLimiter()  # for lines unverified input can trigger
 
     # --- control ------------------------------------------------------------------
 
@@ -390,7 +391,7 @@ class GroupMemberEngine:
         except ProtocolError as exc:
             reg.rekeys_rejected += 1
             self.counters["rekeys_rejected"] += 1
-            log.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=str(exc))
+            self.log_limit.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=str(exc))
             return []
         cookies = header.cookies
         g.seq = push.seq
@@ -413,7 +414,7 @@ class GroupMemberEngine:
                 keys, _ = parse_keys(parsed, push.kd, push.seq, g.group_number, now, False)
                 self._log_skipped(reg, parsed, peer[0])
             except ProtocolError as exc:
-                log.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=f"policy: {exc}")
+                self.log_limit.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=f"policy: {exc}")
                 return ack
             pin = reg.group.rekey_key_sha256
             if pin is not None and keys.kek is not None and not crypto.constant_time_equal(
@@ -494,6 +495,7 @@ class GroupMemberEngine:
             elif reg.state == RegState.REGISTERED and reg.rereg_at is not None and now >= reg.rereg_at:
                 self.log.info("reregistration_due", group=reg.group.name)
                 out += self._begin(reg, now)
+        self.log_limit.flush()
         expired = self.sadb.expire(now)
         for t in expired:
             self.log.info("tek_expired", spi=f"0x{t.spi:08x}")

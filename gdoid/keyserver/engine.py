@@ -8,7 +8,7 @@ counted, logged drop, never an exception.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -22,20 +22,26 @@ from gdoid.keyserver.group import Group, Member, PendingPush, RekeyMessages
 if TYPE_CHECKING:
     from gdoid.keyserver.coop import Coop
 from gdoid.protocol.constants import ExchangeType, NotifyType
-from gdoid.protocol.errors import ProtocolError
+from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError, ProtocolError
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.ike import (
+    MAX_MM1_LEN,
+    HalfOpen,
     IkeSa,
     MainModeResponder,
     Phase1Config,
     Phase1Established,
     Phase1Failed,
+    Phase1Proposal,
+    ResponderCookies,
+    plain_notify,
+    respond_mm1,
 )
 from gdoid.protocol.payloads import DeletePayload, NotifyPayload
 from gdoid.protocol.policy import GroupKeys, SenderIds
 from gdoid.protocol.pull import MemberRegistered, PopSigner, PullFailed, PullOutput, PullResponder
 from gdoid.protocol.push import GROUPKEY_PUSH_ACK, ack_key, parse_ack, verify_ack
-from gdoid.protocol.version import supports_removal_and_replace
+from gdoid.protocol.version import SoftwareVersion, supports_removal_and_replace
 
 Address = tuple[str, int]
 Outgoing = list[tuple[bytes, Address]]
@@ -43,6 +49,50 @@ Outgoing = list[tuple[bytes, Address]]
 SA_LINGER = 30.0  # keep a phase-1 SA this long after its last use (retransmits, errors)
 MAX_PULLS_PER_SA = 8
 MAX_SAS_PER_PEER = 4
+# Half-open Main Mode (see docs/wire.md, "Responder cookies").  Message 1 leaves only a
+# HalfOpen record, evicted oldest first when the table is full (a flood shortens every
+# entry's life instead of locking newcomers out) and expired after MM1_STATE_LIFETIME.
+MM1_STATE_LIFETIME = 5.0  # seconds: a GM answers message 2 within milliseconds
+MAX_HALF_OPEN_BYTES = 16 << 20  # SA bodies kept for HASH_I/HASH_R (+ overhead), all entries
+HALF_OPEN_OVERHEAD = 300  # octets an entry costs beyond its SA body (dict, record, key)
+MAX_RESPONDERS_PER_PEER = 16  # exchanges past message 3 (with DH state) per address
+ZERO_COOKIE = bytes(8)
+OFFER_CACHE_SIZE = 64  # distinct message 1 bodies whose answer is kept (each <= MAX_MM1_LEN)
+# Decoding message 1 bodies not seen before: a budget per second, each body costing
+# PARSE_BASE_COST + one unit per PARSE_OCTETS_PER_UNIT octets.  Some 10-20 % of a core;
+# beyond it, novel bodies are dropped unanswered (the GM retransmits).
+PARSE_BUDGET = 10_000
+PARSE_BASE_COST = 8
+PARSE_OCTETS_PER_UNIT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Offer:
+    """A message 1 body already answered: its HalfOpen fields and message 2 after the cookies."""
+
+    key: tuple[bytes, bool]
+    sai_b: bytes
+    proposal: Phase1Proposal | None  # None: refused with ``notify``
+    peer_version: SoftwareVersion | None
+    mm2_tail: bytes
+    notify: NotifyType | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """One half-open exchange between message 1 and 3: a shared offer and a time."""
+
+    offer: _Offer
+    created: float
+
+    @property
+    def sai_b(self) -> bytes:
+        return self.offer.sai_b
+
+    def half_open(self) -> HalfOpen:
+        assert self.offer.proposal is not None
+        return HalfOpen(self.offer.sai_b, self.offer.proposal, self.offer.peer_version, self.created)
 
 
 @dataclass
@@ -58,7 +108,7 @@ class KeyServerEngine:
         phase1: Phase1Config,
         groups: dict[int, Group],
         *,
-        max_half_open: int = 4096,
+        max_half_open: int = 16384,
         keylog: KeyLog | None = None,
         logger: object | None = None,
     ) -> None:
@@ -67,10 +117,25 @@ class KeyServerEngine:
         self.max_half_open = max_half_open
         self.keylog = keylog
         self.log = logger or log.get_logger("gdoid.ks")
-        self.responders: dict[bytes, tuple[MainModeResponder, Address]] = {}
+        self.cookies = ResponderCookies()
+        # Cookie pair -> what message 3 needs, oldest first.  No machine, no DH key.
+        self.half_open_mm1: OrderedDict[bytes, _Pending] = OrderedDict()
+        self._half_open_bytes = 0
+        # Answers to message 1 bodies seen lately, and (apart, so that a flood of novel
+        # bodies cannot push them out) those of exchanges that got to message 3.
+        self._offers: OrderedDict[tuple[bytes, bool], _Offer] = OrderedDict()
+        self._proven_offers: OrderedDict[tuple[bytes, bool], _Offer] = OrderedDict()
+        self._offers_for: Phase1Config | None = None
+        # Decoding a novel body costs 0.1-0.5 ms: a budget per second, in PARSE_COST units.
+        self._parse_tokens = float(PARSE_BUDGET)
+        self._parse_at: float | None = None
+        # Cookie pair -> the machine of an exchange past message 3 (the peer proved its
+        # address), oldest first; and how many of those each address has.
+        self.responders: OrderedDict[bytes, tuple[MainModeResponder, Address]] = OrderedDict()
+        self._responders_per_peer: Counter[str] = Counter()
         # Established exchanges, to answer a retransmitted MM5 whose MM6 was lost:
-        # (MM5 received, MM6 sent, peer, when).  Only the two datagrams are kept,
-        # not the responder with its DH key, nonces and keys.
+        # (MM5 received, MM6 sent, peer, when), by cookie pair.  Only the two datagrams
+        # are kept, not the responder with its DH key, nonces and keys.
         self.completed: dict[bytes, tuple[bytes, bytes, Address, float]] = {}
         # Completed registrations: (cookies, M-ID) -> (message 3, message 4, peer, time).
         # The phase-1 SA is dropped at once; this is all a retransmission needs.
@@ -85,10 +150,11 @@ class KeyServerEngine:
         self.coop: Coop | None = None
         self._coop_out: Outgoing = []
         self.on_state_change: Callable[[], None] | None = None  # persist before sending
-        self._last_drop_log = 0.0
         self._now = 0.0  # of the datagram being handled (SID allocation needs it)
         self._refusal: authorization.Refusal | None = None  # from authorize(), logged with its PullFailed
         self._authz_log = authorization.LogLimiter()
+        # Lines that unauthenticated input triggers are rate-limited and length-bounded.
+        self.log_limit = log.LogLimiter()
         if keylog is not None:
             for g in groups.values():
                 for t in g.teks:
@@ -125,10 +191,8 @@ class KeyServerEngine:
 
     def drop(self, peer: Address, reason: str, now: float) -> None:
         self.counters["dropped"] += 1
-        # A flood must not turn into a log flood: at most ~10 lines a second.
-        if now - self._last_drop_log >= 0.1:
-            self._last_drop_log = now
-            log.emit(self.log, log.MALFORMED_DROP, peer=peer[0], reason=reason)
+        # A flood must not turn into a log flood: rate-limited, every field bounded.
+        self.log_limit.emit(self.log, log.MALFORMED_DROP, peer=peer[0], reason=reason)
 
     def datagram_received(self, data: bytes, peer: Address, now: float) -> Outgoing:
         self.counters["received"] += 1
@@ -136,6 +200,7 @@ class KeyServerEngine:
         try:
             header = IsakmpHeader.decode(data)
         except ProtocolError as exc:
+            self._unauthenticated("malformed", data, peer, [])
             self.drop(peer, str(exc), now)
             return []
         try:
@@ -171,49 +236,186 @@ class KeyServerEngine:
             return []
         return self.coop.receive_ann(sa, data, peer, now)
 
+    # --- Main Mode responder --------------------------------------------------------
+
+    def _unauthenticated(self, kind: str, data: bytes, peer: Address, sends: list[bytes]) -> Outgoing:
+        """The one send point for replies to peers that have not completed phase 1.
+
+        Never more bytes back than the datagram had (no amplification): what would
+        exceed is dropped and counted.  Bytes in and out are counted per message kind.
+        """
+        c = self.counters
+        c[f"unauth_in_{kind}"] += 1
+        c[f"unauth_bytes_in_{kind}"] += len(data)
+        budget = len(data)
+        out: Outgoing = []
+        for d in sends:
+            if len(d) > budget:
+                c["amplification_dropped"] += 1
+                continue
+            budget -= len(d)
+            out.append((d, peer))
+        c[f"unauth_bytes_out_{kind}"] += len(data) - budget
+        return out
+
     def _main_mode(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
         if self.coop is not None:
             coop_peer = self.coop.owns_initiator(header.initiator_cookie)
             if coop_peer is not None:
+                # Our own exchange with a configured peer: its initiator cookie is our secret.
                 return self.coop.main_mode(coop_peer, data, now)
-        entry = self.responders.get(header.initiator_cookie)
+        if header.responder_cookie == ZERO_COOKIE:
+            return self._unauthenticated("mm1", data, peer, self._mm1(header, data, peer, now))
+        kind = "mm5" if header.encrypted else "mm3"
+        icky, rcky, cookies = header.initiator_cookie, header.responder_cookie, header.cookies
+        # The cookie proves the sender saw our message 2 at this address: checked
+        # (constant time) before any state is looked up.
+        if not self.cookies.check(peer[0], peer[1], icky, rcky, now):
+            self.counters["bad_responder_cookie"] += 1
+            self.drop(peer, "Main Mode responder cookie not issued to this address", now)
+            return self._unauthenticated(kind, data, peer, [])
+        entry = self.responders.get(cookies)
         if entry is None:
-            done = self.completed.get(header.initiator_cookie)
-            if done is not None and done[2] == peer and data == done[0]:
-                return [(done[1], peer)]  # our MM6 was lost: send it again
-            if header.responder_cookie != bytes(8):
-                self.drop(peer, "Main Mode message for an unknown exchange", now)
-                return []
-            if self.coop is not None and not self.coop.serving and IPv4Address(peer[0]) not in self.coop.peers:
-                self.counters["not_serving"] += 1
-                self.drop(peer, "not serving registrations before COOP election and sync", now)
-                return []
-            if len(self.responders) >= self.max_half_open:
+            done = self.completed.get(cookies)
+            if done is not None:
+                if done[2] == peer and data == done[0]:
+                    return [(done[1], peer)]  # our MM6 was lost: the peer authenticated already
+                self.drop(peer, "Main Mode message for a completed exchange", now)
+                return self._unauthenticated(kind, data, peer, [])
+            half = self.half_open_mm1.pop(cookies, None)
+            if half is None or header.encrypted:
+                if half is not None:
+                    self._half_open_bytes -= len(half.sai_b)
+                # Message 1's state expired or was evicted: the address is proven, so
+                # ask the initiator to start over from message 1 (an INVALID_COOKIE
+                # notify, shorter than message 3) instead of letting it time out.
+                self.counters["half_open_lost"] += 1
+                self.drop(peer, "Main Mode message 3 after its message 1 state expired", now)
+                notify = [] if header.encrypted else [plain_notify(icky, rcky, NotifyType.INVALID_COOKIE)]
+                return self._unauthenticated(kind, data, peer, notify)
+            self._half_open_bytes -= len(half.sai_b)
+            if half.offer.key not in self._proven_offers:  # this body leads somewhere: keep it
+                if len(self._proven_offers) >= OFFER_CACHE_SIZE:
+                    self._proven_offers.popitem(last=False)
+                self._proven_offers[half.offer.key] = half.offer
+            if self._responders_per_peer[peer[0]] >= MAX_RESPONDERS_PER_PEER:
                 self.counters["half_open_refused"] += 1
-                self.drop(peer, f"half-open phase-1 limit {self.max_half_open} reached", now)
-                return []
-            responder = MainModeResponder(self.phase1, IPv4Address(peer[0]), now)
-            self.responders[header.initiator_cookie] = (responder, peer)
+                self.drop(peer, f"more than {MAX_RESPONDERS_PER_PEER} Main Mode exchanges from one address", now)
+                return self._unauthenticated(kind, data, peer, [])
+            while len(self.responders) >= self.max_half_open:
+                old, (_, old_peer) = self.responders.popitem(last=False)
+                self._forget_responder(old_peer)
+                self.counters["half_open_evicted"] += 1
+            responder = MainModeResponder.resume(self.phase1, IPv4Address(peer[0]), icky, rcky, half.half_open(), now)
+            self.responders[cookies] = (responder, peer)
+            self._responders_per_peer[peer[0]] += 1
         else:
             responder, known = entry
-            if known != peer:
+            if known != peer:  # (the cookie binds the port too: only a bug gets here)
                 self.drop(peer, "Main Mode cookie from another address", now)
-                return []
-            if header.responder_cookie not in (bytes(8), responder.rcky):
-                self.drop(peer, "Main Mode responder cookie mismatch", now)
-                return []
+                return self._unauthenticated(kind, data, peer, [])
+        had_dh = responder.dh is not None
         out = responder.receive(data, now)
-        self._phase1_events(out.events, header.initiator_cookie, peer, now)
-        sends = [(d, peer) for d in out.send] + self._coop_out
+        if responder.dh is not None and not had_dh:
+            self.counters["dh_computations"] += 1
+        established = any(isinstance(ev, Phase1Established) for ev in out.events)
+        self._phase1_events(out.events, cookies, peer, now)
+        if established:  # message 6 answers a peer that has just authenticated
+            sends = [(d, peer) for d in out.send]
+        else:
+            sends = self._unauthenticated(kind, data, peer, out.send)
+        sends += self._coop_out
         self._coop_out = []
         return sends
 
-    def _phase1_events(self, events: Iterable[object], icky: bytes, peer: Address, now: float) -> None:
+    def _mm1(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> list[bytes]:
+        """Answer message 1 keeping only a HalfOpen record; returns message 2 or a notify."""
+        if len(data) > MAX_MM1_LEN:  # refused before any parsing
+            self.counters["mm1_oversized"] += 1
+            self.drop(peer, f"Main Mode message 1 of {len(data)} octets (at most {MAX_MM1_LEN})", now)
+            return []
+        if self.coop is not None and not self.coop.serving and IPv4Address(peer[0]) not in self.coop.peers:
+            self.counters["not_serving"] += 1
+            self.drop(peer, "not serving registrations before COOP election and sync", now)
+            return []
+        icky = header.initiator_cookie
+        rcky = self.cookies.make(peer[0], peer[1], icky, now)
+        address = IPv4Address(peer[0])
+        # Everything after the cookies decides the answer (with whether the peer has a
+        # PSK): a flood of one message 1 from many addresses is parsed once.
+        if self._offers_for is not self.phase1:
+            self._offers.clear()
+            self._proven_offers.clear()
+            self._offers_for = self.phase1
+        key = (data[16:], self.phase1.psk_lookup(address) is not None)
+        offer = self._proven_offers.get(key) or self._offers.get(key)
+        if offer is None:
+            if not self._parse_budget(data, now):
+                self.counters["mm1_shed"] += 1
+                self.drop(peer, "novel Main Mode message 1 over the decoding budget", now)
+                return []
+            try:
+                half, mm2 = respond_mm1(self.phase1, address, data, header, rcky, now)
+                offer = _Offer(key, half.sai_b, half.proposal, half.peer_version, mm2[16:], None, "")
+            except (NotifyError, DecodeError, CryptoError) as exc:
+                notify = NotifyType(exc.notify) if isinstance(exc, NotifyError) else NotifyType.PAYLOAD_MALFORMED
+                reason = exc.reason if isinstance(exc, NotifyError) else str(exc)
+                offer = _Offer(key, b"", None, None, b"", notify, reason)
+            if len(self._offers) >= OFFER_CACHE_SIZE:
+                self._offers.popitem(last=False)
+            self._offers[key] = offer
+        if offer.proposal is None:
+            assert offer.notify is not None
+            self.counters["phase1_failed"] += 1
+            self.log_limit.emit(
+                self.log, log.PHASE1_FAILED, peer=peer[0], reason=_with_notify(offer.reason, offer.notify, False)
+            )
+            return [plain_notify(icky, rcky, offer.notify)]
+        half = _Pending(offer, now)
+        mm2 = icky + rcky + offer.mm2_tail
+        cookies = icky + rcky
+        if cookies in self.responders:  # a late duplicate: the exchange is past message 3
+            self.drop(peer, "Main Mode message 1 for an exchange past message 3", now)
+            return []
+        old = self.half_open_mm1.pop(cookies, None)  # a retransmitted message 1: renewed
+        if old is not None:
+            self._half_open_bytes -= len(old.sai_b)
+        size = len(half.sai_b)
+        while self.half_open_mm1 and (
+            len(self.half_open_mm1) >= self.max_half_open
+            or self._half_open_bytes + size + HALF_OPEN_OVERHEAD * len(self.half_open_mm1) > MAX_HALF_OPEN_BYTES
+        ):
+            _, evicted = self.half_open_mm1.popitem(last=False)
+            self._half_open_bytes -= len(evicted.sai_b)
+            self.counters["half_open_evicted"] += 1
+        self.half_open_mm1[cookies] = half
+        self._half_open_bytes += size
+        return [mm2]
+
+    def _parse_budget(self, data: bytes, now: float) -> bool:
+        """Take the cost of decoding ``data`` from the per-second budget, if it is there."""
+        if self._parse_at is not None and now > self._parse_at:
+            self._parse_tokens = min(float(PARSE_BUDGET), self._parse_tokens + (now - self._parse_at) * PARSE_BUDGET)
+        self._parse_at = now
+        cost = PARSE_BASE_COST + len(data) // PARSE_OCTETS_PER_UNIT
+        if self._parse_tokens < cost:
+            return False
+        self._parse_tokens -= cost
+        return True
+
+    def _forget_responder(self, peer: Address) -> None:
+        self._responders_per_peer[peer[0]] -= 1
+        if self._responders_per_peer[peer[0]] <= 0:
+            del self._responders_per_peer[peer[0]]
+
+    def _phase1_events(self, events: Iterable[object], cookies: bytes, peer: Address, now: float) -> None:
         for ev in events:
             if isinstance(ev, Phase1Established):
-                entry = self.responders.pop(icky, None)
-                if entry is not None and entry[0].last_received is not None and entry[0].last_sent is not None:
-                    self.completed[icky] = (entry[0].last_received, entry[0].last_sent, peer, now)
+                entry = self.responders.pop(cookies, None)
+                if entry is not None:
+                    self._forget_responder(entry[1])
+                    if entry[0].last_received is not None and entry[0].last_sent is not None:
+                        self.completed[cookies] = (entry[0].last_received, entry[0].last_sent, peer, now)
                 self._add_sa(ev.sa, peer, now)
                 self.counters["phase1_established"] += 1
                 coop_peer = self.coop.peers.get(ev.sa.peer_address) if self.coop is not None else None
@@ -228,10 +430,18 @@ class KeyServerEngine:
                     peer_version=str(ev.sa.peer_version or "unknown"),
                 )
             elif isinstance(ev, Phase1Failed):
-                self.responders.pop(icky, None)
+                entry = self.responders.pop(cookies, None)
+                if entry is not None:
+                    self._forget_responder(entry[1])
                 self.counters["phase1_failed"] += 1
                 if ev.notify is not None or ev.received:
-                    log.emit(self.log, log.PHASE1_FAILED, peer=peer[0], reason=_with_notify(ev.reason, ev.notify, ev.received))
+                    # Unauthenticated input can trigger this line: rate-limited, bounded.
+                    self.log_limit.emit(
+                        self.log,
+                        log.PHASE1_FAILED,
+                        peer=peer[0],
+                        reason=_with_notify(ev.reason, ev.notify, ev.received),
+                    )
 
     def _add_sa(self, sa: IkeSa, peer: Address, now: float) -> None:
         same_peer = self._peer_sas.setdefault(peer, [])
@@ -360,11 +570,28 @@ class KeyServerEngine:
 
     def _informational(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
         if not header.encrypted:
-            entry = self.responders.get(header.initiator_cookie)
-            if entry is not None and entry[1] == peer:
-                out = entry[0].receive(data, now)
-                self._phase1_events(out.events, header.initiator_cookie, peer, now)
-                return []
+            self._unauthenticated("notify", data, peer, [])  # never answered
+            # An initiator abandoning its exchange (with our cookie, or zero before
+            # message 2): only the address the cookie was made for can do that.
+            icky, rcky = header.initiator_cookie, header.responder_cookie
+            if rcky == ZERO_COOKIE:
+                candidates = self.cookies.candidates(peer[0], peer[1], icky, now)
+            elif self.cookies.check(peer[0], peer[1], icky, rcky, now):
+                candidates = [rcky]
+            else:
+                candidates = []
+            for rc in candidates:
+                half = self.half_open_mm1.pop(icky + rc, None)
+                if half is not None:
+                    self._half_open_bytes -= len(half.sai_b)
+                    self.counters["half_open_aborted"] += 1
+                entry = self.responders.get(icky + rc)
+                if entry is not None and entry[1] == peer:
+                    out = entry[0].receive(data, now)
+                    self._phase1_events(out.events, icky + rc, peer, now)
+                    return []
+                if half is not None:
+                    return []
             self.drop(peer, "unprotected Informational for no exchange", now)
             return []
         entry_sa = self.sas.get(header.cookies)
@@ -464,18 +691,14 @@ class KeyServerEngine:
                     log.emit(self.log, log.KS_SID_EXHAUSTION_REKEY, group=g.name, free=g.sids.free_count,
                              size=g.sids.size, released=g.sids.reclaimable())
                     out += self.rekey(g, now, replace=True)
-        for icky, (responder, peer) in list(self.responders.items()):
-            mm_out = responder.on_timeout(now)  # not ``out``: that holds the rekey datagrams
-            if responder.failed:
-                self.responders.pop(icky, None)
-                self.counters["half_open_expired"] += 1
-            self._phase1_events(mm_out.events, icky, peer, now)
+        self._expire_half_open(now)
+        self.log_limit.flush()
         for key, (_, _, _, at) in list(self.pulls_done.items()):
             if now - at > SA_LINGER:
                 del self.pulls_done[key]
-        for icky, (_, _, _, at) in list(self.completed.items()):
+        for cookies, (_, _, _, at) in list(self.completed.items()):
             if now - at > SA_LINGER:
-                del self.completed[icky]
+                del self.completed[cookies]
         for key, pull in list(self.pulls.items()):
             pull.on_timeout(now)
             entry = self.sas.get(key[0])
@@ -521,9 +744,26 @@ class KeyServerEngine:
         if self.on_state_change is not None:
             self.on_state_change()
 
+    def _expire_half_open(self, now: float) -> None:
+        while self.half_open_mm1:  # oldest first: stop at the first one still young
+            cookies, half = next(iter(self.half_open_mm1.items()))
+            if now - half.created < MM1_STATE_LIFETIME and now >= half.created:
+                break
+            del self.half_open_mm1[cookies]
+            self._half_open_bytes -= len(half.sai_b)
+            self.counters["half_open_expired"] += 1
+        for cookies, (responder, peer) in list(self.responders.items()):
+            mm_out = responder.on_timeout(now)  # not ``out``: that holds the rekey datagrams
+            if responder.failed and cookies in self.responders:
+                del self.responders[cookies]
+                self._forget_responder(peer)
+                self.counters["half_open_expired"] += 1
+            self._phase1_events(mm_out.events, cookies, peer, now)
+
     @property
     def half_open(self) -> int:
-        return len(self.responders)
+        """Main Mode exchanges in progress: message 1 records and machines past message 3."""
+        return len(self.half_open_mm1) + len(self.responders)
 
 
 def _notify_name(value: int) -> str:
@@ -534,6 +774,7 @@ def _notify_name(value: int) -> str:
 
 
 def _with_notify(reason: str, notify: NotifyType | None, received: bool) -> str:
+    reason = log.bound_field(reason, 140)  # peer-derived text: cut here, so the notify name stays
     if notify is None:
         return reason
     return f"{reason} ({'received' if received else 'sent'} {notify.name})"

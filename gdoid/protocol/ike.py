@@ -10,8 +10,10 @@ Informational, COOP ANN) with the IV chains of RFC 2409 appendix B.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import secrets
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -33,6 +35,7 @@ from gdoid.protocol.constants import (
     IdType,
     LifeType,
     NotifyType,
+    PayloadType,
     Phase1Attribute,
     ProtocolId,
 )
@@ -629,8 +632,16 @@ def _offered_auths(config: Phase1Config) -> set[AuthenticationMethod]:
     return {p.auth for p in config.proposals}
 
 
+MAX_RESTARTS = 3  # times an initiator starts over from message 1 when the responder asks
+
+
 class MainModeInitiator(_MainMode):
     """The GM side (and the KS that initiates to a COOP peer)."""
+
+    def __init__(self, config: Phase1Config, peer: ipaddress.IPv4Address, now: float) -> None:
+        super().__init__(config, peer, now)
+        self.mm1 = b""
+        self.restarts = 0
 
     @property
     def is_initiator(self) -> bool:
@@ -659,8 +670,36 @@ class MainModeInitiator(_MainMode):
         if self.config.software_version is not None:
             payloads.append(version_vid(self.config.software_version))
         self.state = _State.MM1_SENT
-        self._send(encode_plain(self.icky, self.rcky, MAIN_MODE, 0, payloads), now, out)
+        self.mm1 = encode_plain(self.icky, self.rcky, MAIN_MODE, 0, payloads)
+        self._send(self.mm1, now, out)
         return out
+
+    def receive(self, data: bytes, now: float) -> Output:
+        if self.state == _State.MM3_SENT and self.restarts < MAX_RESTARTS and self._state_lost(data):
+            # The responder kept message 1's state only briefly (a flood evicts it) and
+            # says so once our cookie proved our address: start over from message 1.
+            self.restarts += 1
+            self.state = _State.MM1_SENT
+            self.rcky = bytes(8)
+            self.dh, self.gxi, self.ni_b, self.last_received = None, b"", b"", None
+            out = Output()
+            self._send(self.mm1, now, out)
+            return out
+        return super().receive(data, now)
+
+    def _state_lost(self, data: bytes) -> bool:
+        """An unprotected INVALID_COOKIE notify for this exchange."""
+        try:
+            msg = decode_plain(data)
+        except ProtocolError:
+            return False
+        n = msg.get(NotifyPayload)
+        return (
+            msg.header.cookies == self.icky + self.rcky
+            and msg.header.exchange_type == ExchangeType.INFORMATIONAL
+            and n is not None
+            and n.notify_type == NotifyType.INVALID_COOKIE
+        )
 
     def _step(self, data: bytes, header: IsakmpHeader, now: float, out: Output) -> None:
         if header.initiator_cookie != self.icky:
@@ -720,8 +759,187 @@ class MainModeInitiator(_MainMode):
             raise DecodeError("ISAKMP header", "responder_cookie", "changed during Main Mode")
 
 
+# --- the responder: a stateless first step, then a machine ----------------------
+
+# What unauthenticated message 1 may cost (RFC 2409 gives no limits; real offers are
+# far smaller: IOS sends one transform per ISAKMP policy, strongSwan a few dozen).
+MAX_MM1_LEN = 4096  # octets; larger MM1s are refused before any parsing
+MAX_PROPOSALS = 8
+MAX_TRANSFORMS = 32  # over all proposals
+MIN_NONCE_LEN = 8  # RFC 2409 §5 minimum; our Nr is as long as Ni (up to NONCE_LEN): MM4 <= MM3
+COOKIE_SECRET_LIFETIME = 300.0  # seconds; the previous secret is accepted for as long again
+COOKIE_MAC = "sha256"
+
+
+class ResponderCookies:
+    """Responder cookies that prove return routability (IKEv1 has no cookie exchange).
+
+    CKY-R = HMAC-SHA-256(secret, peer address | port | CKY-I)[:8]: only the real
+    source of message 1 sees it in message 2, so a message 3 that echoes it comes
+    from there, and the check needs no state.  The random secret is rotated every
+    ``lifetime`` seconds; cookies made with the previous secret stay valid.
+    """
+
+    def __init__(self, lifetime: float = COOKIE_SECRET_LIFETIME) -> None:
+        self.lifetime = lifetime
+        self._current = secrets.token_bytes(32)
+        self._previous: bytes | None = None
+        self._rotated_at: float | None = None
+
+    def _rotate(self, now: float) -> None:
+        if self._rotated_at is None or now < self._rotated_at:
+            self._rotated_at = now
+        elif now - self._rotated_at >= self.lifetime:
+            # Two lifetimes without a message: the old secret goes too.
+            self._previous = self._current if now - self._rotated_at < 2 * self.lifetime else None
+            self._current = secrets.token_bytes(32)
+            self._rotated_at = now
+
+    @staticmethod
+    def _mac(secret: bytes, address: str, port: int, icky: bytes) -> bytes:
+        return hmac.digest(secret, f"{address}|{port}|".encode() + icky, COOKIE_MAC)[:8]
+
+    def make(self, address: str, port: int, icky: bytes, now: float) -> bytes:
+        self._rotate(now)
+        return self._mac(self._current, address, port, icky)
+
+    def candidates(self, address: str, port: int, icky: bytes, now: float) -> list[bytes]:
+        """The cookies this peer may hold: current secret first."""
+        self._rotate(now)
+        out = [self._mac(self._current, address, port, icky)]
+        if self._previous is not None:
+            out.append(self._mac(self._previous, address, port, icky))
+        return out
+
+    def check(self, address: str, port: int, icky: bytes, rcky: bytes, now: float) -> bool:
+        ok = False
+        for want in self.candidates(address, port, icky, now):
+            ok |= hmac.compare_digest(want, rcky)  # constant time, both secrets always tried
+        return ok
+
+
+@dataclass(frozen=True, slots=True)
+class HalfOpen:
+    """All a responder keeps between message 1 and message 3: no DH key, no machine.
+
+    ``sai_b`` (the SA body HASH_I/HASH_R cover) is at most ``MAX_MM1_LEN`` octets.
+    """
+
+    sai_b: bytes
+    proposal: Phase1Proposal
+    peer_version: SoftwareVersion | None
+    created: float
+
+
+def _check_offer_size(first: int, data: bytes) -> None:
+    """Count proposals and transforms from their generic headers, before decoding them."""
+    off, np = HEADER_LEN, first
+    while np != PayloadType.NONE and off + 4 <= len(data):
+        nxt, plen = data[off], struct.unpack_from("!H", data, off + 2)[0]
+        if plen < 4:
+            return  # the decoder names the error
+        if np == PayloadType.SA:
+            end = min(off + plen, len(data))
+            p, proposals, transforms = off + 12, 0, 0  # generic header, DOI, situation
+            while p + 8 <= end:
+                proposals += 1
+                prop_len, spi_size = struct.unpack_from("!H", data, p + 2)[0], data[p + 6]
+                t, prop_end = p + 8 + spi_size, min(p + max(prop_len, 8), end)
+                while t + 4 <= prop_end:
+                    transforms += 1
+                    if transforms > MAX_TRANSFORMS:
+                        raise NotifyError(
+                            NotifyType.BAD_PROPOSAL_SYNTAX,
+                            f"message 1 offers more than {MAX_TRANSFORMS} transforms",
+                        )
+                    t += max(struct.unpack_from("!H", data, t + 2)[0], 4)
+                if proposals > MAX_PROPOSALS:
+                    raise NotifyError(
+                        NotifyType.BAD_PROPOSAL_SYNTAX,
+                        f"message 1 offers more than {MAX_PROPOSALS} proposals",
+                    )
+                p += max(prop_len, 8)
+            return
+        off += plen
+        np = nxt
+
+
+def _select(
+    config: Phase1Config, peer: ipaddress.IPv4Address, sa: SaPayload
+) -> tuple[Proposal, Transform, Phase1Proposal]:
+    for prop in sa.proposals:
+        if prop.protocol_id != ProtocolId.PROTO_ISAKMP:
+            continue
+        for t in prop.transforms:
+            offered = Phase1Proposal.from_transform(t)
+            if offered is None:
+                continue
+            if offered.auth == AuthenticationMethod.PRE_SHARED_KEY and config.psk_lookup(peer) is None:
+                continue
+            if offered.auth == AuthenticationMethod.RSA_SIG and config.signature is None:
+                continue
+            for ours in config.proposals:
+                if ours.matches(offered):
+                    if offered.lifetime >= ours.lifetime:
+                        return prop, t, ours  # shared, not one object per message 1
+                    return prop, t, Phase1Proposal(
+                        offered.key_bits, offered.hash, offered.auth, offered.group, offered.lifetime
+                    )
+    offered = [t for prop in sa.proposals for t in prop.transforms]
+    offered_text = "; ".join(  # the first few: the reason is logged, and cheap to build
+        p.describe() if p else "unsupported transform" for p in map(Phase1Proposal.from_transform, offered[:4])
+    )
+    more = f"; {len(offered) - 4} more" if len(offered) > 4 else ""
+    raise NotifyError(NotifyType.NO_PROPOSAL_CHOSEN, f"no acceptable proposal (offered: {offered_text}{more})")
+
+
+def respond_mm1(
+    config: Phase1Config,
+    peer: ipaddress.IPv4Address,
+    data: bytes,
+    header: IsakmpHeader,
+    rcky: bytes,
+    now: float,
+) -> tuple[HalfOpen, bytes]:
+    """Answer message 1 with message 2 and return the little that message 3 needs.
+
+    Cheap on hostile input: the size and the number of proposals/transforms are
+    checked before the offer is decoded.  Message 2 is never longer than message 1
+    (our version VID is left out when it would be: no amplification).
+    Raises NotifyError/DecodeError for the notify to answer with.
+    """
+    if len(data) > MAX_MM1_LEN:
+        raise DecodeError("Main Mode message 1", "length", f"{len(data)} octets, at most {MAX_MM1_LEN}")
+    if header.responder_cookie != bytes(8):
+        raise DecodeError("ISAKMP header", "responder_cookie", "must be zero in message 1")
+    _check_offer_size(header.next_payload, data)
+    msg = decode_plain(data)
+    sa = msg.get(SaPayload)
+    if sa is None:
+        raise NotifyError(NotifyType.PAYLOAD_MALFORMED, "message 1 without SA")
+    if sa.doi not in (Doi.IPSEC, Doi.GDOI):
+        raise NotifyError(NotifyType.DOI_NOT_SUPPORTED, f"DOI {sa.doi}")
+    sai_b = msg.payloads[0].body if msg.types[0] == sa.payload_type else sa.encode_body()
+    prop, t, proposal = _select(config, peer, sa)
+    peer_version = version_from_vids(msg.all(VendorIdPayload))
+    reply_sa = SaPayload(sa.doi, sa.situation, (Proposal(prop.number, prop.protocol_id, prop.spi, (t,)),))
+    icky = header.initiator_cookie
+    mm2 = encode_plain(icky, rcky, MAIN_MODE, 0, [reply_sa])
+    if config.software_version is not None:
+        with_vid = encode_plain(icky, rcky, MAIN_MODE, 0, [reply_sa, version_vid(config.software_version)])
+        if len(with_vid) <= len(data):
+            mm2 = with_vid
+    return HalfOpen(sai_b, proposal, peer_version, now), mm2
+
+
 class MainModeResponder(_MainMode):
-    """The KS side; created by the shell for each new initiator cookie."""
+    """The KS side.
+
+    The key server answers message 1 with :func:`respond_mm1` and keeps only a
+    :class:`HalfOpen`; a machine (:meth:`resume`) exists from message 3 on, once the
+    initiator proved its address with the responder cookie.  Created directly, the
+    machine also takes message 1 itself (tests, simple shells).
+    """
 
     @property
     def is_initiator(self) -> bool:
@@ -731,6 +949,23 @@ class MainModeResponder(_MainMode):
         super().__init__(config, peer, now)
         self.rcky = secrets.token_bytes(8)
         self.deadline = now + config.half_open_timeout
+
+    @classmethod
+    def resume(
+        cls,
+        config: Phase1Config,
+        peer: ipaddress.IPv4Address,
+        icky: bytes,
+        rcky: bytes,
+        half: HalfOpen,
+        now: float,
+    ) -> MainModeResponder:
+        """A responder that answered message 1 statelessly and now gets message 3."""
+        self = cls(config, peer, now)
+        self.icky, self.rcky = icky, rcky
+        self.sai_b, self.proposal, self.peer_version = half.sai_b, half.proposal, half.peer_version
+        self.state = _State.MM2_SENT
+        return self
 
     def on_timeout(self, now: float) -> Output:
         # Responders never retransmit on their own (the initiator drives);
@@ -744,51 +979,13 @@ class MainModeResponder(_MainMode):
         self.last_sent = data
         out.send.append(data)
 
-    def _select(self, sa: SaPayload) -> tuple[Proposal, Transform, Phase1Proposal]:
-        for prop in sa.proposals:
-            if prop.protocol_id != ProtocolId.PROTO_ISAKMP:
-                continue
-            for t in prop.transforms:
-                offered = Phase1Proposal.from_transform(t)
-                if offered is None:
-                    continue
-                if offered.auth == AuthenticationMethod.PRE_SHARED_KEY and self.config.psk_lookup(self.peer) is None:
-                    continue
-                if offered.auth == AuthenticationMethod.RSA_SIG and self.config.signature is None:
-                    continue
-                for ours in self.config.proposals:
-                    if ours.matches(offered):
-                        life = min(offered.lifetime, ours.lifetime)
-                        return prop, t, Phase1Proposal(
-                            offered.key_bits, offered.hash, offered.auth, offered.group, life
-                        )
-        offered_text = "; ".join(
-            p.describe() if p else "unsupported transform"
-            for prop in sa.proposals
-            for p in (Phase1Proposal.from_transform(t) for t in prop.transforms)
-        )
-        raise NotifyError(NotifyType.NO_PROPOSAL_CHOSEN, f"no acceptable proposal (offered: {offered_text})")
-
     def _step(self, data: bytes, header: IsakmpHeader, now: float, out: Output) -> None:
         if self.state == _State.INIT:
-            msg = decode_plain(data)
             self.icky = header.initiator_cookie
-            if header.responder_cookie != bytes(8):
-                raise DecodeError("ISAKMP header", "responder_cookie", "must be zero in message 1")
-            sa = msg.get(SaPayload)
-            if sa is None:
-                raise NotifyError(NotifyType.PAYLOAD_MALFORMED, "message 1 without SA")
-            if sa.doi not in (Doi.IPSEC, Doi.GDOI):
-                raise NotifyError(NotifyType.DOI_NOT_SUPPORTED, f"DOI {sa.doi}")
-            self.sai_b = msg.payloads[0].body if msg.types[0] == sa.payload_type else sa.encode_body()
-            prop, t, self.proposal = self._select(sa)
-            self.peer_version = version_from_vids(msg.all(VendorIdPayload))
-            reply_sa = SaPayload(sa.doi, sa.situation, (Proposal(prop.number, prop.protocol_id, prop.spi, (t,)),))
-            payloads: list[Payload] = [reply_sa]
-            if self.config.software_version is not None:
-                payloads.append(version_vid(self.config.software_version))
+            half, mm2 = respond_mm1(self.config, self.peer, data, header, self.rcky, now)
+            self.sai_b, self.proposal, self.peer_version = half.sai_b, half.proposal, half.peer_version
             self.state = _State.MM2_SENT
-            self._send(encode_plain(self.icky, self.rcky, MAIN_MODE, 0, payloads), now, out)
+            self._send(mm2, now, out)
         elif self.state == _State.MM2_SENT:
             msg = decode_plain(data)
             ke = msg.get(KePayload)
@@ -796,6 +993,7 @@ class MainModeResponder(_MainMode):
             if ke is None or ni is None:
                 raise NotifyError(NotifyType.PAYLOAD_MALFORMED, "message 3 needs KE and NONCE")
             assert self.proposal is not None
+            # The first Diffie-Hellman work of the exchange: the peer proved its address.
             self.dh = DhKeyPair.generate(self.proposal.group)
             self.gxi = ke.data
             self.gxr = self.dh.public_bytes
@@ -804,13 +1002,19 @@ class MainModeResponder(_MainMode):
             except CryptoError as exc:
                 raise NotifyError(NotifyType.INVALID_KEY_INFORMATION, str(exc)) from exc
             self.ni_b = ni.data
-            self.nr_b = secrets.token_bytes(NONCE_LEN)
+            # Nr as long as Ni (RFC 2409 allows 8..256 octets): message 4 stays no longer than 3.
+            self.nr_b = secrets.token_bytes(min(NONCE_LEN, max(MIN_NONCE_LEN, len(ni.data))))
             self._derive(gxy)
-            payloads = [KePayload(self.gxr), NoncePayload(self.nr_b)]
+            payloads: list[Payload] = [KePayload(self.gxr), NoncePayload(self.nr_b)]
+            mm4 = encode_plain(self.icky, self.rcky, MAIN_MODE, 0, payloads)
             if self.proposal.auth == AuthenticationMethod.RSA_SIG:
-                payloads.append(CrPayload(CertEncoding.X509_CERT_SIGNATURE))
+                with_cr = encode_plain(
+                    self.icky, self.rcky, MAIN_MODE, 0, [*payloads, CrPayload(CertEncoding.X509_CERT_SIGNATURE)]
+                )
+                if len(with_cr) <= len(data):  # CR is a hint; our peers send CERT anyway
+                    mm4 = with_cr
             self.state = _State.MM4_SENT
-            self._send(encode_plain(self.icky, self.rcky, MAIN_MODE, 0, payloads), now, out)
+            self._send(mm4, now, out)
         elif self.state == _State.MM4_SENT:
             msg = self._decrypt(data, header)
             peer_id, cert = self._verify_auth(msg, now)
@@ -835,6 +1039,10 @@ def proposals_from_policy(
 
 
 __all__ = [
+    "MAX_MM1_LEN",
+    "MAX_PROPOSALS",
+    "MAX_TRANSFORMS",
+    "HalfOpen",
     "IkeSa",
     "MainModeInitiator",
     "MainModeResponder",
@@ -845,7 +1053,9 @@ __all__ = [
     "Phase1Failed",
     "Phase1Proposal",
     "ProtocolError",
+    "ResponderCookies",
     "SignatureCredentials",
     "plain_notify",
     "proposals_from_policy",
+    "respond_mm1",
 ]
