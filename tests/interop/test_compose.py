@@ -552,6 +552,7 @@ class TestBasic:
         before = {gm: t.gm(gm) for gm in gms}
 
         t0 = time.monotonic()
+        t0_wall = time.time()  # GM log lines carry wall-clock stamps
         out = t.exec("ks", "gdoictl", "--yes", "clear", "crypto", "gdoi", "ks", "members").stdout
         assert "% This GM-Removal message will shorten all GMs' key lifetimes" in out, out
         assert "Sending GM-Removal message to group GET..." in out, out
@@ -586,13 +587,16 @@ class TestBasic:
         took = time.monotonic() - t0
         new_regs = {gm: t.events(gm, "GM_REGS_COMPL")[regs0[gm] :] for gm in gms}
         assert all(new_regs.values()), new_regs
-        assert took < deadline + 2, (
-            f"re-registered {took:.1f} s after the removal, TEKs ran {deadline} s"
+        # When the GMs re-registered (their log stamps), not when polling noticed it:
+        # `docker-compose exec` alone takes seconds on a loaded machine.
+        registered_after = max(regs[0][0] for regs in new_regs.values()) - t0_wall
+        assert registered_after < deadline + 1, (
+            f"re-registered {registered_after:.1f} s after the removal, TEKs ran {deadline} s"
         )
         after = {gm: t.gm(gm) for gm in gms}
         for gm in gms:
             assert after[gm]["kek_spi"] not in (None, before[gm]["kek_spi"]), after[gm]
-        print(f"basic: transitional removal, both GMs re-registered after {took:.1f} s")
+        print(f"basic: transitional removal, both GMs re-registered after {registered_after:.1f} s (seen after {took:.1f} s)")
         # Both on the KS's new keys: LAN traffic flows again.
         t.wait_for(
             "ping on the new keys",
