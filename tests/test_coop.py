@@ -30,6 +30,7 @@ from gdoid.protocol.constants import ExchangeType
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import SoftwareVersion
+from tests.recorder import Events
 
 T0 = 5_000_000.0
 GROUP = 1234
@@ -91,19 +92,6 @@ servers = [{servers}]
 """
 
 Node = KeyServerEngine | GroupMemberEngine
-
-
-class Events:
-    """A logger that keeps each event's name (mnemonics included) for assertions."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def log(self, level: int, event: str, **fields: object) -> None:
-        self.names.append(event)
-
-    def __getattr__(self, level: str) -> object:
-        return lambda event, **fields: self.names.append(event)
 
 
 @pytest.fixture

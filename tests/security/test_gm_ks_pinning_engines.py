@@ -26,6 +26,7 @@ from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol import crypto
 from gdoid.protocol.pki import generate_test_pki, load_private_key
+from tests.recorder import Events
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +78,6 @@ def psk_auth() -> str:
 
 def pki_auth(pki: dict[str, Path], name: str) -> str:
     return f'[auth.pki]\nca_file = "{pki["ca.pem"]}"\ncert_file = "{pki[name + ".pem"]}"\nkey_file = "{pki[name + ".key"]}"\n'
-
-
-class Events:
-    """A logger that keeps (event, fields) for assertions."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, object]]] = []
-
-    def log(self, level: int, event: str, **fields: object) -> None:
-        self.lines.append((event, fields))
-
-    def __getattr__(self, level: str) -> object:
-        return lambda event, **fields: self.lines.append((event, fields))
-
-    def find(self, event: str) -> list[dict[str, object]]:
-        return [f for e, f in self.lines if e == event]
 
 
 @pytest.fixture

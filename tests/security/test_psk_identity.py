@@ -28,6 +28,7 @@ from gdoid.protocol.ike import MainModeInitiator, MainModeResponder, Phase1Estab
 from gdoid.protocol.message import decode_plain
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.pki import load_private_key
+from tests.recorder import Events
 from tests.test_ike import GM_ADDR, KS_ADDR, T0, config
 
 KS = "127.0.0.1"
@@ -67,22 +68,6 @@ name = "GET"
 number = 1234
 servers = ["127.0.0.1"]
 """
-
-
-class Events:
-    """A logger that keeps (event, fields) for assertions."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, dict[str, object]]] = []
-
-    def log(self, level: int, event: str, **fields: object) -> None:
-        self.lines.append((event, fields))
-
-    def __getattr__(self, level: str) -> object:
-        return lambda event, **fields: self.lines.append((event, fields))
-
-    def find(self, event: str) -> list[dict[str, object]]:
-        return [f for e, f in self.lines if e == event]
 
 
 @pytest.fixture
