@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         _fatal(args.log_format, str(exc))
         return 2
     except PermissionError as exc:
-        _fatal(args.log_format, f"{exc} (binding port 848 needs root or CAP_NET_BIND_SERVICE; try --base-port)")
+        # A file (a key, /dev/net/tun) names itself; a bind does not.
+        hint = "" if exc.filename else " (binding port 848 needs root or CAP_NET_BIND_SERVICE; try --base-port)"
+        _fatal(args.log_format, f"{exc}{hint}")
         return 2
     except OSError as exc:
         _fatal(args.log_format, str(exc))

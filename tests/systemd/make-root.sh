@@ -24,6 +24,7 @@ if [ ! -s "$TARBALL" ]; then
         "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/locale/*
     # A booted container needs no getty on its console.
     rm -f "$ROOTFS"/etc/systemd/system/getty.target.wants/* 
+    chmod 0755 "$ROOTFS"  # mktemp made it 0700: "/" of the booted system
     tar -C "$ROOTFS" --numeric-owner -cf "$TARBALL.tmp" .
     mv "$TARBALL.tmp" "$TARBALL"
     rm -rf "$ROOTFS"
