@@ -13,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gdoid import log
+from tests.netns import netns_required  # noqa: F401  (fixture)
 from tests.procs import (
     Daemon,
     auth_toml,
@@ -169,3 +172,55 @@ def test_journal_message_carries_details_and_fatal_errors_are_errors(tmp_path: P
     assert entry["PRIORITY"] == "3" and entry["MESSAGE"].startswith("startup_failed error=")
     assert "bogus" in entry["GDOI_ERROR"]
 
+
+
+READY_SCRIPT = """
+import asyncio, subprocess, sys, tempfile, time
+from pathlib import Path
+from gdoid.config import load_gm_config, load_ks_config
+from gdoid.groupmember.daemon import GroupMemberDaemon
+from gdoid.keyserver.daemon import KeyServerDaemon
+from gdoid.lab import export
+
+async def main() -> None:
+    files = export(Path(tempfile.mkdtemp()), 1)
+    with files.gms[0].open("a") as f:
+        f.write("\\n[dataplane]\\nenabled = true\\n")
+    ks = KeyServerDaemon(load_ks_config(files.kss[0]))
+    gm = GroupMemberDaemon(load_gm_config(files.gms[0]))
+    real = gm.forwarder.routes.update
+    def slow(prefixes):  # netlink on a loaded host: the real update, 0.5 s late
+        time.sleep(0.5)
+        real(prefixes)
+    gm.forwarder.routes.update = slow
+    await ks.start()
+    await gm.start()
+    try:
+        await asyncio.wait_for(gm.registered.wait(), 30)  # what sends READY=1
+        routes = subprocess.run(["ip", "route", "show", "table", "26468"],
+                                capture_output=True, text=True).stdout
+        print("ROUTES " + routes.replace("\\n", "|"))
+        print("HEALTH " + (gm.health()["line"] if hasattr(gm, "health") else "none"))
+    finally:
+        await gm.close()
+        await ks.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("netns_required")
+def test_gm_ready_only_once_its_routes_are_in_place() -> None:
+    ns = f"gdoid-ready-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", READY_SCRIPT],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.startswith(("ROUTES", "HEALTH")))
+    assert "10.0.0.0/8 dev gdoi" in lines["ROUTES"], res.stdout
+    assert lines["HEALTH"].startswith("gm registered: group GET with KS 127.0.0.1")
