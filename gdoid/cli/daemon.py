@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _fatal(args.log_format, str(exc))
         return 1
+    except RuntimeError as exc:  # e.g. the control socket is in use by a running daemon
+        _fatal(args.log_format, str(exc))
+        return 1
     except KeyboardInterrupt:
         return 130
 
