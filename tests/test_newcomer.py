@@ -143,10 +143,10 @@ def test_sd_notify_status_per_attempt_and_failed_reload(tmp_path: Path) -> None:
         assert res.returncode == 1 and res.stdout.startswith("% reload failed, running configuration unchanged")
         msgs = [s.recv(4096).decode() for _ in range(2)]
         assert msgs[0].startswith("RELOADING=1")
-        assert msgs[1].startswith("READY=1\nSTATUS=reload failed: % reload failed")
+        assert msgs[1].startswith("READY=1\nSTATUS=reload failed, running configuration unchanged: ")
         ks.proc.send_signal(signal.SIGHUP)  # the same through SIGHUP
         msgs = [s.recv(4096).decode() for _ in range(2)]
-        assert msgs[1].startswith("READY=1\nSTATUS=reload failed: ")
+        assert msgs[1].startswith("READY=1\nSTATUS=reload failed, running configuration unchanged: ")
         assert ks.proc.poll() is None
 
 

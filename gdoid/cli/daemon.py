@@ -75,10 +75,12 @@ async def _run_daemon(daemon: Any, reload: Callable[[], Any] | None = None) -> i
             # both report to systemd: a failed reload is a failure, not "reloaded".
             notifier.reloading()
             resp = reload()
+            # STATUS= without the console's "% " prefix.
             if resp.ok:
-                notifier.ready("reloaded: " + (resp.output.strip() or "configuration applied"))
+                text = resp.output.strip().removeprefix("% ") or "configuration applied"
+                notifier.ready(f"reloaded: {text}")
             else:
-                notifier.notify("READY=1", f"STATUS=reload failed: {resp.error}")
+                notifier.notify("READY=1", f"STATUS={(resp.error or 'reload failed').removeprefix('% ')}")
             return resp
 
         daemon.reload = notified_reload  # the control handler calls self.reload()
