@@ -180,7 +180,8 @@ def wait(
             else:
                 last = resp.error or "bad health answer"
         except (OSError, TimeoutError) as exc:  # not started yet, or restarting
-            last = f"daemon not reachable at {path}: {exc.strerror or exc or 'no answer'}"
+            where = f" at {path}" if path is not None else ""
+            last = f"daemon not reachable{where}: {exc.strerror or exc or 'no answer'}"
         if clock() >= deadline:
             print(f"gdoictl: wait {state}: timed out after {timeout:g} s; {last}", file=sys.stderr)
             return EXIT_ERROR
