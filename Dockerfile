@@ -76,7 +76,10 @@ USER gdoid
 WORKDIR /var/lib/gdoid
 EXPOSE 848/udp
 # Role-agnostic: gdoictl talks to whichever of /run/gdoid/{ks,gm}.sock exists.
-HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["gdoictl", "--timeout", "5", "show", "crypto", "gdoi"]
+# healthy = does its job (KS listening / COOP role; GM registered in every group,
+# routes in place; docs/deploy.md "Health states").  60 s start period: a GM started
+# before its KS retries with backoff (2, 4, 8, ... s) and registers within it.
+HEALTHCHECK --interval=10s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["gdoictl", "--timeout", "5", "health"]
 ENTRYPOINT ["gdoid"]
 CMD ["--help"]

@@ -66,3 +66,36 @@ def is_read_only(words: Sequence[str]) -> bool:
     that matches no command at all: an unknown word must never widen access.
     """
     return bool(words) and _word_matches(words[0], "show")
+
+
+# Commands only one role serves: the other role names the right daemon instead of
+# answering "% Invalid input" (a newcomer's likeliest mistake is the wrong socket).
+KS_ONLY_COMMANDS = (
+    "show crypto gdoi [group <group>] ks members",
+    "show crypto gdoi [group <group>] ks coop",
+    "show crypto gdoi [group <group>] ks replay",
+    "show crypto gdoi [group <group>] ks",
+    "show crypto gdoi [group <group>] feature <feature>",
+    "show crypto gdoi feature <feature> [group <group>]",
+    "show gdoid counters",
+    "clear crypto gdoi [group <group>] ks members [now]",
+    "crypto gdoi ks [group <group>] rekey [replace-now]",
+)
+GM_ONLY_COMMANDS = (
+    "show crypto ipsec sa",
+    "show crypto gdoi [group <group>] gm replay",
+    "show crypto gdoi [group <group>] gm",
+    "clear crypto gdoi [group <group>]",
+)
+
+
+def wrong_role(words: Sequence[str], role: str) -> str | None:
+    """The refusal for a command of the other role (``role`` is "ks" or "gm"), else None."""
+    other, this, patterns = (
+        ("key-server", "a group member", KS_ONLY_COMMANDS)
+        if role == "gm"
+        else ("group-member", "a key server", GM_ONLY_COMMANDS)
+    )
+    if any(match(words, p) is not None for p in patterns):
+        return f'% "{" ".join(words)}" is a {other} command; this is {this}'
+    return None

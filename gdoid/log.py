@@ -332,8 +332,17 @@ _FIELD_OK = re.compile(r"[^A-Z0-9_]")
 
 def journal_fields(event_dict: MutableMapping[str, Any]) -> dict[str, str]:
     """An event as journald fields: MESSAGE is the IOS line, every field its own KEY."""
+    message = str(event_dict.get("event", ""))
+    if "mnemonic" not in event_dict:
+        # No IOS text: MESSAGE carries the details too (journalctl shows only MESSAGE).
+        pairs = " ".join(
+            f"{k}={_kv_value(v)}"
+            for k, v in event_dict.items()
+            if k not in ("event", "level", "timestamp", "severity", _LOGGER_KEY)
+        )
+        message = f"{message} {pairs}" if pairs else message
     fields = {
-        "MESSAGE": str(event_dict.get("event", "")),
+        "MESSAGE": message,
         # IOS severities are syslog severities: %GDOI-5-... is PRIORITY=5 (notice).
         "PRIORITY": str(event_dict.get("severity", _SYSLOG_PRIORITY.get(str(event_dict.get("level", "info")), 6))),
         "SYSLOG_IDENTIFIER": "gdoid",

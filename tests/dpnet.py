@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gdoid.dataplane.esp import EspSa, ipv4_checksum
 from gdoid.netlab import CORE_BRIDGE, GM1_WAN, GM2_WAN, KS, Topology
 from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
-from tests.procs import Daemon, gdoictl, gdoictl_json, write_private
+from tests.procs import Daemon, gdoictl, gdoictl_json, gdoictl_wait, write_private
 
 GROUP = 1234
 
@@ -354,6 +354,12 @@ class DpGroup:
         return res
 
     def wait_registered(self, gm: int, timeout: float = 30.0) -> dict[str, Any]:
+        # gdoictl's own wait (registered, TEKs and routes in place), then the strict check.
+        waited = gdoictl_wait(self.gm_socks[gm], "ready", timeout)
+        if waited.returncode != 0:
+            logs = "\n".join(f"--- {d.role}\n" + "\n".join(d.lines[-30:]) for d in self.daemons)
+            raise AssertionError(f"GM{gm} did not register: {waited.stderr}\n{logs}")
+
         def ready() -> dict[str, Any] | None:
             if not self.gm_socks[gm].exists():
                 return None

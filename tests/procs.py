@@ -243,6 +243,14 @@ def gdoictl(
     return subprocess.run([*args, *words], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
 
 
+def gdoictl_wait(socket: Path, state: str = "ready", timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``gdoictl wait registered|ready``: blocks until the daemon says so (or the timeout)."""
+    return subprocess.run(
+        [*gdoictl_cmd(), "--socket", str(socket), "wait", state, "--timeout", str(timeout)],
+        capture_output=True, text=True, timeout=timeout + 20, stdin=subprocess.DEVNULL,
+    )
+
+
 def gdoictl_json(socket: Path, *words: str) -> Any:
     res = gdoictl(socket, *words, json_out=True)
     assert res.returncode == 0, res.stdout + res.stderr

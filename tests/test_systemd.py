@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from gdoid.systemd import Notifier
-from tests.procs import GDOID, Daemon, auth_toml, gm_toml, ks_toml, write_private, write_signing_key
+from tests.procs import (
+    GDOICTL,
+    GDOID,
+    Daemon,
+    auth_toml,
+    gm_toml,
+    ks_toml,
+    write_private,
+    write_signing_key,
+)
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 
@@ -21,11 +30,15 @@ UNITS = Path(__file__).resolve().parent.parent / "systemd"
 @pytest.mark.parametrize("unit", ["gdoid-ks.service", "gdoid-gm.service"])
 def test_units_verify(tmp_path: Path, unit: str) -> None:
     # Point ExecStart at the gdoid under test; everything else is verified as shipped.
-    text = (UNITS / unit).read_text().replace("/usr/local/bin/gdoid", GDOID or sys.executable)
+    shipped = (UNITS / unit).read_text()
+    text = shipped.replace("/usr/local/bin/gdoictl ", (GDOICTL or sys.executable) + " ")
+    text = text.replace("/usr/local/bin/gdoid ", (GDOID or sys.executable) + " ")
     (tmp_path / unit).write_text(text)
     res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "Type=notify" in text and "ExecReload=/bin/kill -HUP $MAINPID" in text
+    # Reload through the control socket, so that a config that fails to load fails it.
+    assert "Type=notify" in shipped and "ExecReload=/usr/local/bin/gdoictl --socket /run/gdoid/" in shipped
+    assert "RestartPreventExitStatus=2" in shipped
 
 
 def _listen(tmp_path: Path) -> socket.socket:

@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gdoid import log
 from gdoid.config import ConfigError, load_gm_config, load_ks_config
@@ -54,42 +55,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run_daemon(daemon: object, reload: Callable[[], object] | None = None) -> int:
+async def _run_daemon(daemon: Any, reload: Callable[[], Any] | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    stopped_by: list[str] = []
     notifier = Notifier()
+
+    def on_stop(sig: signal.Signals) -> None:
+        stopped_by.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_stop, sig)
     if reload is not None:
 
-        def on_hup() -> None:
+        def notified_reload() -> Any:
+            # SIGHUP and the control socket's "reload" (ExecReload=gdoictl ... reload)
+            # both report to systemd: a failed reload is a failure, not "reloaded".
             notifier.reloading()
-            reload()
-            notifier.ready("reloaded")
+            resp = reload()
+            # STATUS= without the console's "% " prefix.
+            if resp.ok:
+                text = resp.output.strip().removeprefix("% ") or "configuration applied"
+                notifier.ready(f"reloaded: {text}")
+            else:
+                notifier.notify("READY=1", f"STATUS={(resp.error or 'reload failed').removeprefix('% ')}")
+            return resp
 
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await daemon.start()  # type: ignore[attr-defined]
+        daemon.reload = notified_reload  # the control handler calls self.reload()
+        loop.add_signal_handler(signal.SIGHUP, notified_reload)
+    if hasattr(daemon, "on_status"):
+        daemon.on_status = lambda line: notifier.notify(f"STATUS={line}")
+    await daemon.start()
+    if hasattr(daemon, "health"):
+        notifier.notify(f"STATUS={daemon.health()['line']}")
     watchdog = asyncio.create_task(notifier.watchdog_loop())
     ready = asyncio.create_task(_notify_ready(daemon, notifier))
     try:
         await stop.wait()
     finally:
         notifier.stopping()
+        # A shutdown is never silent: say why (a signal) before the sockets close.
+        daemon.log.info("shutdown", signal=stopped_by[0] if stopped_by else "none")
         for t in (watchdog, ready):
             t.cancel()
-        await daemon.close()  # type: ignore[attr-defined]
+        await daemon.close()
     return 0
 
 
-async def _notify_ready(daemon: object, notifier: Notifier) -> None:
-    """READY=1: a KS once it listens, a GM once every group is registered."""
+async def _notify_ready(daemon: Any, notifier: Notifier) -> None:
+    """READY=1: a KS once it listens, a GM once every group is registered and routed."""
     registered = getattr(daemon, "registered", None)
     if registered is not None:
         await registered.wait()
-        notifier.ready("registered")
+        notifier.ready("registered: " + daemon.health()["detail"])
     else:
         notifier.ready("listening")
+
+
+def _fatal(fmt: str, text: str) -> None:
+    """A startup error: on stderr, and in the journal at error priority (not info)."""
+    if fmt == "journal":
+        log.get_logger("gdoid").error("startup_failed", error=text)
+    print(f"gdoid: {text}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "gm":
             from gdoid.groupmember.daemon import GroupMemberDaemon
 
-            return asyncio.run(_run_daemon(GroupMemberDaemon(load_gm_config(args.config), args.keylog)))
+            gm = GroupMemberDaemon(load_gm_config(args.config), args.keylog, config_path=args.config)
+            return asyncio.run(_run_daemon(gm, reload=gm.reload))
         from gdoid import lab
 
         if not 1 <= args.gms <= 250 or not 1 <= args.kss <= 250:
@@ -123,17 +153,22 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(
             lab.run_lab(args.gms, args.base_port, args.keylog, args.duration, args.timeout, kss=args.kss)
         )
+    # Exit 2: a configuration error that a restart cannot fix (the units'
+    # RestartPreventExitStatus=2); exit 1: maybe transient (an address not up yet).
     except (ConfigError, PkiError) as exc:
-        print(f"gdoid: {exc}", file=sys.stderr)
+        _fatal(args.log_format, str(exc))
         return 2
     except PermissionError as exc:
-        # A named file (e.g. /dev/net/tun) is a different problem than a port.
+        # A file (a key, /dev/net/tun) names itself; a bind does not.
         hint = "" if exc.filename else " (binding port 848 needs root or CAP_NET_BIND_SERVICE; try --base-port)"
-        print(f"gdoid: {exc}{hint}", file=sys.stderr)
+        _fatal(args.log_format, f"{exc}{hint}")
         return 2
     except OSError as exc:
-        print(f"gdoid: {exc}", file=sys.stderr)
-        return 2
+        _fatal(args.log_format, str(exc))
+        return 1
+    except RuntimeError as exc:  # e.g. the control socket is in use by a running daemon
+        _fatal(args.log_format, str(exc))
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -1,6 +1,8 @@
 """gdoictl: the IOS-like console of the gdoid daemons.
 
     gdoictl [--socket PATH] [--json] [--yes] WORD...
+    gdoictl [--socket PATH] health
+    gdoictl [--socket PATH] wait registered|ready [--timeout S]
 
 The words form one IOS command line, optionally followed by output filters
 (``| include REGEX``, ``| exclude REGEX``, ``| begin REGEX``) applied here
@@ -9,6 +11,14 @@ argument: both ``gdoictl show crypto gdoi feature gm-removal '|' include No``
 and ``gdoictl "show crypto gdoi feature gm-removal | include No"`` work.
 
 Exit codes: 0 success, 1 refused / aborted / error, 2 daemon unreachable.
+
+``health`` prints one line, ``<role> <state>: <detail>``, and exits 0 when the
+daemon does its job (KS: listening, and in COOP primary or secondary; GM: every
+group registered and the data-path routes in place), 1 when it does not yet, 2
+when it cannot be reached.  ``wait`` asks the same question every
+:data:`WAIT_INTERVAL` seconds until the answer is yes (exit 0) or the timeout
+passes (exit 1, with the last state as the reason); ``registered`` means a GM
+registered in every group, or a KS with a member in every group.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +45,11 @@ DEFAULT_SOCKETS: tuple[Path, ...] = (Path("/run/gdoid/ks.sock"), Path("/run/gdoi
 FILTER_KINDS = ("include", "exclude", "begin")
 # A daemon keeps asking only while it has new prompts; bound it against a buggy one.
 _MAX_CONFIRM_ROUNDS = 4
+HEALTH_COMMAND = ("show", "gdoid", "health")
+WAIT_STATES = ("registered", "ready")
+# The control protocol is request/response, so waiting on another process polls it;
+# a health answer costs the daemon a few microseconds.
+WAIT_INTERVAL = 0.1
 
 
 class UsageError(Exception):
@@ -121,7 +137,55 @@ def _ask(prompt: str, stdin: TextIO, stdout: TextIO, assume_yes: bool) -> bool:
     answer = stdin.readline()
     if not stdin.isatty():
         stdout.write(answer if answer.endswith("\n") else answer + "\n")  # echo piped answers
+        if not answer:
+            # A script without --yes: IOS's silent abort would look like success.
+            stdout.flush()
+            print(
+                "gdoictl: aborted: this command asks for confirmation and stdin is not a "
+                "terminal (no answer read); nothing was done. Add --yes to confirm.",
+                file=sys.stderr,
+            )
     return answer.strip() == "yes"
+
+
+def health(send: Callable[[ControlRequest], ControlResponse], stdout: TextIO) -> int:
+    """One line of state; exit 0 when the daemon does its job, else 1."""
+    resp = send(ControlRequest(HEALTH_COMMAND))
+    if not resp.ok or not isinstance(resp.data, dict):
+        _write_text(stdout, resp.error or "bad health answer")
+        return EXIT_ERROR
+    _write_text(stdout, str(resp.data.get("line", "")))
+    return EXIT_OK if resp.data.get("healthy") else EXIT_ERROR
+
+
+def wait(
+    state: str,
+    timeout: float,
+    send: Callable[[ControlRequest], ControlResponse],
+    path: Path | None,
+    stdout: TextIO,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Ask the daemon until it reaches ``state``; a socket not there yet is waited for too."""
+    deadline = clock() + timeout
+    key = "registered" if state == "registered" else "healthy"
+    while True:
+        try:
+            resp = send(ControlRequest(HEALTH_COMMAND))
+            if resp.ok and isinstance(resp.data, dict):
+                last = str(resp.data.get("line", ""))
+                if resp.data.get(key):
+                    _write_text(stdout, last)
+                    return EXIT_OK
+            else:
+                last = resp.error or "bad health answer"
+        except (OSError, TimeoutError) as exc:  # not started yet, or restarting
+            where = f" at {path}" if path is not None else ""
+            last = f"daemon not reachable{where}: {exc.strerror or exc or 'no answer'}"
+        if clock() >= deadline:
+            print(f"gdoictl: wait {state}: timed out after {timeout:g} s; {last}", file=sys.stderr)
+            return EXIT_ERROR
+        time.sleep(WAIT_INTERVAL)
 
 
 def _write_text(stdout: TextIO, text: str) -> None:
@@ -163,6 +227,17 @@ def run(
     return EXIT_OK if resp.ok else EXIT_ERROR
 
 
+def _parse_wait(words: Sequence[str]) -> tuple[str, float]:
+    """``registered|ready [--timeout S]`` (default 60 s)."""
+    p = _Parser(prog="gdoictl wait", add_help=False)
+    p.add_argument("state", choices=WAIT_STATES)
+    p.add_argument("--timeout", type=float, default=60.0)
+    args = p.parse_args(list(words))
+    if args.timeout < 0:
+        raise UsageError("--timeout must not be negative")
+    return args.state, args.timeout
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
         prog="gdoictl", description="Send an IOS-style command to a running gdoid daemon."
@@ -190,16 +265,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gdoictl: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
+    waiting: tuple[str, float] | None = None
+    if command[0] == "wait":
+        try:
+            waiting = _parse_wait(command[1:])
+        except UsageError as exc:
+            print(f"gdoictl: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     try:
         path = args.socket or default_socket()
     except ConnectionError as exc:
-        print(f"gdoictl: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        if waiting is None:
+            print(f"gdoictl: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        path = None  # the daemon may not have created its socket yet
 
     def send(req: ControlRequest) -> ControlResponse:
+        nonlocal path
+        if path is None:
+            path = default_socket()
         return request_sync(path, req, timeout=args.timeout)
 
     try:
+        if waiting is not None:
+            return wait(waiting[0], waiting[1], send, path, sys.stdout)
+        if command == ("health",):
+            return health(send, sys.stdout)
         return run(
             command,
             filters,

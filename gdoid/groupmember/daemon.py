@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gdoid import log
-from gdoid.commands import match
-from gdoid.config import GmConfig
+from gdoid.commands import match, wrong_role
+from gdoid.config import ConfigError, GmConfig, load_gm_config
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.dataplane.engine import Dataplane
 from gdoid.dataplane.forwarder import Forwarder
@@ -17,6 +17,7 @@ from gdoid.groupmember.engine import GroupMemberEngine, Registration, RegState
 from gdoid.keylog import KeyLog
 from gdoid.keyserver.show import kek_spi_text, tek_spi_text
 from gdoid.phase1 import phase1_config
+from gdoid.protocol.pki import PkiError
 from gdoid.protocol.policy import SenderIds, Tek
 from gdoid.shell import UdpShell, wall_clock
 
@@ -42,8 +43,16 @@ class _DataplaneSync:
 
 
 class GroupMemberDaemon:
-    def __init__(self, config: GmConfig, keylog_dir: Path | None = None, tick: float = 0.25) -> None:
+    def __init__(
+        self, config: GmConfig, keylog_dir: Path | None = None, tick: float = 0.25,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
+        # Called with a one-line state after every registration attempt (sd_notify STATUS=).
+        self.on_status: Callable[[str], object] | None = None
+        # The latest TUN route update: READY and health wait for it (no clear-text window).
+        self._routes_task: asyncio.Task[bool] | None = None
         self.log = log.get_logger("gdoid.gm")
         keylog_dir = keylog_dir or config.keylog_dir
         self.keylog = KeyLog(keylog_dir) if keylog_dir is not None else None
@@ -79,8 +88,72 @@ class GroupMemberDaemon:
                               control_group=config.control_group)
 
     def _on_event(self, what: str, reg: Registration) -> None:
-        if all(r.registered_at is not None for r in self.engine.registrations.values()):
+        if what in ("registered", "failed") and self.on_status is not None:
+            self.on_status(self.health()["line"])
+        if self.registered.is_set() or not all(
+            r.registered_at is not None for r in self.engine.registrations.values()
+        ):
+            return
+        task = self._routes_task
+        if task is None or task.done():
             self.registered.set()
+        else:  # READY=1 only once the routes for the new TEKs are in place
+            task.add_done_callback(lambda _t: self.registered.set())
+
+    def health(self) -> dict[str, Any]:
+        """Registered to a KS for every group, and the data-path routes in place."""
+        now = wall_clock()
+        waiting = []
+        for r in self.engine.registrations.values():
+            g = self.engine.sadb.groups.get(r.group.number)
+            # Re-registering with valid keys still does the job.
+            if r.state == RegState.REGISTERED or (g is not None and g.active_teks(now)):
+                continue
+            text = f"group {r.group.name}: {r.state.name.lower()} with KS {r.ks}"
+            if r.failures:
+                text += f", {r.failures} failed attempt(s), last: {r.last_failure}"
+            waiting.append(text)
+        registered = not waiting
+        task = self._routes_task
+        routes = task is None or (task.done() and not task.cancelled() and task.result())
+        if not registered:
+            state, detail = "registering", "; ".join(waiting)
+        elif not routes:
+            state = "installing-routes" if task is not None and not task.done() else "routes-failed"
+            detail = "registered; data-path routes not in place yet" if state == "installing-routes" \
+                else "registered; the data-path route update failed (see the log)"
+        else:
+            state = "registered"
+            detail = ", ".join(
+                f"group {r.group.name} with KS {r.registered_ks}"
+                for r in self.engine.registrations.values()
+            )
+        return {"role": "gm", "state": state, "healthy": registered and bool(routes),
+                "registered": registered, "detail": detail, "line": f"gm {state}: {detail}"}
+
+    def reload(self) -> ControlResponse:
+        """SIGHUP / ``reload``: check the config file; a GM applies changes on restart only.
+
+        Re-registering every group on a reload would open a window without keys, so a
+        reload validates the file and says what would change; the running GM goes on.
+        """
+        if self.config_path is None:
+            return ControlResponse.failure("% no configuration file to reload")
+        try:
+            new = load_gm_config(self.config_path)
+        except (ConfigError, PkiError, OSError) as exc:
+            self.log.error("reload_failed", error=str(exc))
+            return ControlResponse.failure(f"% reload failed, running configuration unchanged: {exc}")
+        if new == self.config:
+            self.log.info("reload_config_unchanged", path=str(self.config_path))
+            return ControlResponse(ok=True, output="% configuration unchanged\n", data={"changed": False})
+        self.log.warning("reload_config_changed_restart_needed", path=str(self.config_path))
+        return ControlResponse(
+            ok=True,
+            output="% configuration changed; a group member applies it on restart "
+            "(systemctl restart gdoid-gm)\n",
+            data={"changed": True},
+        )
 
     async def start(self) -> None:
         if self.forwarder is not None:
@@ -122,7 +195,7 @@ class GroupMemberDaemon:
 
     def routes_changed(self) -> None:
         if self.forwarder is not None and self.forwarder.running:
-            self.forwarder.update_routes()
+            self._routes_task = self.forwarder.update_routes()
 
     # --- control socket -------------------------------------------------------
 
@@ -148,7 +221,13 @@ class GroupMemberDaemon:
                 out += self.engine.reregister(r.group.number, now)
             await self.shell.send_all(out)
             return ControlResponse(ok=True, output="% re-registering\n")
-        return ControlResponse.failure(f"% Invalid input: {' '.join(req.command)}")
+        if match(req.command, "show gdoid health") is not None:
+            h = self.health()
+            return ControlResponse(ok=True, output=h["line"] + "\n", data=h)
+        if match(req.command, "reload") is not None:
+            return self.reload()
+        other = wrong_role(req.command, "gm")
+        return ControlResponse.failure(other or f"% Invalid input: {' '.join(req.command)}")
 
     def _show_ipsec_sa(self, now: float) -> ControlResponse:
         if self.dataplane is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gdoid import log
-from gdoid.commands import match
+from gdoid.commands import match, wrong_role
 from gdoid.config import ConfigError, KsConfig, load_ks_config
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.keylog import KeyLog
@@ -189,7 +189,26 @@ class KeyServerDaemon:
             return await self._rekey(params, now)
         if match(words, "reload") is not None:
             return self.reload()
-        return ControlResponse.failure(f"% Invalid input: {' '.join(words)}")
+        if match(words, "show gdoid health") is not None:
+            h = self.health()
+            return ControlResponse(ok=True, output=h["line"] + "\n", data=h)
+        other = wrong_role(words, "ks")
+        return ControlResponse.failure(other or f"% Invalid input: {' '.join(words)}")
+
+    def health(self) -> dict[str, Any]:
+        """Listening and, in COOP, holding a role; ``registered``: a member in every group."""
+        role = self.role_name
+        healthy = role in ("Primary", "Secondary")
+        state = "listening" if self.coop is None else role.lower()
+        if not healthy:
+            state = "electing"
+        members = {g.name: len(g.members) for g in self.groups.values()}
+        detail = ", ".join(f"group {n}: {c} member(s)" for n, c in members.items())
+        if self.coop is not None:
+            detail = f"COOP {role.lower() if healthy else 'election pending'}; " + detail
+        return {"role": "ks", "state": state, "healthy": healthy,
+                "registered": all(members.values()), "detail": detail,
+                "line": f"ks {state}: {detail}"}
 
     def _show_gdoi(self, params: dict[str, str], now: float) -> ControlResponse:
         groups = self._groups(params.get("group"))
@@ -305,7 +324,11 @@ class KeyServerDaemon:
             del self.groups[number]
         if self.coop is not None and new.coop is not None:
             self.coop.reload(new.coop, phase1, now)  # fresh credentials, peers and groups
+        unchanged = new == self.config
         self.config = new
+        if unchanged and not changed:
+            self.log.info("reload_config_unchanged", path=str(self.config_path))
+            return ControlResponse(ok=True, output="% configuration unchanged\n", data={"changed": []})
         return ControlResponse(ok=True, output="".join(
             log.POLICY_CHANGE.text(group=name) + "\n" for name in changed
         ), data={"changed": changed})
