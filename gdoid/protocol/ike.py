@@ -1042,6 +1042,7 @@ __all__ = [
     "MAX_MM1_LEN",
     "MAX_PROPOSALS",
     "MAX_TRANSFORMS",
+    "NONCE_LEN",
     "HalfOpen",
     "IkeSa",
     "MainModeInitiator",

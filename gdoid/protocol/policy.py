@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from gdoid.protocol import crypto
 from gdoid.protocol.attributes import Attribute, find
 from gdoid.protocol.constants import (
+    GDOI_PORT,
     AddressPreservation,
     AuthenticationAlgorithm,
     EncapsulationMode,
@@ -148,7 +149,7 @@ class Kek:
     sig_key_bits: int
     public_key_der: bytes  # KS rekey verification key, SubjectPublicKeyInfo
     ks_address: ipaddress.IPv4Address
-    port: int = 848
+    port: int = GDOI_PORT
 
     def remaining(self, now: float) -> int:
         return max(0, int(self.expires_at - now))

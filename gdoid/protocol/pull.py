@@ -44,7 +44,7 @@ from gdoid.protocol.constants import (
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError
 from gdoid.protocol.gdoi_payloads import GapPayload, GdoiSaPayload, KdPayload, SeqPayload
 from gdoid.protocol.identity import IdentityPattern, describe_certificate, matching_pattern
-from gdoid.protocol.ike import IkeSa
+from gdoid.protocol.ike import NONCE_LEN, IkeSa
 from gdoid.protocol.message import Message, encode_payloads
 from gdoid.protocol.payloads import (
     CertPayload,
@@ -66,8 +66,6 @@ from gdoid.protocol.policy import (
     parse_keys,
     parse_sa,
 )
-
-NONCE_LEN = 32
 
 # GAP attribute in message 3 asking the KS to prove its role in message 4; the
 # value is a PopMethod. Private-use range of RFC 6407's GAP attribute registry.
