@@ -25,24 +25,21 @@ from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.crypto import HashAlgorithm
 from gdoid.protocol.datagram import Address, Outgoing
 from gdoid.protocol.errors import NotifyError, ProtocolError
+from gdoid.protocol.events import Phase1Established, Phase1Failed, PullFailed, Registered
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.identity import describe_certificate, matching_pattern
 from gdoid.protocol.ike import (
     IkeSa,
     MainModeInitiator,
     Phase1Config,
-    Phase1Established,
-    Phase1Failed,
 )
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.policy import GroupKeys, ParsedSa, SenderIds, Tek, parse_keys, parse_sa
 from gdoid.protocol.pull import (
     KsPinning,
     PopMethod,
-    PullFailed,
     PullInitiator,
     PullOutput,
-    Registered,
     rekey_key_fingerprint,
 )
 from gdoid.protocol.push import POLICY_REPLACE_NOW, RemovalMode, ack_key, build_ack, open_push

@@ -39,13 +39,12 @@ from gdoid.protocol.ann import AnnBlock, AnnFlag, AnnPayload, BlockType, Role, o
 from gdoid.protocol.constants import AuthenticationMethod
 from gdoid.protocol.datagram import Address, Outgoing
 from gdoid.protocol.errors import ProtocolError
+from gdoid.protocol.events import Phase1Established, Phase1Failed
 from gdoid.protocol.identity import describe_certificate, matching_pattern
 from gdoid.protocol.ike import (
     IkeSa,
     MainModeInitiator,
     Phase1Config,
-    Phase1Established,
-    Phase1Failed,
 )
 from gdoid.protocol.version import SoftwareVersion
 

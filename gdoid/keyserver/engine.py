@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.datagram import Address, Outgoing
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError, ProtocolError
+from gdoid.protocol.events import MemberRegistered, Phase1Established, Phase1Failed, PullFailed
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.ike import (
     MAX_MM1_LEN,
@@ -31,8 +32,6 @@ from gdoid.protocol.ike import (
     IkeSa,
     MainModeResponder,
     Phase1Config,
-    Phase1Established,
-    Phase1Failed,
     Phase1Proposal,
     ResponderCookies,
     plain_notify,
@@ -40,7 +39,7 @@ from gdoid.protocol.ike import (
 )
 from gdoid.protocol.payloads import DeletePayload, NotifyPayload
 from gdoid.protocol.policy import GroupKeys, SenderIds
-from gdoid.protocol.pull import MemberRegistered, PopSigner, PullFailed, PullOutput, PullResponder
+from gdoid.protocol.pull import PopSigner, PullOutput, PullResponder
 from gdoid.protocol.push import GROUPKEY_PUSH_ACK, ack_key, parse_ack, verify_ack
 from gdoid.protocol.version import SoftwareVersion, supports_removal_and_replace
 

@@ -41,6 +41,7 @@ from gdoid.protocol.constants import (
 )
 from gdoid.protocol.crypto import DhGroup, DhKeyPair, HashAlgorithm, Phase1Keys
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError, ProtocolError
+from gdoid.protocol.events import Phase1Established, Phase1Event, Phase1Failed
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.message import (
     Message,
@@ -291,28 +292,13 @@ class IkeSa:
         return msg
 
 
-# --- events and output ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Phase1Established:
-    sa: IkeSa
-
-
-@dataclass(frozen=True)
-class Phase1Failed:
-    reason: str
-    notify: NotifyType | None = None  # the notify sent or received, if any
-    received: bool = False  # True when the peer told us (notify received)
-
-
-Event = Phase1Established | Phase1Failed
+# --- output -----------------------------------------------------------------
 
 
 @dataclass
 class Output:
     send: list[bytes] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    events: list[Phase1Event] = field(default_factory=list)
 
 
 def plain_notify(icky: bytes, rcky: bytes, notify: NotifyType, data: bytes = b"") -> bytes:
@@ -1050,8 +1036,6 @@ __all__ = [
     "Opened",
     "Output",
     "Phase1Config",
-    "Phase1Established",
-    "Phase1Failed",
     "Phase1Proposal",
     "ProtocolError",
     "ResponderCookies",
