@@ -291,10 +291,6 @@ class SenderIdAllocator:
     def cooling_count(self) -> int:
         return sum(len(s) for s in self.cooling.values())
 
-    @property
-    def in_use(self) -> int:
-        return len(self.held)
-
     # --- allocation ------------------------------------------------------------------
 
     def expire(self, now: float) -> None:

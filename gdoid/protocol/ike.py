@@ -614,10 +614,6 @@ class _MainMode:
         raise NotImplementedError
 
 
-def _offered_auths(config: Phase1Config) -> set[AuthenticationMethod]:
-    return {p.auth for p in config.proposals}
-
-
 MAX_RESTARTS = 3  # times an initiator starts over from message 1 when the responder asks
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from gdoid.protocol import crypto
 from gdoid.protocol.attributes import Attribute, find
@@ -166,9 +166,6 @@ class GroupKeys:
     pseudotime_ms: int | None = None
     activation_delay: int = 0
     deactivation_delay: int = 0
-
-    def with_seq(self, seq: int) -> GroupKeys:
-        return replace(self, seq=seq)
 
 
 @dataclass(frozen=True)
