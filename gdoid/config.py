@@ -25,6 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gdoid.protocol.constants import GDOI_PORT
 from gdoid.protocol.identity import IdentityPattern
 from gdoid.protocol.version import CURRENT_VERSION, SoftwareVersion
 
@@ -274,7 +275,7 @@ class CoopPeer:
     """A cooperative KS and the credentials it must prove in phase 1 (not a GM's)."""
 
     address: IPv4Address
-    port: int = 848
+    port: int = GDOI_PORT
     psk: bytes | None = field(default=None, repr=False)  # this KS pair's own key, never a GM key
     identities: tuple[IdentityPattern, ...] = ()  # certificate subject DN / subjectAltName patterns
 
@@ -292,7 +293,7 @@ class CoopConfig:
 @dataclass(frozen=True, kw_only=True)
 class KsConfig:
     address: IPv4Address
-    port: int = 848
+    port: int = GDOI_PORT
     software_version: SoftwareVersion = DEFAULT_SOFTWARE_VERSION
     control_socket: Path = KS_CONTROL_SOCKET
     control_group: str | None = None  # may use the control socket besides root and our user
@@ -329,7 +330,7 @@ class GmGroupConfig:
     name: str
     number: int
     servers: tuple[IPv4Address, ...]  # tried in order (IOS ``server address ipv4``)
-    server_port: int = 848
+    server_port: int = GDOI_PORT
     # KS pinning (issue 9 §2): certificate patterns, proof of the KS role, rekey key pin.
     ks_identities: tuple[IdentityPattern, ...] = ()
     ks_pop: KsPop = KsPop.NONE
@@ -352,7 +353,7 @@ class DataplaneConfig:
 @dataclass(frozen=True, kw_only=True)
 class GmConfig:
     address: IPv4Address
-    port: int = 848
+    port: int = GDOI_PORT
     software_version: SoftwareVersion = DEFAULT_SOFTWARE_VERSION
     control_socket: Path = GM_CONTROL_SOCKET
     control_group: str | None = None  # may use the control socket besides root and our user
@@ -973,7 +974,7 @@ def _parse_coop(root: _Table, own: IPv4Address, auth: AuthConfig) -> CoopConfig 
     peers: list[CoopPeer] = []
     for p in t.tables("peer", ("address", "port", "psk_file", "identity")):
         address = p.address("address")
-        port = p.integer("port", 1, 65535, 848)
+        port = p.integer("port", 1, 65535, GDOI_PORT)
         if address == own:
             raise p.err("address", f"{own} is this key server's own address")
         if any(q.address == address and q.port == port for q in peers):
@@ -1018,7 +1019,7 @@ def _build_ks(ctx: _Ctx, data: dict[str, Any]) -> KsConfig:
     # Keyword arguments evaluate in order, so errors come in file-section order.
     return KsConfig(
         address=address,
-        port=ks.integer("port", 1, 65535, 848),
+        port=ks.integer("port", 1, 65535, GDOI_PORT),
         software_version=ks.version("software_version"),
         control_socket=ks.req_path("control_socket", KS_CONTROL_SOCKET),
         control_group=_control_group(ks),
@@ -1095,7 +1096,7 @@ def _parse_gm_group(g: _Table) -> GmGroupConfig:
         name=g.name("name"),
         number=g.integer("number", 1, 2**32 - 1),
         servers=g.array("servers", lambda p, v: _address(ctx, p, v)),
-        server_port=g.integer("server_port", 1, 65535, 848),
+        server_port=g.integer("server_port", 1, 65535, GDOI_PORT),
         ks_identities=identities,
         ks_pop=pop,
         rekey_key_sha256=pin,
@@ -1132,7 +1133,7 @@ def _build_gm(ctx: _Ctx, data: dict[str, Any]) -> GmConfig:
     gm = root.req_table("gm", _GM_KEYS)
     return GmConfig(
         address=gm.address("address"),
-        port=gm.integer("port", 1, 65535, 848),
+        port=gm.integer("port", 1, 65535, GDOI_PORT),
         software_version=gm.version("software_version"),
         control_socket=gm.req_path("control_socket", GM_CONTROL_SOCKET),
         control_group=_control_group(gm),

@@ -22,6 +22,7 @@ from gdoid.config import load_gm_config, load_ks_config
 from gdoid.control import ControlRequest
 from gdoid.groupmember.daemon import GroupMemberDaemon
 from gdoid.keyserver.daemon import KeyServerDaemon
+from gdoid.protocol.constants import GDOI_PORT
 
 KS_ADDRESS = "127.0.0.1"
 GROUP_NAME = "GET"
@@ -133,7 +134,7 @@ class LabFiles:
         return self.kss[0]
 
 
-def export(directory: Path, gms: int = 2, port: int = 848, kss: int = 1) -> LabFiles:
+def export(directory: Path, gms: int = 2, port: int = GDOI_PORT, kss: int = 1) -> LabFiles:
     """Write configs and freshly generated keys for a lab of ``gms`` members."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ async def _one_primary(kss: list[KeyServerDaemon]) -> KeyServerDaemon:
 
 async def run_lab(
     gms: int = 2,
-    port: int = 848,
+    port: int = GDOI_PORT,
     keylog: Path | None = None,
     duration: float = 0.0,
     timeout: float = 30.0,

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -60,6 +61,7 @@ __all__ = [
     "get_logger",
     "redact",
     "severity_to_level",
+    "with_notify",
 ]
 
 REDACTED = "<redacted>"
@@ -477,6 +479,14 @@ def bound_field(value: Any, limit: int = MAX_FIELD_LEN) -> Any:
     if isinstance(value, str) and len(value) > limit:
         return f"{value[:limit]}...[{len(value) - limit} more characters]"
     return value
+
+
+def with_notify(reason: str, notify: Enum | None, received: bool) -> str:
+    """``reason`` plus the notify sent or received: ``"... (received INVALID_ID_INFORMATION)"``."""
+    reason = bound_field(reason, 140)  # peer-derived text: cut here, so the notify name stays
+    if notify is None:
+        return reason
+    return f"{reason} ({'received' if received else 'sent'} {notify.name})"
 
 
 @dataclass

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -252,8 +254,7 @@ _CHAIN_ONLY = {
 
 
 def _is_unknown(t: int) -> bool:
-    # Evaluated at draw time: another module may register a private payload type.
-    known = set(message_mod._TOP_LEVEL) | set(message_mod._EXTENSIONS) | _CHAIN_ONLY
+    known = set(message_mod._TOP_LEVEL) | _CHAIN_ONLY
     return t not in known
 
 
@@ -668,6 +669,24 @@ def test_phase1_sa_bytes() -> None:
         00 00 0014 01 01 00 01             # proposal: last, 20 octets, #1 ISAKMP, no SPI, 1 transform
         00 00 000c 01 01 0000 8001 0007    # transform: last, 12 octets, #1 KEY_IKE, AES-CBC
     """)
+
+
+def test_ann_payload_decodes_without_importing_ann_py() -> None:
+    # The codec knows ANN statically: a process that never imports ann.py (a tool,
+    # a fuzzer) still decodes COOP announcements instead of keeping opaque bytes.
+    code = (
+        "import sys\n"
+        "from gdoid.protocol.constants import PayloadType\n"
+        "from gdoid.protocol.message import decode_payloads\n"
+        "body = bytes([1, 0, 1, 200, 1, 0, 0, 0]) + (5).to_bytes(8, 'big') + (1234).to_bytes(4, 'big')"
+        " + (0).to_bytes(4, 'big') + b'\\x00\\x01\\x00\\x02{}'\n"
+        "[d] = decode_payloads(PayloadType.ANN, bytes(2) + (4 + len(body)).to_bytes(2, 'big') + body)\n"
+        "assert 'gdoid.protocol.ann' not in sys.modules\n"
+        "print(type(d.payload).__name__, d.payload.sequence, d.payload.group_number, d.payload.blocks[0].data)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["AnnPayload", "5", "1234", "b'{}'"]
 
 
 def test_top_level_gap() -> None:

@@ -25,8 +25,9 @@ from gdoid.keyserver.coop import Coop
 from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group, Member
 from gdoid.phase1 import phase1_config
-from gdoid.protocol.ann import MAX_ANN_DATAGRAM, AnnPayload, Role, seal_ann
+from gdoid.protocol.ann import MAX_ANN_DATAGRAM, seal_ann
 from gdoid.protocol.constants import ExchangeType
+from gdoid.protocol.gdoi_payloads import AnnPayload, Role
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import SoftwareVersion

@@ -24,13 +24,12 @@ from gdoid.protocol.constants import (
     PayloadType,
 )
 from gdoid.protocol.crypto import DhGroup, HashAlgorithm
+from gdoid.protocol.events import Phase1Established, Phase1Failed
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.ike import (
     MainModeInitiator,
     MainModeResponder,
     Phase1Config,
-    Phase1Established,
-    Phase1Failed,
     SignatureCredentials,
     proposals_from_policy,
 )

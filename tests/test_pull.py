@@ -33,6 +33,7 @@ from gdoid.protocol.constants import (
     TekKeyAttribute,
 )
 from gdoid.protocol.crypto import DhGroup, HashAlgorithm, SigAlgorithm, SigHash
+from gdoid.protocol.events import MemberRegistered, PullFailed, Registered
 from gdoid.protocol.gdoi_payloads import GapPayload, GdoiSaPayload, KdPayload, SeqPayload
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.ike import (
@@ -54,11 +55,8 @@ from gdoid.protocol.policy import (
     TrafficSelector,
 )
 from gdoid.protocol.pull import (
-    MemberRegistered,
-    PullFailed,
     PullInitiator,
     PullResponder,
-    Registered,
 )
 from gdoid.protocol.version import SoftwareVersion
 

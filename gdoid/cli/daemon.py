@@ -15,6 +15,7 @@ from typing import Any
 
 from gdoid import log
 from gdoid.config import ConfigError, load_gm_config, load_ks_config
+from gdoid.protocol.constants import GDOI_PORT
 from gdoid.protocol.pki import PkiError
 from gdoid.systemd import Notifier
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--gms", type=int, default=2, help="number of group members (default 2)")
     lab.add_argument("--kss", type=int, default=1, help="number of cooperative key servers (default 1)")
     lab.add_argument("--duration", type=float, default=0.0, help="keep running SECONDS after registration")
-    lab.add_argument("--base-port", type=int, default=848, help="UDP port for every daemon (default 848)")
+    lab.add_argument("--base-port", type=int, default=GDOI_PORT, help=f"UDP port for every daemon (default {GDOI_PORT})")
     lab.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for registrations")
     lab.add_argument("--export", type=Path, metavar="DIR", help="write configs and keys to DIR and exit")
     lab.add_argument(
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PermissionError as exc:
         # A file (a key, /dev/net/tun) names itself; a bind does not.
-        hint = "" if exc.filename else " (binding port 848 needs root or CAP_NET_BIND_SERVICE; try --base-port)"
+        hint = "" if exc.filename else f" (binding port {GDOI_PORT} needs root or CAP_NET_BIND_SERVICE; try --base-port)"
         _fatal(args.log_format, f"{exc}{hint}")
         return 2
     except OSError as exc:

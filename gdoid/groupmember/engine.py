@@ -23,32 +23,27 @@ from gdoid.keylog import KeyLog
 from gdoid.protocol import crypto
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.crypto import HashAlgorithm
+from gdoid.protocol.datagram import Address, Outgoing
 from gdoid.protocol.errors import NotifyError, ProtocolError
+from gdoid.protocol.events import Phase1Established, Phase1Failed, PullFailed, Registered
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.identity import describe_certificate, matching_pattern
 from gdoid.protocol.ike import (
     IkeSa,
     MainModeInitiator,
     Phase1Config,
-    Phase1Established,
-    Phase1Failed,
 )
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.policy import GroupKeys, ParsedSa, SenderIds, Tek, parse_keys, parse_sa
 from gdoid.protocol.pull import (
     KsPinning,
     PopMethod,
-    PullFailed,
     PullInitiator,
     PullOutput,
-    Registered,
     rekey_key_fingerprint,
 )
 from gdoid.protocol.push import POLICY_REPLACE_NOW, RemovalMode, ack_key, build_ack, open_push
 from gdoid.protocol.version import CURRENT_VERSION, SoftwareVersion, supports_removal_and_replace
-
-Address = tuple[str, int]
-Outgoing = list[tuple[bytes, Address]]
 
 RETRY_BACKOFF_MAX = 60.0
 
@@ -254,9 +249,7 @@ class GroupMemberEngine:
 
     def _phase1_event(self, reg: Registration, ev: object, now: float) -> Outgoing:
         if isinstance(ev, Phase1Failed):
-            reason = ev.reason
-            if ev.notify is not None:
-                reason += f" ({'received' if ev.received else 'sent'} {ev.notify.name})"
+            reason = log.with_notify(ev.reason, ev.notify, ev.received)
             log.emit(self.log, log.PHASE1_FAILED, peer=str(reg.ks), reason=reason)
             return self._failed(reg, reason, now)
         if isinstance(ev, Phase1Established):
@@ -308,9 +301,7 @@ class GroupMemberEngine:
             if isinstance(ev, Registered):
                 sends += self._registered(reg, ev, now)
             elif isinstance(ev, PullFailed):
-                reason = ev.reason
-                if ev.notify is not None:
-                    reason += f" ({'received' if ev.received else 'sent'} {ev.notify.name})"
+                reason = log.with_notify(ev.reason, ev.notify, ev.received)
                 sends += self._failed(reg, reason, now)
         return sends
 

@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 from gdoid.keyserver import sender_ids
 from gdoid.keyserver.group import Group, Member
 from gdoid.protocol import crypto
-from gdoid.protocol.ann import AnnBlock, AnnFlag, AnnPayload, BlockType
 from gdoid.protocol.crypto import HashAlgorithm, SigAlgorithm, SigHash
 from gdoid.protocol.errors import ProtocolError
+from gdoid.protocol.gdoi_payloads import AnnBlock, AnnFlag, AnnPayload, BlockType
 from gdoid.protocol.policy import Kek, Tek, TekPolicy, TekTransform, TrafficSelector
 from gdoid.protocol.version import SoftwareVersion
 

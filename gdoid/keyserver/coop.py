@@ -35,24 +35,22 @@ from gdoid.keyserver.annblocks import (
 )
 from gdoid.keyserver.group import Group, Member
 from gdoid.phase1 import coop_peer_phase1
-from gdoid.protocol.ann import AnnBlock, AnnFlag, AnnPayload, BlockType, Role, open_ann, seal_ann
+from gdoid.protocol.ann import open_ann, seal_ann
 from gdoid.protocol.constants import AuthenticationMethod
+from gdoid.protocol.datagram import Address, Outgoing
 from gdoid.protocol.errors import ProtocolError
+from gdoid.protocol.events import Phase1Established, Phase1Failed
+from gdoid.protocol.gdoi_payloads import AnnBlock, AnnFlag, AnnPayload, BlockType, Role
 from gdoid.protocol.identity import describe_certificate, matching_pattern
 from gdoid.protocol.ike import (
     IkeSa,
     MainModeInitiator,
     Phase1Config,
-    Phase1Established,
-    Phase1Failed,
 )
 from gdoid.protocol.version import SoftwareVersion
 
 if TYPE_CHECKING:
     from gdoid.keyserver.engine import KeyServerEngine
-
-Address = tuple[str, int]
-Outgoing = list[tuple[bytes, Address]]
 
 MEMBER_CHUNK_BYTES = 24_000  # JSON per ANN so a datagram stays below 32 KiB
 MISSED_PERIODS = 3

@@ -22,7 +22,9 @@ from gdoid.keyserver.group import Group, Member, PendingPush, RekeyMessages
 if TYPE_CHECKING:
     from gdoid.keyserver.coop import Coop
 from gdoid.protocol.constants import ExchangeType, NotifyType
+from gdoid.protocol.datagram import Address, Outgoing
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError, ProtocolError
+from gdoid.protocol.events import MemberRegistered, Phase1Established, Phase1Failed, PullFailed
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.ike import (
     MAX_MM1_LEN,
@@ -30,8 +32,6 @@ from gdoid.protocol.ike import (
     IkeSa,
     MainModeResponder,
     Phase1Config,
-    Phase1Established,
-    Phase1Failed,
     Phase1Proposal,
     ResponderCookies,
     plain_notify,
@@ -39,12 +39,9 @@ from gdoid.protocol.ike import (
 )
 from gdoid.protocol.payloads import DeletePayload, NotifyPayload
 from gdoid.protocol.policy import GroupKeys, SenderIds
-from gdoid.protocol.pull import MemberRegistered, PopSigner, PullFailed, PullOutput, PullResponder
+from gdoid.protocol.pull import PopSigner, PullOutput, PullResponder
 from gdoid.protocol.push import GROUPKEY_PUSH_ACK, ack_key, parse_ack, verify_ack
 from gdoid.protocol.version import SoftwareVersion, supports_removal_and_replace
-
-Address = tuple[str, int]
-Outgoing = list[tuple[bytes, Address]]
 
 SA_LINGER = 30.0  # keep a phase-1 SA this long after its last use (retransmits, errors)
 MAX_PULLS_PER_SA = 8
@@ -368,7 +365,7 @@ class KeyServerEngine:
             assert offer.notify is not None
             self.counters["phase1_failed"] += 1
             self.log_limit.emit(
-                self.log, log.PHASE1_FAILED, peer=peer[0], reason=_with_notify(offer.reason, offer.notify, False)
+                self.log, log.PHASE1_FAILED, peer=peer[0], reason=log.with_notify(offer.reason, offer.notify, False)
             )
             return [plain_notify(icky, rcky, offer.notify)]
         half = _Pending(offer, now)
@@ -440,7 +437,7 @@ class KeyServerEngine:
                         self.log,
                         log.PHASE1_FAILED,
                         peer=peer[0],
-                        reason=_with_notify(ev.reason, ev.notify, ev.received),
+                        reason=log.with_notify(ev.reason, ev.notify, ev.received),
                     )
 
     def _add_sa(self, sa: IkeSa, peer: Address, now: float) -> None:
@@ -552,7 +549,7 @@ class KeyServerEngine:
                     log.KS_REGS_FAILURE,
                     gm=entry.addr[0],
                     group=name,
-                    reason=_with_notify(ev.reason, ev.notify, ev.received),
+                    reason=log.with_notify(ev.reason, ev.notify, ev.received),
                 )
 
     def _unauthorized(self, refusal: authorization.Refusal, peer: str, now: float) -> None:
@@ -771,10 +768,3 @@ def _notify_name(value: int) -> str:
         return NotifyType(value).name
     except ValueError:
         return str(value)
-
-
-def _with_notify(reason: str, notify: NotifyType | None, received: bool) -> str:
-    reason = log.bound_field(reason, 140)  # peer-derived text: cut here, so the notify name stays
-    if notify is None:
-        return reason
-    return f"{reason} ({'received' if received else 'sent'} {notify.name})"

@@ -14,6 +14,7 @@ from ipaddress import IPv4Address
 from gdoid.config import KsGroupConfig, SaIpsec
 from gdoid.keyserver.sender_ids import SID_REKEY_MIN_INTERVAL, SenderIdAllocator
 from gdoid.protocol import crypto
+from gdoid.protocol.constants import GDOI_PORT
 from gdoid.protocol.crypto import HashAlgorithm, PrivateKey, SigHash
 from gdoid.protocol.gdoi_payloads import SeqPayload
 from gdoid.protocol.payloads import Payload
@@ -112,7 +113,7 @@ class Member:
     sender_ids: tuple[int, ...] = ()
     registrations: int = 1
     missed_rekeys: int = 0
-    port: int = 848
+    port: int = GDOI_PORT
     ack_key: bytes = field(default=b"", repr=False)
     ack_hash: HashAlgorithm = HashAlgorithm.SHA2_256
     rekeys_sent: int = 0
@@ -202,7 +203,7 @@ class Group:
         keys: GroupKeys,
         sender_ids: SenderIds | None,
         now: float,
-        port: int = 848,
+        port: int = GDOI_PORT,
         ack_key: bytes = b"",
         ack_hash: HashAlgorithm = HashAlgorithm.SHA2_256,
     ) -> Member:

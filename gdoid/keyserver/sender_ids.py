@@ -37,8 +37,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gdoid.protocol.ann import MAX_ANN_DATAGRAM, AnnBlock, BlockType
+from gdoid.protocol.ann import MAX_ANN_DATAGRAM
 from gdoid.protocol.errors import DecodeError
+from gdoid.protocol.gdoi_payloads import AnnBlock, BlockType
 
 RESERVE_BLOCK = 64  # SIDs persisted ahead of use: one state save per this many registrations
 SID_LOW_WATER = 0.10  # below this fraction of the slice free, a rekey reclaims released SIDs
@@ -289,10 +290,6 @@ class SenderIdAllocator:
     @property
     def cooling_count(self) -> int:
         return sum(len(s) for s in self.cooling.values())
-
-    @property
-    def in_use(self) -> int:
-        return len(self.held)
 
     # --- allocation ------------------------------------------------------------------
 

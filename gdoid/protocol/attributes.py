@@ -84,7 +84,3 @@ def find(attrs: Sequence[Attribute], type_: int) -> Attribute | None:
         if a.type == type_:
             return a
     return None
-
-
-def find_all(attrs: Sequence[Attribute], type_: int) -> list[Attribute]:
-    return [a for a in attrs if a.type == type_]

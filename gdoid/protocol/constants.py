@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
-ISAKMP_PORT = 848  # GDOI's registered port (RFC 6407 §5)
+GDOI_PORT = 848  # GDOI's registered UDP port (RFC 6407 §5)
 ISAKMP_VERSION = 0x10  # major 1, minor 0
 
 

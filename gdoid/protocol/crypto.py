@@ -109,7 +109,6 @@ _MODP_2048_P = int(
     16,
 )
 _MODP_2048_LEN = 256
-_MODP_2048_Q = (_MODP_2048_P - 1) // 2
 # Fixed, public parameters: built once, never generated.
 _MODP_2048_PARAMS = dh.DHParameterNumbers(_MODP_2048_P, 2).parameters()
 

@@ -1,4 +1,4 @@
-"""GDOI payloads of RFC 6407 §5: SA (DOI 2), SAK, SAT, KD, SEQ, GAP.
+"""GDOI payloads of RFC 6407 §5: SA (DOI 2), SAK, SAT, KD, SEQ, GAP; and COOP's private ANN.
 
 Layouts follow wire.md §4 (which matches Wireshark's dissector): the SA
 payload of DOI 2 carries its SAK/SAT/GAP chain inside its own length.  A SAT's
@@ -10,16 +10,19 @@ use the ID-based layout of §5.4.1 (:class:`SatPayload`); any other protocol
 from __future__ import annotations
 
 import ipaddress
+import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from enum import IntEnum
+from typing import Any, ClassVar
 
 from gdoid.protocol.attributes import Attribute, decode_attributes, encode_attributes
 from gdoid.protocol.constants import Doi, GdoiProtocol, IdType, KeyPacketType, PayloadType
 from gdoid.protocol.errors import DecodeError
 from gdoid.protocol.payloads import Payload, generic_header, split_generic
 from gdoid.protocol.reader import Reader
+from gdoid.protocol.version import SoftwareVersion
 
 # Fixed identification-data sizes we can check (RFC 2407 §4.6.2).
 _ID_DATA_LEN = {IdType.ID_IPV4_ADDR: 4, IdType.ID_IPV4_ADDR_SUBNET: 8, IdType.ID_IPV4_ADDR_RANGE: 8}
@@ -334,3 +337,87 @@ class SeqPayload(Payload):
         if len(data) != 4:
             raise DecodeError("SEQ", "sequence_number", f"{len(data)} octets, must be 4")
         return cls(int.from_bytes(data, "big"))
+
+
+# --- project-private: the COOP announcement (ann.py, wire.md §6.3) --------------
+
+_ANN_FIXED = struct.Struct("!3sBBBHQII")
+
+
+class Role(IntEnum):
+    PRIMARY = 1
+    SECONDARY = 2
+
+
+class AnnFlag(IntEnum):
+    REPLY_REQUESTED = 0x01
+
+
+class BlockType(IntEnum):
+    GROUP_KEYS = 1  # KEK, TEKs, SEQ, pseudotime origin, SID slice owner
+    MEMBERS_FULL = 2  # a chunk of the full member list: {"chunk": i, "of": n, "members": [...]}
+    MEMBERS_DELTA = 3  # members added or changed since the last ANN
+    MEMBERS_REMOVED = 4  # addresses removed
+    SENDER_IDS = 5  # used-SID records per KS slice (keyserver/sender_ids.py)
+    SIGNING_KEY = 6  # {"sha256": hex}: fingerprint of the sender's rekey signing public key (DER)
+
+
+@dataclass(frozen=True)
+class AnnBlock:
+    type: int
+    data: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.data)
+        except ValueError as exc:
+            raise DecodeError("ANN", f"block[{self.type}]", f"not JSON: {exc}") from exc
+
+    @classmethod
+    def of(cls, type_: BlockType, value: Any) -> AnnBlock:
+        return cls(type_, json.dumps(value, separators=(",", ":")).encode())
+
+
+@dataclass(frozen=True)
+class AnnPayload(Payload):
+    payload_type: ClassVar[int] = PayloadType.ANN
+    version: SoftwareVersion
+    priority: int
+    role: int
+    flags: int
+    sequence: int
+    group_number: int
+    policy_epoch: int
+    blocks: tuple[AnnBlock, ...] = ()
+
+    def encode_body(self) -> bytes:
+        out = [_ANN_FIXED.pack(bytes(self.version), self.priority, self.role, self.flags, 0,
+                           self.sequence, self.group_number, self.policy_epoch)]
+        for b in self.blocks:
+            if len(b.data) > 0xFFFF:
+                raise ValueError("ANN block too large")
+            out.append(struct.pack("!HH", b.type, len(b.data)) + b.data)
+        return b"".join(out)
+
+    @classmethod
+    def decode_body(cls, data: bytes) -> AnnPayload:
+        r = Reader(data, "ANN")
+        version = SoftwareVersion(*r.take(3, "version"))
+        priority = r.u8("priority")
+        role = r.u8("role")
+        if role not in (Role.PRIMARY, Role.SECONDARY):
+            raise DecodeError("ANN", "role", f"{role}")
+        flags = r.u8("flags")
+        r.zero(2, "reserved")
+        seq = r.u64("sequence")
+        group = r.u32("group_number")
+        epoch = r.u32("policy_epoch")
+        blocks = []
+        while r.remaining:
+            btype = r.u16(f"block[{len(blocks)}].type")
+            blen = r.u16(f"block[{len(blocks)}].length")
+            blocks.append(AnnBlock(btype, r.take(blen, f"block[{len(blocks)}].data")))
+        return cls(version, priority, role, flags, seq, group, epoch, tuple(blocks))
+
+    def block(self, type_: BlockType) -> AnnBlock | None:
+        return next((b for b in self.blocks if b.type == type_), None)

@@ -10,7 +10,6 @@ from gdoid.protocol.errors import DecodeError
 
 HEADER_LEN = 28
 _FMT = struct.Struct("!8s8sBBBBII")
-MAX_MESSAGE_LEN = 65535 - 28  # one UDP datagram over IPv4
 
 
 @dataclass(frozen=True)

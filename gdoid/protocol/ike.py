@@ -41,6 +41,7 @@ from gdoid.protocol.constants import (
 )
 from gdoid.protocol.crypto import DhGroup, DhKeyPair, HashAlgorithm, Phase1Keys
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError, ProtocolError
+from gdoid.protocol.events import Phase1Established, Phase1Event, Phase1Failed
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.message import (
     Message,
@@ -291,28 +292,13 @@ class IkeSa:
         return msg
 
 
-# --- events and output ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Phase1Established:
-    sa: IkeSa
-
-
-@dataclass(frozen=True)
-class Phase1Failed:
-    reason: str
-    notify: NotifyType | None = None  # the notify sent or received, if any
-    received: bool = False  # True when the peer told us (notify received)
-
-
-Event = Phase1Established | Phase1Failed
+# --- output -----------------------------------------------------------------
 
 
 @dataclass
 class Output:
     send: list[bytes] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
+    events: list[Phase1Event] = field(default_factory=list)
 
 
 def plain_notify(icky: bytes, rcky: bytes, notify: NotifyType, data: bytes = b"") -> bytes:
@@ -626,10 +612,6 @@ class _MainMode:
 
     def _step(self, data: bytes, header: IsakmpHeader, now: float, out: Output) -> None:
         raise NotImplementedError
-
-
-def _offered_auths(config: Phase1Config) -> set[AuthenticationMethod]:
-    return {p.auth for p in config.proposals}
 
 
 MAX_RESTARTS = 3  # times an initiator starts over from message 1 when the responder asks
@@ -1042,6 +1024,7 @@ __all__ = [
     "MAX_MM1_LEN",
     "MAX_PROPOSALS",
     "MAX_TRANSFORMS",
+    "NONCE_LEN",
     "HalfOpen",
     "IkeSa",
     "MainModeInitiator",
@@ -1049,8 +1032,6 @@ __all__ = [
     "Opened",
     "Output",
     "Phase1Config",
-    "Phase1Established",
-    "Phase1Failed",
     "Phase1Proposal",
     "ProtocolError",
     "ResponderCookies",

@@ -8,7 +8,13 @@ from typing import TypeVar
 
 from gdoid.protocol.constants import Doi, HeaderFlag, PayloadType
 from gdoid.protocol.errors import DecodeError
-from gdoid.protocol.gdoi_payloads import GapPayload, GdoiSaPayload, KdPayload, SeqPayload
+from gdoid.protocol.gdoi_payloads import (
+    AnnPayload,
+    GapPayload,
+    GdoiSaPayload,
+    KdPayload,
+    SeqPayload,
+)
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.payloads import (
     CertPayload,
@@ -45,13 +51,8 @@ _TOP_LEVEL: dict[int, type[Payload]] = {
     PayloadType.KD: KdPayload,
     PayloadType.SEQ: SeqPayload,
     PayloadType.GAP: GapPayload,
+    PayloadType.ANN: AnnPayload,  # private: COOP announcements (wire.md §6.3)
 }
-_EXTENSIONS: dict[int, type[Payload]] = {}
-
-
-def register_payload(payload_type: int, klass: type[Payload]) -> None:
-    """Let a module (e.g. COOP's ANN) add a private payload type to the chain codec."""
-    _EXTENSIONS[payload_type] = klass
 
 
 def _decode_one(payload_type: int, body: bytes) -> Payload:
@@ -62,7 +63,7 @@ def _decode_one(payload_type: int, body: bytes) -> Payload:
         if len(body) >= 10 and int.from_bytes(body[:4], "big") == Doi.GDOI and body[9]:
             return GdoiSaPayload.decode_body(body)
         return SaPayload.decode_body(body)
-    klass = _TOP_LEVEL.get(payload_type) or _EXTENSIONS.get(payload_type)
+    klass = _TOP_LEVEL.get(payload_type)
     if klass is None:
         if payload_type in (PayloadType.PROPOSAL, PayloadType.TRANSFORM, PayloadType.SAK, PayloadType.SAT):
             raise DecodeError("payload chain", "next_payload", f"type {payload_type} outside an SA")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from gdoid.protocol import crypto
 from gdoid.protocol.attributes import Attribute, find
 from gdoid.protocol.constants import (
+    GDOI_PORT,
     AddressPreservation,
     AuthenticationAlgorithm,
     EncapsulationMode,
@@ -148,7 +149,7 @@ class Kek:
     sig_key_bits: int
     public_key_der: bytes  # KS rekey verification key, SubjectPublicKeyInfo
     ks_address: ipaddress.IPv4Address
-    port: int = 848
+    port: int = GDOI_PORT
 
     def remaining(self, now: float) -> int:
         return max(0, int(self.expires_at - now))
@@ -165,9 +166,6 @@ class GroupKeys:
     pseudotime_ms: int | None = None
     activation_delay: int = 0
     deactivation_delay: int = 0
-
-    def with_seq(self, seq: int) -> GroupKeys:
-        return replace(self, seq=seq)
 
 
 @dataclass(frozen=True)

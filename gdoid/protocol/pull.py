@@ -42,9 +42,10 @@ from gdoid.protocol.constants import (
     NotifyType,
 )
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError
+from gdoid.protocol.events import MemberRegistered, PullEvent, PullFailed, Registered
 from gdoid.protocol.gdoi_payloads import GapPayload, GdoiSaPayload, KdPayload, SeqPayload
 from gdoid.protocol.identity import IdentityPattern, describe_certificate, matching_pattern
-from gdoid.protocol.ike import IkeSa
+from gdoid.protocol.ike import NONCE_LEN, IkeSa
 from gdoid.protocol.message import Message, encode_payloads
 from gdoid.protocol.payloads import (
     CertPayload,
@@ -66,8 +67,6 @@ from gdoid.protocol.policy import (
     parse_keys,
     parse_sa,
 )
-
-NONCE_LEN = 32
 
 # GAP attribute in message 3 asking the KS to prove its role in message 4; the
 # value is a PopMethod. Private-use range of RFC 6407's GAP attribute registry.
@@ -156,38 +155,7 @@ def error_notify(sa: IkeSa, notify: NotifyType, data: bytes = b"") -> bytes:
     return sa.informational(NotifyPayload(Doi.GDOI, 0, notify, b"", data[:200]))
 
 
-# --- events ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Registered:
-    """GM side: the group's policy and keys arrived and validated."""
-
-    group_number: int
-    keys: GroupKeys
-    sender_ids: SenderIds | None
-    ks_proof: str = ""  # what the KS proved in message 4, for the log ("" = nothing asked)
-
-
-@dataclass(frozen=True)
-class MemberRegistered:
-    """KS side: a GM completed registration."""
-
-    group_number: int
-    sa: IkeSa
-    keys: GroupKeys
-    sender_ids: SenderIds | None
-
-
-@dataclass(frozen=True)
-class PullFailed:
-    group_number: int | None
-    reason: str
-    notify: NotifyType | None
-    received: bool = False  # the peer told us
-
-
-PullEvent = Registered | MemberRegistered | PullFailed
+# --- output -----------------------------------------------------------------
 
 
 @dataclass

@@ -34,7 +34,6 @@ class SoftwareVersion(NamedTuple):
         return cls(*values)
 
 
-BASE_VERSION = SoftwareVersion(1, 0, 1)
 CURRENT_VERSION = SoftwareVersion(1, 0, 2)
 # The first version with GM removal and policy replace (getvpn-features §1).
 REMOVAL_AND_REPLACE_VERSION = SoftwareVersion(1, 0, 2)

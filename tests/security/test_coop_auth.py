@@ -36,9 +36,11 @@ from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol import pki
-from gdoid.protocol.ann import AnnPayload, Role, seal_ann
+from gdoid.protocol.ann import seal_ann
+from gdoid.protocol.events import Phase1Established
+from gdoid.protocol.gdoi_payloads import AnnPayload, Role
 from gdoid.protocol.identity import IdentityPattern, matching_pattern
-from gdoid.protocol.ike import IkeSa, MainModeInitiator, Phase1Config, Phase1Established
+from gdoid.protocol.ike import IkeSa, MainModeInitiator, Phase1Config
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import SoftwareVersion
 from tests.procs import Daemon, gdoictl_json, write_private, write_signing_key

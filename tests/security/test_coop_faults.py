@@ -33,7 +33,8 @@ from gdoid.keyserver import state
 from gdoid.keyserver.annblocks import signing_key_block
 from gdoid.keyserver.coop import Coop
 from gdoid.keyserver.daemon import KeyServerDaemon
-from gdoid.protocol.ann import AnnBlock, AnnPayload, BlockType, Role, seal_ann
+from gdoid.protocol.ann import seal_ann
+from gdoid.protocol.gdoi_payloads import AnnBlock, AnnPayload, BlockType, Role
 from gdoid.protocol.ike import MainModeInitiator
 from gdoid.protocol.version import SoftwareVersion
 from tests.procs import (

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gdoid.protocol import crypto
 from gdoid.protocol.attributes import find
 from gdoid.protocol.constants import ExchangeType, NotifyType, PayloadType
+from gdoid.protocol.events import PullFailed, Registered
 from gdoid.protocol.gdoi_payloads import GapPayload
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.identity import IdentityPattern
@@ -42,10 +43,8 @@ from gdoid.protocol.pull import (
     KsPinning,
     PopMethod,
     PopSigner,
-    PullFailed,
     PullInitiator,
     PullResponder,
-    Registered,
 )
 from tests.test_pull import GROUP, Chain, make_kek, make_tek, phase1, prf_a
 

@@ -33,6 +33,7 @@ from gdoid.protocol import pull
 from gdoid.protocol.attributes import Attribute
 from gdoid.protocol.constants import KeyPacketType, NotifyType, PayloadType, TekKeyAttribute
 from gdoid.protocol.errors import NotifyError
+from gdoid.protocol.events import PullFailed, Registered
 from gdoid.protocol.gdoi_payloads import (
     GdoiSaPayload,
     KdPayload,
@@ -44,7 +45,6 @@ from gdoid.protocol.gdoi_payloads import (
 from gdoid.protocol.message import decode_plain, encode_plain
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.policy import GroupKeys, build_kd, build_sat, parse_keys, parse_sa
-from gdoid.protocol.pull import PullFailed, Registered
 from tests.test_engines import GM, GROUP, KS, T0, Net, files, make_gm, make_ks  # noqa: F401
 from tests.test_pull import directory, make_kek, make_tek, run_pull
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from gdoid.keyserver.annblocks import signing_key_block
 from gdoid.keyserver.engine import KeyServerEngine
-from gdoid.protocol.ann import AnnBlock, AnnPayload, BlockType, Role, seal_ann
+from gdoid.protocol.ann import seal_ann
+from gdoid.protocol.gdoi_payloads import AnnBlock, AnnPayload, BlockType, Role
 from tests.test_coop import (
     ELECTED_WITHIN,
     GROUP,

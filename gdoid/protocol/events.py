@@ -1,0 +1,78 @@
+"""Every event the protocol machines of ``gdoid/protocol`` report (as aioquic's ``events.py``).
+
+A machine's output carries these next to the datagrams to send; the engines
+act on them (install keys, log, retry the next KS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gdoid.protocol.constants import NotifyType
+from gdoid.protocol.policy import GroupKeys, SenderIds
+
+if TYPE_CHECKING:  # ike.py emits these events: a runtime import would be a cycle
+    from gdoid.protocol.ike import IkeSa
+
+
+# --- phase 1: Main Mode (ike.py) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase1Established:
+    sa: IkeSa
+
+
+@dataclass(frozen=True)
+class Phase1Failed:
+    reason: str
+    notify: NotifyType | None = None  # the notify sent or received, if any
+    received: bool = False  # True when the peer told us (notify received)
+
+
+Phase1Event = Phase1Established | Phase1Failed
+
+
+# --- GROUPKEY-PULL (pull.py) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registered:
+    """GM side: the group's policy and keys arrived and validated."""
+
+    group_number: int
+    keys: GroupKeys
+    sender_ids: SenderIds | None
+    ks_proof: str = ""  # what the KS proved in message 4, for the log ("" = nothing asked)
+
+
+@dataclass(frozen=True)
+class MemberRegistered:
+    """KS side: a GM completed registration."""
+
+    group_number: int
+    sa: IkeSa
+    keys: GroupKeys
+    sender_ids: SenderIds | None
+
+
+@dataclass(frozen=True)
+class PullFailed:
+    group_number: int | None
+    reason: str
+    notify: NotifyType | None
+    received: bool = False  # the peer told us
+
+
+PullEvent = Registered | MemberRegistered | PullFailed
+
+__all__ = [
+    "MemberRegistered",
+    "Phase1Established",
+    "Phase1Event",
+    "Phase1Failed",
+    "PullEvent",
+    "PullFailed",
+    "Registered",
+]
