@@ -295,7 +295,7 @@ class KeyServerEngine:
         icky, rcky, cookies = header.initiator_cookie, header.responder_cookie, header.cookies
         # The cookie proves the sender saw our message 2 at this address: checked
         # (constant time) before any state is looked up.
-        if not self.cookies.check(peer[0], peer[1], icky, rcky, now):
+        if not self.cookies.check(peer[0], peer[1], icky, rcky, self._mono):
             self.counters["bad_responder_cookie"] += 1
             self.drop(peer, "Main Mode responder cookie not issued to this address", now)
             return self._unauthenticated(kind, data, peer, [])
@@ -365,7 +365,7 @@ class KeyServerEngine:
             self.drop(peer, "not serving registrations before COOP election and sync", now)
             return []
         icky = header.initiator_cookie
-        rcky = self.cookies.make(peer[0], peer[1], icky, now)
+        rcky = self.cookies.make(peer[0], peer[1], icky, self._mono)
         address = IPv4Address(peer[0])
         # Everything after the cookies decides the answer (with whether the peer has a
         # PSK): a flood of one message 1 from many addresses is parsed once.
@@ -376,7 +376,7 @@ class KeyServerEngine:
         key = (data[16:], self.phase1.psk_lookup(address) is not None)
         offer = self._proven_offers.get(key) or self._offers.get(key)
         if offer is None:
-            if not self._parse_budget(data, now):
+            if not self._parse_budget(data, self._mono):
                 self.counters["mm1_shed"] += 1
                 self.drop(peer, "novel Main Mode message 1 over the decoding budget", now)
                 return []
@@ -586,7 +586,7 @@ class KeyServerEngine:
     def _unauthorized(self, refusal: authorization.Refusal, peer: str, now: float) -> None:
         self.counters["unauthorized"] += 1
         # An authenticated but unauthorized GM can retry at will: bound what it costs in logs.
-        emit, suppressed = self._authz_log.allow(now)
+        emit, suppressed = self._authz_log.allow(self._mono)
         if not emit:
             return
         if suppressed:
@@ -603,8 +603,8 @@ class KeyServerEngine:
             # message 2): only the address the cookie was made for can do that.
             icky, rcky = header.initiator_cookie, header.responder_cookie
             if rcky == ZERO_COOKIE:
-                candidates = self.cookies.candidates(peer[0], peer[1], icky, now)
-            elif self.cookies.check(peer[0], peer[1], icky, rcky, now):
+                candidates = self.cookies.candidates(peer[0], peer[1], icky, self._mono)
+            elif self.cookies.check(peer[0], peer[1], icky, rcky, self._mono):
                 candidates = [rcky]
             else:
                 candidates = []
