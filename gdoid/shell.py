@@ -154,8 +154,13 @@ class UdpShell:
             if out:
                 await self.send_all(out)
             wake_at = last_run + self.tick if deadline is None else min(last_run + self.tick, deadline)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, wake_at - monotonic_clock()))
+            # A timer handle sets the same event input sets (not asyncio.wait_for: on 3.11
+            # it can swallow the cancellation close() sends when both happen at once).
+            timer = asyncio.get_running_loop().call_later(max(0.0, wake_at - monotonic_clock()), self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
 
     def request_stop(self) -> None:
         self._stopped.set()
