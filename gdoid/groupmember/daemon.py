@@ -19,7 +19,7 @@ from gdoid.keyserver.show import kek_spi_text, tek_spi_text
 from gdoid.phase1 import phase1_config
 from gdoid.protocol.pki import PkiError
 from gdoid.protocol.policy import SenderIds, Tek
-from gdoid.shell import UdpShell, wall_clock
+from gdoid.shell import UdpShell, monotonic_clock, wall_clock
 
 SID_COUNTER_LOW_WATER = 1 << 20  # IVs left on a sender ID before we ask for new ones
 
@@ -166,7 +166,7 @@ class GroupMemberDaemon:
             port=self.config.port,
             version=str(self.config.software_version),
         )
-        await self.shell.send_all(self.engine.start(wall_clock()))
+        await self.shell.send_all(self.engine.start(wall_clock(), monotonic_clock()))
 
     async def _watch_sender_ids(self) -> None:
         """Re-register for fresh sender IDs before a GCM IV counter runs out (RFC 6054)."""

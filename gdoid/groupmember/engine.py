@@ -78,9 +78,11 @@ class Registration:
     state: RegState = RegState.IDLE
     ks_index: int = 0
     round_failures: int = 0
-    attempt_deadline: float | None = None
-    retry_at: float | None = None
-    rereg_at: float | None = None
+    # Retransmission and retry timers are monotonic; rereg_at follows the key
+    # lifetimes (wall clock) and is shown to users.
+    attempt_deadline: float | None = None  # monotonic
+    retry_at: float | None = None  # monotonic
+    rereg_at: float | None = None  # wall clock
     mm: MainModeInitiator | None = None
     sa: IkeSa | None = None
     pull: PullInitiator | None = None
@@ -99,6 +101,9 @@ class Registration:
     last_push: bytes = field(default=b"", repr=False)  # to re-acknowledge a retransmission
     last_ack: bytes = field(default=b"", repr=False)
     attempt_cookies: set[bytes] = field(default_factory=set)
+    # The running machine's deadline (its wall-clock time) and when it is due (monotonic).
+    timer_for: tuple[object, float] | None = field(default=None, repr=False)
+    timer_due: float | None = None
 
     @property
     def ks(self) -> IPv4Address:
@@ -140,13 +145,36 @@ class GroupMemberEngine:
         self._by_icky: dict[bytes, Registration] = {}
         self.counters: Counter[str] = Counter()
         self.log_limit = log.LogLimiter()  # for lines unverified input can trigger
+        self._mono = 0.0  # monotonic time of the current call
+        self._wall_offset = 0.0  # now - mono at the last call that gave both
+
+    def _clock(self, now: float, mono: float | None) -> None:
+        """Note this call's monotonic time; callers without one (control commands) map ``now``."""
+        if mono is None:
+            self._mono = now - self._wall_offset
+        else:
+            self._mono = mono
+            self._wall_offset = now - mono
+
+    def _track_timers(self, now: float) -> None:
+        """Map each running machine's (wall-clock) deadline to the monotonic clock when it is set."""
+        for reg in self.registrations.values():
+            machine = reg.pull if reg.pull is not None else reg.mm
+            deadline = machine.deadline if machine is not None else None
+            if deadline is None:
+                reg.timer_for = reg.timer_due = None
+            elif reg.timer_for != (machine, deadline):
+                reg.timer_for = (machine, deadline)
+                reg.timer_due = self._mono + max(0.0, deadline - now)
 
     # --- control ------------------------------------------------------------------
 
-    def start(self, now: float) -> Outgoing:
+    def start(self, now: float, mono: float | None = None) -> Outgoing:
+        self._clock(now, mono)
         out: Outgoing = []
         for reg in self.registrations.values():
             out += self._begin(reg, now)
+        self._track_timers(now)
         return out
 
     def clear_keys(self, group_number: int, now: float) -> None:
@@ -154,10 +182,13 @@ class GroupMemberEngine:
         self.sadb.clear(group_number)
         self._sync_dataplane(group_number, now)
 
-    def reregister(self, group_number: int, now: float) -> Outgoing:
+    def reregister(self, group_number: int, now: float, mono: float | None = None) -> Outgoing:
+        self._clock(now, mono)
         reg = self.registrations[group_number]
         self._abandon(reg)
-        return self._begin(reg, now)
+        out = self._begin(reg, now)
+        self._track_timers(now)
+        return out
 
     def _abandon(self, reg: Registration) -> None:
         for icky in reg.attempt_cookies:
@@ -178,7 +209,7 @@ class GroupMemberEngine:
         reg.mm = mm
         reg.attempt_cookies.add(mm.icky)
         self._by_icky[mm.icky] = reg
-        reg.attempt_deadline = now + self.registration_timeout
+        reg.attempt_deadline = self._mono + self.registration_timeout
         self.log.info("registration_start", group=reg.group.name, ks=str(reg.ks))
         return [(d, reg.ks_addr) for d in out.send]
 
@@ -196,7 +227,7 @@ class GroupMemberEngine:
         rounds = reg.round_failures // len(reg.group.servers)
         delay = min(RETRY_BACKOFF_MAX, 2.0 ** min(rounds, 6)) * (1 + 0.2 * self.rng.random())
         reg.state = RegState.BACKOFF
-        reg.retry_at = now + delay
+        reg.retry_at = self._mono + delay
         return []
 
     def _notify(self, what: str, reg: Registration) -> None:
@@ -205,7 +236,13 @@ class GroupMemberEngine:
 
     # --- input ---------------------------------------------------------------------
 
-    def datagram_received(self, data: bytes, peer: Address, now: float) -> Outgoing:
+    def datagram_received(self, data: bytes, peer: Address, now: float, mono: float | None = None) -> Outgoing:
+        self._clock(now, mono)
+        out = self._datagram(data, peer, now)
+        self._track_timers(now)
+        return out
+
+    def _datagram(self, data: bytes, peer: Address, now: float) -> Outgoing:
         try:
             header = IsakmpHeader.decode(data)
         except ProtocolError as exc:
@@ -454,7 +491,7 @@ class GroupMemberEngine:
             log.emit(self.log, log.GM_RECV_DELETE_IMMEDIATE, group=reg.group.name, seconds=round(delay))
             reg.state = RegState.BACKOFF
             reg.rereg_at = None
-            reg.retry_at = now + delay
+            reg.retry_at = self._mono + delay
         self.counters["removals"] += 1
         self._notify("removal", reg)
         return []
@@ -469,19 +506,48 @@ class GroupMemberEngine:
 
     # --- time ----------------------------------------------------------------------
 
-    def on_timer(self, now: float) -> Outgoing:
+    def next_deadline(self, now: float, mono: float) -> float | None:
+        """The monotonic time ``on_timer`` next has work (wall-clock events mapped at ``now``)."""
+        times: list[float] = []
+        for reg in self.registrations.values():
+            times += [t for t in (reg.timer_due, reg.attempt_deadline) if t is not None]
+            if reg.state == RegState.BACKOFF and reg.retry_at is not None:
+                times.append(reg.retry_at)
+            elif reg.state == RegState.REGISTERED and reg.rereg_at is not None:
+                times.append(mono + max(0.0, reg.rereg_at - now))
+        for g in self.sadb.groups.values():
+            expiries = [t.expires_at for t in g.teks.values()] + ([g.kek.expires_at] if g.kek is not None else [])
+            if expiries:
+                times.append(mono + max(0.0, min(expiries) - now))
+        return min(times) if times else None
+
+    def on_timer(self, now: float, mono: float | None = None) -> Outgoing:
+        self._clock(now, mono)
+        mono = self._mono
         out: Outgoing = []
         for reg in self.registrations.values():
-            if reg.mm is not None:
-                mm_out = reg.mm.on_timeout(now)
-                out += [(d, reg.ks_addr) for d in mm_out.send]
-                for ev in mm_out.events:
-                    out += self._phase1_event(reg, ev, now)
-            if reg.pull is not None:
-                out += self._pull_output(reg, reg.pull.on_timeout(now), now)
-            if reg.attempt_deadline is not None and now >= reg.attempt_deadline:
+            if reg.timer_for is not None and reg.timer_due is not None and mono >= reg.timer_due:
+                # Due on the monotonic clock: the machine is told its deadline has come
+                # even if the wall clock went back, and its next deadline is mapped from there.
+                machine, deadline = reg.timer_for
+                given = max(now, deadline)
+                if machine is reg.pull and reg.pull is not None:
+                    pull = reg.pull
+                    pull_out = pull.on_timeout(given)
+                    if pull.deadline is not None:
+                        reg.timer_for, reg.timer_due = (pull, pull.deadline), mono + max(0.0, pull.deadline - given)
+                    out += self._pull_output(reg, pull_out, now)
+                elif machine is reg.mm and reg.mm is not None:
+                    mm = reg.mm
+                    mm_out = mm.on_timeout(given)
+                    if mm.deadline is not None:
+                        reg.timer_for, reg.timer_due = (mm, mm.deadline), mono + max(0.0, mm.deadline - given)
+                    out += [(d, reg.ks_addr) for d in mm_out.send]
+                    for ev in mm_out.events:
+                        out += self._phase1_event(reg, ev, now)
+            if reg.attempt_deadline is not None and mono >= reg.attempt_deadline:
                 out += self._failed(reg, f"no answer from KS {reg.ks} within {self.registration_timeout:g} s", now)
-            elif reg.state == RegState.BACKOFF and reg.retry_at is not None and now >= reg.retry_at:
+            elif reg.state == RegState.BACKOFF and reg.retry_at is not None and mono >= reg.retry_at:
                 out += self._begin(reg, now)
             elif reg.state == RegState.REGISTERED and reg.rereg_at is not None and now >= reg.rereg_at:
                 self.log.info("reregistration_due", group=reg.group.name)
@@ -493,4 +559,5 @@ class GroupMemberEngine:
         if expired:
             for number in self.sadb.groups:
                 self._sync_dataplane(number, now)
+        self._track_timers(now)
         return out

@@ -46,7 +46,7 @@ SAVE_INTERVAL = 0.2  # seconds: member-table and COOP changes are saved, coalesc
 
 class KeyServerDaemon:
     def __init__(
-        self, config: KsConfig, keylog_dir: Path | None = None, tick: float = 0.25, config_path: Path | None = None
+        self, config: KsConfig, keylog_dir: Path | None = None, tick: float = 1.0, config_path: Path | None = None
     ) -> None:
         self.config = config
         self.config_path = config_path

@@ -1,18 +1,26 @@
 """The key server's datagram dispatcher: no sockets, no clock of its own.
 
-``datagram_received(data, peer, now)`` routes a datagram by exchange type and
+``datagram_received(data, peer, now, mono)`` routes a datagram by exchange type and
 cookies to a Main Mode responder, an established phase-1 SA, or a
 GROUPKEY-PULL responder, and returns the datagrams to send.  Bad input is a
 counted, logged drop, never an exception.
+
+Time comes in twice: ``now`` (wall clock) for key lifetimes, SA lifetimes and
+what users see; ``mono`` (monotonic) for retransmissions and the expiry of
+half-open and lingering state, so that a wall-clock jump neither fires nor
+stalls them.  ``next_deadline(now, mono)`` says when ``on_timer`` next has
+work; per-exchange and per-member timers live in a heap with lazy deletion,
+so an idle KS does no work per member.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gdoid import log
 from gdoid.keylog import KeyLog
@@ -61,6 +69,8 @@ OFFER_CACHE_SIZE = 64  # distinct message 1 bodies whose answer is kept (each <=
 PARSE_BUDGET = 10_000
 PARSE_BASE_COST = 8
 PARSE_OCTETS_PER_UNIT = 64
+# Kinds of entries in the timer heap.
+_PUSH, _RESPONDER, _PULL, _SA = range(4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +91,8 @@ class _Pending:
     """One half-open exchange between message 1 and 3: a shared offer and a time."""
 
     offer: _Offer
-    created: float
+    created: float  # wall clock: the HalfOpen record carries it
+    expires: float  # monotonic: when the record goes (MM1_STATE_LIFETIME)
 
     @property
     def sai_b(self) -> bytes:
@@ -96,7 +107,7 @@ class _Pending:
 class _SaEntry:
     sa: IkeSa
     addr: Address
-    last_used: float
+    last_used: float  # monotonic
 
 
 class KeyServerEngine:
@@ -148,6 +159,12 @@ class KeyServerEngine:
         self._coop_out: Outgoing = []
         self.on_state_change: Callable[[], None] | None = None  # persist before sending
         self._now = 0.0  # of the datagram being handled (SID allocation needs it)
+        self._mono = 0.0  # the monotonic time of the same call
+        self._wall_offset = 0.0  # now - mono at the last call that gave both
+        # (monotonic due time, tie-breaker, kind, key): lazy deletion, each key
+        # carries the deadline it was armed for and is ignored if that changed.
+        self._timers: list[tuple[float, int, int, tuple[Any, ...]]] = []
+        self._timer_seq = 0
         self._refusal: authorization.Refusal | None = None  # from authorize(), logged with its PullFailed
         self._authz_log = authorization.LogLimiter()
         # Lines that unauthenticated input triggers are rate-limited and length-bounded.
@@ -191,9 +208,17 @@ class KeyServerEngine:
         # A flood must not turn into a log flood: rate-limited, every field bounded.
         self.log_limit.emit(self.log, log.MALFORMED_DROP, peer=peer[0], reason=reason)
 
-    def datagram_received(self, data: bytes, peer: Address, now: float) -> Outgoing:
+    def _clock(self, now: float, mono: float | None) -> float:
+        """The monotonic time of this call; callers without one (control commands) map ``now``."""
+        if mono is None:
+            return now - self._wall_offset
+        self._wall_offset = now - mono
+        return mono
+
+    def datagram_received(self, data: bytes, peer: Address, now: float, mono: float | None = None) -> Outgoing:
         self.counters["received"] += 1
         self._now = now
+        self._mono = self._clock(now, mono)
         try:
             header = IsakmpHeader.decode(data)
         except ProtocolError as exc:
@@ -224,7 +249,7 @@ class KeyServerEngine:
         entry = self.sas.get(header.cookies)
         sa = entry.sa if entry is not None else None
         if entry is not None:
-            entry.last_used = now
+            entry.last_used = self._mono
         if sa is None:
             sa = next((p.sa for p in self.coop.peers.values() if p.sa is not None and p.sa.cookies == header.cookies), None)
         if sa is None:
@@ -267,7 +292,7 @@ class KeyServerEngine:
         icky, rcky, cookies = header.initiator_cookie, header.responder_cookie, header.cookies
         # The cookie proves the sender saw our message 2 at this address: checked
         # (constant time) before any state is looked up.
-        if not self.cookies.check(peer[0], peer[1], icky, rcky, now):
+        if not self.cookies.check(peer[0], peer[1], icky, rcky, self._mono):
             self.counters["bad_responder_cookie"] += 1
             self.drop(peer, "Main Mode responder cookie not issued to this address", now)
             return self._unauthenticated(kind, data, peer, [])
@@ -305,6 +330,7 @@ class KeyServerEngine:
                 self.counters["half_open_evicted"] += 1
             responder = MainModeResponder.resume(self.phase1, IPv4Address(peer[0]), icky, rcky, half.half_open(), now)
             self.responders[cookies] = (responder, peer)
+            self._arm_machine(_RESPONDER, cookies, responder.deadline, now)
             self._responders_per_peer[peer[0]] += 1
         else:
             responder, known = entry
@@ -336,7 +362,7 @@ class KeyServerEngine:
             self.drop(peer, "not serving registrations before COOP election and sync", now)
             return []
         icky = header.initiator_cookie
-        rcky = self.cookies.make(peer[0], peer[1], icky, now)
+        rcky = self.cookies.make(peer[0], peer[1], icky, self._mono)
         address = IPv4Address(peer[0])
         # Everything after the cookies decides the answer (with whether the peer has a
         # PSK): a flood of one message 1 from many addresses is parsed once.
@@ -347,7 +373,7 @@ class KeyServerEngine:
         key = (data[16:], self.phase1.psk_lookup(address) is not None)
         offer = self._proven_offers.get(key) or self._offers.get(key)
         if offer is None:
-            if not self._parse_budget(data, now):
+            if not self._parse_budget(data, self._mono):
                 self.counters["mm1_shed"] += 1
                 self.drop(peer, "novel Main Mode message 1 over the decoding budget", now)
                 return []
@@ -368,7 +394,7 @@ class KeyServerEngine:
                 self.log, log.PHASE1_FAILED, peer=peer[0], reason=log.with_notify(offer.reason, offer.notify, False)
             )
             return [plain_notify(icky, rcky, offer.notify)]
-        half = _Pending(offer, now)
+        half = _Pending(offer, now, self._mono + MM1_STATE_LIFETIME)
         mm2 = icky + rcky + offer.mm2_tail
         cookies = icky + rcky
         if cookies in self.responders:  # a late duplicate: the exchange is past message 3
@@ -412,7 +438,7 @@ class KeyServerEngine:
                 if entry is not None:
                     self._forget_responder(entry[1])
                     if entry[0].last_received is not None and entry[0].last_sent is not None:
-                        self.completed[cookies] = (entry[0].last_received, entry[0].last_sent, peer, now)
+                        self.completed[cookies] = (entry[0].last_received, entry[0].last_sent, peer, self._mono)
                 self._add_sa(ev.sa, peer, now)
                 self.counters["phase1_established"] += 1
                 coop_peer = self.coop.peers.get(ev.sa.peer_address) if self.coop is not None else None
@@ -446,7 +472,8 @@ class KeyServerEngine:
             self._drop_sa(same_peer.pop(0))
         same_peer.append(sa.cookies)
         self._peer_sas[peer] = same_peer  # (_drop_sa removes a peer's empty list)
-        self.sas[sa.cookies] = _SaEntry(sa, peer, now)
+        entry = self.sas[sa.cookies] = _SaEntry(sa, peer, self._mono)
+        self._arm_sa(sa.cookies, entry, now, self._mono)
 
     def _drop_sa(self, cookies: bytes) -> None:
         entry = self.sas.pop(cookies, None)
@@ -472,7 +499,7 @@ class KeyServerEngine:
         if entry is None:
             self.drop(peer, "GROUPKEY-PULL for no phase-1 SA", now)
             return []
-        entry.last_used = now
+        entry.last_used = self._mono
         if self._is_coop_peer(entry):  # a COOP peer address is a KS's: it never registers as a GM
             self.drop(peer, "GROUPKEY-PULL from a COOP key server address", now)
             return []
@@ -486,11 +513,12 @@ class KeyServerEngine:
             pull = PullResponder(entry.sa, self, header.message_id, now)
             self.pulls[key] = pull
             mids.add(header.message_id)
+            self._arm_machine(_PULL, key, pull.deadline, now)
         out = pull.receive(data, now)
         self._pull_events(out, entry, now)
         if pull.finished and any(isinstance(ev, MemberRegistered) for ev in out.events) and not self._is_coop_peer(entry):
             assert pull.last_received is not None and pull.last_sent is not None
-            self.pulls_done[key] = (pull.last_received, pull.last_sent, entry.addr, now)
+            self.pulls_done[key] = (pull.last_received, pull.last_sent, entry.addr, self._mono)
             self._drop_sa(header.cookies)  # a registered GM needs no phase-1 SA on the KS
         if out.send and not self._sids_durable():
             self.pulls_done.pop(key, None)  # not sent, so never resent from there either
@@ -555,7 +583,7 @@ class KeyServerEngine:
     def _unauthorized(self, refusal: authorization.Refusal, peer: str, now: float) -> None:
         self.counters["unauthorized"] += 1
         # An authenticated but unauthorized GM can retry at will: bound what it costs in logs.
-        emit, suppressed = self._authz_log.allow(now)
+        emit, suppressed = self._authz_log.allow(self._mono)
         if not emit:
             return
         if suppressed:
@@ -572,8 +600,8 @@ class KeyServerEngine:
             # message 2): only the address the cookie was made for can do that.
             icky, rcky = header.initiator_cookie, header.responder_cookie
             if rcky == ZERO_COOKIE:
-                candidates = self.cookies.candidates(peer[0], peer[1], icky, now)
-            elif self.cookies.check(peer[0], peer[1], icky, rcky, now):
+                candidates = self.cookies.candidates(peer[0], peer[1], icky, self._mono)
+            elif self.cookies.check(peer[0], peer[1], icky, rcky, self._mono):
                 candidates = [rcky]
             else:
                 candidates = []
@@ -609,8 +637,9 @@ class KeyServerEngine:
 
     # --- rekeys ------------------------------------------------------------------
 
-    def send_rekey(self, group: Group, messages: RekeyMessages, now: float) -> Outgoing:
+    def send_rekey(self, group: Group, messages: RekeyMessages, now: float, mono: float | None = None) -> Outgoing:
         """Unicast one rekey to every registered GM and arm its retransmission."""
+        mono = self._clock(now, mono)
         rekey = group.config.rekey
         out: Outgoing = []
         for m in group.members.values():
@@ -619,7 +648,8 @@ class KeyServerEngine:
                 self._missed(group, m, now)  # the previous rekey was never acknowledged
                 if m.address not in group.members:
                     continue
-            m.pending = PendingPush(messages.seq, data, rekey.retransmit_count, now + rekey.retransmit_interval)
+            m.pending = PendingPush(messages.seq, data, rekey.retransmit_count, mono + rekey.retransmit_interval)
+            self._arm(m.pending.next_at, _PUSH, (group.number, m.address, m.pending.next_at))
             m.rekeys_sent += 1
             out.append((data, (str(m.address), m.port)))
         self.counters["rekeys_sent"] += len(out)
@@ -657,26 +687,110 @@ class KeyServerEngine:
             self.counters["acks_received"] += 1
         return []
 
-    def _retransmit(self, now: float) -> Outgoing:
-        out: Outgoing = []
-        for g in self.groups.values():
-            for m in list(g.members.values()):
-                p = m.pending
-                if p is None or now < p.next_at:
-                    continue
-                if p.retries_left <= 0:
-                    self._missed(g, m, now)
-                    continue
-                p.retries_left -= 1
-                p.next_at = now + g.config.rekey.retransmit_interval
-                m.rekey_retries += 1
-                out.append((p.data, (str(m.address), m.port)))
-        return out
-
     # --- time ------------------------------------------------------------------
 
-    def on_timer(self, now: float) -> Outgoing:
-        out = self._retransmit(now)
+    def _arm(self, at: float, kind: int, key: tuple[Any, ...]) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (at, self._timer_seq, kind, key))
+
+    def _arm_machine(self, kind: int, key: object, deadline: float | None, now: float) -> None:
+        # A protocol machine's deadline is on the wall clock it was given: it is due
+        # at the same distance on the monotonic clock.
+        if deadline is not None:
+            self._arm(self._mono + max(0.0, deadline - now), kind, (key, deadline))
+
+    def _arm_sa(self, cookies: bytes, entry: _SaEntry, now: float, mono: float) -> None:
+        at = mono + max(0.0, entry.sa.expires_at - now)  # the SA lifetime is wall time
+        if not self._is_coop_peer(entry):  # a COOP peer's SA stays until it expires
+            at = min(at, entry.last_used + SA_LINGER)
+        self._arm(at, _SA, (cookies,))
+
+    def next_deadline(self, now: float, mono: float) -> float | None:
+        """The monotonic time ``on_timer`` next has work; O(groups), not O(members).
+
+        Wall-clock events (rekeys before key expiry) are mapped with the current
+        offset: the shell also wakes at least every tick to notice a wall jump.
+        """
+        times: list[float] = []
+        if self._timers:
+            times.append(self._timers[0][0])  # possibly a stale entry: one early wake-up
+        if self.half_open_mm1:
+            times.append(next(iter(self.half_open_mm1.values())).expires)
+        for table in (self.completed, self.pulls_done):
+            if table:
+                times.append(next(iter(table.values()))[3] + SA_LINGER)
+        if self.scheduled_rekeys:
+            times += [mono + max(0.0, g.next_rekey_at() - now) for g in self.groups.values()]
+        if self.coop is not None:
+            times.append(mono + self.coop.period / 4)  # COOP keeps its own few peer timers
+        return min(times) if times else None
+
+    def _run_timers(self, now: float, mono: float) -> Outgoing:
+        out: Outgoing = []
+        timers = self._timers
+        while timers and timers[0][0] <= mono:
+            _, _, kind, key = heapq.heappop(timers)
+            if kind == _PUSH:
+                out += self._push_due(key, now, mono)
+            elif kind == _RESPONDER:
+                self._responder_due(key, now)
+            elif kind == _PULL:
+                self._pull_due(key, now)
+            else:
+                self._sa_due(key, now, mono)
+        return out
+
+    def _push_due(self, key: tuple[Any, ...], now: float, mono: float) -> Outgoing:
+        number, address, next_at = key
+        g = self.groups.get(number)
+        m = g.members.get(address) if g is not None else None
+        p = m.pending if m is not None else None
+        if g is None or m is None or p is None or p.next_at != next_at:
+            return []  # acknowledged, replaced or removed since
+        if p.retries_left <= 0:
+            self._missed(g, m, now)
+            return []
+        p.retries_left -= 1
+        p.next_at = mono + g.config.rekey.retransmit_interval
+        self._arm(p.next_at, _PUSH, (number, address, p.next_at))
+        m.rekey_retries += 1
+        return [(p.data, (str(m.address), m.port))]
+
+    def _responder_due(self, key: tuple[Any, ...], now: float) -> None:
+        cookies, deadline = key
+        entry = self.responders.get(cookies)
+        if entry is None or entry[0].deadline != deadline:
+            return
+        responder, peer = entry
+        # Due on the monotonic clock: the machine is told its deadline has come even
+        # if the wall clock went back.  Responders send nothing on a timeout.
+        mm_out = responder.on_timeout(max(now, deadline))
+        if responder.failed and cookies in self.responders:
+            del self.responders[cookies]
+            self._forget_responder(peer)
+            self.counters["half_open_expired"] += 1
+        self._phase1_events(mm_out.events, cookies, peer, now)
+
+    def _pull_due(self, key: tuple[Any, ...], now: float) -> None:
+        pkey, deadline = key
+        pull = self.pulls.get(pkey)
+        if pull is not None and not pull.finished and pull.deadline == deadline:
+            pull.on_timeout(max(now, deadline))
+
+    def _sa_due(self, key: tuple[Any, ...], now: float, mono: float) -> None:
+        (cookies,) = key
+        entry = self.sas.get(cookies)
+        if entry is None:
+            return
+        if now >= entry.sa.expires_at or (mono - entry.last_used >= SA_LINGER and not self._is_coop_peer(entry)):
+            self._drop_sa(cookies)
+        else:
+            self._arm_sa(cookies, entry, now, mono)
+
+    def on_timer(self, now: float, mono: float | None = None) -> Outgoing:
+        self._now = now
+        mono = self._mono = self._clock(now, mono)
+        out = self._run_timers(now, mono)
         if self.coop is not None:
             out += self.coop.on_timer(now)
         if self.scheduled_rekeys:
@@ -688,29 +802,14 @@ class KeyServerEngine:
                     log.emit(self.log, log.KS_SID_EXHAUSTION_REKEY, group=g.name, free=g.sids.free_count,
                              size=g.sids.size, released=g.sids.reclaimable())
                     out += self.rekey(g, now, replace=True)
-        self._expire_half_open(now)
+        self._expire_half_open(mono)
         self.log_limit.flush()
-        for key, (_, _, _, at) in list(self.pulls_done.items()):
-            if now - at > SA_LINGER:
-                del self.pulls_done[key]
-        for cookies, (_, _, _, at) in list(self.completed.items()):
-            if now - at > SA_LINGER:
-                del self.completed[cookies]
-        for key, pull in list(self.pulls.items()):
-            pull.on_timeout(now)
-            entry = self.sas.get(key[0])
-            if pull.finished and (entry is None or now - entry.last_used > SA_LINGER):
-                del self.pulls[key]
-                mids = self._sa_pulls.get(key[0])
-                if mids is not None:
-                    mids.discard(key[1])
-                    if not mids:
-                        del self._sa_pulls[key[0]]
-        for cookies, entry in list(self.sas.items()):
-            # A COOP peer's SA stays until it expires: the peer may announce on it after a partition.
-            coop_peer = self.coop is not None and entry.sa.peer_address in self.coop.peers
-            if now >= entry.sa.expires_at or (now - entry.last_used > SA_LINGER and not coop_peer):
-                self._drop_sa(cookies)
+        for table in (self.pulls_done, self.completed):  # oldest first: stop at a young one
+            while table:
+                key, value = next(iter(table.items()))
+                if mono - value[3] < SA_LINGER:
+                    break
+                del table[key]
         return out
 
     def rekey(self, group: Group, now: float, *, replace: bool = False, replace_now: bool = False) -> Outgoing:
@@ -741,21 +840,14 @@ class KeyServerEngine:
         if self.on_state_change is not None:
             self.on_state_change()
 
-    def _expire_half_open(self, now: float) -> None:
+    def _expire_half_open(self, mono: float) -> None:
         while self.half_open_mm1:  # oldest first: stop at the first one still young
             cookies, half = next(iter(self.half_open_mm1.items()))
-            if now - half.created < MM1_STATE_LIFETIME and now >= half.created:
+            if mono < half.expires:
                 break
             del self.half_open_mm1[cookies]
             self._half_open_bytes -= len(half.sai_b)
             self.counters["half_open_expired"] += 1
-        for cookies, (responder, peer) in list(self.responders.items()):
-            mm_out = responder.on_timeout(now)  # not ``out``: that holds the rekey datagrams
-            if responder.failed and cookies in self.responders:
-                del self.responders[cookies]
-                self._forget_responder(peer)
-                self.counters["half_open_expired"] += 1
-            self._phase1_events(mm_out.events, cookies, peer, now)
 
     @property
     def half_open(self) -> int:
