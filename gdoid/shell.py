@@ -27,12 +27,11 @@ import asyncio_dgram
 
 from gdoid import log
 from gdoid.control import ControlAccess, ControlRequest, ControlResponse, ControlServer
+from gdoid.protocol.datagram import Address, Outgoing
 
 RECEIVE_BUFFER = 4 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python does not export it
 
-Address = tuple[str, int]
-Outgoing = list[tuple[bytes, Address]]
 
 
 class Engine(Protocol):
@@ -73,7 +72,6 @@ class UdpShell:
         self._stream: asyncio_dgram.DatagramServer | None = None
         self._control: ControlServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopped = asyncio.Event()
         self._wake = asyncio.Event()
         self.timer_runs = 0  # on_timer calls (benchmarks and tests watch it)
         self.handler: Callable[[ControlRequest], Awaitable[ControlResponse]] | None = None
@@ -161,12 +159,6 @@ class UdpShell:
                 await self._wake.wait()
             finally:
                 timer.cancel()
-
-    def request_stop(self) -> None:
-        self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
 
     async def close(self) -> None:
         for t in self._tasks:
