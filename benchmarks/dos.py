@@ -56,7 +56,7 @@ from benchmarks.registration import (  # noqa: E402
 from gdoid.config import GmConfig, load_gm_config  # noqa: E402
 from gdoid.groupmember.engine import GroupMemberEngine, Registration  # noqa: E402
 from gdoid.phase1 import phase1_config  # noqa: E402
-from gdoid.protocol.ike import MainModeInitiator  # noqa: E402
+from gdoid.protocol.main_mode_initiator import MainModeInitiator  # noqa: E402
 from tests.procs import (  # noqa: E402
     Daemon,
     auth_toml,

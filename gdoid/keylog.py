@@ -18,7 +18,7 @@ from pathlib import Path
 from gdoid.config import ConfigError
 from gdoid.fsutil import write_all
 from gdoid.log import get_logger
-from gdoid.protocol.ike import IkeSa
+from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.policy import Tek
 
 IKE_TABLE = "ikev1_decryption_table"

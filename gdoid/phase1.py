@@ -9,7 +9,7 @@ from ipaddress import IPv4Address
 from gdoid.config import AuthConfig, CoopConfig, CoopPeer, IkeCipher, IkeHash, IkePolicy
 from gdoid.protocol.constants import AuthenticationMethod
 from gdoid.protocol.crypto import DhGroup, HashAlgorithm
-from gdoid.protocol.ike import Phase1Config, SignatureCredentials, proposals_from_policy
+from gdoid.protocol.ike_policy import Phase1Config, SignatureCredentials, proposals_from_policy
 from gdoid.protocol.pki import (
     CertificateValidator,
     PkiError,

@@ -27,7 +27,7 @@ from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol.constants import ExchangeType
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
-from gdoid.protocol.ike import MainModeInitiator
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.policy import GroupKeys, Tek, TekPolicy, TekTransform, TrafficSelector
 from gdoid.protocol.version import SoftwareVersion

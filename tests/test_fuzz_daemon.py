@@ -29,7 +29,7 @@ import pytest
 from gdoid.config import load_gm_config
 from gdoid.groupmember.engine import Registration
 from gdoid.protocol.constants import ExchangeType, NotifyType
-from gdoid.protocol.ike import plain_notify
+from gdoid.protocol.informational import plain_notify
 from tests.procs import (
     Daemon,
     auth_toml,

@@ -33,7 +33,8 @@ from gdoid.protocol.errors import NotifyError
 from gdoid.protocol.events import MemberRegistered, PullFailed, Registered
 from gdoid.protocol.gdoi_payloads import AnnBlock, AnnPayload, Role
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
-from gdoid.protocol.ike import IkeSa, Phase1Proposal
+from gdoid.protocol.ike_policy import Phase1Proposal
+from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.payloads import IdPayload, NotifyPayload
 from gdoid.protocol.policy import (
     GroupKeys,

@@ -1,4 +1,4 @@
-"""IKEv1 Main Mode machines (gdoid.protocol.ike), driven in memory.
+"""IKEv1 Main Mode machines (gdoid.protocol.main_mode*), driven in memory.
 
 Datagrams are passed by hand between a MainModeInitiator and a
 MainModeResponder; time is a number the test controls.
@@ -26,13 +26,9 @@ from gdoid.protocol.constants import (
 from gdoid.protocol.crypto import DhGroup, HashAlgorithm
 from gdoid.protocol.events import Phase1Established, Phase1Failed
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
-from gdoid.protocol.ike import (
-    MainModeInitiator,
-    MainModeResponder,
-    Phase1Config,
-    SignatureCredentials,
-    proposals_from_policy,
-)
+from gdoid.protocol.ike_policy import Phase1Config, SignatureCredentials, proposals_from_policy
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
+from gdoid.protocol.main_mode_responder import MainModeResponder
 from gdoid.protocol.message import decode_plain
 from gdoid.protocol.payloads import NotifyPayload, SaPayload
 from gdoid.protocol.pki import (

@@ -36,13 +36,10 @@ from gdoid.protocol.crypto import DhGroup, HashAlgorithm, SigAlgorithm, SigHash
 from gdoid.protocol.events import MemberRegistered, PullFailed, Registered
 from gdoid.protocol.gdoi_payloads import GapPayload, GdoiSaPayload, KdPayload, SeqPayload
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
-from gdoid.protocol.ike import (
-    IkeSa,
-    MainModeInitiator,
-    MainModeResponder,
-    Phase1Config,
-    proposals_from_policy,
-)
+from gdoid.protocol.ike_policy import Phase1Config, proposals_from_policy
+from gdoid.protocol.ike_sa import IkeSa
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
+from gdoid.protocol.main_mode_responder import MainModeResponder
 from gdoid.protocol.message import build_header, decode_payloads
 from gdoid.protocol.payloads import HashPayload, IdPayload, NotifyPayload
 from gdoid.protocol.policy import (
@@ -470,10 +467,10 @@ def test_malformed_group_id_is_invalid_id_information() -> None:
     p1 = phase1()
     gm = PullInitiator(p1.gm, GROUP)
     # ID_IPV4_ADDR instead of ID_KEY_ID
-    from gdoid.protocol.pull import _seal_with_hash
-
-    bad = _seal_with_hash(
-        p1.gm, gm.message_id, b"", [gm_nonce(gm), IdPayload(IdType.ID_IPV4_ADDR, 0, 0, bytes(4))]
+    bad = p1.gm.seal_hashed(
+        ExchangeType.GROUPKEY_PULL,
+        gm.message_id,
+        [gm_nonce(gm), IdPayload(IdType.ID_IPV4_ADDR, 0, 0, bytes(4))],
     )
     ks = PullResponder(p1.ks, directory(make_tek("esp-gcm-256", T0)), gm.message_id, T0)
     out = ks.receive(bad, T0)

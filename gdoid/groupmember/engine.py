@@ -28,18 +28,16 @@ from gdoid.protocol.errors import NotifyError, ProtocolError
 from gdoid.protocol.events import Phase1Established, Phase1Failed, PullFailed, Registered
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.identity import describe_certificate, matching_pattern
-from gdoid.protocol.ike import (
-    IkeSa,
-    MainModeInitiator,
-    Phase1Config,
-)
+from gdoid.protocol.ike_policy import Phase1Config
+from gdoid.protocol.ike_sa import IkeSa
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
+from gdoid.protocol.output import PullOutput
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.policy import GroupKeys, ParsedSa, SenderIds, Tek, parse_keys, parse_sa
 from gdoid.protocol.pull import (
     KsPinning,
     PopMethod,
     PullInitiator,
-    PullOutput,
     rekey_key_fingerprint,
 )
 from gdoid.protocol.push import POLICY_REPLACE_NOW, RemovalMode, ack_key, build_ack, open_push

@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from gdoid.config import AuthorizedIdentity, GroupAuthorization
 from gdoid.protocol.constants import IdType
-from gdoid.protocol.ike import IkeSa
+from gdoid.protocol.ike_sa import IkeSa
 
 MAX_LOGGED = 128  # characters of a peer-chosen identity that reach a log line
 MAX_MATCHED = 1024  # longer names never match a pattern (and cost nothing to refuse)

@@ -42,11 +42,9 @@ from gdoid.protocol.errors import ProtocolError
 from gdoid.protocol.events import Phase1Established, Phase1Failed
 from gdoid.protocol.gdoi_payloads import AnnBlock, AnnFlag, AnnPayload, BlockType, Role
 from gdoid.protocol.identity import describe_certificate, matching_pattern
-from gdoid.protocol.ike import (
-    IkeSa,
-    MainModeInitiator,
-    Phase1Config,
-)
+from gdoid.protocol.ike_policy import Phase1Config
+from gdoid.protocol.ike_sa import IkeSa
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.version import SoftwareVersion
 
 if TYPE_CHECKING:

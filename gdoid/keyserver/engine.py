@@ -34,20 +34,20 @@ from gdoid.protocol.datagram import Address, Outgoing
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError, ProtocolError
 from gdoid.protocol.events import MemberRegistered, Phase1Established, Phase1Failed, PullFailed
 from gdoid.protocol.header import IsakmpHeader
-from gdoid.protocol.ike import (
+from gdoid.protocol.ike_policy import Phase1Config, Phase1Proposal
+from gdoid.protocol.ike_sa import IkeSa
+from gdoid.protocol.informational import plain_notify
+from gdoid.protocol.main_mode_responder import (
     MAX_MM1_LEN,
     HalfOpen,
-    IkeSa,
     MainModeResponder,
-    Phase1Config,
-    Phase1Proposal,
     ResponderCookies,
-    plain_notify,
     respond_mm1,
 )
+from gdoid.protocol.output import PullOutput
 from gdoid.protocol.payloads import DeletePayload, NotifyPayload
 from gdoid.protocol.policy import GroupKeys, SenderIds
-from gdoid.protocol.pull import PopSigner, PullOutput, PullResponder
+from gdoid.protocol.pull import PopSigner, PullResponder
 from gdoid.protocol.push import GROUPKEY_PUSH_ACK, ack_key, parse_ack, verify_ack
 from gdoid.protocol.version import SoftwareVersion, supports_removal_and_replace
 

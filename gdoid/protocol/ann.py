@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import secrets
 
-from gdoid.protocol import crypto
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.errors import DecodeError, NotifyError
 from gdoid.protocol.gdoi_payloads import AnnPayload
-from gdoid.protocol.ike import IkeSa
-from gdoid.protocol.message import encode_payload
+from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.payloads import HashPayload
 
 MAX_ANN_DATAGRAM = 32 * 1024
@@ -28,8 +26,7 @@ MAX_ANN_DATAGRAM = 32 * 1024
 
 def seal_ann(sa: IkeSa, ann: AnnPayload) -> bytes:
     mid = secrets.randbits(32) or 1
-    h = sa.prf_a(mid.to_bytes(4, "big") + encode_payload(ann))
-    data = sa.seal(ExchangeType.COOP_ANN, mid, [HashPayload(h), ann])
+    data = sa.seal_hashed(ExchangeType.COOP_ANN, mid, [ann])
     sa.forget_exchange(mid)
     if len(data) > MAX_ANN_DATAGRAM:
         raise ValueError(f"ANN of {len(data)} octets exceeds 32 KiB: split it")
@@ -46,8 +43,6 @@ def open_ann(sa: IkeSa, data: bytes) -> AnnPayload:
     ann = msg.payloads[1].payload
     if not isinstance(ann, AnnPayload):
         raise DecodeError("ANN", "payload", "second payload is not ANN")
-    want = sa.prf_a(msg.header.message_id.to_bytes(4, "big") + msg.payloads[1].raw)
-    if not crypto.constant_time_equal(want, msg.payloads[0].payload.data):
-        raise NotifyError(NotifyType.INVALID_HASH_INFORMATION, "ANN HASH(1) mismatch")
+    sa.open_hashed(msg, name="ANN HASH(1)")
     sa.forget_exchange(msg.header.message_id)
     return ann

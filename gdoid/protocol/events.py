@@ -7,16 +7,12 @@ act on them (install keys, log, retry the next KS).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from gdoid.protocol.constants import NotifyType
+from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.policy import GroupKeys, SenderIds
 
-if TYPE_CHECKING:  # ike.py emits these events: a runtime import would be a cycle
-    from gdoid.protocol.ike import IkeSa
-
-
-# --- phase 1: Main Mode (ike.py) --------------------------------------------
+# --- phase 1: Main Mode (main_mode.py) --------------------------------------
 
 
 @dataclass(frozen=True)

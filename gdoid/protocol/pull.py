@@ -23,7 +23,7 @@ import datetime as dt
 import hashlib
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, IntEnum, auto
 from typing import Protocol
 
@@ -42,14 +42,14 @@ from gdoid.protocol.constants import (
     NotifyType,
 )
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError
-from gdoid.protocol.events import MemberRegistered, PullEvent, PullFailed, Registered
+from gdoid.protocol.events import MemberRegistered, PullFailed, Registered
 from gdoid.protocol.gdoi_payloads import GapPayload, GdoiSaPayload, KdPayload, SeqPayload
 from gdoid.protocol.identity import IdentityPattern, describe_certificate, matching_pattern
-from gdoid.protocol.ike import NONCE_LEN, IkeSa
-from gdoid.protocol.message import Message, encode_payloads
+from gdoid.protocol.ike_sa import NONCE_LEN, IkeSa
+from gdoid.protocol.message import Message
+from gdoid.protocol.output import PullOutput
 from gdoid.protocol.payloads import (
     CertPayload,
-    HashPayload,
     IdPayload,
     NoncePayload,
     NotifyPayload,
@@ -132,37 +132,9 @@ def group_number_of(ident: IdPayload) -> int:
     return int.from_bytes(ident.data, "big")
 
 
-def _hash(sa: IkeSa, mid: int, prefix: bytes, covered: bytes) -> bytes:
-    return sa.prf_a(mid.to_bytes(4, "big") + prefix + covered)
-
-
-def _seal_with_hash(sa: IkeSa, mid: int, prefix: bytes, payloads: Sequence[Payload]) -> bytes:
-    h = _hash(sa, mid, prefix, encode_payloads(payloads))
-    return sa.seal(ExchangeType.GROUPKEY_PULL, mid, [HashPayload(h), *payloads])
-
-
-def _check_hash(sa: IkeSa, msg: Message, prefix: bytes, which: str) -> None:
-    if not msg.payloads or not isinstance(msg.payloads[0].payload, HashPayload):
-        raise NotifyError(NotifyType.INVALID_HASH_INFORMATION, f"{which} must start with HASH")
-    covered = b"".join(d.raw for d in msg.payloads[1:])
-    want = _hash(sa, msg.header.message_id, prefix, covered)
-    if not crypto.constant_time_equal(want, msg.payloads[0].payload.data):
-        raise NotifyError(NotifyType.INVALID_HASH_INFORMATION, f"{which} mismatch")
-
-
 def error_notify(sa: IkeSa, notify: NotifyType, data: bytes = b"") -> bytes:
     """An Informational NOTIFY protected by phase 1 (wire.md §3)."""
     return sa.informational(NotifyPayload(Doi.GDOI, 0, notify, b"", data[:200]))
-
-
-# --- output -----------------------------------------------------------------
-
-
-@dataclass
-class PullOutput:
-    send: list[bytes] = field(default_factory=list)
-    events: list[PullEvent] = field(default_factory=list)
-    drops: list[str] = field(default_factory=list)  # why datagrams were ignored, for the log
 
 
 class _State(Enum):
@@ -205,7 +177,9 @@ class PullInitiator:
 
     def start(self, now: float) -> PullOutput:
         out = PullOutput()
-        msg = _seal_with_hash(self.sa, self.message_id, b"", [NoncePayload(self.ni_b), group_id(self.group_number)])
+        msg = self.sa.seal_hashed(
+            ExchangeType.GROUPKEY_PULL, self.message_id, [NoncePayload(self.ni_b), group_id(self.group_number)]
+        )
         self._send(msg, now, out)
         return out
 
@@ -272,7 +246,7 @@ class PullInitiator:
         return out
 
     def _on_message_2(self, msg: Message, now: float, iv: bytes, out: PullOutput) -> None:
-        _check_hash(self.sa, msg, self.ni_b, "HASH(2)")
+        self.sa.open_hashed(msg, self.ni_b, "HASH(2)")
         self.sa.commit_iv(self.message_id, iv)
         nr = msg.require(NoncePayload, "GROUPKEY-PULL message 2")
         sa = msg.require(GdoiSaPayload, "GROUPKEY-PULL message 2")
@@ -288,10 +262,11 @@ class PullInitiator:
         if gap:
             payloads.append(GapPayload(tuple(gap)))
         self.state = _State.SENT_3
-        self._send(_seal_with_hash(self.sa, self.message_id, self.ni_b + self.nr_b, payloads), now, out)
+        prefix = self.ni_b + self.nr_b
+        self._send(self.sa.seal_hashed(ExchangeType.GROUPKEY_PULL, self.message_id, payloads, prefix), now, out)
 
     def _on_message_4(self, msg: Message, now: float, iv: bytes, out: PullOutput) -> None:
-        _check_hash(self.sa, msg, self.ni_b + self.nr_b, "HASH(4)")
+        self.sa.open_hashed(msg, self.ni_b + self.nr_b, "HASH(4)")
         self.sa.commit_iv(self.message_id, iv)
         kd = msg.require(KdPayload, "GROUPKEY-PULL message 4")
         seq = msg.get(SeqPayload)
@@ -348,9 +323,9 @@ class PullInitiator:
                 NotifyType.INVALID_ID_INFORMATION,
                 f"KS certificate {describe_certificate(cert)} matches none of ks_identities",
             )
-        public = cert.public_key()
-        if not isinstance(public, rsa.RSAPublicKey) or not crypto.ike_rsa_verify(
-            public, pop_hash(self.sa, self.ni_b, self.nr_b), sig.data
+        cert_key = cert.public_key()
+        if not isinstance(cert_key, rsa.RSAPublicKey) or not crypto.ike_rsa_verify(
+            cert_key, pop_hash(self.sa, self.ni_b, self.nr_b), sig.data
         ):
             raise NotifyError(NotifyType.INVALID_SIGNATURE, "POP_R does not verify with the KS certificate")
         return ", ".join([*proved, f"CERT+POP_R {describe_certificate(cert, 120)} (matches {match.text})"])
@@ -434,11 +409,11 @@ class PullResponder:
         return out
 
     def _reply(self, prefix: bytes, payloads: Sequence[Payload], out: PullOutput) -> None:
-        self.last_sent = _seal_with_hash(self.sa, self.message_id, prefix, payloads)
+        self.last_sent = self.sa.seal_hashed(ExchangeType.GROUPKEY_PULL, self.message_id, payloads, prefix)
         out.send.append(self.last_sent)
 
     def _on_message_1(self, msg: Message, now: float, iv: bytes, out: PullOutput) -> None:
-        _check_hash(self.sa, msg, b"", "HASH(1)")
+        self.sa.open_hashed(msg, b"", "HASH(1)")
         self.sa.commit_iv(self.message_id, iv)
         ni = msg.require(NoncePayload, "GROUPKEY-PULL message 1")
         ident = msg.require(IdPayload, "GROUPKEY-PULL message 1")
@@ -458,7 +433,7 @@ class PullResponder:
         self._reply(self.ni_b, [NoncePayload(self.nr_b), build_sa(keys, now, gap_payloads(keys))], out)
 
     def _on_message_3(self, msg: Message, now: float, iv: bytes, out: PullOutput) -> None:
-        _check_hash(self.sa, msg, self.ni_b + self.nr_b, "HASH(3)")
+        self.sa.open_hashed(msg, self.ni_b + self.nr_b, "HASH(3)")
         self.sa.commit_iv(self.message_id, iv)
         assert self.keys is not None and self.group_number is not None
         sids = None

@@ -29,6 +29,7 @@ from gdoid.protocol.crypto import HashAlgorithm, PrivateKey, PublicKey, SigHash
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError
 from gdoid.protocol.gdoi_payloads import GdoiSaPayload, KdPayload, SeqPayload
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
+from gdoid.protocol.ike_sa import phase2_hash, phase2_hash_matches
 from gdoid.protocol.message import decode_payloads, encode_payloads
 from gdoid.protocol.payloads import (
     DeletePayload,
@@ -156,15 +157,11 @@ def ack_key(hash_alg: HashAlgorithm, skeyid_a: bytes, group_number: int) -> byte
     return crypto.prf(hash_alg, skeyid_a, b"gdoid rekey ack" + group_number.to_bytes(4, "big"))
 
 
-def _ack_hash(hash_alg: HashAlgorithm, key: bytes, mid: int, covered: bytes) -> bytes:
-    return crypto.prf(hash_alg, key, mid.to_bytes(4, "big") + covered)
-
-
 def build_ack(hash_alg: HashAlgorithm, key: bytes, kek_spi: bytes, seq: int, gm_address: bytes) -> bytes:
     mid = secrets.randbits(32) or 1
     covered_payloads: list[Payload] = [SeqPayload(seq), IdPayload(IdType.ID_IPV4_ADDR, 0, 0, gm_address)]
     covered = encode_payloads(covered_payloads)
-    h = HashPayload(_ack_hash(hash_alg, key, mid, covered))
+    h = HashPayload(phase2_hash(hash_alg, key, mid, b"", covered))
     body = encode_payloads([h, *covered_payloads])
     header = IsakmpHeader(kek_spi[:8], kek_spi[8:], PayloadType.HASH, GROUPKEY_PUSH_ACK, HeaderFlag.NONE, mid, HEADER_LEN + len(body))
     return header.encode() + body
@@ -196,4 +193,4 @@ def parse_ack(data: bytes) -> Ack:
 
 
 def verify_ack(ack: Ack, hash_alg: HashAlgorithm, key: bytes) -> bool:
-    return crypto.constant_time_equal(_ack_hash(hash_alg, key, ack.message_id, ack.covered), ack.hash)
+    return phase2_hash_matches(hash_alg, key, ack.message_id, b"", ack.covered, ack.hash)

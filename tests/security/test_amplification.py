@@ -22,7 +22,9 @@ import pytest
 from gdoid.config import load_gm_config
 from gdoid.phase1 import phase1_config
 from gdoid.protocol.constants import MAIN_MODE, ExchangeType, NotifyType
-from gdoid.protocol.ike import MainModeInitiator, Phase1Config, plain_notify
+from gdoid.protocol.ike_policy import Phase1Config
+from gdoid.protocol.informational import plain_notify
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.message import encode_plain
 from gdoid.protocol.payloads import KePayload, NoncePayload
 from tests.procs import (

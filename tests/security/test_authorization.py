@@ -34,7 +34,8 @@ from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol.constants import AuthenticationMethod, IdType
 from gdoid.protocol.crypto import DhGroup, HashAlgorithm, Phase1Keys
-from gdoid.protocol.ike import IkeSa, Phase1Proposal
+from gdoid.protocol.ike_policy import Phase1Proposal
+from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.payloads import IdPayload
 from gdoid.protocol.pki import generate_test_pki, load_private_key
 from gdoid.protocol.version import CURRENT_VERSION

@@ -40,7 +40,9 @@ from gdoid.protocol.ann import seal_ann
 from gdoid.protocol.events import Phase1Established
 from gdoid.protocol.gdoi_payloads import AnnPayload, Role
 from gdoid.protocol.identity import IdentityPattern, matching_pattern
-from gdoid.protocol.ike import IkeSa, MainModeInitiator, Phase1Config
+from gdoid.protocol.ike_policy import Phase1Config
+from gdoid.protocol.ike_sa import IkeSa
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import SoftwareVersion
 from tests.procs import Daemon, gdoictl_json, write_private, write_signing_key

@@ -35,7 +35,7 @@ from gdoid.keyserver.coop import Coop
 from gdoid.keyserver.daemon import KeyServerDaemon
 from gdoid.protocol.ann import seal_ann
 from gdoid.protocol.gdoi_payloads import AnnBlock, AnnPayload, BlockType, Role
-from gdoid.protocol.ike import MainModeInitiator
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.version import SoftwareVersion
 from tests.procs import (
     Daemon,

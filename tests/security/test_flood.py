@@ -28,7 +28,7 @@ from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.crypto import DhKeyPair
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
-from gdoid.protocol.ike import MainModeInitiator
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.message import decode_plain
 from gdoid.protocol.payloads import NotifyPayload
 from tests.procs import write_private, write_signing_key

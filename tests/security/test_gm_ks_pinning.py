@@ -29,7 +29,7 @@ from gdoid.protocol.events import PullFailed, Registered
 from gdoid.protocol.gdoi_payloads import GapPayload
 from gdoid.protocol.header import IsakmpHeader
 from gdoid.protocol.identity import IdentityPattern
-from gdoid.protocol.ike import IkeSa
+from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.pki import (
     CertificateValidator,
     PrivateKey,

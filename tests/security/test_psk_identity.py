@@ -25,7 +25,8 @@ from gdoid.phase1 import phase1_config
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.events import Phase1Established, Phase1Failed
 from gdoid.protocol.header import IsakmpHeader
-from gdoid.protocol.ike import MainModeInitiator, MainModeResponder
+from gdoid.protocol.main_mode_initiator import MainModeInitiator
+from gdoid.protocol.main_mode_responder import MainModeResponder
 from gdoid.protocol.message import decode_plain
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.pki import load_private_key
