@@ -1,7 +1,7 @@
 """COOP key-server announcements (ANN), project-private (wire.md §6.3).
 
     KS -> KS : HDR*, HASH(1), ANN        exchange 240, protected by a KS-KS phase-1 SA
-    HASH(1) = prf(SKEYID_a, M-ID | ANN)
+    HASH(1) = prf(SKEYID_a, M-ID | ANN)      (IkeSa.seal_hashed / open_hashed)
 
 ANN payload (private type 128): version (3), priority (1), role (1), flags (1),
 reserved (2), sender ANN sequence number (8), group number (4), policy epoch

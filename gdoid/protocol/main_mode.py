@@ -67,7 +67,6 @@ from gdoid.protocol.version import SoftwareVersion
 class MainModeState(Enum):
     """Where an exchange stands: the last message sent, or its end."""
 
-
     INIT = auto()
     MM1_SENT = auto()
     MM2_SENT = auto()

@@ -7,7 +7,8 @@
 
 HASH(n) = prf(SKEYID_a, M-ID | <prefix> | every payload after HASH as sent),
 with the prefix empty for (1), Ni_b for (2) and Ni_b | Nr_b for (3)/(4)
-(wire.md §3: no leading zero octet).
+(wire.md §3: no leading zero octet); built and checked by ``IkeSa.seal_hashed`` /
+``IkeSa.open_hashed``.
 
 Proof of the KS role (RFC 6407 §3.2, wire.md §3): a GM that pins its KS asks for
 it with the project-private GAP attribute POP_REQUEST in (3); the KS answers with

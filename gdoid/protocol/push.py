@@ -14,7 +14,8 @@ docs/wire.md):
     GM -> KS : HDR, HASH, SEQ, ID       (exchange 35, cookies = KEK SPI, not encrypted)
 
 HASH = prf(K_ack, M-ID | SEQ | ID) with K_ack = prf(SKEYID_a, "gdoid rekey ack" |
-group number), known to both sides from the registration's phase 1.
+group number), known to both sides from the registration's phase 1; computed by
+``ike_sa.phase2_hash``, as every phase-2 HASH.
 """
 
 from __future__ import annotations
