@@ -18,7 +18,7 @@ import hashlib
 import hmac
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +27,13 @@ from gdoid.config import CoopConfig, CoopPeer
 from gdoid.keyserver import sender_ids, state
 from gdoid.keyserver.annblocks import (
     AnnInvalid,
-    AnnKeys,
     ParsedAnn,
     parse_ann,
     signing_key_block,
     signing_key_fingerprint,
 )
 from gdoid.keyserver.group import Group, Member
+from gdoid.keyserver.group_keys import GroupKeyState
 from gdoid.phase1 import coop_peer_phase1
 from gdoid.protocol.ann import open_ann, seal_ann
 from gdoid.protocol.constants import AuthenticationMethod
@@ -322,10 +322,7 @@ class Coop:
         return Role.PRIMARY if self.is_primary else Role.SECONDARY
 
     def _keys_block(self, g: Group) -> AnnBlock:
-        return AnnBlock.of(BlockType.GROUP_KEYS, {
-            "seq": g.seq, "epoch": g.epoch, "last_rekey_at": g.last_rekey_at, "rekeys_sent": g.rekeys_sent,
-            "kek": state.kek_to_json(g.kek), "teks": [state.tek_to_json(t) for t in g.teks],
-        })
+        return AnnBlock.of(BlockType.GROUP_KEYS, GroupKeyState.of(g).to_json())
 
     def _member_chunks(self, members: list[Member]) -> list[list[dict[str, Any]]]:
         chunks: list[list[dict[str, Any]]] = [[]]
@@ -542,15 +539,11 @@ class Coop:
                     group.sids.claim(m.identity, m.sender_ids)
         return changed
 
-    def _install_keys(self, group: Group, keys: AnnKeys) -> None:
+    def _install_keys(self, group: Group, keys: GroupKeyState) -> None:
         self.synced = True
-        changed = (group.kek, group.teks, group.seq) != (keys.kek, list(keys.teks), max(group.seq, keys.seq))
-        group.kek = keys.kek
-        group.teks = list(keys.teks)
-        group.seq = max(group.seq, keys.seq)
-        group.epoch = keys.epoch
-        group.last_rekey_at = keys.last_rekey_at
-        group.rekeys_sent = keys.rekeys_sent
+        keys = replace(keys, seq=max(group.seq, keys.seq))  # SEQ never goes backwards
+        changed = (group.kek, group.teks, group.seq) != (keys.kek, list(keys.teks), keys.seq)
+        keys.install(group)
         if changed:
             self._dirty()
             if self.engine.keylog is not None:
@@ -587,13 +580,13 @@ class Coop:
             group.seq = keys.seq
             self._dirty()
 
-    def _handover(self, group: Group, keys: AnnKeys, now: float) -> Outgoing:
+    def _handover(self, group: Group, keys: GroupKeyState, now: float) -> Outgoing:
         if keys.kek.spi == group.kek.spi and {t.spi for t in keys.teks} <= {t.spi for t in group.teks}:
             self._install_keys(group, keys)
             return []
         seq = max(group.seq, keys.seq) + 1
         messages = group.plan_handover(now, keys.kek, list(keys.teks), seq)
-        self._install_keys(group, AnnKeys(seq, keys.epoch, keys.last_rekey_at, keys.rekeys_sent, keys.kek, keys.teks))
+        self._install_keys(group, replace(keys, seq=seq))
         self.log.info("coop_handover", group=group.name, seq=seq, members=len(group.members))
         if self.engine.on_state_change is not None:
             self.engine.on_state_change()  # saved before the rekey leaves: SEQ never goes backwards
