@@ -34,6 +34,7 @@ from gdoid.protocol.version import SoftwareVersion
 from tests.recorder import Events
 
 T0 = 5_000_000.0
+M0 = 700.0  # the monotonic clock: unrelated to the wall clock, as on a real host
 GROUP = 1234
 PERIOD = 1.0
 STEP = 0.25
@@ -108,11 +109,12 @@ def files(tmp_path: Path) -> Path:
 
 
 class Sim:
-    """address -> engine; a FIFO of datagrams; simulated time; blocked address pairs."""
+    """address -> engine; a FIFO of datagrams; simulated clocks; blocked address pairs."""
 
     def __init__(self, base: Path, now: float = T0) -> None:
         self.base = base
-        self.now = now
+        self.now = now  # wall clock
+        self.mono = M0  # monotonic clock: advances with ``now`` except when the wall clock jumps
         self.nodes: dict[str, Node] = {}
         self.blocked: set[frozenset[str]] = set()
         self.queue: deque[tuple[bytes, str, str]] = deque()
@@ -185,13 +187,14 @@ class Sim:
                 self.lost += 1
                 continue
             self.tap.append((data, src, dst))
-            out = node.datagram_received(data, (src, 848), self.now)
+            out = node.datagram_received(data, (src, 848), self.now, self.mono)
             self.queue.extend((d, dst, to[0]) for d, to in out)
 
     def tick(self) -> None:
         self.now += STEP
+        self.mono += STEP
         for address, node in list(self.nodes.items()):
-            self.queue.extend((d, address, to[0]) for d, to in node.on_timer(self.now))
+            self.queue.extend((d, address, to[0]) for d, to in node.on_timer(self.now, self.mono))
         self.deliver()
 
     def run(self, seconds: float) -> None:
@@ -226,7 +229,7 @@ class Sim:
 
     def register(self, gm_address: str, ks_address: str) -> GroupMemberEngine:
         gm = self.add_gm(gm_address, (ks_address,))
-        self.send(gm_address, gm.start(self.now))
+        self.send(gm_address, gm.start(self.now, self.mono))
         reg = gm.registrations[GROUP]
         assert reg.state == RegState.REGISTERED, reg.last_failure
         assert reg.registered_ks == IPv4Address(ks_address)
@@ -281,7 +284,7 @@ def test_listen_then_highest_priority_wins(files: Path) -> None:
     sim.run(PERIOD)
     assert all(sim.coop(a).role is None for a in KSS)
     gm = sim.add_gm("10.0.0.1", (KS1,))
-    sim.send("10.0.0.1", gm.start(sim.now))
+    sim.send("10.0.0.1", gm.start(sim.now, sim.mono))
     assert gm.registrations[GROUP].state != RegState.REGISTERED
     assert sim.ks(KS1).counters["not_serving"] >= 1
     took = sim.run_until(lambda: bool(sim.primaries()), ELECTED_WITHIN)

@@ -7,21 +7,22 @@ act on them (install keys, log, retry the next KS).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
 from gdoid.protocol.constants import NotifyType
 from gdoid.protocol.policy import GroupKeys, SenderIds
 
-if TYPE_CHECKING:  # ike.py emits these events: a runtime import would be a cycle
-    from gdoid.protocol.ike import IkeSa
+# The phase-1 SA an event carries (ike.IkeSa): a type parameter, since ike.py
+# imports this module to emit the events (this one must not import ike.py).
+Sa = TypeVar("Sa")
 
 
 # --- phase 1: Main Mode (ike.py) --------------------------------------------
 
 
 @dataclass(frozen=True)
-class Phase1Established:
-    sa: IkeSa
+class Phase1Established(Generic[Sa]):
+    sa: Sa
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Phase1Failed:
     received: bool = False  # True when the peer told us (notify received)
 
 
-Phase1Event = Phase1Established | Phase1Failed
+Phase1Event = Phase1Established[Sa] | Phase1Failed
 
 
 # --- GROUPKEY-PULL (pull.py) ------------------------------------------------
@@ -48,11 +49,11 @@ class Registered:
 
 
 @dataclass(frozen=True)
-class MemberRegistered:
+class MemberRegistered(Generic[Sa]):
     """KS side: a GM completed registration."""
 
     group_number: int
-    sa: IkeSa
+    sa: Sa
     keys: GroupKeys
     sender_ids: SenderIds | None
 
@@ -65,7 +66,7 @@ class PullFailed:
     received: bool = False  # the peer told us
 
 
-PullEvent = Registered | MemberRegistered | PullFailed
+PullEvent = Registered | MemberRegistered[Sa] | PullFailed
 
 __all__ = [
     "MemberRegistered",

@@ -298,7 +298,7 @@ class IkeSa:
 @dataclass
 class Output:
     send: list[bytes] = field(default_factory=list)
-    events: list[Phase1Event] = field(default_factory=list)
+    events: list[Phase1Event[IkeSa]] = field(default_factory=list)
 
 
 def plain_notify(icky: bytes, rcky: bytes, notify: NotifyType, data: bytes = b"") -> bytes:

@@ -161,7 +161,7 @@ def error_notify(sa: IkeSa, notify: NotifyType, data: bytes = b"") -> bytes:
 @dataclass
 class PullOutput:
     send: list[bytes] = field(default_factory=list)
-    events: list[PullEvent] = field(default_factory=list)
+    events: list[PullEvent[IkeSa]] = field(default_factory=list)
     drops: list[str] = field(default_factory=list)  # why datagrams were ignored, for the log
 
 
