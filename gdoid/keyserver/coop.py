@@ -140,6 +140,7 @@ class Peer:
     initiator_due: float | None = None  # monotonic: when the initiator's (wall) deadline comes
     sa: IkeSa | None = None
     next_attempt: float = 0.0  # monotonic
+    recheck_at: float = 0.0  # monotonic: when its SA expires, or the next phase-1 attempt is due
     failures: int = 0
     version: SoftwareVersion | None = None
     priority: int | None = None
@@ -345,7 +346,7 @@ class Coop:
             if why is not None:
                 peer.failures += 1
                 peer.ike_status = "Failed (not a KS credential)"
-                peer.next_attempt = self._mono + min(30.0, self.period * 2 ** min(peer.failures, 5))
+                peer.next_attempt = peer.recheck_at = self._mono + min(30.0, self.period * 2 ** min(peer.failures, 5))
                 self._log_limited(str(peer.address), AUTH, event="coop_peer_not_authenticated", reason=why)
                 return []
             peer.sa = ev.sa
@@ -355,7 +356,7 @@ class Coop:
             peer.initiator = peer.initiator_due = None
             peer.failures += 1
             peer.ike_status = f"Failed ({ev.reason})"
-            peer.next_attempt = self._mono + min(30.0, self.period * 2 ** min(peer.failures, 5))
+            peer.next_attempt = peer.recheck_at = self._mono + min(30.0, self.period * 2 ** min(peer.failures, 5))
             self._log_limited(str(peer.address), "phase1", event="coop_phase1_failed", reason=ev.reason)
         return []
 
@@ -375,6 +376,7 @@ class Coop:
         if why is not None:
             self.host.counters["coop_sa_not_ks"] += 1
             self._log_limited(str(peer.address), AUTH, event="coop_peer_not_authenticated", reason=why)
+        self._recheck(peer, now)
         if self._usable_sa(peer, now) is None:
             return []
         peer.ike_status = "Established"
@@ -729,11 +731,7 @@ class Coop:
                 if peer.initiator_due is not None:
                     times.append(peer.initiator_due)
             else:
-                sa = self._usable_sa(peer, now)
-                if sa is None:
-                    times.append(peer.next_attempt)
-                else:
-                    times.append(mono + max(0.0, sa.expires_at - now) + LATE)  # (lifetimes are wall time)
+                times.append(peer.recheck_at)
             if peer.reachable and peer.last_heard is not None:
                 times.append(peer.last_heard + MISSED_PERIODS * self.period + LATE)
         return min(times)
@@ -781,7 +779,16 @@ class Coop:
             peer.reachable = False
             for g in self.host.groups.values():
                 log.emit(self.log, log.COOP_KS_UNREACH, peer=str(peer.address), group=g.name, status=peer.ike_status)
+        self._recheck(peer, now)
         return out
+
+    def _recheck(self, peer: Peer, now: float) -> None:
+        """Note when the peer's SA needs looking at again (its lifetime is wall time)."""
+        sa = self._usable_sa(peer, now)
+        if sa is not None:
+            peer.recheck_at = self._mono + max(0.0, sa.expires_at - now) + LATE
+        else:
+            peer.recheck_at = peer.next_attempt
 
     # --- reload ----------------------------------------------------------------------------
 
@@ -815,6 +822,7 @@ class Coop:
         self.host.drop_phase1_sas(peer.address)
         peer.sa = None
         peer.initiator = peer.initiator_due = None
+        peer.recheck_at = 0.0
 
     # --- show ------------------------------------------------------------------------------
 
