@@ -14,6 +14,11 @@ neither fires nor stalls them).  Coop sees its host only through
   that miss the primary for three periods elect: highest priority wins, ties
   go to the higher address; two primaries (a healed partition) resolve to the
   winner, the loser first rekeying its own GMs onto the winner's keys.
+
+Over 600 lines because it is one state machine: election, announcements and
+state sync all read and write the same peer table and role; the parts that
+stand alone live apart (ANN block validation in annblocks.py, the key state in
+group_keys.py, SID records in sender_ids.py).
 """
 
 from __future__ import annotations
@@ -723,7 +728,11 @@ class Coop:
         if self.role is None:
             times.append(self.started_at + LISTEN_PERIODS * self.period)
         elif self.role == Role.SECONDARY:
-            times.append(self.last_primary_heard + MISSED_PERIODS * self.period + LATE)
+            heard = self.last_primary_heard  # (no election while the primary is alive)
+            primary_peer = self.peers.get(self.primary) if self.primary else None
+            if primary_peer is not None and primary_peer.role == Role.PRIMARY and primary_peer.last_heard is not None:
+                heard = max(heard, primary_peer.last_heard)
+            times.append(heard + MISSED_PERIODS * self.period + LATE)
         if any(gs.delta or gs.removed for gs in self.groups_state.values()):
             times.append(mono)  # new members are told at once
         for peer in self.peers.values():
