@@ -34,6 +34,7 @@ from gdoid.protocol.version import SoftwareVersion
 from tests.recorder import Events
 
 T0 = 5_000_000.0
+M0 = 700.0  # the monotonic clock: unrelated to the wall clock, as on a real host
 GROUP = 1234
 PERIOD = 1.0
 STEP = 0.25
@@ -108,11 +109,12 @@ def files(tmp_path: Path) -> Path:
 
 
 class Sim:
-    """address -> engine; a FIFO of datagrams; simulated time; blocked address pairs."""
+    """address -> engine; a FIFO of datagrams; simulated clocks; blocked address pairs."""
 
     def __init__(self, base: Path, now: float = T0) -> None:
         self.base = base
-        self.now = now
+        self.now = now  # wall clock
+        self.mono = M0  # monotonic clock: advances with ``now`` except when the wall clock jumps
         self.nodes: dict[str, Node] = {}
         self.blocked: set[frozenset[str]] = set()
         self.queue: deque[tuple[bytes, str, str]] = deque()
@@ -185,13 +187,14 @@ class Sim:
                 self.lost += 1
                 continue
             self.tap.append((data, src, dst))
-            out = node.datagram_received(data, (src, 848), self.now)
+            out = node.datagram_received(data, (src, 848), self.now, self.mono)
             self.queue.extend((d, dst, to[0]) for d, to in out)
 
     def tick(self) -> None:
         self.now += STEP
+        self.mono += STEP
         for address, node in list(self.nodes.items()):
-            self.queue.extend((d, address, to[0]) for d, to in node.on_timer(self.now))
+            self.queue.extend((d, address, to[0]) for d, to in node.on_timer(self.now, self.mono))
         self.deliver()
 
     def run(self, seconds: float) -> None:
@@ -226,7 +229,7 @@ class Sim:
 
     def register(self, gm_address: str, ks_address: str) -> GroupMemberEngine:
         gm = self.add_gm(gm_address, (ks_address,))
-        self.send(gm_address, gm.start(self.now))
+        self.send(gm_address, gm.start(self.now, self.mono))
         reg = gm.registrations[GROUP]
         assert reg.state == RegState.REGISTERED, reg.last_failure
         assert reg.registered_ks == IPv4Address(ks_address)
@@ -281,7 +284,7 @@ def test_listen_then_highest_priority_wins(files: Path) -> None:
     sim.run(PERIOD)
     assert all(sim.coop(a).role is None for a in KSS)
     gm = sim.add_gm("10.0.0.1", (KS1,))
-    sim.send("10.0.0.1", gm.start(sim.now))
+    sim.send("10.0.0.1", gm.start(sim.now, sim.mono))
     assert gm.registrations[GROUP].state != RegState.REGISTERED
     assert sim.ks(KS1).counters["not_serving"] >= 1
     took = sim.run_until(lambda: bool(sim.primaries()), ELECTED_WITHIN)
@@ -704,3 +707,80 @@ def test_a_1_0_1_key_server_shows_as_no_in_the_feature_tables(files: Path) -> No
     assert " 10.0.8.1 1.0.2 Yes\n" in table
     assert " 10.0.9.1 1.0.2 Yes\n" in table
     assert " 10.0.10.1 1.0.1 No\n" in table
+
+
+# --- clocks and deadlines (issue 10 §1) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("jump", [300.0, -300.0])
+def test_a_wall_clock_jump_neither_fires_nor_stalls_coop_timers(files: Path, jump: float) -> None:
+    """Announcements, elections and peer timeouts follow the monotonic clock."""
+    sim = elected(files)
+    seen = {a: len(events(sim.ks(a))) for a in KSS}
+    start = len(sim.tap)
+    sim.now += jump  # the wall clock jumps; the monotonic clock does not
+    sim.run(3 * PERIOD)
+    # Forward: nobody is declared gone, no election.  Backward: the primary keeps announcing.
+    for a in KSS:
+        later = events(sim.ks(a))[seen[a]:]
+        assert not {"COOP_KS_ELECTION", "COOP_KS_UNREACH", "COOP_KS_TRANS_TO_PRI"} & set(later), (a, later)
+    assert sim.primaries() == [KS1]
+    assert sim.roles[KS2] == [Role.SECONDARY] and sim.roles[KS3] == [Role.SECONDARY]
+    periodic = [d for d, s, t in sim.tap[start:]
+                if s == KS1 and t == KS2 and IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN]
+    assert len(periodic) == 3  # one per period
+    assert all(sim.coop(KS2).peers[IPv4Address(a)].alive(sim.mono, PERIOD) for a in (KS1, KS3))
+
+
+def test_coop_timers_are_the_engine_deadlines(files: Path) -> None:
+    """Woken only at ``next_deadline``, the KSs elect and then sleep until the next announcement."""
+    sim = Sim(files)
+    for a in KSS:
+        sim.add_ks(a)
+
+    def wake() -> None:
+        deadline = min(d for a in KSS if (d := sim.ks(a).next_deadline(sim.now, sim.mono)) is not None)
+        step = max(0.0, deadline - sim.mono)
+        sim.now += step
+        sim.mono += step
+        for address in KSS:
+            ks = sim.ks(address)
+            due = ks.next_deadline(sim.now, sim.mono)
+            if due is not None and due <= sim.mono:
+                sim.queue.extend((d, address, to[0]) for d, to in ks.on_timer(sim.now, sim.mono))
+        sim.deliver()
+
+    wakeups = 0
+    while not (sim.primaries() == [KS1] and all(sim.coop(a).serving for a in KSS)):
+        wake()
+        wakeups += 1
+        assert sim.mono - M0 < ELECTED_WITHIN + PERIOD and wakeups < 100
+    for _ in range(10):
+        wake()
+    assert sim.primaries() == [KS1] and sim.mono - M0 > 3 * PERIOD
+    for a in KSS:  # idle: nothing due before the next announcement
+        assert sim.ks(a).next_deadline(sim.now, sim.mono) == pytest.approx(sim.coop(a).next_announce)
+
+
+def test_a_group_added_by_reload_is_announced_and_synced(files: Path) -> None:
+    """A reload adds a group to the KS's table: COOP makes its state on first use."""
+    sim = elected(files)
+    added = 4321
+    for a in KSS:
+        ks = sim.ks(a)
+        old = ks.groups[GROUP]
+        config = replace(old.config, name="GET2", number=added)
+        ks.groups[added] = Group(config, old.signing_key, IPv4Address(a), 848, sim.now)  # as the daemon's reload
+    assert sim.ks_keys(KS2) == sim.ks_keys(KS1)
+    sim.run(2 * PERIOD)
+
+    def keys(address: str) -> tuple[bytes, frozenset[int]]:
+        g = sim.ks(address).groups[added]
+        return g.kek.spi, frozenset(t.spi for t in g.teks)
+
+    assert keys(KS2) == keys(KS1) == keys(KS3)
+    assert all(sim.ks(a).counters["ann_rejected"] == 0 for a in KSS)
+    # Each KS hands out SIDs of the new group from its own slice.
+    values = [sim.ks(a).allocate_sender_ids(added, 1, f"gm-{a}") for a in KSS]
+    assert all(v is not None for v in values)
+    assert len({v.values for v in values if v is not None}) == 3

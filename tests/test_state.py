@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -12,7 +13,9 @@ import pytest
 
 from gdoid.config import parse_ks_config
 from gdoid.keyserver import state
+from gdoid.keyserver.fields import FieldInvalid
 from gdoid.keyserver.group import Group
+from gdoid.keyserver.group_keys import GroupKeyState
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.policy import GroupKeys
 from tests.procs import (
@@ -118,3 +121,52 @@ def test_corrupt_state_file_reported_and_moved_aside(tmp_path: Path) -> None:
     assert len(moved) == 1
     assert (state_dir / "state.json").exists()  # a fresh, valid state was written
     state.load(state_dir / "state.json")
+
+
+def test_state_file_of_format_1_still_loads(tmp_path: Path) -> None:
+    """A state file written before the keys became one GroupKeyState (main at issue 10) loads as it did."""
+    old = Path(__file__).parent / "data" / "ks-state-format1.json"
+    restored = state.load(old)[1234]
+    keys = restored["keys"]
+    assert keys.seq == restored["seq"] == 2 and keys.rekeys_sent == 1
+    assert keys.kek.spi.hex() == "b0313769f31e02089411d227dbf7a12d"
+    assert keys.kek.key_bits == 256 and len(keys.kek.key) == 32
+    assert [t.policy.transform.name for t in keys.teks] == ["esp-gcm-256"]
+    assert [m.address for m in restored["members"]] == [IPv4Address("10.0.0.2")]
+    g = _group(tmp_path)
+    state.apply(g, restored)
+    assert g.kek == keys.kek and g.teks == list(keys.teks) and g.seq == 2
+    # Saved again, it is written in the current format and reads back the same.
+    path = tmp_path / "state.json"
+    state.save(path, {g.number: g})
+    assert json.loads(path.read_text())["format"] == state.FORMAT
+    assert state.load(path)[1234]["keys"] == keys
+
+
+def test_group_key_state_json_round_trip_and_typed_errors(tmp_path: Path) -> None:
+    keys = GroupKeyState.of(_group(tmp_path))
+    doc = keys.to_json()
+    assert doc["version"] == 1
+    assert GroupKeyState.from_json(json.loads(json.dumps(doc))) == keys
+    with pytest.raises(FieldInvalid, match=r"^keys\.version: unknown version 2") as exc:
+        GroupKeyState.from_json({**doc, "version": 2})
+    assert exc.value.field == "keys.version"
+    bad_tek = {**doc["teks"][0], "cipher_key": doc["teks"][0]["cipher_key"][:-2]}
+    with pytest.raises(FieldInvalid) as exc:
+        GroupKeyState.from_json({**doc, "teks": [bad_tek]})
+    assert exc.value.field == "keys.teks[0].cipher_key"
+    with pytest.raises(FieldInvalid) as exc:
+        GroupKeyState.from_json({**doc, "seq": True})
+    assert exc.value.field == "keys.seq"
+    with pytest.raises(FieldInvalid) as exc:
+        GroupKeyState.from_json(doc, signing_key_der=b"another key")
+    assert exc.value.field == "keys.kek.public_key"
+
+
+def test_state_file_with_unknown_key_version_is_refused(tmp_path: Path) -> None:
+    g = _group(tmp_path)
+    path = tmp_path / "state.json"
+    state.save(path, {g.number: g})
+    path.write_text(path.read_text().replace('"keys":{"version":1,', '"keys":{"version":7,'))
+    with pytest.raises(state.StateError, match=r"group 1234\.keys\.version: unknown version 7"):
+        state.load(path)

@@ -11,54 +11,31 @@ field.  Each block type is one entry in :data:`BLOCK_PARSERS`.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any, TypeVar
+from ipaddress import IPv4Address
+from typing import Any
 
-from gdoid.keyserver import sender_ids
+from gdoid.keyserver import fields, sender_ids
+from gdoid.keyserver.fields import U32, FieldInvalid
 from gdoid.keyserver.group import Group, Member
+from gdoid.keyserver.group_keys import GroupKeyState
 from gdoid.protocol import crypto
-from gdoid.protocol.crypto import HashAlgorithm, SigAlgorithm, SigHash
+from gdoid.protocol.crypto import HashAlgorithm
 from gdoid.protocol.errors import ProtocolError
 from gdoid.protocol.gdoi_payloads import AnnBlock, AnnFlag, AnnPayload, BlockType
-from gdoid.protocol.policy import Kek, Tek, TekPolicy, TekTransform, TrafficSelector
 from gdoid.protocol.version import SoftwareVersion
 
 MAX_MEMBERS = 4096  # per block; a block is at most 64 KiB anyway
 MAX_CHUNKS = 4096
-MAX_TEKS = 16
 MAX_TEK_SPIS = 64
 MAX_SIDS = 4096
 MAX_IDENTITY = 1024
-MAX_TIME = 1e11  # seconds since the epoch: year 5138, and no NaN/inf
-U32 = 2**32 - 1
-
-_E = TypeVar("_E", bound=IntEnum)
 
 
-class AnnInvalid(ProtocolError):
+class AnnInvalid(FieldInvalid):
     """A decrypted ANN block that does not validate; the message names the field."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        self.field = field
-        super().__init__(f"{field}: {reason}"[:300])
-
-
-@dataclass(frozen=True)
-class AnnKeys:
-    """GROUP_KEYS: the sender's group key state."""
-
-    seq: int
-    epoch: float
-    last_rekey_at: float
-    rekeys_sent: int
-    kek: Kek
-    teks: tuple[Tek, ...]
 
 
 @dataclass(frozen=True)
@@ -74,7 +51,7 @@ class ParsedAnn:
     blocks: dict[int, Any]
 
     @property
-    def keys(self) -> AnnKeys | None:
+    def keys(self) -> GroupKeyState | None:
         return self.blocks.get(BlockType.GROUP_KEYS)
 
     @property
@@ -101,91 +78,17 @@ def signing_key_fingerprint(group: Group) -> bytes:
     return hashlib.sha256(crypto.public_key_der(group.signing_key)).digest()
 
 
-# --- field checks ------------------------------------------------------------------------
+# --- field checks (gdoid.keyserver.fields), raising AnnInvalid ---------------------------
 
-
-def _fields(v: Any, name: str, keys: frozenset[str]) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise AnnInvalid(name, f"must be an object, not {type(v).__name__}")
-    if set(v) != keys:
-        missing = sorted(keys - set(v))
-        extra = sorted(str(k)[:20] for k in set(v) - keys)[:3]
-        raise AnnInvalid(name, f"missing {missing}" if missing else f"unknown keys {extra}")
-    return v
-
-
-def _int(v: Any, name: str, lo: int, hi: int) -> int:
-    if type(v) is not int:  # bool is an int subclass: refused
-        raise AnnInvalid(name, f"must be an integer, not {type(v).__name__}")
-    if not lo <= v <= hi:
-        raise AnnInvalid(name, f"{v} outside {lo}..{hi}")
-    return v
-
-
-def _time(v: Any, name: str) -> float:
-    if type(v) not in (int, float):
-        raise AnnInvalid(name, f"must be a number, not {type(v).__name__}")
-    if not math.isfinite(v) or not 0 <= v <= MAX_TIME:
-        raise AnnInvalid(name, f"{v!r} is not a time")
-    return float(v)
-
-
-def _str(v: Any, name: str, max_len: int) -> str:
-    if not isinstance(v, str):
-        raise AnnInvalid(name, f"must be a string, not {type(v).__name__}")
-    if len(v) > max_len:
-        raise AnnInvalid(name, f"longer than {max_len} characters")
-    return v
-
-
-def _hex(v: Any, name: str, lengths: tuple[int, ...]) -> bytes:
-    s = _str(v, name, 2 * max(lengths))
-    try:
-        b = bytes.fromhex(s)
-    except ValueError:
-        raise AnnInvalid(name, "not hex") from None
-    if len(b) not in lengths:
-        raise AnnInvalid(name, f"{len(b)} octets, expected {' or '.join(map(str, lengths))}")
-    return b
-
-
-def _list(v: Any, name: str, max_len: int, min_len: int = 0) -> list[Any]:
-    if not isinstance(v, list):
-        raise AnnInvalid(name, f"must be a list, not {type(v).__name__}")
-    if not min_len <= len(v) <= max_len:
-        raise AnnInvalid(name, f"{len(v)} entries, allowed {min_len}..{max_len}")
-    return v
-
-
-def _address(v: Any, name: str) -> IPv4Address:
-    s = _str(v, name, 15)
-    try:
-        a = IPv4Address(s)
-    except ValueError:
-        raise AnnInvalid(name, f"{s!r} is not an IPv4 address") from None
-    if a.is_unspecified or a.is_multicast or a == IPv4Address("255.255.255.255"):
-        raise AnnInvalid(name, f"{a} is not a unicast address")
-    return a
-
-
-def _network(v: Any, name: str) -> IPv4Network:
-    s = _str(v, name, 18)
-    try:
-        return IPv4Network(s)
-    except ValueError:
-        raise AnnInvalid(name, f"{s!r} is not an IPv4 prefix") from None
-
-
-def _enum(v: Any, name: str, cls: type[_E]) -> _E:
-    value = _int(v, name, 0, 0xFFFF)
-    try:
-        return cls(value)
-    except ValueError:
-        raise AnnInvalid(name, f"{value} is not a {cls.__name__}") from None
-
-
-def _optional(v: Any, check: Callable[[Any], Any]) -> Any:
-    return None if v is None else check(v)
+_fields = fields.fields
+_int = fields.integer
+_time = fields.time
+_str = fields.string
+_hex = fields.hex_bytes
+_list = fields.array
+_address = fields.address
+_optional = fields.optional
+_enum = fields.enum
 
 
 # --- members -------------------------------------------------------------------------------
@@ -255,90 +158,10 @@ def parse_members_removed(v: Any, group: Group) -> dict[IPv4Address, float]:
 
 # --- keys -------------------------------------------------------------------------------------
 
-_KEK_KEYS = frozenset({
-    "spi", "key_bits", "key", "iv", "configured_lifetime", "created_at", "expires_at", "sig_hash",
-    "sig_algorithm", "sig_key_bits", "public_key", "ks_address", "port",
-})
-_TEK_KEYS = frozenset({
-    "spi", "sa_number", "transform", "src", "dst", "ip_protocol", "src_port", "dst_port",
-    "configured_lifetime", "tbar_window_ms", "replay_window", "receive_only", "cipher_key",
-    "integrity_key", "created_at", "expires_at",
-})
-_KEYS_KEYS = frozenset({"seq", "epoch", "last_rekey_at", "rekeys_sent", "kek", "teks"})
 
-
-def _kek(v: Any, group: Group) -> Kek:
-    d = _fields(v, "GROUP_KEYS.kek", _KEK_KEYS)
-    key_bits = _int(d["key_bits"], "GROUP_KEYS.kek.key_bits", 128, 256)
-    if key_bits not in (128, 192, 256):
-        raise AnnInvalid("GROUP_KEYS.kek.key_bits", f"{key_bits} is not an AES key size")
-    public_key = _hex(d["public_key"], "GROUP_KEYS.kek.public_key", tuple(range(1, 2049)))
-    # The KEK tells GMs which key signs pushes: it must be the one every KS holds.
-    if not hmac.compare_digest(public_key, crypto.public_key_der(group.signing_key)):
-        raise AnnInvalid("GROUP_KEYS.kek.public_key", "differs from this KS's rekey signing key")
-    return Kek(
-        spi=_hex(d["spi"], "GROUP_KEYS.kek.spi", (16,)),
-        key_bits=key_bits,
-        key=_hex(d["key"], "GROUP_KEYS.kek.key", (key_bits // 8,)),
-        iv=_hex(d["iv"], "GROUP_KEYS.kek.iv", (16,)),
-        configured_lifetime=_int(d["configured_lifetime"], "GROUP_KEYS.kek.configured_lifetime", 1, U32),
-        created_at=_time(d["created_at"], "GROUP_KEYS.kek.created_at"),
-        expires_at=_time(d["expires_at"], "GROUP_KEYS.kek.expires_at"),
-        sig_hash=_enum(d["sig_hash"], "GROUP_KEYS.kek.sig_hash", SigHash),
-        sig_algorithm=_enum(d["sig_algorithm"], "GROUP_KEYS.kek.sig_algorithm", SigAlgorithm),
-        sig_key_bits=_int(d["sig_key_bits"], "GROUP_KEYS.kek.sig_key_bits", 1, 16384),
-        public_key_der=public_key,
-        ks_address=_address(d["ks_address"], "GROUP_KEYS.kek.ks_address"),
-        port=_int(d["port"], "GROUP_KEYS.kek.port", 1, 0xFFFF),
-    )
-
-
-def _tek(v: Any, name: str) -> Tek:
-    d = _fields(v, name, _TEK_KEYS)
-    try:
-        transform = TekTransform.from_name(_str(d["transform"], f"{name}.transform", 32))
-    except ValueError as exc:
-        raise AnnInvalid(f"{name}.transform", str(exc)) from None
-    if type(d["receive_only"]) is not bool:
-        raise AnnInvalid(f"{name}.receive_only", "must be true or false")
-    policy = TekPolicy(
-        sa_number=_int(d["sa_number"], f"{name}.sa_number", 1, 0xFFFF),
-        transform=transform,
-        selector=TrafficSelector(
-            _network(d["src"], f"{name}.src"), _network(d["dst"], f"{name}.dst"),
-            _int(d["ip_protocol"], f"{name}.ip_protocol", 0, 255),
-            _int(d["src_port"], f"{name}.src_port", 0, 0xFFFF),
-            _int(d["dst_port"], f"{name}.dst_port", 0, 0xFFFF),
-        ),
-        configured_lifetime=_int(d["configured_lifetime"], f"{name}.configured_lifetime", 1, U32),
-        tbar_window_ms=_optional(d["tbar_window_ms"], lambda x: _int(x, f"{name}.tbar_window_ms", 1, U32)),
-        replay_window=_optional(d["replay_window"], lambda x: _int(x, f"{name}.replay_window", 0, U32)),
-        receive_only=d["receive_only"],
-    )
-    return Tek(
-        _int(d["spi"], f"{name}.spi", 1, U32),
-        policy,
-        _hex(d["cipher_key"], f"{name}.cipher_key", (transform.cipher_key_len,)),
-        _hex(d["integrity_key"], f"{name}.integrity_key", (transform.integrity_key_len,)),
-        _time(d["created_at"], f"{name}.created_at"),
-        _time(d["expires_at"], f"{name}.expires_at"),
-    )
-
-
-def parse_group_keys(v: Any, group: Group) -> AnnKeys:
-    d = _fields(v, "GROUP_KEYS", _KEYS_KEYS)
-    teks = tuple(_tek(t, f"GROUP_KEYS.teks[{i}]")
-                 for i, t in enumerate(_list(d["teks"], "GROUP_KEYS.teks", MAX_TEKS, 1)))
-    if len({t.spi for t in teks}) != len(teks):
-        raise AnnInvalid("GROUP_KEYS.teks", "a TEK SPI appears twice")
-    return AnnKeys(
-        seq=_int(d["seq"], "GROUP_KEYS.seq", 0, U32),
-        epoch=_time(d["epoch"], "GROUP_KEYS.epoch"),
-        last_rekey_at=_time(d["last_rekey_at"], "GROUP_KEYS.last_rekey_at"),
-        rekeys_sent=_int(d["rekeys_sent"], "GROUP_KEYS.rekeys_sent", 0, 2**63 - 1),
-        kek=_kek(d["kek"], group),
-        teks=teks,
-    )
+def parse_group_keys(v: Any, group: Group) -> GroupKeyState:
+    """GROUP_KEYS: the sender's key state, whose KEK must name our rekey signing key."""
+    return GroupKeyState.from_json(v, "GROUP_KEYS", signing_key_der=crypto.public_key_der(group.signing_key))
 
 
 def parse_signing_key(v: Any, group: Group) -> bytes:
@@ -393,7 +216,12 @@ def parse_ann(ann: AnnPayload, group: Group) -> ParsedAnn:
             raise AnnInvalid(f"block[{i}].type", f"unknown block type {block.type}")
         if block.type in blocks:
             raise AnnInvalid(f"block[{i}].type", f"block type {block.type} appears twice")
-        blocks[block.type] = parser(_json(block, i), group)
+        try:
+            blocks[block.type] = parser(_json(block, i), group)
+        except AnnInvalid:
+            raise
+        except FieldInvalid as exc:
+            raise AnnInvalid(exc.field, exc.reason) from None
     for required in REQUIRED_BLOCKS:
         if required not in blocks:
             raise AnnInvalid("ANN.blocks", f"no {required.name} block")

@@ -1,6 +1,10 @@
 """Cooperative key servers: KS-to-KS phase 1, ANN announcements, election, state sync.
 
-Pure logic driven by the KS engine (it passes ``now`` and routes datagrams):
+Pure logic driven by the KS engine, which routes datagrams to it and passes
+``now`` (wall clock: SA and key lifetimes, member times) and ``mono``
+(monotonic: announcement, election and peer timers, so that a wall-clock jump
+neither fires nor stalls them).  Coop sees its host only through
+:class:`CoopHost`; its methods return the datagrams to send.
 
 - every KS keeps a Main Mode SA with each configured peer (either side's SA
   serves; lost or expired SAs are re-established);
@@ -10,6 +14,11 @@ Pure logic driven by the KS engine (it passes ``now`` and routes datagrams):
   that miss the primary for three periods elect: highest priority wins, ties
   go to the higher address; two primaries (a healed partition) resolve to the
   winner, the loser first rekeying its own GMs onto the winner's keys.
+
+Over 600 lines because it is one state machine: election, announcements and
+state sync all read and write the same peer table and role; the parts that
+stand alone live apart (ANN block validation in annblocks.py, the key state in
+group_keys.py, SID records in sender_ids.py).
 """
 
 from __future__ import annotations
@@ -17,23 +26,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gdoid import log
 from gdoid.config import CoopConfig, CoopPeer
 from gdoid.keyserver import sender_ids, state
 from gdoid.keyserver.annblocks import (
     AnnInvalid,
-    AnnKeys,
     ParsedAnn,
     parse_ann,
     signing_key_block,
     signing_key_fingerprint,
 )
-from gdoid.keyserver.group import Group, Member
+from gdoid.keyserver.group import Group, Member, RekeyMessages
+from gdoid.keyserver.group_keys import GroupKeyState
 from gdoid.phase1 import coop_peer_phase1
 from gdoid.protocol.ann import open_ann, seal_ann
 from gdoid.protocol.constants import AuthenticationMethod
@@ -47,13 +56,11 @@ from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.version import SoftwareVersion
 
-if TYPE_CHECKING:
-    from gdoid.keyserver.engine import KeyServerEngine
-
 MEMBER_CHUNK_BYTES = 24_000  # JSON per ANN so a datagram stays below 32 KiB
 MISSED_PERIODS = 3
 LISTEN_PERIODS = 2
 REJECT_LOG_INTERVAL = 60.0  # one log line per (peer, reason) per minute
+LATE = 0.001  # seconds past a "more than N periods" limit at which its timer is due
 
 # ann_rejected reasons (counters ann_rejected_<reason>):
 NOT_PEER = "not_peer"  # on an SA whose peer is not a configured COOP peer
@@ -65,6 +72,39 @@ INVALID = "invalid"  # a block that does not validate (annblocks.parse_ann)
 FINGERPRINT = "fingerprint"  # the peer's rekey signing key differs from ours: no sync
 INTERNAL = "internal"  # a bug: logged with its traceback
 NO_SA = "no_sa"  # for no phase-1 SA we hold (or one we refused as not a KS's)
+
+
+class CoopHost(Protocol):
+    """What Coop needs from the KS engine that hosts it (pure, no I/O), as pull.GroupDirectory for PULL."""
+
+    scheduled_rekeys: bool  # rekeys on (primary) or off (secondary, listening)
+
+    @property
+    def groups(self) -> Mapping[int, Group]: ...
+
+    @property
+    def counters(self) -> Counter[str]: ...
+
+    @property
+    def log(self) -> Any: ...
+
+    def phase1_sas(self, peer: IPv4Address) -> Iterable[IkeSa]:
+        """Every phase-1 SA the host keeps with ``peer`` (either side initiated it)."""
+        ...
+
+    def drop_phase1_sas(self, peer: IPv4Address) -> None: ...
+
+    def keys_changed(self, group: Group) -> None:
+        """The group's keys were replaced from a peer (the host logs the new TEKs' keys)."""
+        ...
+
+    def persist(self) -> None:
+        """Save the state now: called before a handover rekey leaves (SEQ never goes backwards)."""
+        ...
+
+    def send_rekey(self, group: Group, messages: RekeyMessages, now: float) -> Outgoing:
+        """Push ``messages`` to every registered GM of ``group``, with retransmissions."""
+        ...
 
 
 class OncePerInterval:
@@ -100,13 +140,15 @@ class Peer:
     port: int
     config: CoopPeer | None = None
     initiator: MainModeInitiator | None = None
+    initiator_due: float | None = None  # monotonic: when the initiator's (wall) deadline comes
     sa: IkeSa | None = None
-    next_attempt: float = 0.0
+    next_attempt: float = 0.0  # monotonic
+    recheck_at: float = 0.0  # monotonic: when its SA expires, or the next phase-1 attempt is due
     failures: int = 0
     version: SoftwareVersion | None = None
     priority: int | None = None
     role: int | None = None
-    last_heard: float | None = None
+    last_heard: float | None = None  # monotonic
     last_seq: int = 0
     ann_sent: int = 0
     ann_received: int = 0
@@ -121,8 +163,8 @@ class Peer:
     def addr(self) -> Address:
         return (str(self.address), self.port)
 
-    def alive(self, now: float, period: float) -> bool:
-        return self.last_heard is not None and now - self.last_heard <= MISSED_PERIODS * period
+    def alive(self, mono: float, period: float) -> bool:
+        return self.last_heard is not None and mono - self.last_heard <= MISSED_PERIODS * period
 
 
 @dataclass
@@ -139,31 +181,32 @@ class Coop:
         address: IPv4Address,
         version: SoftwareVersion,
         phase1: Phase1Config,
-        engine: KeyServerEngine,
+        host: CoopHost,
         now: float,
     ) -> None:
         self.config = config
         self.address = address
         self.version = version
         self.phase1 = phase1
-        self.engine = engine
-        self.log = engine.log
+        self.host = host
+        self.log = host.log
         self.priority = config.priority
         self.period = config.announce_interval
         self.role: Role | None = None  # None while listening at start
         self.primary: IPv4Address | None = None
-        self.started_at = now
-        self.last_primary_heard = now
-        self.next_announce = now
-        self.ann_seq = int(now * 1_000_000)  # strictly increasing across restarts too
+        # Monotonic times, set by the first call that brings the clocks (_clock):
+        self.started_at: float | None = None
+        self.last_primary_heard = 0.0
+        self.next_announce = 0.0
+        self._mono = 0.0  # of the call being handled
+        self._wall_offset = 0.0  # now - mono at the last call
+        self.ann_seq = int(now * 1_000_000)  # wall clock: strictly increasing across restarts too
         self.peers = {p.address: Peer(p.address, p.port, p) for p in config.peers}
-        self.groups_state: dict[int, CoopGroupState] = {}
+        self.groups_state: dict[int, CoopGroupState] = {}  # by group number, made on first use
         self.on_role_change: Callable[[], None] | None = None
         self.on_dirty: Callable[[], None] | None = None  # the daemon saves state, coalesced
         self.synced = False  # True once primary, or once a primary's keys were adopted
         self._log_limit = OncePerInterval()
-        for g in engine.groups.values():
-            self._group_state(g)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -178,6 +221,17 @@ class Coop:
     def my_rank(self) -> tuple[int, int]:
         return self._rank(self.priority, self.address)
 
+    def _clock(self, now: float, mono: float) -> None:
+        """Note the clocks of this call; the first one starts the listening period."""
+        self._mono = mono
+        self._wall_offset = now - mono
+        if self.started_at is None:
+            self.started_at = self.last_primary_heard = self.next_announce = mono
+
+    def _mono_at(self, now: float) -> float:
+        """The monotonic time of wall time ``now`` (for callers that have only the wall clock)."""
+        return now - self._wall_offset
+
     def _group_state(self, group: Group) -> CoopGroupState:
         """Per-group COOP state, created on first use (a reload may add groups)."""
         gs = self.groups_state.get(group.number)
@@ -185,6 +239,10 @@ class Coop:
             gs = self.groups_state[group.number] = CoopGroupState()
             self._slice(group)
         return gs
+
+    def prepare_group(self, group: Group) -> None:
+        """Before the host hands out SIDs of ``group``: its slice of the SID space is set."""
+        self._group_state(group)
 
     def _slice(self, group: Group) -> None:
         everyone = sorted([self.address, *self.peers])
@@ -226,19 +284,19 @@ class Coop:
         # peer has forgotten the older ones.  Only SAs that prove the peer's KS
         # credentials: one a GM set up from the peer's address never carries our keys.
         best = peer.sa if peer.sa is not None and peer.sa.expires_at > now else None
-        for entry in self.engine.sas.values():
-            if entry.sa.peer_address == peer.address and entry.sa.expires_at > now and (
-                best is None or entry.sa.established_at > best.established_at
-            ) and self.auth_failure(peer, entry.sa) is None:
-                best = entry.sa
+        for sa in self.host.phase1_sas(peer.address):
+            if sa.expires_at > now and (
+                best is None or sa.established_at > best.established_at
+            ) and self.auth_failure(peer, sa) is None:
+                best = sa
         return best
 
     def owns_initiator(self, icky: bytes) -> Peer | None:
         return next((p for p in self.peers.values() if p.initiator is not None and p.initiator.icky == icky), None)
 
-    def _log_limited(self, peer: str, kind: str, now: float, mnemonic: log.Mnemonic | None = None,
+    def _log_limited(self, peer: str, kind: str, mnemonic: log.Mnemonic | None = None,
                      event: str = "", **fields: Any) -> None:
-        suppressed = self._log_limit.allow((peer, kind), now)
+        suppressed = self._log_limit.allow((peer, kind), self._mono)
         if suppressed is None:
             return
         if suppressed:
@@ -251,9 +309,9 @@ class Coop:
         else:
             self.log.warning(event, peer=peer, **fields)
 
-    def _internal_error(self, where: str, peer: str, exc: BaseException, now: float) -> None:
-        self.engine.counters["coop_internal_error"] += 1
-        if self._log_limit.allow((peer, f"{INTERNAL}:{where}"), now) is not None:
+    def _internal_error(self, where: str, peer: str, exc: BaseException) -> None:
+        self.host.counters["coop_internal_error"] += 1
+        if self._log_limit.allow((peer, f"{INTERNAL}:{where}"), self._mono) is not None:
             self.log.exception("coop_internal_error", where=where, peer=peer, error=repr(exc)[:200])
 
     # --- phase 1 to peers ----------------------------------------------------------------
@@ -263,12 +321,22 @@ class Coop:
         mm = MainModeInitiator(config, peer.address, now)
         out = mm.start(now)
         peer.initiator = mm
+        self._track_initiator(peer, now)
         peer.ike_status = "Negotiating"
         return [(d, peer.addr) for d in out.send]
 
-    def main_mode(self, peer: Peer, data: bytes, now: float) -> Outgoing:
+    def _track_initiator(self, peer: Peer, now: float) -> None:
+        # The machine's deadline is on the wall clock it was given: it is due at the
+        # same distance on the monotonic clock.
+        deadline = peer.initiator.deadline if peer.initiator is not None else None
+        peer.initiator_due = None if deadline is None else self._mono + max(0.0, deadline - now)
+
+    def main_mode(self, peer: Peer, data: bytes, now: float, mono: float) -> Outgoing:
+        """A Main Mode message of our own exchange with ``peer`` (its initiator cookie is ours)."""
+        self._clock(now, mono)
         assert peer.initiator is not None
         out = peer.initiator.receive(data, now)
+        self._track_initiator(peer, now)
         sends = [(d, peer.addr) for d in out.send]
         for ev in out.events:
             sends += self._phase1_event(peer, ev, now)
@@ -276,38 +344,42 @@ class Coop:
 
     def _phase1_event(self, peer: Peer, ev: object, now: float) -> Outgoing:
         if isinstance(ev, Phase1Established):
-            peer.initiator = None
+            peer.initiator = peer.initiator_due = None
             why = self.auth_failure(peer, ev.sa)
             if why is not None:
                 peer.failures += 1
                 peer.ike_status = "Failed (not a KS credential)"
-                peer.next_attempt = now + min(30.0, self.period * 2 ** min(peer.failures, 5))
-                self._log_limited(str(peer.address), AUTH, now, event="coop_peer_not_authenticated", reason=why)
+                peer.next_attempt = peer.recheck_at = self._mono + min(30.0, self.period * 2 ** min(peer.failures, 5))
+                self._log_limited(str(peer.address), AUTH, event="coop_peer_not_authenticated", reason=why)
                 return []
             peer.sa = ev.sa
             peer.failures = 0
-            return self.peer_sa_up(peer, now)
+            return self._sa_up(peer, now)
         if isinstance(ev, Phase1Failed):
-            peer.initiator = None
+            peer.initiator = peer.initiator_due = None
             peer.failures += 1
             peer.ike_status = f"Failed ({ev.reason})"
-            peer.next_attempt = now + min(30.0, self.period * 2 ** min(peer.failures, 5))
-            self._log_limited(str(peer.address), "phase1", now, event="coop_phase1_failed", reason=ev.reason)
+            peer.next_attempt = peer.recheck_at = self._mono + min(30.0, self.period * 2 ** min(peer.failures, 5))
+            self._log_limited(str(peer.address), "phase1", event="coop_phase1_failed", reason=ev.reason)
         return []
 
-    def peer_sa_up(self, peer: Peer, now: float) -> Outgoing:
+    def peer_sa_up(self, peer: Peer, now: float, mono: float) -> Outgoing:
+        self._clock(now, mono)
+        return self._sa_up(peer, now)
+
+    def _sa_up(self, peer: Peer, now: float) -> Outgoing:
         """A phase-1 SA with a peer exists (either side started it): say hello at once.
 
         The engine calls this for an SA a peer address set up to us.  One that does not
         prove the peer's KS credentials (a GM key or certificate) gets nothing from us:
         _usable_sa never picks it and every ANN on it is rejected (reason ``auth``).
         """
-        latest = max((e.sa for e in self.engine.sas.values() if e.sa.peer_address == peer.address),
-                     key=lambda sa: sa.established_at, default=None)
+        latest = max(self.host.phase1_sas(peer.address), key=lambda sa: sa.established_at, default=None)
         why = self.auth_failure(peer, latest) if latest is not None else None
         if why is not None:
-            self.engine.counters["coop_sa_not_ks"] += 1
-            self._log_limited(str(peer.address), AUTH, now, event="coop_peer_not_authenticated", reason=why)
+            self.host.counters["coop_sa_not_ks"] += 1
+            self._log_limited(str(peer.address), AUTH, event="coop_peer_not_authenticated", reason=why)
+        self._recheck(peer, now)
         if self._usable_sa(peer, now) is None:
             return []
         peer.ike_status = "Established"
@@ -320,10 +392,7 @@ class Coop:
         return Role.PRIMARY if self.is_primary else Role.SECONDARY
 
     def _keys_block(self, g: Group) -> AnnBlock:
-        return AnnBlock.of(BlockType.GROUP_KEYS, {
-            "seq": g.seq, "epoch": g.epoch, "last_rekey_at": g.last_rekey_at, "rekeys_sent": g.rekeys_sent,
-            "kek": state.kek_to_json(g.kek), "teks": [state.tek_to_json(t) for t in g.teks],
-        })
+        return AnnBlock.of(BlockType.GROUP_KEYS, GroupKeyState.of(g).to_json())
 
     def _member_chunks(self, members: list[Member]) -> list[list[dict[str, Any]]]:
         chunks: list[list[dict[str, Any]]] = [[]]
@@ -383,23 +452,25 @@ class Coop:
         if sa is None:
             return []
         out: Outgoing = []
-        for g in list(self.engine.groups.values()):
+        for g in list(self.host.groups.values()):
             try:  # one group that cannot be announced must not silence the others
                 for ann in self._anns_for(peer, g, now, reply):
                     out.append((seal_ann(sa, ann), peer.addr))
                     peer.ann_sent += 1
             except Exception as exc:  # noqa: BLE001 - counted and logged with its traceback
-                self._internal_error(f"announce group {g.name}", str(peer.address), exc, now)
+                self._internal_error(f"announce group {g.name}", str(peer.address), exc)
         return out
 
-    def announce(self, now: float) -> Outgoing:
+    def _announce(self, now: float) -> Outgoing:
         out: Outgoing = []
         for peer in list(self.peers.values()):
             out += self._announce_to(peer, now)
+        for number in [n for n in self.groups_state if n not in self.host.groups]:
+            del self.groups_state[number]  # a group removed by a reload
         for gs in self.groups_state.values():
             gs.delta.clear()
             gs.removed.clear()
-        self.engine.counters["ann_sent"] += len(out)
+        self.host.counters["ann_sent"] += len(out)
         return out
 
     def member_changed(self, group: Group, member: Member) -> None:
@@ -416,46 +487,48 @@ class Coop:
 
     # --- receiving ------------------------------------------------------------------------
 
-    def receive_ann(self, sa: IkeSa, data: bytes, peer_addr: Address, now: float) -> Outgoing:
+    def receive_ann(self, sa: IkeSa, data: bytes, peer_addr: Address, now: float, mono: float) -> Outgoing:
+        """A COOP_ANN datagram on phase-1 SA ``sa``: the datagrams to answer with."""
+        self._clock(now, mono)
         try:
             return self._receive_ann(sa, data, peer_addr, now)
         except Exception as exc:  # noqa: BLE001 - a bug must not cost the daemon its timers
             self._count_reject(self.peers.get(sa.peer_address), INTERNAL)
-            self._internal_error("receive_ann", peer_addr[0], exc, now)
+            self._internal_error("receive_ann", peer_addr[0], exc)
             return []
 
     def _receive_ann(self, sa: IkeSa, data: bytes, peer_addr: Address, now: float) -> Outgoing:
         peer = self.peers.get(sa.peer_address)
         if peer is None or peer_addr[0] != str(sa.peer_address):
-            self._reject(None, str(sa.peer_address), NOT_PEER, "ANN on an SA that is not with a configured COOP peer", now)
+            self._reject(None, str(sa.peer_address), NOT_PEER, "ANN on an SA that is not with a configured COOP peer")
             return []
         why = self.auth_failure(peer, sa)
         if why is not None:  # checked before anything is decrypted
-            self._reject(peer, peer_addr[0], AUTH, f"phase 1 not authenticated as a KS: {why}", now)
+            self._reject(peer, peer_addr[0], AUTH, f"phase 1 not authenticated as a KS: {why}")
             return []
         try:
             ann = open_ann(sa, data)
         except ProtocolError as exc:
-            self._reject(peer, peer_addr[0], DECODE, str(exc), now)
+            self._reject(peer, peer_addr[0], DECODE, str(exc))
             return []
         if ann.sequence <= peer.last_seq:
-            self._reject(peer, peer_addr[0], REPLAY, f"replayed ANN sequence {ann.sequence} (last {peer.last_seq})", now)
+            self._reject(peer, peer_addr[0], REPLAY, f"replayed ANN sequence {ann.sequence} (last {peer.last_seq})")
             return []
-        group = self.engine.groups.get(ann.group_number)
+        group = self.host.groups.get(ann.group_number)
         if group is None:
-            self._reject(peer, peer_addr[0], UNKNOWN_GROUP, f"ANN for unknown group {ann.group_number}", now)
+            self._reject(peer, peer_addr[0], UNKNOWN_GROUP, f"ANN for unknown group {ann.group_number}")
             return []
         try:
             parsed = parse_ann(ann, group)
         except AnnInvalid as exc:
-            self._reject(peer, peer_addr[0], INVALID, str(exc), now)
+            self._reject(peer, peer_addr[0], INVALID, str(exc))
             return []
-        if not self._fingerprint_matches(peer, group, parsed, now):
+        if not self._fingerprint_matches(peer, group, parsed):
             return []
         # The whole ANN is valid: only now does any state change.
         return self._apply(peer, group, parsed, now)
 
-    def _fingerprint_matches(self, peer: Peer, group: Group, parsed: ParsedAnn, now: float) -> bool:
+    def _fingerprint_matches(self, peer: Peer, group: Group, parsed: ParsedAnn) -> bool:
         ours = signing_key_fingerprint(group)
         if hmac.compare_digest(parsed.fingerprint, ours):
             peer.sync_refused.pop(group.number, None)
@@ -469,19 +542,19 @@ class Coop:
         # GET VPN needs one push-signing key on every KS: no keys, members or election from this peer.
         reason = next(iter(peer.sync_refused.values()))
         self._count_reject(peer, FINGERPRINT)
-        self._log_limited(str(peer.address), FINGERPRINT, now, event="coop_sync_refused", reason=reason)
+        self._log_limited(str(peer.address), FINGERPRINT, event="coop_sync_refused", reason=reason)
         return False
 
     def _apply(self, peer: Peer, group: Group, parsed: ParsedAnn, now: float) -> Outgoing:
         ann = parsed.ann
         peer.last_seq = ann.sequence
         peer.ann_received += 1
-        self.engine.counters["ann_received"] += 1
+        self.host.counters["ann_received"] += 1
         if not peer.reachable:
             peer.reachable = True
             peer.full_sent = False  # members it missed while apart (deltas went nowhere)
             log.emit(self.log, log.COOP_KS_REACH, peer=str(peer.address), group=group.name)
-        peer.last_heard = now
+        peer.last_heard = self._mono
         peer.version, peer.priority, peer.role = ann.version, ann.priority, ann.role
         out: Outgoing = []
         if self._merge_members(group, parsed):
@@ -498,24 +571,25 @@ class Coop:
             out += self._announce_to(peer, now)
         return out
 
-    def reject_no_sa(self, peer_addr: Address, now: float) -> None:
+    def reject_no_sa(self, peer_addr: Address, now: float, mono: float) -> None:
         """An ANN for cookies of no SA we keep: a peer's address is logged as itself,
         any other source under one shared key (spoofed sources fill no table)."""
+        self._clock(now, mono)
         peer = self.peers.get(IPv4Address(peer_addr[0]))
         self._count_reject(peer, NO_SA)
         key = peer_addr[0] if peer is not None else "*"
-        self._log_limited(key, NO_SA, now, log.COOP_ANN_REJECTED, reason=f"{NO_SA}: ANN for no phase-1 SA")
+        self._log_limited(key, NO_SA, log.COOP_ANN_REJECTED, reason=f"{NO_SA}: ANN for no phase-1 SA")
 
     def _count_reject(self, peer: Peer | None, reason: str) -> None:
         if peer is not None:
             peer.ann_rejected += 1
             peer.rejected[reason] += 1
-        self.engine.counters["ann_rejected"] += 1
-        self.engine.counters[f"ann_rejected_{reason}"] += 1
+        self.host.counters["ann_rejected"] += 1
+        self.host.counters[f"ann_rejected_{reason}"] += 1
 
-    def _reject(self, peer: Peer | None, addr: str, reason: str, detail: str, now: float) -> None:
+    def _reject(self, peer: Peer | None, addr: str, reason: str, detail: str) -> None:
         self._count_reject(peer, reason)
-        self._log_limited(addr, reason, now, log.COOP_ANN_REJECTED, reason=f"{reason}: {detail[:200]}")
+        self._log_limited(addr, reason, log.COOP_ANN_REJECTED, reason=f"{reason}: {detail[:200]}")
 
     def _merge_members(self, group: Group, parsed: ParsedAnn) -> bool:
         """Apply MEMBERS_REMOVED / FULL / DELTA; True if the member table changed."""
@@ -540,20 +614,14 @@ class Coop:
                     group.sids.claim(m.identity, m.sender_ids)
         return changed
 
-    def _install_keys(self, group: Group, keys: AnnKeys) -> None:
+    def _install_keys(self, group: Group, keys: GroupKeyState) -> None:
         self.synced = True
-        changed = (group.kek, group.teks, group.seq) != (keys.kek, list(keys.teks), max(group.seq, keys.seq))
-        group.kek = keys.kek
-        group.teks = list(keys.teks)
-        group.seq = max(group.seq, keys.seq)
-        group.epoch = keys.epoch
-        group.last_rekey_at = keys.last_rekey_at
-        group.rekeys_sent = keys.rekeys_sent
+        keys = replace(keys, seq=max(group.seq, keys.seq))  # SEQ never goes backwards
+        changed = (group.kek, group.teks, group.seq) != (keys.kek, list(keys.teks), keys.seq)
+        keys.install(group)
         if changed:
             self._dirty()
-            if self.engine.keylog is not None:
-                for t in group.teks:
-                    self.engine.keylog.esp(t)
+            self.host.keys_changed(group)
 
     def _from_primary(self, peer: Peer, group: Group, parsed: ParsedAnn, now: float) -> Outgoing:
         keys = parsed.keys
@@ -568,7 +636,7 @@ class Coop:
             return out
         if keys is not None:
             self._install_keys(group, keys)
-        self.last_primary_heard = now
+        self.last_primary_heard = self._mono
         if self.role is None and self.my_rank > self._rank(parsed.ann.priority, peer.address):
             # We outrank the running primary: take over, now that we are in sync.
             self._become_primary(group, now, previous=peer.address)
@@ -585,17 +653,16 @@ class Coop:
             group.seq = keys.seq
             self._dirty()
 
-    def _handover(self, group: Group, keys: AnnKeys, now: float) -> Outgoing:
+    def _handover(self, group: Group, keys: GroupKeyState, now: float) -> Outgoing:
         if keys.kek.spi == group.kek.spi and {t.spi for t in keys.teks} <= {t.spi for t in group.teks}:
             self._install_keys(group, keys)
             return []
         seq = max(group.seq, keys.seq) + 1
         messages = group.plan_handover(now, keys.kek, list(keys.teks), seq)
-        self._install_keys(group, AnnKeys(seq, keys.epoch, keys.last_rekey_at, keys.rekeys_sent, keys.kek, keys.teks))
+        self._install_keys(group, replace(keys, seq=seq))
         self.log.info("coop_handover", group=group.name, seq=seq, members=len(group.members))
-        if self.engine.on_state_change is not None:
-            self.engine.on_state_change()  # saved before the rekey leaves: SEQ never goes backwards
-        return self.engine.send_rekey(group, messages, now)
+        self.host.persist()  # saved before the rekey leaves: SEQ never goes backwards
+        return self.host.send_rekey(group, messages, now)
 
     def _announce_all(self, now: float) -> Outgoing:
         out: Outgoing = []
@@ -614,8 +681,8 @@ class Coop:
         self.role = Role.PRIMARY
         self.synced = True
         self.primary = self.address
-        self.engine.scheduled_rekeys = True
-        for g in self.engine.groups.values():
+        self.host.scheduled_rekeys = True
+        for g in self.host.groups.values():
             log.emit(self.log, log.COOP_KS_TRANS_TO_PRI, ks=str(self.address), group=g.name,
                      previous=str(previous) if previous else "NONE")
         if self.on_role_change is not None:
@@ -625,21 +692,21 @@ class Coop:
         was = self.role
         self.role = Role.SECONDARY
         self.primary = primary
-        self.last_primary_heard = now
-        self.engine.scheduled_rekeys = False
+        self.last_primary_heard = self._mono
+        self.host.scheduled_rekeys = False
         if was != Role.SECONDARY:
-            for g in self.engine.groups.values():
+            for g in self.host.groups.values():
                 log.emit(self.log, log.COOP_KS_TRANS_TO_SEC, ks=str(self.address), group=g.name, primary=str(primary))
         if self.on_role_change is not None:
             self.on_role_change()
 
     def _elect(self, now: float) -> Outgoing:
         previous = self.primary
-        for g in self.engine.groups.values():
+        for g in self.host.groups.values():
             log.emit(self.log, log.COOP_KS_ELECTION, group=g.name, previous=str(previous) if previous else "NONE")
         candidates = [(self.my_rank, self.address)]
         for p in self.peers.values():
-            if p.alive(now, self.period) and p.priority is not None and p.address != previous and not p.sync_refused:
+            if p.alive(self._mono, self.period) and p.priority is not None and p.address != previous and not p.sync_refused:
                 candidates.append((self._rank(p.priority, p.address), p.address))
         _, winner = max(candidates)
         if winner == self.address:
@@ -651,42 +718,84 @@ class Coop:
 
     # --- time ------------------------------------------------------------------------------
 
-    def on_timer(self, now: float) -> Outgoing:
+    def next_deadline(self, now: float, mono: float) -> float | None:
+        """The monotonic time ``on_timer`` next has work (SA expiries mapped at ``now``)."""
+        if self.started_at is None:
+            return mono  # the first call starts the clocks
+        times = [self.next_announce]
+        if self.role is None:
+            times.append(self.started_at + LISTEN_PERIODS * self.period)
+        elif self.role == Role.SECONDARY:
+            heard = self.last_primary_heard  # (no election while the primary is alive)
+            primary_peer = self.peers.get(self.primary) if self.primary else None
+            if primary_peer is not None and primary_peer.role == Role.PRIMARY and primary_peer.last_heard is not None:
+                heard = max(heard, primary_peer.last_heard)
+            times.append(heard + MISSED_PERIODS * self.period + LATE)
+        if any(gs.delta or gs.removed for gs in self.groups_state.values()):
+            times.append(mono)  # new members are told at once
+        for peer in self.peers.values():
+            if peer.initiator is not None:
+                if peer.initiator_due is not None:
+                    times.append(peer.initiator_due)
+            else:
+                times.append(peer.recheck_at)
+            if peer.reachable and peer.last_heard is not None:
+                times.append(peer.last_heard + MISSED_PERIODS * self.period + LATE)
+        return min(times)
+
+    def on_timer(self, now: float, mono: float) -> Outgoing:
+        self._clock(now, mono)
+        assert self.started_at is not None
         out: Outgoing = []
         for peer in list(self.peers.values()):
             try:  # one peer's failure must not stop the others, nor the engine's timers
                 out += self._peer_timer(peer, now)
             except Exception as exc:  # noqa: BLE001 - counted and logged with its traceback
-                self._internal_error("peer timer", str(peer.address), exc, now)
-        if self.role is None and now - self.started_at >= LISTEN_PERIODS * self.period:
+                self._internal_error("peer timer", str(peer.address), exc)
+        if self.role is None and mono - self.started_at >= LISTEN_PERIODS * self.period:
             out += self._elect(now)
-        elif self.role == Role.SECONDARY and now - self.last_primary_heard > MISSED_PERIODS * self.period:
+        elif self.role == Role.SECONDARY and mono - self.last_primary_heard > MISSED_PERIODS * self.period:
             primary_peer = self.peers.get(self.primary) if self.primary else None
-            if primary_peer is None or not primary_peer.alive(now, self.period) or primary_peer.role != Role.PRIMARY:
+            if primary_peer is None or not primary_peer.alive(mono, self.period) or primary_peer.role != Role.PRIMARY:
                 out += self._elect(now)
-        if now >= self.next_announce:
-            self.next_announce = now + self.period
-            out += self.announce(now)
+        if mono >= self.next_announce:
+            self.next_announce = mono + self.period
+            out += self._announce(now)
         elif any(gs.delta or gs.removed for gs in self.groups_state.values()):
-            out += self.announce(now)  # tell the others about new members at once
+            out += self._announce(now)  # tell the others about new members at once
         return out
 
     def _peer_timer(self, peer: Peer, now: float) -> Outgoing:
         out: Outgoing = []
+        mono = self._mono
         if peer.initiator is not None:
-            mm_out = peer.initiator.on_timeout(now)
-            out += [(d, peer.addr) for d in mm_out.send]
-            for ev in mm_out.events:
-                out += self._phase1_event(peer, ev, now)
-        elif self._usable_sa(peer, now) is None and now >= peer.next_attempt:
+            if peer.initiator_due is not None and mono >= peer.initiator_due:
+                # Due on the monotonic clock: the machine is told its deadline has come
+                # even if the wall clock went back.
+                given = max(now, peer.initiator.deadline or now)
+                mm_out = peer.initiator.on_timeout(given)
+                self._track_initiator(peer, given)
+                out += [(d, peer.addr) for d in mm_out.send]
+                for ev in mm_out.events:
+                    out += self._phase1_event(peer, ev, now)
+        elif self._usable_sa(peer, now) is None and mono >= peer.next_attempt:
             if peer.ike_status == "Established":
                 peer.ike_status = "Expired"
             out += self._start_phase1(peer, now)
-        if peer.reachable and not peer.alive(now, self.period):
+        if peer.reachable and not peer.alive(mono, self.period):
             peer.reachable = False
-            for g in self.engine.groups.values():
+            for g in self.host.groups.values():
                 log.emit(self.log, log.COOP_KS_UNREACH, peer=str(peer.address), group=g.name, status=peer.ike_status)
+        self._recheck(peer, now)
         return out
+
+    def _recheck(self, peer: Peer, now: float) -> None:
+        """Note when the peer's SA needs looking at again (its lifetime is wall time)."""
+        sa = self._usable_sa(peer, now)
+        if sa is not None:
+            peer.recheck_at = self._mono + max(0.0, sa.expires_at - now) + LATE
+        else:
+            peer.recheck_at = peer.next_attempt
 
     # --- reload ----------------------------------------------------------------------------
 
@@ -710,20 +819,17 @@ class Coop:
                 del self.peers[address]
         for address, conf in wanted.items():
             if address not in self.peers:
-                self.peers[address] = Peer(address, conf.port, conf, next_attempt=now)
-        for number in [n for n in self.groups_state if n not in self.engine.groups]:
-            del self.groups_state[number]
-        for g in self.engine.groups.values():
-            if set(self.peers) != before and g.number in self.groups_state:
-                self._slice(g)
-            self._group_state(g)
+                self.peers[address] = Peer(address, conf.port, conf, next_attempt=self._mono_at(now))
+        if set(self.peers) != before:  # the SID space is sliced anew; added groups on first use
+            for g in self.host.groups.values():
+                if g.number in self.groups_state:
+                    self._slice(g)
 
     def _forget_peer(self, peer: Peer) -> None:
-        for cookies, entry in list(self.engine.sas.items()):
-            if entry.sa.peer_address == peer.address:
-                self.engine._drop_sa(cookies)
+        self.host.drop_phase1_sas(peer.address)
         peer.sa = None
-        peer.initiator = None
+        peer.initiator = peer.initiator_due = None
+        peer.recheck_at = 0.0
 
     # --- show ------------------------------------------------------------------------------
 
@@ -733,6 +839,7 @@ class Coop:
         return [(self.address, self.version), *((p.address, p.version) for p in peers)]
 
     def describe(self, now: float) -> dict[str, Any]:
+        mono = self._mono_at(now)
         role = {Role.PRIMARY: "Primary", Role.SECONDARY: "Secondary", None: "Listening"}[self.role]
         return {
             "address": str(self.address),
@@ -747,7 +854,7 @@ class Coop:
                     "priority": p.priority,
                     "role": {Role.PRIMARY: "Primary", Role.SECONDARY: "Secondary"}.get(p.role, "Unknown"),  # type: ignore[call-overload]
                     "version": str(p.version) if p.version else "unknown",
-                    "status": "Sync refused" if p.sync_refused else "Alive" if p.alive(now, self.period) else "Dead",
+                    "status": "Sync refused" if p.sync_refused else "Alive" if p.alive(mono, self.period) else "Dead",
                     "ann_sent": p.ann_sent,
                     "ann_received": p.ann_received,
                     "ann_rejected": p.ann_rejected,
@@ -756,7 +863,7 @@ class Coop:
                     "auth": ("psk" if p.config and p.config.psk is not None else "")
                     + ("+" if p.config and p.config.psk is not None and p.config.identities else "")
                     + ("certificate" if p.config and p.config.identities else ""),
-                    "last_heard": None if p.last_heard is None else round(now - p.last_heard, 1),
+                    "last_heard": None if p.last_heard is None else round(mono - p.last_heard, 1),
                     "ike_status": p.ike_status,
                 }
                 for p in self.peers.values()

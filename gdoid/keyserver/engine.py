@@ -20,15 +20,13 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gdoid import log
 from gdoid.keylog import KeyLog
 from gdoid.keyserver import authorization
+from gdoid.keyserver.coop import Coop
 from gdoid.keyserver.group import Group, Member, PendingPush, RekeyMessages
-
-if TYPE_CHECKING:
-    from gdoid.keyserver.coop import Coop
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.datagram import Address, Outgoing
 from gdoid.protocol.errors import CryptoError, DecodeError, NotifyError, ProtocolError
@@ -155,8 +153,7 @@ class KeyServerEngine:
         self._sa_pulls: dict[bytes, set[int]] = {}  # SA cookies -> message IDs in self.pulls
         self.counters: Counter[str] = Counter()
         self.scheduled_rekeys = True
-        self.coop: Coop | None = None
-        self._coop_out: Outgoing = []
+        self.coop: Coop | None = None  # hosted here (this engine is its CoopHost)
         self.on_state_change: Callable[[], None] | None = None  # persist before sending
         self._now = 0.0  # of the datagram being handled (SID allocation needs it)
         self._mono = 0.0  # the monotonic time of the same call
@@ -190,6 +187,8 @@ class KeyServerEngine:
 
     def allocate_sender_ids(self, group_number: int, count: int, member: str) -> SenderIds | None:
         g = self.groups[group_number]
+        if self.coop is not None:
+            self.coop.prepare_group(g)  # this KS's slice of the SID space (a reload may add groups)
         values = g.sids.allocate(member, count, self._now)
         return SenderIds(g.sids.bits, values) if values is not None else None
 
@@ -200,6 +199,25 @@ class KeyServerEngine:
             return None  # the responder refuses an unknown group itself
         self._refusal = authorization.check(g.config.authorization, g.name, sa)
         return self._refusal.reason if self._refusal is not None else None
+
+    # --- CoopHost for COOP -----------------------------------------------------
+
+    def phase1_sas(self, peer: IPv4Address) -> list[IkeSa]:
+        return [e.sa for e in self.sas.values() if e.sa.peer_address == peer]
+
+    def drop_phase1_sas(self, peer: IPv4Address) -> None:
+        for cookies, entry in list(self.sas.items()):
+            if entry.sa.peer_address == peer:
+                self._drop_sa(cookies)
+
+    def keys_changed(self, group: Group) -> None:
+        if self.keylog is not None:
+            for t in group.teks:
+                self.keylog.esp(t)
+
+    def persist(self) -> None:
+        if self.on_state_change is not None:
+            self.on_state_change()
 
     # --- input ------------------------------------------------------------------
 
@@ -254,9 +272,9 @@ class KeyServerEngine:
             sa = next((p.sa for p in self.coop.peers.values() if p.sa is not None and p.sa.cookies == header.cookies), None)
         if sa is None:
             self.counters["dropped"] += 1
-            self.coop.reject_no_sa(peer, now)  # counted by reason, logged once a minute
+            self.coop.reject_no_sa(peer, now, self._mono)  # counted by reason, logged once a minute
             return []
-        return self.coop.receive_ann(sa, data, peer, now)
+        return self.coop.receive_ann(sa, data, peer, now, self._mono)
 
     # --- Main Mode responder --------------------------------------------------------
 
@@ -285,7 +303,7 @@ class KeyServerEngine:
             coop_peer = self.coop.owns_initiator(header.initiator_cookie)
             if coop_peer is not None:
                 # Our own exchange with a configured peer: its initiator cookie is our secret.
-                return self.coop.main_mode(coop_peer, data, now)
+                return self.coop.main_mode(coop_peer, data, now, self._mono)
         if header.responder_cookie == ZERO_COOKIE:
             return self._unauthenticated("mm1", data, peer, self._mm1(header, data, peer, now))
         kind = "mm5" if header.encrypted else "mm3"
@@ -342,14 +360,12 @@ class KeyServerEngine:
         if responder.dh is not None and not had_dh:
             self.counters["dh_computations"] += 1
         established = any(isinstance(ev, Phase1Established) for ev in out.events)
-        self._phase1_events(out.events, cookies, peer, now)
+        coop_sends = self._phase1_events(out.events, cookies, peer, now)
         if established:  # message 6 answers a peer that has just authenticated
             sends = [(d, peer) for d in out.send]
         else:
             sends = self._unauthenticated(kind, data, peer, out.send)
-        sends += self._coop_out
-        self._coop_out = []
-        return sends
+        return sends + coop_sends
 
     def _mm1(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> list[bytes]:
         """Answer message 1 keeping only a HalfOpen record; returns message 2 or a notify."""
@@ -431,7 +447,9 @@ class KeyServerEngine:
         if self._responders_per_peer[peer[0]] <= 0:
             del self._responders_per_peer[peer[0]]
 
-    def _phase1_events(self, events: Iterable[object], cookies: bytes, peer: Address, now: float) -> None:
+    def _phase1_events(self, events: Iterable[object], cookies: bytes, peer: Address, now: float) -> Outgoing:
+        """Act on a responder's phase-1 events; returns what COOP sends to a peer KS whose SA came up."""
+        out: Outgoing = []
         for ev in events:
             if isinstance(ev, Phase1Established):
                 entry = self.responders.pop(cookies, None)
@@ -442,8 +460,8 @@ class KeyServerEngine:
                 self._add_sa(ev.sa, peer, now)
                 self.counters["phase1_established"] += 1
                 coop_peer = self.coop.peers.get(ev.sa.peer_address) if self.coop is not None else None
-                if coop_peer is not None:
-                    self._coop_out += self.coop.peer_sa_up(coop_peer, now)
+                if self.coop is not None and coop_peer is not None:
+                    out += self.coop.peer_sa_up(coop_peer, now, self._mono)
                 if self.keylog is not None:
                     self.keylog.ike(ev.sa)
                 self.log.info(
@@ -465,6 +483,7 @@ class KeyServerEngine:
                         peer=peer[0],
                         reason=log.with_notify(ev.reason, ev.notify, ev.received),
                     )
+        return out
 
     def _add_sa(self, sa: IkeSa, peer: Address, now: float) -> None:
         same_peer = self._peer_sas.setdefault(peer, [])
@@ -613,8 +632,7 @@ class KeyServerEngine:
                 entry = self.responders.get(icky + rc)
                 if entry is not None and entry[1] == peer:
                     out = entry[0].receive(data, now)
-                    self._phase1_events(out.events, icky + rc, peer, now)
-                    return []
+                    return self._phase1_events(out.events, icky + rc, peer, now)
                 if half is not None:
                     return []
             self.drop(peer, "unprotected Informational for no exchange", now)
@@ -722,7 +740,9 @@ class KeyServerEngine:
         if self.scheduled_rekeys:
             times += [mono + max(0.0, g.next_rekey_at() - now) for g in self.groups.values()]
         if self.coop is not None:
-            times.append(mono + self.coop.period / 4)  # COOP keeps its own few peer timers
+            coop_at = self.coop.next_deadline(now, mono)  # announcements, election, its peers' SAs
+            if coop_at is not None:
+                times.append(coop_at)
         return min(times) if times else None
 
     def _run_timers(self, now: float, mono: float) -> Outgoing:
@@ -733,7 +753,7 @@ class KeyServerEngine:
             if kind == _PUSH:
                 out += self._push_due(key, now, mono)
             elif kind == _RESPONDER:
-                self._responder_due(key, now)
+                out += self._responder_due(key, now)
             elif kind == _PULL:
                 self._pull_due(key, now)
             else:
@@ -756,11 +776,11 @@ class KeyServerEngine:
         m.rekey_retries += 1
         return [(p.data, (str(m.address), m.port))]
 
-    def _responder_due(self, key: tuple[Any, ...], now: float) -> None:
+    def _responder_due(self, key: tuple[Any, ...], now: float) -> Outgoing:
         cookies, deadline = key
         entry = self.responders.get(cookies)
         if entry is None or entry[0].deadline != deadline:
-            return
+            return []
         responder, peer = entry
         # Due on the monotonic clock: the machine is told its deadline has come even
         # if the wall clock went back.  Responders send nothing on a timeout.
@@ -769,7 +789,7 @@ class KeyServerEngine:
             del self.responders[cookies]
             self._forget_responder(peer)
             self.counters["half_open_expired"] += 1
-        self._phase1_events(mm_out.events, cookies, peer, now)
+        return self._phase1_events(mm_out.events, cookies, peer, now)
 
     def _pull_due(self, key: tuple[Any, ...], now: float) -> None:
         pkey, deadline = key
@@ -792,7 +812,7 @@ class KeyServerEngine:
         mono = self._mono = self._clock(now, mono)
         out = self._run_timers(now, mono)
         if self.coop is not None:
-            out += self.coop.on_timer(now)
+            out += self.coop.on_timer(now, mono)
         if self.scheduled_rekeys:
             for g in self.groups.values():
                 if now >= g.next_rekey_at():

@@ -125,7 +125,7 @@ def gm_register(sim: Sim, gm_address: str, ks_address: str) -> GroupMemberEngine
     gm = GroupMemberEngine(cfg.address, cfg.groups, phase1_config(cfg.ike, cfg.auth, cfg.address, None),
                            logger=FieldEvents())
     sim.nodes[gm_address] = gm
-    sim.send(gm_address, gm.start(sim.now))
+    sim.send(gm_address, gm.start(sim.now, sim.mono))
     return gm
 
 
@@ -146,7 +146,7 @@ def handshake(sim: Sim, p1: Phase1Config, src: str, ks: str) -> IkeSa | None:
 
 def rogue_ann(sim: Sim, sa: IkeSa, rogue_keys_from: Coop) -> bytes:
     """"Primary, priority 255", with the rogue's own keys and a matching fingerprint."""
-    g = rogue_keys_from.engine.groups[GROUP]
+    g = rogue_keys_from.host.groups[GROUP]
     ann = AnnPayload(SoftwareVersion(1, 0, 2), 255, Role.PRIMARY, 0, 2**62 + secrets.randbits(20), GROUP, 0,
                      (rogue_keys_from._keys_block(g), signing_key_block(g)))
     return seal_ann(sa, ann)
