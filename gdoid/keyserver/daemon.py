@@ -181,9 +181,6 @@ class KeyServerDaemon:
             return ControlResponse(ok=True, output=h["line"] + "\n", data=h)
         if cmd == commands.SHOW_COUNTERS:
             return self._show_counters()
-        groups = self._groups(params.get("group"))
-        if isinstance(groups, ControlResponse):
-            return groups  # "% Group X not found", as IOS
         handlers = {
             commands.SHOW_KS_MEMBERS: self._show_members,
             commands.SHOW_FEATURE: self._show_feature,
@@ -196,6 +193,9 @@ class KeyServerDaemon:
         handler = handlers.get(cmd)
         if handler is None:
             return ControlResponse.failure(f"% Invalid input: {' '.join(req.command)}")
+        groups = self._groups(params.get("group"))
+        if isinstance(groups, ControlResponse):
+            return groups  # "% Group X not found", as IOS
         return handler(groups, params, now)
 
     def health(self) -> dict[str, Any]:
