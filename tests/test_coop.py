@@ -784,3 +784,24 @@ def test_a_group_added_by_reload_is_announced_and_synced(files: Path) -> None:
     values = [sim.ks(a).allocate_sender_ids(added, 1, f"gm-{a}") for a in KSS]
     assert all(v is not None for v in values)
     assert len({v.values for v in values if v is not None}) == 3
+
+
+def test_members_show_the_key_server_they_registered_with(files: Path) -> None:
+    """``Key Server ID`` in ``show crypto gdoi ks members`` is each GM's own KS, also for
+    members a KS learned from a peer's ANN (issue 12 §1), and it survives the state file."""
+    import re
+
+    from gdoid.keyserver import state
+    from gdoid.keyserver.show import show_members
+
+    sim = elected(files)
+    sim.register("10.0.0.1", KS1)
+    sim.register("10.0.0.2", KS2)
+    sim.run(STEP)
+    for ks in (KS1, KS2, KS3):
+        g = sim.group(ks)
+        text = show_members([g], IPv4Address(ks), sim.now)
+        rows = dict(re.findall(r"Group Member ID    : (\S+) .*\n(?:.*\n){2} Key Server ID     : (\S+)\n", text))
+        assert rows == {"10.0.0.1": KS1, "10.0.0.2": KS2}, (ks, text)
+        m = g.members[IPv4Address("10.0.0.2")]
+        assert state.member_from_json(state.member_to_json(m)).ks_address == IPv4Address(KS2)

@@ -18,7 +18,7 @@ import pytest
 
 from gdoid.cli.daemon import build_parser
 from gdoid.cli.gdoictl import WAIT_STATES, UsageError, _parse_wait, parse_command_line
-from gdoid.commands import GM_ONLY_COMMANDS, KS_ONLY_COMMANDS, match
+from gdoid.commands import BOTH_ROLES_COMMANDS, GM_ONLY_COMMANDS, KS_ONLY_COMMANDS, match
 from tests.procs import GDOID
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def _commands(tool: str) -> list[list[str]]:
     return found
 
 
-KNOWN = (*KS_ONLY_COMMANDS, *GM_ONLY_COMMANDS, "show crypto gdoi [group <group>]", "reload", "health",
+KNOWN = (*KS_ONLY_COMMANDS, *GM_ONLY_COMMANDS, *BOTH_ROLES_COMMANDS, "show crypto gdoi [group <group>]", "reload", "health",
          "show gdoid health")
 
 

@@ -7,19 +7,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gdoid import log
-from gdoid.commands import match, wrong_role
+from gdoid import commands, log
 from gdoid.config import ConfigError, GmConfig, load_gm_config
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.dataplane.engine import Dataplane
 from gdoid.dataplane.forwarder import Forwarder
+from gdoid.groupmember import show
 from gdoid.groupmember.engine import GroupMemberEngine, Registration, RegState
 from gdoid.keylog import KeyLog
-from gdoid.keyserver.show import kek_spi_text, tek_spi_text
 from gdoid.phase1 import phase1_config
 from gdoid.protocol.pki import PkiError
 from gdoid.protocol.policy import SenderIds, Tek
 from gdoid.shell import UdpShell, monotonic_clock, wall_clock
+from gdoid.showtext import FEATURES, feature_by_name
 
 SID_COUNTER_LOW_WATER = 1 << 20  # IVs left on a sender ID before we ask for new ones
 
@@ -199,88 +199,64 @@ class GroupMemberDaemon:
 
     # --- control socket -------------------------------------------------------
 
+    @property
+    def local(self) -> show.LocalMember:
+        c = self.config
+        return show.LocalMember(c.address, c.port, c.software_version, c.fail_close, c.tun_name)
+
     async def handle(self, req: ControlRequest) -> ControlResponse:
         now = wall_clock()
-        if match(req.command, "show crypto ipsec sa") is not None:
+        m = commands.for_role(req.command, "gm")
+        if isinstance(m, commands.ParseError):
+            return ControlResponse.failure(m.message)
+        cmd, group = m.command, m.params.get("group")
+        if cmd == commands.SHOW_IPSEC_SA:
             return self._show_ipsec_sa(now)
-        params = match(req.command, "show crypto gdoi [group <group>] gm replay")
-        if params is not None:
-            return self._show_gm_replay(params.get("group"), now)
-        for pattern in ("show crypto gdoi [group <group>] gm", "show crypto gdoi [group <group>]"):
-            params = match(req.command, pattern)
-            if params is not None:
-                return self._show(params.get("group"), now)
-        params = match(req.command, "clear crypto gdoi [group <group>]")
-        if params is not None:
-            regs = self._select(params.get("group"))
-            if isinstance(regs, ControlResponse):
-                return regs
+        if cmd == commands.SHOW_HEALTH:
+            h = self.health()
+            return ControlResponse(ok=True, output=h["line"] + "\n", data=h)
+        if cmd == commands.RELOAD:
+            return self.reload()
+        regs = self._select(group)
+        if isinstance(regs, ControlResponse):
+            return regs  # "% Group X not found", as IOS
+        if cmd == commands.SHOW_GM_REPLAY:
+            return self._show_gm_replay(regs, now)
+        if cmd in (commands.SHOW_GM, commands.SHOW_GDOI):
+            me = self.local
+            return ControlResponse(ok=True, output=show.show_gdoi(regs, self.engine.sadb, me, now),
+                                   data=show.gdoi_data(regs, self.engine.sadb, me, now))
+        if cmd in (commands.SHOW_FEATURE, commands.SHOW_FEATURE_GROUP_AFTER):
+            features = [feature_by_name(m.params["feature"])] if "feature" in m.params else list(FEATURES)
+            return ControlResponse(ok=True, output=show.show_feature(regs, self.local, features),
+                                   data=show.feature_json(regs, self.local, features))
+        if cmd == commands.CLEAR_GM:
             out = []
             for r in regs:
                 self.engine.clear_keys(r.group.number, now)
                 out += self.engine.reregister(r.group.number, now)
             await self.shell.send_all(out)
             return ControlResponse(ok=True, output="% re-registering\n")
-        if match(req.command, "show gdoid health") is not None:
-            h = self.health()
-            return ControlResponse(ok=True, output=h["line"] + "\n", data=h)
-        if match(req.command, "reload") is not None:
-            return self.reload()
-        other = wrong_role(req.command, "gm")
-        return ControlResponse.failure(other or f"% Invalid input: {' '.join(req.command)}")
+        return ControlResponse.failure(f"% Invalid input: {' '.join(req.command)}")
 
     def _show_ipsec_sa(self, now: float) -> ControlResponse:
         if self.dataplane is None:
-            return ControlResponse(ok=True, output="% data path not enabled ([dataplane] enabled = false)\n",
-                                   data={"sas": [], "enabled": False})
+            sas = show.control_plane_sas(self.engine.sadb, now)
+            return ControlResponse(ok=True, output=show.show_control_plane_sas(self.local, sas),
+                                   data={"sas": sas, "enabled": False})
         stats = self.dataplane.stats(now)
         fwd = self.forwarder.stats.as_dict() if self.forwarder is not None else {}
-        lines = [f"interface: {self.config.tun_name}", f"    Crypto map tag: gdoi-{self.config.tun_name}, local addr {self.config.address}", ""]
-        for sa in stats["sas"]:
-            lines += [
-                f"   group {sa['group']} spi: 0x{sa['spi']:08X}({sa['spi']})" if isinstance(sa["spi"], int) else f"   group {sa['group']} spi: {sa['spi']}",
-                f"     transform: {sa['transform']} , in use settings ={{Tunnel, Address preservation}}",
-                f"     #pkts encaps: {sa['pkts_encaps']}, #pkts encrypt: {sa['pkts_encaps']}",
-                f"     #pkts decaps: {sa['pkts_decaps']}, #pkts decrypt: {sa['pkts_decaps']}, #pkts verify: {sa['pkts_decaps']}",
-                f"     #bytes encaps: {sa['bytes_encaps']}, #bytes decaps: {sa['bytes_decaps']}",
-                f"     #drops: {', '.join(f'{k} {v}' for k, v in sorted(sa['drops'].items())) or 'none'}",
-                f"     sa timing: remaining key lifetime (sec): ({sa['remaining']})",
-                f"     sender ID: {sa.get('sender_id')}, IV counter remaining: {sa.get('counter_remaining')}",
-                "",
-            ]
-        lines.append(f"   clear (unprotected) packets out: {stats.get('clear_out', 0)}")
-        lines.append(f"   drops: {', '.join(f'{k} {v}' for k, v in sorted(stats.get('drops', {}).items())) or 'none'}")
-        lines.append(f"   forwarder: {', '.join(f'{k} {v}' for k, v in fwd.items() if not isinstance(v, dict))}")
-        return ControlResponse(ok=True, output="\n".join(lines) + "\n", data={**stats, "forwarder": fwd, "enabled": True})
+        return ControlResponse(ok=True, output=show.show_ipsec_sa(self.local, stats, fwd),
+                               data={**stats, "forwarder": fwd, "enabled": True})
 
-    def _show_gm_replay(self, name: str | None, now: float) -> ControlResponse:
-        regs = self._select(name)
-        if isinstance(regs, ControlResponse):
-            return regs  # "% Group X not found", as IOS
+    def _show_gm_replay(self, regs: list[Registration], now: float) -> ControlResponse:
         if self.dataplane is None:
-            return ControlResponse(ok=True, output="% data path not enabled\n", data={"groups": []})
-        numbers = {r.group.number for r in regs}
-        info = {"groups": [g for g in self.dataplane.replay_stats(now)["groups"] if g["group"] in numbers]}
-        lines = []
-        for g in info["groups"]:
-            reg = self.engine.registrations.get(g["group"])
-            name = reg.group.name if reg else str(g["group"])
-            lines += [
-                f"Anti-replay Information For Group {name}:",
-                "    Timebased Replay:",
-                "      Replay Window      : " + (f"{g['tbar_window_ms']} msec" if g.get("tbar_window_ms") else "disabled"),
-                "      Local Pseudotime   : " + (f"{g['pseudotime_ms'] / 1000:.3f} secs" if g.get("pseudotime_ms") is not None else "not synchronised"),
-                f"      Replay Drops       : {g['drops'].get('tbar', 0)}",
-                "    Counter-based Replay:",
-                "      Window Size        : " + (str(g["replay_window"]) if g.get("replay_window") else "disabled"),
-                f"      Replay Drops       : {g['drops'].get('replay', 0)}",
-                "",
-            ]
-        shown = {g["group"] for g in info["groups"]}
-        for r in regs:
-            if r.group.number not in shown:
-                lines += [f"Anti-replay Information For Group {r.group.name}:", "    no SAs installed", ""]
-        return ControlResponse(ok=True, output="\n".join(lines) + "\n", data=info)
+            groups = show.control_plane_replay(regs, self.engine.sadb, now)
+        else:
+            numbers = {r.group.number for r in regs}
+            groups = [g for g in self.dataplane.replay_stats(now)["groups"] if g["group"] in numbers]
+        return ControlResponse(ok=True, output=show.show_replay(regs, groups),
+                               data={"groups": groups, "dataplane": self.dataplane is not None})
 
     def _select(self, name: str | None) -> list[Registration] | ControlResponse:
         regs = list(self.engine.registrations.values())
@@ -288,90 +264,3 @@ class GroupMemberDaemon:
             return regs
         sel = [r for r in regs if r.group.name == name]
         return sel or ControlResponse.failure(f"% Group {name} not found")
-
-    def _show(self, name: str | None, now: float) -> ControlResponse:
-        regs = self._select(name)
-        if isinstance(regs, ControlResponse):
-            return regs
-        lines: list[str] = []
-        data: list[dict[str, Any]] = []
-        for r in regs:
-            g = self.engine.sadb.groups.get(r.group.number)
-            kek = g.kek if g else None
-            teks = g.active_teks(now) if g else []
-            status = "Registered" if r.state == RegState.REGISTERED else (
-                "Re-registering" if r.registered_at and g else r.state.name.title()
-            )
-            lines += [
-                "GROUP INFORMATION",
-                "",
-                f"    Group Name               : {r.group.name}",
-                f"    Group Identity           : {r.group.number}",
-                "    Group Type               : GDOI (ISAKMP)",
-                "    IPSec SA Direction       : Both",
-                "",
-                f"     Group Server list       : {', '.join(str(s) for s in r.group.servers)}",
-                "",
-                f"    Group Member Information For Group {r.group.name}:",
-                f"    Group member             : {self.config.address}",
-                f"       Local addr/port       : {self.config.address}/{self.config.port}",
-                f"       Remote addr/port      : {r.ks}/{r.group.server_port}",
-                f"       Version               : {self.config.software_version}",
-                f"       Registration status   : {status}",
-                f"       Registered with       : {r.registered_ks or 'none'}",
-                f"       KS version            : {r.ks_version}",
-                "       Re-registers in       : "
-                + (f"{max(0, int(r.rereg_at - now))} sec" if r.rereg_at else "n/a"),
-                f"       Succeeded registration: {r.registrations}",
-                f"       Failed registration   : {r.failures}",
-                f"       Last failure          : {r.last_failure or 'none'}",
-                f"       Fail-close            : {'enabled' if self.config.fail_close else 'disabled'}",
-                "",
-                "KEK POLICY:",
-            ]
-            if kek is not None:
-                lines += [
-                    "    Rekey Transport Type     : Unicast",
-                    f"    Lifetime (secs)          : {kek.remaining(now)}",
-                    "    Encrypt Algorithm        : AES",
-                    f"    Key Size                 : {kek.key_bits}",
-                    f"    Sig Hash Algorithm       : {kek.sig_hash.name}",
-                    f"    Sig Algorithm            : {kek.sig_algorithm.name}",
-                    f"    Sig Key Length (bits)    : {kek.sig_key_bits}",
-                    f"    KEK SPI                  : {kek_spi_text(kek.spi)}",
-                ]
-            else:
-                lines.append("    none")
-            lines += ["", "TEK POLICY for the current KS-Policy ACEs:"]
-            for t in teks:
-                p = t.policy
-                lines += [
-                    f"    Match                    : {p.selector.describe()}",
-                    "    IPsec SA:",
-                    f"        spi: {tek_spi_text(t.spi)}({t.spi})",
-                    f"        transform: {p.transform.name}",
-                    f"        sa timing:remaining key lifetime (sec): ({t.remaining(now)})",
-                    f"        configured lifetime (sec): {p.configured_lifetime}",
-                ]
-            lines.append("")
-            data.append(
-                {
-                    "name": r.group.name,
-                    "number": r.group.number,
-                    "state": r.state.name,
-                    "registered_ks": str(r.registered_ks) if r.registered_ks else None,
-                    "registrations": r.registrations,
-                    "failures": r.failures,
-                    "last_failure": r.last_failure,
-                    "kek_spi": kek.spi.hex() if kek else None,
-                    "tek_spis": [f"{t.spi:08x}" for t in teks],
-                    "teks": [
-                        {"spi": f"{t.spi:08x}", "remaining": t.remaining(now), "transform": t.policy.transform.name}
-                        for t in teks
-                    ],
-                    "sender_ids": list(g.sender_ids.values) if g and g.sender_ids else [],
-                    "seq": g.seq if g else 0,
-                }
-            )
-        result = {"role": "gm", "address": str(self.config.address), "version": str(self.config.software_version), "groups": data}
-        return ControlResponse(ok=True, output="\n".join(lines), data=result)

@@ -488,7 +488,7 @@ class GroupMemberEngine:
             delay = self.rng.uniform(0, 0.02 * configured) if configured else 0.0
             log.emit(self.log, log.GM_RECV_DELETE_IMMEDIATE, group=reg.group.name, seconds=round(delay))
             reg.state = RegState.BACKOFF
-            reg.rereg_at = None
+            reg.rereg_at = now + delay  # shown to users; retry_at is what fires
             reg.retry_at = self._mono + delay
         self.counters["removals"] += 1
         self._notify("removal", reg)

@@ -97,6 +97,7 @@ _MEMBER_KEYS = frozenset({
     "address", "identity", "version", "registered_at", "kek_spi", "tek_spis", "sender_ids",
     "registrations", "missed_rekeys", "port", "ack_key", "ack_hash",
 })
+_MEMBER_OPTIONAL = frozenset({"ks_address"})  # absent in ANNs of KSs before it was kept
 
 
 def _version(v: Any, name: str) -> SoftwareVersion:
@@ -108,7 +109,7 @@ def _version(v: Any, name: str) -> SoftwareVersion:
 
 
 def _member(v: Any, name: str, group: Group) -> Member:
-    d = _fields(v, name, _MEMBER_KEYS)
+    d = _fields(v, name, _MEMBER_KEYS, _MEMBER_OPTIONAL)
     sid_max = (1 << group.sids.bits) - 1
     return Member(
         address=_address(d["address"], f"{name}.address"),
@@ -125,6 +126,7 @@ def _member(v: Any, name: str, group: Group) -> Member:
         port=_int(d["port"], f"{name}.port", 1, 0xFFFF),
         ack_key=_hex(d["ack_key"], f"{name}.ack_key", tuple(range(65))),
         ack_hash=_enum(d["ack_hash"], f"{name}.ack_hash", HashAlgorithm),
+        ks_address=_optional(d.get("ks_address"), lambda x: _address(x, f"{name}.ks_address")),
     )
 
 

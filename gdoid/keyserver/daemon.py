@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gdoid import log
-from gdoid.commands import match, wrong_role
+from gdoid import commands, log
 from gdoid.config import ConfigError, KsConfig, load_ks_config
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.keylog import KeyLog
@@ -23,6 +22,7 @@ from gdoid.protocol.pki import PkiError, load_private_key
 from gdoid.protocol.push import RemovalMode
 from gdoid.protocol.version import supports_removal_and_replace
 from gdoid.shell import UdpShell, wall_clock
+from gdoid.showtext import FEATURES, feature_by_name
 
 REMOVAL_PROMPT = (
     "\n% This GM-Removal message will shorten all GMs' key lifetimes and cause them to\n"
@@ -165,35 +165,38 @@ class KeyServerDaemon:
         return [g]
 
     async def handle(self, req: ControlRequest) -> ControlResponse:
-        words = req.command
         now = wall_clock()
-        handlers: list[tuple[str, Any]] = [
-            ("show crypto gdoi [group <group>] ks members", self._show_members),
-            ("show crypto gdoi [group <group>] feature <feature>", self._show_feature),
-            ("show crypto gdoi feature <feature> [group <group>]", self._show_feature),
-            ("show crypto gdoi [group <group>] ks", self._show_gdoi),
-            ("show crypto gdoi [group <group>]", self._show_gdoi),
-            ("show gdoid counters", self._show_counters),
-            ("show crypto gdoi [group <group>] ks replay", self._show_replay),
-            ("show crypto gdoi [group <group>] ks coop", self._show_coop),
-        ]
-        for pattern, fn in handlers:
-            params = match(words, pattern)
-            if params is not None:
-                return fn(params, now)
-        params = match(words, "clear crypto gdoi [group <group>] ks members [now]")
-        if params is not None:
-            return await self._clear_members(params, req.confirm, now)
-        params = match(words, "crypto gdoi ks [group <group>] rekey [replace-now]")
-        if params is not None:
-            return await self._rekey(params, now)
-        if match(words, "reload") is not None:
+        m = commands.for_role(req.command, "ks")
+        if isinstance(m, commands.ParseError):
+            return ControlResponse.failure(m.message)
+        cmd, params = m.command, m.params
+        if cmd == commands.CLEAR_KS_MEMBERS:
+            return await self._clear_members(params, "now" in m.keywords, req.confirm, now)
+        if cmd == commands.KS_REKEY:
+            return await self._rekey(params, "replace-now" in m.keywords, now)
+        if cmd == commands.RELOAD:
             return self.reload()
-        if match(words, "show gdoid health") is not None:
+        if cmd == commands.SHOW_HEALTH:
             h = self.health()
             return ControlResponse(ok=True, output=h["line"] + "\n", data=h)
-        other = wrong_role(words, "ks")
-        return ControlResponse.failure(other or f"% Invalid input: {' '.join(words)}")
+        if cmd == commands.SHOW_COUNTERS:
+            return self._show_counters()
+        handlers = {
+            commands.SHOW_KS_MEMBERS: self._show_members,
+            commands.SHOW_FEATURE: self._show_feature,
+            commands.SHOW_FEATURE_GROUP_AFTER: self._show_feature,
+            commands.SHOW_KS: self._show_gdoi,
+            commands.SHOW_GDOI: self._show_gdoi,
+            commands.SHOW_KS_REPLAY: self._show_replay,
+            commands.SHOW_KS_COOP: self._show_coop,
+        }
+        handler = handlers.get(cmd)
+        if handler is None:
+            return ControlResponse.failure(f"% Invalid input: {' '.join(req.command)}")
+        groups = self._groups(params.get("group"))
+        if isinstance(groups, ControlResponse):
+            return groups  # "% Group X not found", as IOS
+        return handler(groups, params, now)
 
     def health(self) -> dict[str, Any]:
         """Listening and, in COOP, holding a role; ``registered``: a member in every group."""
@@ -210,19 +213,13 @@ class KeyServerDaemon:
                 "registered": all(members.values()), "detail": detail,
                 "line": f"ks {state}: {detail}"}
 
-    def _show_gdoi(self, params: dict[str, str], now: float) -> ControlResponse:
-        groups = self._groups(params.get("group"))
-        if isinstance(groups, ControlResponse):
-            return groups
+    def _show_gdoi(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
         text = show.show_gdoi(groups, self.config.address, self.config.software_version, now, self.role_name)
         data = {"role": "ks", "ks_role": self.role_name, "address": str(self.config.address),
                 "groups": [show.group_data(g, now) for g in groups]}
         return ControlResponse(ok=True, output=text, data=data)
 
-    def _show_members(self, params: dict[str, str], now: float) -> ControlResponse:
-        groups = self._groups(params.get("group"))
-        if isinstance(groups, ControlResponse):
-            return groups
+    def _show_members(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
         data = {"groups": [show.group_data(g, now) for g in groups]}
         return ControlResponse(ok=True, output=show.show_members(groups, self.config.address, now), data=data)
 
@@ -232,14 +229,11 @@ class KeyServerDaemon:
             return list(self.coop.key_servers())
         return [(self.config.address, self.config.software_version)]
 
-    def _show_feature(self, params: dict[str, str], now: float) -> ControlResponse:
-        if params["feature"] not in show.FEATURES:
-            return ControlResponse.failure(f"% Invalid input: feature {params['feature']}")
-        groups = self._groups(params.get("group"))
-        if isinstance(groups, ControlResponse):
-            return groups
-        text = show.show_feature(groups, self.key_servers(), now)
-        return ControlResponse(ok=True, output=text, data={"text": text})
+    def _show_feature(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
+        features = [feature_by_name(params["feature"])] if "feature" in params else list(FEATURES)
+        key_servers = self.key_servers()
+        text = show.show_feature(groups, key_servers, now, features)
+        return ControlResponse(ok=True, output=text, data=show.feature_json(groups, key_servers, features))
 
     @property
     def role_name(self) -> str:
@@ -251,13 +245,14 @@ class KeyServerDaemon:
     def is_primary(self) -> bool:
         return self.coop is None or self.coop.is_primary  # a standalone KS is primary
 
-    async def _clear_members(self, params: dict[str, str], confirm: int, now: float) -> ControlResponse:
+    async def _clear_members(
+        self, params: dict[str, str], now_mode: bool, confirm: int, now: float
+    ) -> ControlResponse:
         groups = self._groups(params.get("group"))
         if isinstance(groups, ControlResponse):
             return groups
         if not self.is_primary:
             return ControlResponse.failure("\n".join(NOT_PRIMARY_REMOVAL.format(group=g.name) for g in groups))
-        now_mode = "now" in params
         prompts = [REMOVAL_NOW_PROMPT if now_mode else REMOVAL_PROMPT]
         for g in groups:
             if self.unsupported_devices(g):
@@ -280,7 +275,7 @@ class KeyServerDaemon:
         bad += [str(addr) for addr, v in self.key_servers() if not supports_removal_and_replace(v)]
         return bad
 
-    async def _rekey(self, params: dict[str, str], now: float) -> ControlResponse:
+    async def _rekey(self, params: dict[str, str], replace_now: bool, now: float) -> ControlResponse:
         groups = self._groups(params.get("group"))
         if isinstance(groups, ControlResponse):
             return groups
@@ -288,7 +283,7 @@ class KeyServerDaemon:
             return ControlResponse.failure("\n".join(NOT_PRIMARY_REKEY.format(group=g.name) for g in groups))
         lines, out = [], []
         for g in groups:
-            out += self.engine.rekey(g, now, replace=True, replace_now="replace-now" in params)
+            out += self.engine.rekey(g, now, replace=True, replace_now=replace_now)
             lines.append(log.KS_SEND_UNICAST_REKEY.text(
                 extra="with policy-replace ", group=g.name, address=str(self.config.address), seq=g.seq
             ))
@@ -317,7 +312,9 @@ class KeyServerDaemon:
                 self.groups[gconf.number] = Group(gconf, keys[gconf.number], new.address, new.port, now)
                 changed.append(gconf.name)
                 continue
-            if g.stage_config(gconf, keys[gconf.number]):
+            staged = _staged(g)
+            # Announced once per edit: a reload that finds the same change staged is quiet.
+            if g.stage_config(gconf, keys[gconf.number]) and _staged(g) != staged:
                 changed.append(g.name)
                 log.emit(self.log, log.POLICY_CHANGE, group=g.name)
         for number in [n for n in self.groups if new.group_by_number(n) is None]:
@@ -333,59 +330,25 @@ class KeyServerDaemon:
             log.POLICY_CHANGE.text(group=name) + "\n" for name in changed
         ), data={"changed": changed})
 
-    def _show_coop(self, params: dict[str, str], now: float) -> ControlResponse:
-        groups = self._groups(params.get("group"))
-        if isinstance(groups, ControlResponse):
-            return groups
+    def _show_coop(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
         if self.coop is None:
-            role = {"address": str(self.config.address), "priority": None, "role": "Primary (standalone)",
-                    "version": str(self.config.software_version), "primary": str(self.config.address), "peers": []}
+            role = show.standalone_role(self.config.address, self.config.software_version)
         else:
             role = self.coop.describe(now)
-        lines = []
-        for g in groups:
-            lines += [
-                f"Crypto Gdoi Group Name :{g.name}",
-                f"        Local Address: {role['address']}",
-                f"        Local Priority: {role['priority']}",
-                f"        Local KS Role: {role['role']} , Local KS Status: Alive",
-                f"        Local KS version: {role['version']}",
-                f"        Primary KS: {role['primary'] or 'none elected'}",
-                f"        Antireplay Sequence Number: {g.seq}",
-                "",
-                "        Peer Sessions:",
-            ]
-            for i, p in enumerate(role["peers"], 1):
-                lines += [
-                    f"        Session {i}:",
-                    f"                Peer Address: {p['address']}",
-                    f"                Peer Version: {p['version']}",
-                    f"                Peer Priority: {p['priority']}",
-                    f"                Peer KS Role: {p['role']} , Peer KS Status: {p['status']}",
-                    f"                Last heard: {p['last_heard']} secs ago" if p["last_heard"] is not None else "                Last heard: never",
-                    f"                IKE status: {p['ike_status']}",
-                    f"                Authentication: {p.get('auth') or 'none'}",
-                    "                Counters:",
-                    f"                    Ann msgs sent: {p['ann_sent']}",
-                    f"                    Ann msgs recv: {p['ann_received']}",
-                    f"                    Ann msgs rejected: {p['ann_rejected']}",
-                    *(f"                      {reason}: {n}" for reason, n in sorted(p.get("rejected", {}).items())),
-                ]
-                if p.get("sync"):
-                    lines.append(f"                Sync refused: {p['sync']}")
-            lines.append("")
-        return ControlResponse(ok=True, output="\n".join(lines), data=role)
+        return ControlResponse(ok=True, output=show.show_coop(groups, role), data=role)
 
-    def _show_replay(self, params: dict[str, str], now: float) -> ControlResponse:
-        groups = self._groups(params.get("group"))
-        if isinstance(groups, ControlResponse):
-            return groups
+    def _show_replay(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
         data = [show.replay_data(g, now) for g in groups]
         return ControlResponse(ok=True, output=show.show_replay(groups, now), data=data)
 
-    def _show_counters(self, params: dict[str, str], now: float) -> ControlResponse:
+    def _show_counters(self) -> ControlResponse:
         counters = dict(self.engine.counters)
         counters["half_open"] = self.engine.half_open
         counters["phase1_sas"] = len(self.engine.sas)
-        text = "\n".join(f"{k:24s}: {v}" for k, v in sorted(counters.items())) + "\n"
-        return ControlResponse(ok=True, output=text, data=counters)
+        return ControlResponse(ok=True, output=show.show_counters(counters), data=counters)
+
+
+def _staged(g: Group) -> tuple[object, bytes | None]:
+    """The change a group holds for its next rekey: policy and new signing key."""
+    key = g.pending_signing_key
+    return g.pending_config, crypto.public_key_der(key) if key is not None else None

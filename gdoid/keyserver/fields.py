@@ -31,13 +31,15 @@ class FieldInvalid(ProtocolError):
         super().__init__(f"{field}: {reason}"[:300])
 
 
-def fields(v: Any, name: str, keys: frozenset[str]) -> dict[str, Any]:
-    """An object with exactly ``keys``."""
+def fields(
+    v: Any, name: str, keys: frozenset[str], optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """An object with exactly ``keys``, and any of ``optional``."""
     if not isinstance(v, dict):
         raise FieldInvalid(name, f"must be an object, not {type(v).__name__}")
-    if set(v) != keys:
+    if set(v) - optional != keys:
         missing = sorted(keys - set(v))
-        extra = sorted(str(k)[:20] for k in set(v) - keys)[:3]
+        extra = sorted(str(k)[:20] for k in set(v) - keys - optional)[:3]
         raise FieldInvalid(name, f"missing {missing}" if missing else f"unknown keys {extra}")
     return v
 

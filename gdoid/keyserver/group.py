@@ -120,6 +120,8 @@ class Member:
     rekey_retries: int = 0
     acks_received: int = 0
     pending: PendingPush | None = None
+    # The KS the GM registered with (``Key Server ID``); None in rows from before it was kept.
+    ks_address: IPv4Address | None = None
 
 
 TBAR_REKEY_INTERVAL = 7200  # getvpn-features §4: with TBAR the KS rekeys every 2 hours
@@ -220,6 +222,7 @@ class Group:
             port=port,
             ack_key=ack_key,
             ack_hash=ack_hash,
+            ks_address=self.ks_address,
         )
         self.members[address] = member
         if old is not None:

@@ -1,28 +1,33 @@
-"""Text of the KS's ``show crypto gdoi ...`` commands, IOS-shaped, plus JSON data."""
+"""Text of the KS's ``show crypto gdoi ...`` commands, IOS-shaped, plus their ``--json`` data.
+
+Pure functions from the KS's state (groups, COOP's description, counters) to text; the
+formatting both roles share is in :mod:`gdoid.showtext`.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
 from gdoid.keyserver.authorization import describe as describe_authorization
-from gdoid.keyserver.group import TBAR_REKEY_INTERVAL, Group
-from gdoid.protocol.version import SoftwareVersion, format_version, supports_removal_and_replace
-
-FEATURES = ("gm-removal", "policy-replace")
-
-
-def _ts(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def kek_spi_text(spi: bytes | None) -> str:
-    return "0x" + spi.hex().upper() if spi else "none"
-
-
-def tek_spi_text(spi: int) -> str:
-    return f"0x{spi:08X}"
+from gdoid.keyserver.group import TBAR_REKEY_INTERVAL, Group, Member
+from gdoid.protocol.version import SoftwareVersion, format_version
+from gdoid.showtext import (
+    FEATURES,
+    Device,
+    Feature,
+    feature_data,
+    feature_tables,
+    kek_policy_lines,
+    kek_spi_text,
+    replay_window_text,
+    tbar_window_text,
+    tek_replay_lines,
+    tek_sa_lines,
+    tek_spi_text,
+    timestamp,
+)
 
 
 def group_data(g: Group, now: float) -> dict[str, Any]:
@@ -51,9 +56,10 @@ def group_data(g: Group, now: float) -> dict[str, Any]:
     }
 
 
-def member_data(m: Any) -> dict[str, Any]:
+def member_data(m: Member) -> dict[str, Any]:
     return {
         "address": str(m.address),
+        "key_server": str(m.ks_address) if m.ks_address is not None else None,
         "identity": m.identity,
         "version": format_version(m.version),
         "registered_at": m.registered_at,
@@ -61,9 +67,9 @@ def member_data(m: Any) -> dict[str, Any]:
         "tek_spis": [f"{s:08x}" for s in m.tek_spis],
         "sender_ids": list(m.sender_ids),
         "registrations": m.registrations,
-        "rekeys_sent": getattr(m, "rekeys_sent", 0),
-        "acks_received": getattr(m, "acks_received", 0),
-        "missed_rekeys": getattr(m, "missed_rekeys", 0),
+        "rekeys_sent": m.rekeys_sent,
+        "acks_received": m.acks_received,
+        "missed_rekeys": m.missed_rekeys,
     }
 
 
@@ -91,33 +97,16 @@ def show_gdoi(
             f"    Group Server list        : {ks_address} (local, {role}, version {version})",
             "",
             "KEK POLICY:",
-            "    Rekey Transport Type     : Unicast",
-            f"    Lifetime (secs)          : {k.remaining(now)}",
-            "    Encrypt Algorithm        : AES",
-            f"    Key Size                 : {k.key_bits}",
-            f"    Sig Hash Algorithm       : {k.sig_hash.name}",
-            f"    Sig Algorithm            : {k.sig_algorithm.name}",
-            f"    Sig Key Length (bits)    : {k.sig_key_bits}",
-            f"    KEK SPI                  : {kek_spi_text(k.spi)}",
+            *kek_policy_lines(k, now),
             f"    Sequence Number          : {g.seq}",
             "",
             "TEK POLICY for the current KS-Policy ACEs:",
         ]
         for t in g.current_teks(now):
-            p = t.policy
             lines += [
-                f"  sa ipsec {p.sa_number}:",
-                f"    Match                    : {p.selector.describe()}",
-                "    IPsec SA:",
-                f"        spi: {tek_spi_text(t.spi)}({t.spi})",
-                f"        transform: {p.transform.name}",
-                f"        sa timing:remaining key lifetime (sec): ({t.remaining(now)})",
-                f"        configured lifetime (sec): {p.configured_lifetime}",
-                "        Anti-Replay(Time Based) : "
-                + (f"{p.tbar_window_ms} msec window" if p.tbar_window_ms else "disabled"),
-                "        Anti-Replay(Counter Based) : "
-                + (f"{p.replay_window}" if p.replay_window else "disabled"),
-                f"        receive-only: {'yes' if p.receive_only else 'no'}",
+                f"  sa ipsec {t.policy.sa_number}:",
+                *tek_sa_lines(t, now),
+                *tek_replay_lines(t),
                 "        encaps: ENCAPS_TUNNEL, address preservation",
             ]
         lines.append("")
@@ -162,16 +151,17 @@ def show_replay(groups: list[Group], now: float) -> str:
         for sa in d["sa_ipsec"]:
             lines += [
                 f"    sa ipsec {sa['number']}:",
-                "      Counter-based Replay Window : "
-                + (str(sa["replay_window"]) if sa["replay_window"] else "disabled"),
-                "      Time-based Replay Window    : "
-                + (f"{sa['tbar_window_ms']} msec" if sa["tbar_window_ms"] else "disabled"),
+                "      Counter-based Replay Window : " + replay_window_text(sa["replay_window"]),
+                "      Time-based Replay Window    : " + tbar_window_text(sa["tbar_window_ms"]),
             ]
         lines += [f"    Next Rekey In        : {max(0, int(d['next_rekey_in']))} secs", ""]
     return "\n".join(lines) + "\n"
 
 
 def show_members(groups: list[Group], ks_address: IPv4Address, now: float) -> str:
+    """``show crypto gdoi ks members``: ``Key Server ID`` is the KS each GM registered with
+    (in COOP, members learned from a peer's ANN show that peer; rows from before the KS
+    recorded it show this KS)."""
     lines = ["", "Group Member Information :", ""]
     for g in groups:
         lines.append(f"Number of rekeys sent for group {g.name} : {g.seq - 1}")
@@ -181,9 +171,9 @@ def show_members(groups: list[Group], ks_address: IPv4Address, now: float) -> st
                 f"Group Member ID    : {m.address}    GM Version: {format_version(m.version)}",
                 f" Group ID          : {g.number}",
                 f" Group Name        : {g.name}",
-                f" Key Server ID     : {ks_address}",
+                f" Key Server ID     : {m.ks_address or ks_address}",
                 f" Identity          : {m.identity}",
-                f" Registered        : {_ts(m.registered_at)}",
+                f" Registered        : {timestamp(m.registered_at)}",
                 f" Registrations     : {m.registrations}",
                 f" Rekey Acks missed : {m.missed_rekeys}",
                 f" KEK SPI           : {kek_spi_text(m.kek_spi)}",
@@ -194,22 +184,73 @@ def show_members(groups: list[Group], ks_address: IPv4Address, now: float) -> st
     return "\n".join(lines)
 
 
+def _feature_groups(
+    groups: list[Group], key_servers: Sequence[Device]
+) -> list[tuple[str, Sequence[Device], Sequence[Device]]]:
+    return [(g.name, key_servers, [(m.address, m.version) for m in g.members.values()]) for g in groups]
+
+
 def show_feature(
     groups: list[Group],
-    key_servers: list[tuple[IPv4Address, SoftwareVersion | None]],
+    key_servers: Sequence[tuple[IPv4Address, SoftwareVersion | None]],
     now: float,
+    features: Sequence[Feature] = FEATURES[:1],
 ) -> str:
-    """The exact table of getvpn-features §2.4 (same for both features: one version gate)."""
-    lines: list[str] = []
+    """The exact table of getvpn-features §2.4 per feature (``features``: all of them for
+    ``show crypto gdoi feature`` without a name)."""
+    return feature_tables(features, _feature_groups(groups, key_servers))
+
+
+def feature_json(
+    groups: list[Group], key_servers: Sequence[Device], features: Sequence[Feature]
+) -> dict[str, object]:
+    return feature_data(features, _feature_groups(groups, key_servers))
+
+
+def show_coop(groups: list[Group], role: Mapping[str, Any]) -> str:
+    """``show crypto gdoi ks coop`` from COOP's description of this KS and its peers."""
+    lines = []
     for g in groups:
-        lines += ["", f" Group Name: {g.name}", " Key Server ID Version Feature Supported"]
-        for addr, version in key_servers:
-            lines.append(f" {addr} {format_version(version)} {_yes_no(version)}")
-        lines += ["", " Group Member ID Version Feature Supported"]
-        for m in sorted(g.members.values(), key=lambda m: m.address):
-            lines.append(f" {m.address} {format_version(m.version)} {_yes_no(m.version)}")
-    return "\n".join(lines) + "\n"
+        lines += [
+            f"Crypto Gdoi Group Name :{g.name}",
+            f"        Local Address: {role['address']}",
+            f"        Local Priority: {role['priority']}",
+            f"        Local KS Role: {role['role']} , Local KS Status: Alive",
+            f"        Local KS version: {role['version']}",
+            f"        Primary KS: {role['primary'] or 'none elected'}",
+            f"        Antireplay Sequence Number: {g.seq}",
+            "",
+            "        Peer Sessions:",
+        ]
+        for i, p in enumerate(role["peers"], 1):
+            heard = f"{p['last_heard']} secs ago" if p["last_heard"] is not None else "never"
+            lines += [
+                f"        Session {i}:",
+                f"                Peer Address: {p['address']}",
+                f"                Peer Version: {p['version']}",
+                f"                Peer Priority: {p['priority']}",
+                f"                Peer KS Role: {p['role']} , Peer KS Status: {p['status']}",
+                f"                Last heard: {heard}",
+                f"                IKE status: {p['ike_status']}",
+                f"                Authentication: {p.get('auth') or 'none'}",
+                "                Counters:",
+                f"                    Ann msgs sent: {p['ann_sent']}",
+                f"                    Ann msgs recv: {p['ann_received']}",
+                f"                    Ann msgs rejected: {p['ann_rejected']}",
+                *(f"                      {reason}: {n}" for reason, n in sorted(p.get("rejected", {}).items())),
+            ]
+            if p.get("sync"):
+                lines.append(f"                Sync refused: {p['sync']}")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def _yes_no(version: SoftwareVersion | None) -> str:
-    return "Yes" if supports_removal_and_replace(version) else "No"
+def standalone_role(address: IPv4Address, version: SoftwareVersion) -> dict[str, Any]:
+    """What ``show crypto gdoi ks coop`` says of a KS without COOP."""
+    return {"address": str(address), "priority": None, "role": "Primary (standalone)",
+            "version": str(version), "primary": str(address), "peers": []}
+
+
+def show_counters(counters: Mapping[str, int]) -> str:
+    """``show gdoid counters``: one ``name : value`` line per counter, by name."""
+    return "\n".join(f"{k:24s}: {v}" for k, v in sorted(counters.items())) + "\n"

@@ -42,6 +42,7 @@ def member_to_json(m: Member) -> dict[str, Any]:
         "registered_at": m.registered_at, "kek_spi": m.kek_spi.hex() if m.kek_spi else None,
         "tek_spis": list(m.tek_spis), "sender_ids": list(m.sender_ids), "registrations": m.registrations,
         "missed_rekeys": m.missed_rekeys, "port": m.port, "ack_key": m.ack_key.hex(), "ack_hash": int(m.ack_hash),
+        "ks_address": str(m.ks_address) if m.ks_address is not None else None,
     }
 
 
@@ -53,6 +54,7 @@ def member_from_json(d: dict[str, Any]) -> Member:
         tek_spis=tuple(int(x) for x in d["tek_spis"]), sender_ids=tuple(int(x) for x in d["sender_ids"]),
         registrations=int(d["registrations"]), missed_rekeys=int(d["missed_rekeys"]), port=int(d["port"]),
         ack_key=bytes.fromhex(d["ack_key"]), ack_hash=HashAlgorithm(d["ack_hash"]),
+        ks_address=IPv4Address(d["ks_address"]) if d.get("ks_address") else None,
     )
 
 

@@ -195,7 +195,7 @@ def test_show_coop_says_why_sync_is_refused(tmp_path: Path) -> None:
     pair = Pair(tmp_path, ks2_signing_key="other-rekey.key")
     pair.run_until(lambda: pair.coop(KS1).is_primary and pair.coop(KS2).is_primary, 5.0)  # no sync: two
     for a, peer in ((KS1, KS2), (KS2, KS1)):
-        res = pair.daemons[a]._show_coop({}, pair.now)
+        res = pair.daemons[a]._show_coop(list(pair.daemons[a].groups.values()), {}, pair.now)
         assert res.ok
         assert f"Peer Address: {peer}" in res.output and "Peer KS Status: Sync refused" in res.output
         assert "Sync refused: rekey signing key differs in group GET: peer sha256:" in res.output
