@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdoid.protocol import crypto  # noqa: E402
-from gdoid.protocol.pki import generate_test_pki, load_private_key  # noqa: E402
+from gdoid.protocol.pki import load_private_key  # noqa: E402
 from gdoid.protocol.pull import PopSigner  # noqa: E402
+from tests.pki import generate_test_pki  # noqa: E402
 from tests.security import test_gm_ks_pinning as t  # noqa: E402
 
 

@@ -37,11 +37,11 @@ from gdoid.protocol.message import decode_plain
 from gdoid.protocol.payloads import NotifyPayload, SaPayload
 from gdoid.protocol.pki import (
     CertificateValidator,
-    generate_test_pki,
     load_certificates,
     load_private_key,
 )
 from gdoid.protocol.version import SoftwareVersion
+from tests.pki import generate_test_pki
 
 GM_ADDR = IPv4Address("10.0.0.2")
 KS_ADDR = IPv4Address("10.0.0.1")

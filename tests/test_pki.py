@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from gdoid.protocol import pki
 from gdoid.protocol.pki import CertificateValidator, PkiError
+from tests.pki import generate_test_pki
 
 NOW = dt.datetime.now(dt.UTC)
 DER = serialization.Encoding.DER
@@ -21,12 +22,12 @@ DER = serialization.Encoding.DER
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return pki.generate_test_pki(tmp_path_factory.mktemp("pki"), ["ks1", "gm1", "gm2"])
+    return generate_test_pki(tmp_path_factory.mktemp("pki"), ["ks1", "gm1", "gm2"])
 
 
 @pytest.fixture(scope="module")
 def other_lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return pki.generate_test_pki(tmp_path_factory.mktemp("other"), ["gm1"], "ecdsa256")
+    return generate_test_pki(tmp_path_factory.mktemp("other"), ["gm1"], "ecdsa256")
 
 
 def cert(paths: dict[str, Path], name: str) -> x509.Certificate:
@@ -134,7 +135,7 @@ def test_generated_files(lab: dict[str, Path]) -> None:
 def test_generate_rejects_bad_names(tmp_path: Path) -> None:
     for bad in ("../x", "ca", "", "a/b"):
         with pytest.raises(ValueError):
-            pki.generate_test_pki(tmp_path, [bad])
+            generate_test_pki(tmp_path, [bad])
 
 
 def test_load_certificates_many(lab: dict[str, Path], tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.protocol.pki import generate_test_pki
+from tests.pki import generate_test_pki
 from tests.procs import (
     Capture,
     Daemon,

@@ -36,8 +36,9 @@ from gdoid.protocol.constants import AuthenticationMethod, IdType
 from gdoid.protocol.crypto import DhGroup, HashAlgorithm, Phase1Keys
 from gdoid.protocol.ike import IkeSa, Phase1Proposal
 from gdoid.protocol.payloads import IdPayload
-from gdoid.protocol.pki import generate_test_pki, load_private_key
+from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import CURRENT_VERSION
+from tests.pki import generate_test_pki
 from tests.procs import (
     Daemon,
     auth_toml,

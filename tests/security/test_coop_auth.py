@@ -43,6 +43,7 @@ from gdoid.protocol.identity import IdentityPattern, matching_pattern
 from gdoid.protocol.ike import IkeSa, MainModeInitiator, Phase1Config
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import SoftwareVersion
+from tests.pki import generate_test_pki
 from tests.procs import Daemon, gdoictl_json, write_private, write_signing_key
 from tests.test_coop import (
     GM_TOML,
@@ -210,7 +211,7 @@ def test_an_sa_of_a_gm_never_carries_an_ann(files: Path) -> None:
 
 @pytest.fixture
 def lab(files: Path) -> dict[str, Path]:
-    return pki.generate_test_pki(files / "pki", ["ks1", "ks2", "ks3", "gm1"])
+    return generate_test_pki(files / "pki", ["ks1", "ks2", "ks3", "gm1"])
 
 
 def pki_table(lab: dict[str, Path], name: str) -> str:

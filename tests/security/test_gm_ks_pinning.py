@@ -33,7 +33,6 @@ from gdoid.protocol.ike import IkeSa
 from gdoid.protocol.pki import (
     CertificateValidator,
     PrivateKey,
-    generate_test_pki,
     load_certificates,
     load_private_key,
 )
@@ -46,6 +45,7 @@ from gdoid.protocol.pull import (
     PullInitiator,
     PullResponder,
 )
+from tests.pki import generate_test_pki
 from tests.test_pull import GROUP, Chain, make_kek, make_tek, phase1, prf_a
 
 # --- sans-I/O: PullInitiator / PullResponder ---------------------------------------

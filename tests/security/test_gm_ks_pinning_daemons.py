@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from gdoid.protocol import crypto
-from gdoid.protocol.pki import generate_test_pki, load_private_key
+from gdoid.protocol.pki import load_private_key
+from tests.pki import generate_test_pki
 from tests.procs import (
     Capture,
     Daemon,

@@ -25,7 +25,8 @@ from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol import crypto
-from gdoid.protocol.pki import generate_test_pki, load_private_key
+from gdoid.protocol.pki import load_private_key
+from tests.pki import generate_test_pki
 from tests.recorder import Events
 
 
