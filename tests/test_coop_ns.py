@@ -36,7 +36,6 @@ import pytest
 from gdoid.control import ControlRequest, request_sync
 from gdoid.groupmember.sadb import shortened_lifetime
 from gdoid.netlab import CoopTopology
-from tests.netns import netns_required  # noqa: F401  (a fixture, used below)
 from tests.procs import Daemon, gdoictl, gdoictl_json, gdoid_cmd, write_private, write_signing_key
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("netns_required")]

@@ -15,7 +15,6 @@ process must still register.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import socket
 import struct
@@ -39,9 +38,9 @@ from tests.procs import (
     write_private,
     write_signing_key,
 )
-from tests.test_scale import GmEndpoint, drive_timers, make_engine
+from tests.udpgms import GmEndpoint, drive_timers, make_engine
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+pytestmark = pytest.mark.root
 
 KS_ADDRESS = "127.0.1.1"
 KS_PORT = 848

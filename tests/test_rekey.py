@@ -9,7 +9,6 @@ log line exists; lifetimes are short so the file runs in about a minute.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -34,7 +33,7 @@ from tests.procs import (
     write_signing_key,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+pytestmark = pytest.mark.root
 
 REGISTERED = r"%GDOI-5-GM_REGS_COMPL: Registration to KS 127\.0\.0\.1 complete for group GET"
 KS_STARTED = "ks_started"

@@ -46,7 +46,6 @@ import pytest
 from gdoid.dataplane.engine import Dataplane, DropReason
 from gdoid.groupmember.sadb import TRANSITION_SWITCH_LEAD, shortened_lifetime
 from gdoid.netlab import GM1_WAN, GM2_WAN, HOST_B, KS, Topology
-from tests.netns import netns_required, topology  # noqa: F401 (fixtures)
 from tests.procs import (
     Daemon,
     auth_toml,
@@ -273,7 +272,7 @@ servers = ["{ks}"]
 
 
 @pytest.fixture
-def lab(tmp_path: Path, topology: Topology) -> Iterator[tuple[Topology, Path]]:  # noqa: F811
+def lab(tmp_path: Path, topology: Topology) -> Iterator[tuple[Topology, Path]]:
     write_private(tmp_path / "psk.secret", "dataplane-lab-secret\n")
     write_signing_key(tmp_path / "rekey.key")
     yield topology, tmp_path
@@ -701,7 +700,7 @@ def test_gcm_tek_without_sender_ids_leaves_outbound_on_the_older_tek() -> None:
     """Sans-I/O: the fix test 4 needs.  A rekey brings a GCM TEK to a GM registered under
     CBC, so it holds no sender IDs yet: outbound stays on the CBC TEK (instead of dropping
     as counter-exhausted) until a re-registration brings them, then moves to GCM."""
-    from tests.test_esp import T0, make_tek, sids, udp
+    from tests.espdata import T0, make_tek, sids, udp
 
     cbc = make_tek("esp-cbc-256-sha256", spi=0x1000, created=T0)
     gcm = make_tek("esp-gcm-256", spi=0x2000, created=T0 + 10)
@@ -725,7 +724,7 @@ def test_transition_switches_outbound_just_before_the_shortened_teks_expire() ->
     a little later (lifetimes travel in whole seconds)."""
     from gdoid.groupmember.sadb import Sadb
     from gdoid.protocol.policy import GroupKeys
-    from tests.test_esp import T0, make_tek, udp
+    from tests.espdata import T0, make_tek, udp
 
     old = make_tek("esp-cbc-256-sha256", spi=0x1000, created=T0, lifetime=60)
     sadb = Sadb()

@@ -10,19 +10,14 @@ loopback address (127.0.1.2 ... 127.0.1.201, ephemeral port), so the KS sees
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 
-from gdoid.config import GmConfig, load_gm_config
-from gdoid.groupmember.engine import GroupMemberEngine, Registration
-from gdoid.phase1 import phase1_config
+from gdoid.config import load_gm_config
+from gdoid.groupmember.engine import Registration
 from tests.procs import (
     Daemon,
     auth_toml,
@@ -32,70 +27,18 @@ from tests.procs import (
     write_private,
     write_signing_key,
 )
+from tests.udpgms import (
+    GmEndpoint,
+    drive_timers,
+    make_engine,
+)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+pytestmark = pytest.mark.root
 
 KS_ADDRESS = "127.0.1.1"
 GROUP = 1234
 GM_COUNT = 200
-TICK = 0.05
 GUARD = 45.0  # overall guard: registration of all 200 normally takes well under 5 s
-
-
-class QuietLogger:
-    """A structlog-shaped logger that drops everything (200 engines' lines are noise here)."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
-
-
-class GmEndpoint(asyncio.DatagramProtocol):
-    """One GM engine on its own UDP socket: datagrams in, the engine's answers out."""
-
-    def __init__(self, engine: GroupMemberEngine, record: list[bytes] | None = None) -> None:
-        self.engine = engine
-        self.record = record
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.send(self.engine.datagram_received(data, (addr[0], addr[1]), time.time()))
-
-    def error_received(self, exc: Exception) -> None:  # ICMP errors: the engine retransmits
-        pass
-
-    def send(self, out: list[tuple[bytes, tuple[str, int]]]) -> None:
-        assert self.transport is not None
-        for data, addr in out:
-            if self.record is not None:
-                self.record.append(data)
-            self.transport.sendto(data, addr)
-
-
-def make_engine(
-    template: GmConfig,
-    address: str,
-    on_event: Callable[[str, Registration], None],
-) -> GroupMemberEngine:
-    cfg = dataclasses.replace(template, address=IPv4Address(address))
-    return GroupMemberEngine(
-        cfg.address,
-        cfg.groups,
-        phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version),
-        registration_timeout=cfg.registration_timeout,
-        logger=QuietLogger(),
-        on_event=on_event,
-    )
-
-
-async def drive_timers(endpoints: list[GmEndpoint], tick: float = TICK) -> None:
-    while True:
-        await asyncio.sleep(tick)
-        now = time.time()
-        for ep in endpoints:
-            ep.send(ep.engine.on_timer(now))
 
 
 @pytest.fixture

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from gdoid.systemd import Notifier
+from tests.journal import (
+    journal_entry,
+)
 from tests.procs import (
     GDOICTL,
     GDOID,
@@ -64,7 +67,7 @@ def test_notifier_sends_to_socket_and_abstract_names(tmp_path: Path) -> None:
     assert Notifier({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+@pytest.mark.root
 def test_daemons_notify_ready_watchdog_and_reload(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_signing_key(tmp_path / "rekey.key")
@@ -88,25 +91,7 @@ def test_daemons_notify_ready_watchdog_and_reload(tmp_path: Path) -> None:
             gm.wait_for("GM_REGS_COMPL")  # READY came only after registration
 
 
-def _journal_entry(data: bytes) -> dict[str, str]:
-    """Parse systemd's native journal protocol (KEY=value, or KEY\\n<len><data>\\n)."""
-    fields: dict[str, str] = {}
-    i = 0
-    while i < len(data):
-        nl = data.index(b"\n", i)
-        line = data[i:nl]
-        if b"=" in line:
-            key, value = line.split(b"=", 1)
-            fields[key.decode()] = value.decode()
-            i = nl + 1
-        else:
-            size = int.from_bytes(data[nl + 1 : nl + 9], "little")
-            fields[line.decode()] = data[nl + 9 : nl + 9 + size].decode()
-            i = nl + 9 + size + 1
-    return fields
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+@pytest.mark.root
 def test_journal_entries_carry_the_ios_message_and_structured_fields(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_signing_key(tmp_path / "rekey.key")
@@ -120,7 +105,7 @@ def test_journal_entries_carry_the_ios_message_and_structured_fields(tmp_path: P
     with journal, ks_daemon, Daemon("gm", gm_config) as gm:
         gm.wait_for("GM_REGS_COMPL")
         while True:
-            entry = _journal_entry(journal.recv(65536))
+            entry = journal_entry(journal.recv(65536))
             if entry.get("GDOI_MNEMONIC") == "GDOI-5-KS_REGS_COMPL":
                 break
     assert entry["MESSAGE"] == "%GDOI-5-KS_REGS_COMPL: KS completed successful registration in group GET with GM 127.0.0.2"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -85,13 +84,6 @@ servers = ["127.0.0.1"]
 """
 
 PSK_AUTH = '[[auth.psk]]\npeer = "127.0.0.0/8"\nkey_file = "psk"\n'
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> Path:
-    write_private(tmp_path / "psk", "secret\n")
-    write_signing_key(tmp_path / "rekey.key")
-    return tmp_path
 
 
 @pytest.fixture
@@ -350,7 +342,7 @@ def test_show_crypto_gdoi_shows_the_authorization(files: Path) -> None:
 # --- real daemons on loopback -------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+@pytest.mark.root
 def test_daemons_unauthorized_gm_refused_authorized_gm_registers(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "lab-secret-1\n")
     write_signing_key(tmp_path / "rekey.key")

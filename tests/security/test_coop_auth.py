@@ -16,7 +16,6 @@ daemons on loopback.
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import time
@@ -43,9 +42,7 @@ from gdoid.protocol.identity import IdentityPattern, matching_pattern
 from gdoid.protocol.ike import IkeSa, MainModeInitiator, Phase1Config
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import SoftwareVersion
-from tests.pki import generate_test_pki
-from tests.procs import Daemon, gdoictl_json, write_private, write_signing_key
-from tests.test_coop import (
+from tests.coopsim import (
     GM_TOML,
     GROUP,
     KS1,
@@ -57,6 +54,8 @@ from tests.test_coop import (
     Sim,
     gm_keys,
 )
+from tests.pki import generate_test_pki
+from tests.procs import Daemon, gdoictl_json, write_private, write_signing_key
 
 ROGUE = KS3  # a configured peer address, held by someone who is not a KS
 
@@ -364,7 +363,7 @@ servers = ["{ks}"]
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848 on loopback: needs root")
+@pytest.mark.root
 def test_daemons_rogue_with_the_gm_psk_at_the_peer_address(tmp_path: Path) -> None:
     write_private(tmp_path / "gm.psk", "loopback-gm-secret\n")
     write_private(tmp_path / "coop.psk", "loopback-ks-pair-secret\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from gdoid.protocol.ann import seal_ann
 from gdoid.protocol.gdoi_payloads import AnnBlock, AnnPayload, BlockType, Role
 from gdoid.protocol.ike import MainModeInitiator
 from gdoid.protocol.version import SoftwareVersion
+from tests.coopsim import GROUP, KS1, KS2, Sim
 from tests.procs import (
     Daemon,
     auth_toml,
@@ -47,7 +47,6 @@ from tests.procs import (
     write_private,
     write_signing_key,
 )
-from tests.test_coop import GROUP, KS1, KS2, PERIOD, Sim, files  # noqa: F401  (files: a fixture)
 
 # --- reload while COOP runs (KeyServerDaemon objects, datagrams passed in memory) -------------
 
@@ -384,10 +383,7 @@ def wait_state(path: Path, check: Callable[[dict[str, Any]], bool], timeout: flo
         time.sleep(0.02)
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848 on loopback: needs root")
-
-
-@needs_root
+@pytest.mark.root
 def test_member_dropped_for_missed_rekeys_is_saved(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_signing_key(tmp_path / "rekey.key")
@@ -413,7 +409,7 @@ def test_member_dropped_for_missed_rekeys_is_saved(tmp_path: Path) -> None:
         assert gdoictl_json(tmp_path / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"] == []
 
 
-@needs_root
+@pytest.mark.root
 def test_members_merged_and_keys_adopted_from_coop_are_saved(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_private(tmp_path / "coop.psk", "ks-pair-secret\n")

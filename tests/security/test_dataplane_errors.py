@@ -50,8 +50,8 @@ from gdoid.protocol.policy import (
     parse_sa,
     parse_sat,
 )
-from tests.test_esp import T0, make_tek, sids, udp
-from tests.test_pull import make_kek
+from tests.espdata import T0, make_tek, sids, udp
+from tests.pullsim import make_kek
 
 TBAR_NET = TrafficSelector(IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16"))
 PLAIN_NET = TrafficSelector(IPv4Network("10.3.0.0/16"), IPv4Network("10.4.0.0/16"))

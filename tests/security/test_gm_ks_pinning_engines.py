@@ -26,18 +26,11 @@ from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol import crypto
 from gdoid.protocol.pki import load_private_key
-from tests.pki import generate_test_pki
 from tests.recorder import Events
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return generate_test_pki(tmp_path_factory.mktemp("pki"), ["ks", "gm1", "gm9"])
 
 
 def new_rekey_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
-
 
 
 REAL_KS, ROGUE_KS, GM_ADDR = "127.0.0.1", "127.0.0.9", "127.0.0.2"

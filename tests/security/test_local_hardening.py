@@ -46,7 +46,7 @@ NOW = 1_800_000_000.0
 NOBODY = 65534
 VICTIM = b"victim file: must stay exactly like this\n"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setuid clients)")
+pytestmark = pytest.mark.root
 
 
 def _free_udp_port() -> int:

@@ -29,8 +29,8 @@ from gdoid.protocol.ike import MainModeInitiator, MainModeResponder
 from gdoid.protocol.message import decode_plain
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.pki import load_private_key
+from tests.ikesim import GM_ADDR, KS_ADDR, T0, config
 from tests.recorder import Events
-from tests.test_ike import GM_ADDR, KS_ADDR, T0, config
 
 KS = "127.0.0.1"
 REAL_SOURCE = "127.0.0.2"  # where the rogue GM's datagrams really come from

@@ -20,10 +20,8 @@ from gdoid.phase1 import phase1_config
 from gdoid.protocol.errors import ProtocolError
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.push import RemovalMode
+from tests.enginenet import GM, GROUP, KS_TOML, T0, make_gm, register
 from tests.recorder import Events
-from tests.test_engines import GM, GROUP, KS_TOML, T0, files, make_gm, register
-
-__all__ = ["files"]
 
 
 def make_ks(base: Path, bits: int = 16, now: float = T0) -> KeyServerEngine:

@@ -7,7 +7,6 @@ anti-replay is on for a group must see that group's real settings.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -144,7 +143,7 @@ async def test_gm_replay_honours_the_group(files: Path) -> None:
 # --- KS: the settings in force ------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+@pytest.mark.root
 def test_ks_replay_shows_each_groups_configured_windows(files: Path) -> None:
     with Daemon("ks", files / "ks.toml") as ks:
         ks.wait_for("ks_started")
