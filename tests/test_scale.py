@@ -24,8 +24,6 @@ from tests.procs import (
     gdoictl_json,
     gm_toml,
     ks_toml,
-    write_private,
-    write_signing_key,
 )
 from tests.udpgms import (
     GmEndpoint,
@@ -39,13 +37,6 @@ KS_ADDRESS = "127.0.1.1"
 GROUP = 1234
 GM_COUNT = 200
 GUARD = 45.0  # overall guard: registration of all 200 normally takes well under 5 s
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Path:
-    write_private(tmp_path / "psk.secret", "scale-secret\n")
-    write_signing_key(tmp_path / "rekey.key")
-    return tmp_path
 
 
 def gm_address(i: int) -> str:

@@ -25,8 +25,6 @@ from tests.procs import (
     gdoictl_json,
     gm_toml,
     ks_toml,
-    write_private,
-    write_signing_key,
 )
 
 pytestmark = pytest.mark.root
@@ -35,13 +33,6 @@ KS_ADDRESS = "127.0.1.1"
 KS_PORT = 848
 PROBER = "127.0.1.5"
 HEADER_LEN = 28
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Path:
-    write_private(tmp_path / "psk.secret", "amplification-secret\n")
-    write_signing_key(tmp_path / "rekey.key")
-    return tmp_path
 
 
 def test_no_reply_to_an_unauthenticated_peer_is_larger_than_its_datagram(lab: Path) -> None:
