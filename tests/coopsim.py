@@ -14,6 +14,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.keyserver.coop import Coop
 from gdoid.keyserver.engine import KeyServerEngine
@@ -35,51 +36,43 @@ KSS = (KS1, KS2, KS3)
 PRIORITY = {KS1: 100, KS2: 75, KS3: 50}
 ELECTED_WITHIN = 2 * PERIOD + 2 * STEP
 FAILOVER_WITHIN = 3 * PERIOD + 3 * STEP
-KS_TOML = """
-[ks]
-address = "{address}"
-software_version = "{version}"
-[[auth.psk]]
-peer = "10.0.0.0/8"
-key_file = "psk"
-[[group]]
-name = "GET"
-number = 1234
-sender_id_bits = 12
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.1.0.0/16"
-dst = "10.2.0.0/16"
-[[group.sa_ipsec]]
-number = 2
-profile = "gdoi-p"
-transform = "esp-cbc-128-sha256"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.3.0.0/16"
-dst = "10.4.0.0/16"
-[coop]
-priority = {priority}
-announce_interval = {period}
-{peers}"""
-GM_TOML = """
-[gm]
-address = "{address}"
-software_version = "1.0.2"
-[[auth.psk]]
-peer = "10.0.0.0/8"
-key_file = "psk"
-[[group]]
-name = "GET"
-number = 1234
-servers = [{servers}]
-"""
+# Two SAs (GCM and CBC) on different selectors; GMs on 10.0.0.x with the PSK in "psk".
+SAS = (("esp-gcm-256", "10.1.0.0/16", "10.2.0.0/16"), ("esp-cbc-128-sha256", "10.3.0.0/16", "10.4.0.0/16"))
+
+
+def ks_text(
+    address: str,
+    *,
+    priority: int | None = None,
+    version: str = "1.0.2",
+    peers: list[dict[str, object]] | None = None,
+    psk: str = "coop.psk",
+    gm_psk: str = "psk",
+    gm_prefix: str = "10.0.0.0/8",
+    signing_key: str = "rekey.key",
+    pki: dict[str, str] | None = None,
+) -> str:
+    """The config of cooperative KS ``address``: its peers are the other KSS (COOP key ``psk``)
+    unless ``peers`` are given; ``pki`` adds an ``[auth.pki]`` table."""
+    if peers is None:
+        peers = [{"address": a, "psk_file": psk} for a in KSS if a != address]
+    auth = psk_auth(gm_prefix, gm_psk)
+    if pki:
+        auth["pki"] = pki
+    sas = [sa_ipsec(n, transform=t, src=src, dst=dst) for n, (t, src, dst) in enumerate(SAS, 1)]
+    return ks_config(
+        address, software_version=version, auth=auth,
+        groups=[ks_group(number=GROUP, sender_id_bits=12, signing_key=signing_key, sas=sas)],
+        coop={"priority": priority or PRIORITY[address], "announce_interval": PERIOD, "peer": peers},
+    )
+
+
+def gm_text(address: str, servers: tuple[str, ...]) -> str:
+    """The config of a GM at ``address`` registering with ``servers`` in order."""
+    return gm_config(address, software_version="1.0.2", auth=psk_auth("10.0.0.0/8", "psk"),
+                     groups=[gm_group(servers, number=GROUP)])
+
+
 Node = KeyServerEngine | GroupMemberEngine
 
 
@@ -102,10 +95,7 @@ class Sim:
         self, address: str, priority: int | None = None, psk: str = "coop.psk", version: str = "1.0.2"
     ) -> KeyServerEngine:
         # Each KS pair proves a COOP key of its own, not the GMs' (issue 9 §2).
-        peers = "".join(f'[[coop.peer]]\naddress = "{a}"\npsk_file = "{psk}"\n' for a in KSS if a != address)
-        text = KS_TOML.format(address=address, priority=priority or PRIORITY[address],
-                              period=PERIOD, peers=peers, version=version)
-        cfg = parse_ks_config(text, self.base)
+        cfg = parse_ks_config(ks_text(address, priority=priority, psk=psk, version=version), self.base)
         assert cfg.coop is not None
         p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version, coop=cfg.coop)
         groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, self.now)
@@ -121,8 +111,7 @@ class Sim:
         return engine
 
     def add_gm(self, address: str, servers: tuple[str, ...]) -> GroupMemberEngine:
-        text = GM_TOML.format(address=address, servers=", ".join(f'"{s}"' for s in servers))
-        cfg = parse_gm_config(text, self.base)
+        cfg = parse_gm_config(gm_text(address, servers), self.base)
         p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
         gm = GroupMemberEngine(cfg.address, cfg.groups, p1, logger=Events())
         self.nodes[address] = gm

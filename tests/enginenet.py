@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdoid.config import GmConfig, KsConfig, parse_gm_config, parse_ks_config
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.groupmember.engine import GroupMemberEngine
 from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group
@@ -20,51 +21,25 @@ KS = "127.0.0.1"
 GM = "127.0.0.2"
 T0 = 3_000_000.0
 GROUP = 1234
-KS_TOML = """
-[ks]
-address = "127.0.0.1"
-software_version = "1.0.2"
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk"
-[[group]]
-name = "GET"
-number = 1234
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = {lifetime}
-[group.sa_ipsec.match]
-src = "10.1.0.0/16"
-dst = "10.2.0.0/16"
-[[group.sa_ipsec]]
-number = 2
-profile = "gdoi-p"
-transform = "esp-cbc-128-sha256"
-lifetime = {lifetime}
-[group.sa_ipsec.match]
-src = "10.3.0.0/16"
-dst = "10.4.0.0/16"
-"""
-GM_TOML = """
-[gm]
-address = "{address}"
-software_version = "{version}"
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk"
-[[group]]
-name = "GET"
-number = 1234
-servers = [{servers}]
-"""
+# Two SAs (GCM and CBC) on different selectors, one KS and its GMs on loopback.
+SAS = (("esp-gcm-256", "10.1.0.0/16", "10.2.0.0/16"), ("esp-cbc-128-sha256", "10.3.0.0/16", "10.4.0.0/16"))
+
+
+def ks_text(lifetime: int = 3600, **group: object) -> str:
+    """The KS config of these tests; ``group`` adds keys to its group (e.g. ``sender_id_bits``)."""
+    sas = [sa_ipsec(n, transform=t, lifetime=lifetime, src=src, dst=dst) for n, (t, src, dst) in enumerate(SAS, 1)]
+    return ks_config(KS, software_version="1.0.2", auth=psk_auth("127.0.0.0/8", "psk"),
+                     groups=[ks_group(number=GROUP, sas=sas, **group)])
+
+
+def gm_text(address: str = GM, version: str = "1.0.2", servers: tuple[str, ...] = (KS,), group: int = GROUP) -> str:
+    """The config of a GM of group ``group`` registering with ``servers``."""
+    return gm_config(address, software_version=version, auth=psk_auth("127.0.0.0/8", "psk"),
+                     groups=[gm_group(servers, number=group)])
 
 
 def make_ks(base: Path, now: float = T0, lifetime: int = 3600, **kw: object) -> KeyServerEngine:
-    cfg: KsConfig = parse_ks_config(KS_TOML.format(lifetime=lifetime), base)
+    cfg: KsConfig = parse_ks_config(ks_text(lifetime), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     groups = {
         g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, now)
@@ -81,10 +56,7 @@ def make_gm(
     servers: tuple[str, ...] = (KS,),
     **kw: object,
 ) -> GroupMemberEngine:
-    text = GM_TOML.format(
-        address=address, version=version, servers=", ".join(f'"{s}"' for s in servers)
-    )
-    cfg: GmConfig = parse_gm_config(text, base)
+    cfg: GmConfig = parse_gm_config(gm_text(address, version, servers), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     return GroupMemberEngine(cfg.address, cfg.groups, p1, **kw)  # type: ignore[arg-type]
 

@@ -29,12 +29,12 @@ from gdoid.protocol.policy import GroupKeys, Tek, TekPolicy, TekTransform, Traff
 from gdoid.protocol.version import SoftwareVersion
 from tests.enginenet import (
     GM,
-    GM_TOML,
     GROUP,
     KS,
-    KS_TOML,
     T0,
     Net,
+    gm_text,
+    ks_text,
     make_gm,
     make_ks,
     register,
@@ -164,10 +164,7 @@ def test_gm_backs_off_when_every_ks_is_silent(files: Path) -> None:
 def test_gm_reports_ks_refusal(files: Path) -> None:
     """A GM asking for a group the KS does not serve fails with INVALID_ID_INFORMATION."""
     ks = make_ks(files)
-    text = GM_TOML.format(address=GM, version="1.0.2", servers=f'"{KS}"').replace(
-        "number = 1234", "number = 4321"
-    )
-    cfg = parse_gm_config(text, files)
+    cfg = parse_gm_config(gm_text(group=4321), files)
     gm = GroupMemberEngine(
         cfg.address, cfg.groups, phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     )
@@ -429,10 +426,7 @@ class RecordingDataplane:
 def test_rekeys_carry_activation_and_deactivation_delays(files: Path) -> None:
     """GAP delays reach the GM in registration and rekeys: new TEKs wait for activation,
     replaced ones go deactivation + activation seconds later."""
-    text = KS_TOML.format(lifetime=3600).replace(
-        'number = 1234\n[group.kek]', 'number = 1234\nactivation_delay = 2\ndeactivation_delay = 3\n[group.kek]'
-    )
-    cfg = parse_ks_config(text, files)
+    cfg = parse_ks_config(ks_text(activation_delay=2, deactivation_delay=3), files)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     g = cfg.groups[0]
     ks = KeyServerEngine(p1, {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, T0)})
