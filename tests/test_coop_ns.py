@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.control import ControlRequest, request_sync
 from gdoid.groupmember.sadb import shortened_lifetime
 from gdoid.netlab import CoopTopology
@@ -61,57 +62,6 @@ host_addr = CoopTopology.host_address
 def first_ks(i: int) -> int:
     return (i - 1) % len(KSS) + 1
 
-
-KS_TOML = """\
-[ks]
-address = "{address}"
-control_socket = "{dir}/ks{k}.sock"
-state_dir = "{dir}/ks{k}-state"
-
-[[auth.psk]]
-peer = "192.0.2.0/24"
-key_file = "{psk}"
-
-[[group]]
-name = "GET"
-number = 1234
-activation_delay = {atd}
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = {tek_lifetime}
-[group.sa_ipsec.match]
-src = "10.0.0.0/8"
-dst = "10.0.0.0/8"
-
-[coop]
-priority = {priority}
-announce_interval = {period}
-{peers}"""
-
-GM_TOML = """\
-[gm]
-address = "{address}"
-control_socket = "{dir}/gm{i}.sock"
-tun_name = "gdoi0"
-registration_timeout = 5.0
-
-[dataplane]
-enabled = true
-wan_interface = "wan"
-
-[[auth.psk]]
-peer = "192.0.2.0/24"
-key_file = "psk.secret"
-
-[[group]]
-name = "GET"
-number = 1234
-servers = [{servers}]
-"""
 
 # Capture on a core bridge port: print the UDP payload of the next ISAKMP
 # datagram from SRC with exchange type EXCH (hex), then exit.
@@ -296,17 +246,21 @@ class CoopLab:
         for k in every:
             # KS pairs share a COOP key of their own; the rogue holds only the GMs' PSK.
             coop_psk = "psk.secret" if k == ROGUE else "coop.psk"
-            peers = "".join(f'[[coop.peer]]\naddress = "{ks_addr(p)}"\npsk_file = "{coop_psk}"\n'
-                            for p in every if p != k)
-            (self.dir / f"ks{k}.toml").write_text(KS_TOML.format(
-                address=ks_addr(k), k=k, dir=self.dir, psk="wrong.psk" if k == ROGUE else "psk.secret",
-                atd=ACTIVATION_DELAY, tek_lifetime=TEK_LIFETIME, priority=PRIORITY[k], period=PERIOD, peers=peers,
+            peers = [{"address": ks_addr(p), "psk_file": coop_psk} for p in every if p != k]
+            group = ks_group(activation_delay=ACTIVATION_DELAY, sas=[sa_ipsec(lifetime=TEK_LIFETIME)])
+            (self.dir / f"ks{k}.toml").write_text(ks_config(
+                ks_addr(k), control_socket=f"{self.dir}/ks{k}.sock", state_dir=f"{self.dir}/ks{k}-state",
+                auth=psk_auth("192.0.2.0/24", "wrong.psk" if k == ROGUE else "psk.secret"), groups=[group],
+                coop={"priority": PRIORITY[k], "announce_interval": PERIOD, "peer": peers},
             ))
         for i in GMS:
             first = first_ks(i) - 1
             order = [*KSS[first:], *KSS[:first]]
-            servers = ", ".join(f'"{ks_addr(k)}"' for k in order)
-            (self.dir / f"gm{i}.toml").write_text(GM_TOML.format(address=gm_addr(i), i=i, dir=self.dir, servers=servers))
+            (self.dir / f"gm{i}.toml").write_text(gm_config(
+                gm_addr(i), control_socket=f"{self.dir}/gm{i}.sock", tun_name="gdoi0", registration_timeout=5.0,
+                dataplane={"enabled": True, "wan_interface": "wan"}, auth=psk_auth("192.0.2.0/24", "psk.secret"),
+                groups=[gm_group([ks_addr(k) for k in order])],
+            ))
 
     def start_ks(self, k: int) -> NsDaemon:
         self.kss[k] = NsDaemon(self.topo, f"ks{k}", "ks", self.dir / f"ks{k}.toml")

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gdoid.configgen import gm_config, gm_group, psk_auth
 from gdoid.dataplane.engine import Dataplane, DropReason
 from gdoid.groupmember.sadb import TRANSITION_SWITCH_LEAD, shortened_lifetime
 from gdoid.netlab import GM1_WAN, GM2_WAN, HOST_B, KS, Topology
@@ -248,29 +249,6 @@ class PingStream:
 # --- the group -----------------------------------------------------------------------------
 
 
-GM_TEMPLATE = """\
-[gm]
-address = "{address}"
-control_socket = "{dir}/{name}.sock"
-tun_name = "gdoi0"
-registration_timeout = 3.0
-fail_close = {fail_close}
-
-[dataplane]
-enabled = true
-wan_interface = "wan"
-
-[[auth.psk]]
-peer = "{ks}/32"
-key_file = "{psk}"
-
-[[group]]
-name = "GET"
-number = 1234
-servers = ["{ks}"]
-"""
-
-
 @pytest.fixture
 def lab(tmp_path: Path, topology: Topology) -> Iterator[tuple[Topology, Path]]:
     write_private(tmp_path / "psk.secret", "dataplane-lab-secret\n")
@@ -293,10 +271,11 @@ def running(
         gms: dict[str, Daemon] = {}
         for name in ("gm1", "gm2"):
             cfg = d / f"{name}.toml"
-            cfg.write_text(GM_TEMPLATE.format(
-                address=GM_ADDRESS[name], name=name, dir=d, ks=KS, psk=(psk or {}).get(name, "psk.secret"),
-                fail_close=str((fail_close or {}).get(name, False)).lower(),
-            ))  # fmt: skip
+            cfg.write_text(gm_config(
+                GM_ADDRESS[name], control_socket=f"{d}/{name}.sock", tun_name="gdoi0", registration_timeout=3.0,
+                fail_close=(fail_close or {}).get(name, False), dataplane={"enabled": True, "wan_interface": "wan"},
+                auth=psk_auth(f"{KS}/32", (psk or {}).get(name, "psk.secret")), groups=[gm_group([KS])],
+            ))
             gms[name] = stack.enter_context(NsDaemon(topo, name, "gm", cfg))
         for name, gm in gms.items():
             gm.wait_for(registered(name))
