@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -49,6 +50,14 @@ def gdoid_cmd() -> list[str]:
 
 def gdoictl_cmd() -> list[str]:
     return [GDOICTL] if GDOICTL else [sys.executable, "-m", "gdoid.cli.gdoictl"]
+
+
+def free_udp_port(address: str = "127.0.0.1") -> int:
+    """A UDP port the kernel just had free on ``address`` (high, ephemeral): tests whose
+    daemons only need some port use it instead of 848, so they need neither root nor the lock."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
 
 
 def write_private(path: Path, data: bytes | str) -> Path:
@@ -275,7 +284,6 @@ class Capture:
 
     def _probe(self, marker: str, send: Any) -> None:
         deadline = 30.0
-        import socket
         import time
 
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

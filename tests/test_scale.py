@@ -1,6 +1,6 @@
 """Scale: 200 group members register at once with a real ``gdoid ks`` process.
 
-The KS runs as its own process (UDP 127.0.1.1:848).  The GMs are in-process
+The KS runs as its own process (UDP 127.0.1.1, a free high port).  The GMs are in-process
 :class:`GroupMemberEngine` initiators, each with its own UDP socket on its own
 loopback address (127.0.1.2 ... 127.0.1.201, ephemeral port), so the KS sees
 200 distinct members.  One asyncio task drives every engine's timers; each GM's
@@ -14,13 +14,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from gdoid.config import load_gm_config
 from gdoid.groupmember.engine import Registration
 from tests.procs import (
     Daemon,
     auth_toml,
+    free_udp_port,
     gdoictl_json,
     gm_toml,
     ks_toml,
@@ -30,8 +29,6 @@ from tests.udpgms import (
     drive_timers,
     make_engine,
 )
-
-pytestmark = pytest.mark.root
 
 KS_ADDRESS = "127.0.1.1"
 GROUP = 1234
@@ -46,9 +43,10 @@ def gm_address(i: int) -> str:
 async def test_200_group_members_register_concurrently(lab: Path) -> None:
     auth = auth_toml("psk.secret")
     template = load_gm_config(
-        gm_toml(lab, address=gm_address(0), name="gm-template", auth=auth, servers=(KS_ADDRESS,), ike="[ike]\ndh_groups = [19]\n")
+        gm_toml(lab, address=gm_address(0), name="gm-template", auth=auth, servers=(KS_ADDRESS,),
+                server_port=(port := free_udp_port(KS_ADDRESS)), ike="[ike]\ndh_groups = [19]\n")
     )
-    with Daemon("ks", ks_toml(lab, address=KS_ADDRESS, auth=auth)) as ks:
+    with Daemon("ks", ks_toml(lab, address=KS_ADDRESS, port=port, auth=auth)) as ks:
         await asyncio.to_thread(ks.wait_for, "ks_started")
         loop = asyncio.get_running_loop()
         registered = [asyncio.Event() for _ in range(GM_COUNT)]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from gdoid.config import load_gm_config
 from gdoid.phase1 import phase1_config
 from tests.ikecraft import (
@@ -22,15 +20,14 @@ from tests.ikecraft import (
 from tests.procs import (
     Daemon,
     auth_toml,
+    free_udp_port,
     gdoictl_json,
     gm_toml,
     ks_toml,
 )
 
-pytestmark = pytest.mark.root
-
 KS_ADDRESS = "127.0.1.1"
-KS_PORT = 848
+KS_PORT = free_udp_port(KS_ADDRESS)  # no root needed, no clash with other daemons
 PROBER = "127.0.1.5"
 HEADER_LEN = 28
 
@@ -38,7 +35,7 @@ HEADER_LEN = 28
 def test_no_reply_to_an_unauthenticated_peer_is_larger_than_its_datagram(lab: Path) -> None:
     auth = auth_toml("psk.secret")
     ks_cfg = ks_toml(lab, address=KS_ADDRESS, port=KS_PORT, auth=auth)
-    gm = load_gm_config(gm_toml(lab, address=PROBER, name="prober", auth=auth, servers=(KS_ADDRESS,)))
+    gm = load_gm_config(gm_toml(lab, address=PROBER, name="prober", auth=auth, servers=(KS_ADDRESS,), server_port=KS_PORT))
     p1 = phase1_config(gm.ike, gm.auth, gm.address, gm.software_version)
     with Daemon("ks", ks_cfg) as ks:
         ks.wait_for("ks_started")
