@@ -86,8 +86,9 @@ def auth_toml(psk_file: str | None = None, pki: dict[str, str] | None = None, pe
     return render_toml({"auth": auth}) if auth else ""
 
 
-def _tables(*fragments: str) -> dict[str, Any]:
-    """The tables of TOML fragments (``[ike]``, ``[auth]`` ...) given as text by the callers."""
+def toml_tables(*fragments: str) -> dict[str, Any]:
+    """The tables and keys of TOML fragments (``[ike]``, ``[auth]``, ``key = value`` ...) that
+    tests write as text, merged: to pass them to the gdoid.configgen builders."""
     tables: dict[str, Any] = {}
     for fragment in fragments:
         tables.update(tomllib.loads(fragment))
@@ -109,7 +110,7 @@ def ks_toml(
     rekey: dict[str, float] | None = None,
 ) -> Path:
     """Write ``NAME.toml``: a KS with one group (one SA on 10/8), its socket and state in ``directory``."""
-    tables = _tables(ike, auth)
+    tables = toml_tables(ike, auth)
     group = ks_group(number=group_number, kek={"lifetime": kek_lifetime}, rekey=rekey or None,
                      sas=[sa_ipsec(transform=transform, lifetime=lifetime)])
     text = ks_config(address, port=port, control_socket=f"{directory}/{name}.sock",
@@ -135,7 +136,7 @@ def gm_toml(
     registration_timeout: float = 5.0,
 ) -> Path:
     """Write ``NAME.toml``: a GM of one group registering with ``servers``."""
-    tables = _tables(ike, auth)
+    tables = toml_tables(ike, auth)
     text = gm_config(address, port=port, software_version=version,
                      control_socket=f"{directory}/{name}.sock", registration_timeout=registration_timeout,
                      ike=tables.get("ike"), auth=tables["auth"],
