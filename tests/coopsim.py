@@ -95,12 +95,16 @@ class Sim:
         self, address: str, priority: int | None = None, psk: str = "coop.psk", version: str = "1.0.2"
     ) -> KeyServerEngine:
         # Each KS pair proves a COOP key of its own, not the GMs' (issue 9 §2).
-        cfg = parse_ks_config(ks_text(address, priority=priority, psk=psk, version=version), self.base)
+        return self.start_ks(address, ks_text(address, priority=priority, psk=psk, version=version))
+
+    def start_ks(self, address: str, text: str, logger: object | None = None) -> KeyServerEngine:
+        """A cooperative KS engine at ``address`` from config ``text`` (scheduled rekeys off)."""
+        cfg = parse_ks_config(text, self.base)
         assert cfg.coop is not None
         p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version, coop=cfg.coop)
         groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, self.now)
                   for g in cfg.groups}
-        engine = KeyServerEngine(p1, groups, logger=Events())
+        engine = KeyServerEngine(p1, groups, logger=logger or Events())  # type: ignore[arg-type]
         coop = Coop(cfg.coop, cfg.address, cfg.software_version, engine.phase1, engine, self.now)
         engine.coop = coop
         engine.scheduled_rekeys = False

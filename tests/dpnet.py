@@ -41,6 +41,7 @@ from tests.procs import (
 
 GROUP = 1234
 
+
 def wait_until(what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
     """Poll ``probe`` until it returns something truthy (returned); AssertionError at the deadline."""
     deadline = time.monotonic() + timeout

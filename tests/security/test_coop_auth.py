@@ -28,12 +28,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gdoid import configgen
-from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.config import parse_gm_config
 from gdoid.groupmember.engine import GroupMemberEngine
 from gdoid.keyserver.annblocks import signing_key_block
 from gdoid.keyserver.coop import Coop
 from gdoid.keyserver.engine import KeyServerEngine
-from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol import pki
 from gdoid.protocol.ann import seal_ann
@@ -41,7 +40,6 @@ from gdoid.protocol.events import Phase1Established
 from gdoid.protocol.gdoi_payloads import AnnPayload, Role
 from gdoid.protocol.identity import IdentityPattern, matching_pattern
 from gdoid.protocol.ike import IkeSa, MainModeInitiator, Phase1Config
-from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import SoftwareVersion
 from tests.coopsim import (
     GROUP,
@@ -81,20 +79,7 @@ class FieldEvents:
 
 def build_ks(sim: Sim, address: str, text: str) -> KeyServerEngine:
     """Sim.add_ks for an arbitrary KS config text."""
-    cfg = parse_ks_config(text, sim.base)
-    assert cfg.coop is not None
-    p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version, coop=cfg.coop)
-    groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, sim.now)
-              for g in cfg.groups}
-    engine = KeyServerEngine(p1, groups, logger=FieldEvents())
-    coop = Coop(cfg.coop, cfg.address, cfg.software_version, engine.phase1, engine, sim.now)
-    engine.coop = coop
-    engine.scheduled_rekeys = False
-    history: list[Role | None] = []
-    sim.roles[address] = history
-    coop.on_role_change = lambda: history.append(coop.role)
-    sim.nodes[address] = engine
-    return engine
+    return sim.start_ks(address, text, FieldEvents())
 
 
 @pytest.fixture
