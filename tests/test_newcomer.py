@@ -20,6 +20,7 @@ from tests.journal import journal_entry
 from tests.procs import (
     Daemon,
     auth_toml,
+    free_udp_port,
     gdoictl,
     gdoictl_cmd,
     gdoictl_wait,
@@ -29,7 +30,7 @@ from tests.procs import (
     write_signing_key,
 )
 
-KS_PORT, GM_PORT = 28480, 28481
+KS_PORT, GM_PORT = free_udp_port("127.0.0.1"), free_udp_port("127.0.0.2")
 
 
 def _configs(d: Path, registration_timeout: float = 5.0) -> tuple[Path, Path]:

@@ -333,6 +333,7 @@ def assert_losses_explained(stream: PingStream, d: Path, max_no_sa: int) -> int:
 # --- 1. scheduled rekeys and KEK rollover under traffic ---------------------------------------
 
 
+@pytest.mark.root
 def test_scheduled_rekeys_and_kek_rollover_keep_traffic_flowing(lab: tuple[Topology, Path]) -> None:
     """TEK 30 s, KEK 35 s, lead 25 s: rekeys every 5 s, the second one rolls the KEK over."""
     topo, d = lab
@@ -389,6 +390,7 @@ def test_scheduled_rekeys_and_kek_rollover_keep_traffic_flowing(lab: tuple[Topol
 # --- 2. transitional removal after revoking gm2's credential -----------------------------------
 
 
+@pytest.mark.root
 def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[Topology, Path]) -> None:
     """Per-GM PSKs; gm2's is revoked on the KS, then ``clear crypto gdoi ks members``.
 
@@ -501,6 +503,7 @@ def in_echos(topo: Topology, ns: str) -> int:
     return int(values[head.index("InEchos")])
 
 
+@pytest.mark.root
 def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) -> None:
     """gm1 fail-open, gm2 fail-close; TEK 600 s, so both re-register within 12 s.
 
@@ -571,6 +574,7 @@ def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) 
 # --- 4. policy change CBC -> GCM, triggered rekey, replace-now ------------------------------------
 
 
+@pytest.mark.root
 def test_policy_replace_cbc_to_gcm_under_traffic(lab: tuple[Topology, Path]) -> None:
     """CBC TEK of 30 s (so TEK_SLT is its remaining lifetime), then a GCM policy of 120 s.
 
