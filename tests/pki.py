@@ -18,6 +18,22 @@ from cryptography.x509.oid import NameOID
 
 from gdoid.protocol.pki import PrivateKey
 
+
+def key_usage(*, sign_data: bool = False, sign_certs: bool = False) -> x509.KeyUsage:
+    """A KeyUsage extension: digitalSignature and/or keyCertSign + cRLSign, nothing else."""
+    return x509.KeyUsage(
+        digital_signature=sign_data,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=sign_certs,
+        crl_sign=sign_certs,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -79,17 +95,7 @@ def generate_test_pki(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(sign_data=True, sign_certs=True),
             critical=True,
         )
         .add_extension(ca_ski, critical=False)
@@ -111,17 +117,7 @@ def generate_test_pki(
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                key_usage(sign_data=True),
                 critical=True,
             )
             .add_extension(

@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from gdoid.protocol import pki
 from gdoid.protocol.pki import CertificateValidator, PkiError
-from tests.pki import generate_test_pki
+from tests.pki import generate_test_pki, key_usage
 
 NOW = dt.datetime.now(dt.UTC)
 DER = serialization.Encoding.DER
@@ -98,17 +98,7 @@ def issue(
         builder = builder.add_extension(
             x509.BasicConstraints(ca=True, path_length=None), critical=True
         ).add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(sign_certs=True),
             critical=True,
         )
     return builder.sign(issuer_key, hashes.SHA256()), key
@@ -292,17 +282,7 @@ def make_root(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         .not_valid_after(NOW + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(sign_certs=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
