@@ -10,10 +10,6 @@ import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from tests.netns import (
-    netns_required,  # noqa: F401  (a fixture, used below)
-)
-
 STUB_SPI = b"\x5a\x5a\x00\x01"
 
 

@@ -8,6 +8,7 @@ module (``tests/procs.py``, ``tests/coopsim.py`` ...) or ``tests/conftest.py``.
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -72,3 +73,11 @@ def test_the_check_sees_every_form_of_import(tmp_path: Path) -> None:
     )
     hits = imports_of_test_modules(bad)
     assert [h.split(":")[0] for h in hits] == ["1", "2", "3", "4", "6", "7"]
+
+
+def test_every_helper_module_imports() -> None:
+    """Helpers some tests load only in a subprocess (``--dataplane tests.stubdataplane:...``)."""
+    helpers = [p for p in (ROOT / "tests").rglob("*.py") if not p.name.startswith("test_")]
+    for path in helpers:
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        importlib.import_module(module.removesuffix(".__init__"))
