@@ -60,19 +60,11 @@ def wait_until(what: str, probe: Callable[[], Any], timeout: float = 20.0, inter
 
 
 class NsDaemon(Daemon):
-    """:class:`tests.procs.Daemon` started inside a namespace of ``topo``."""
+    """:class:`tests.procs.Daemon` started inside namespace ``ns`` of ``topo`` (``ip netns exec``
+    execs, so the pid is gdoid's own and SIGKILL reaches it)."""
 
     def __init__(self, topo: Topology, ns: str, role: str, config: Path, *extra: str) -> None:
-        self.role = f"{role}@{ns}"
-        self.config = config
-        self.lines = []
-        self._cond = threading.Condition()
-        self.proc = topo.popen(
-            ns, sys.executable, "-m", "gdoid.cli.daemon", role, "--config", str(config), *extra,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(role, config, *extra, prefix=topo.exec_prefix(ns), name=f"{role}@{ns}")
 
 
 # --- raw packets ------------------------------------------------------------------

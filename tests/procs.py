@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +150,24 @@ def gm_toml(
 class Daemon:
     """A ``gdoid ks|gm`` process whose log lines are collected as they come."""
 
-    def __init__(self, role: str, config: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.role = role
+    def __init__(
+        self,
+        role: str,
+        config: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        name: str | None = None,
+    ) -> None:
+        """``prefix`` runs it through another command (``ip netns exec NS``); ``name`` is
+        what failure messages call it (default: the role)."""
+        self.role = name or role
         self.config = config
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [*gdoid_cmd(), role, "--config", str(config), *extra],
+            [*prefix, *gdoid_cmd(), role, "--config", str(config), *extra],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -208,6 +220,15 @@ class Daemon:
     def text(self) -> str:
         with self._cond:
             return "\n".join(self.lines)
+
+    def mark(self) -> int:
+        """How many lines so far: pass it to :meth:`since` (or ``wait_for(start=)``)."""
+        with self._cond:
+            return len(self.lines)
+
+    def since(self, mark: int) -> list[str]:
+        with self._cond:
+            return self.lines[mark:]
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -37,7 +37,8 @@ from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, 
 from gdoid.control import ControlRequest, request_sync
 from gdoid.groupmember.sadb import shortened_lifetime
 from gdoid.netlab import CoopTopology
-from tests.procs import Daemon, gdoictl, gdoictl_json, gdoid_cmd, write_private, write_signing_key
+from tests.dpnet import NsDaemon
+from tests.procs import gdoictl, gdoictl_json, write_private, write_signing_key
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("netns_required")]
 
@@ -155,31 +156,6 @@ def until(what: str, check: Callable[[], T], timeout: float = 15.0, interval: fl
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: not within {timeout:g} s; last: {last!r}")
         time.sleep(interval)
-
-
-class NsDaemon(Daemon):
-    """A :class:`tests.procs.Daemon` started in a namespace (``ip netns exec`` execs,
-    so the pid is gdoid's own and SIGKILL reaches it)."""
-
-    def __init__(self, topo: CoopTopology, ns: str, role: str, config: Path) -> None:
-        self.role = f"{role} {ns}"
-        self.config = config
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc = topo.popen(
-            ns, *gdoid_cmd(), role, "--config", str(config),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self.lines)
-
-    def since(self, mark: int) -> list[str]:
-        with self._cond:
-            return self.lines[mark:]
 
 
 class PingStream:

@@ -47,12 +47,12 @@ from gdoid.configgen import gm_config, gm_group, psk_auth
 from gdoid.dataplane.engine import Dataplane, DropReason
 from gdoid.groupmember.sadb import TRANSITION_SWITCH_LEAD, shortened_lifetime
 from gdoid.netlab import GM1_WAN, GM2_WAN, HOST_B, KS, Topology
+from tests.dpnet import NsDaemon
 from tests.procs import (
     Daemon,
     auth_toml,
     gdoictl,
     gdoictl_json,
-    gdoid_cmd,
     ks_toml,
     write_private,
     write_signing_key,
@@ -109,21 +109,6 @@ def send_rekey(seq: int, replace: bool = False) -> str:
 
 
 # --- processes in namespaces ------------------------------------------------------------
-
-
-class NsDaemon(Daemon):
-    """:class:`tests.procs.Daemon` started inside a namespace of the topology."""
-
-    def __init__(self, topo: Topology, ns: str, role: str, config: Path) -> None:
-        self.role = role
-        self.config = config
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc = topo.popen(
-            ns, *gdoid_cmd(), role, "--config", str(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
 
 # ICMP echo every INTERVAL s until SIGTERM, then wait TIMEOUT s for the last replies.
