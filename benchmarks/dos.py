@@ -57,6 +57,7 @@ from gdoid.config import GmConfig, load_gm_config  # noqa: E402
 from gdoid.groupmember.engine import GroupMemberEngine, Registration  # noqa: E402
 from gdoid.phase1 import phase1_config  # noqa: E402
 from gdoid.protocol.main_mode_initiator import MainModeInitiator  # noqa: E402
+from tests.ikecraft import Prober, run_probes  # noqa: E402
 from tests.procs import (  # noqa: E402
     Daemon,
     auth_toml,
@@ -66,7 +67,6 @@ from tests.procs import (  # noqa: E402
     write_private,
     write_signing_key,
 )
-from tests.security.test_amplification import Prober, run_probes  # noqa: E402
 
 KS_ADDRESS = "127.0.1.1"
 KS_PORT = 848

@@ -18,9 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdoid.protocol import crypto  # noqa: E402
-from gdoid.protocol.pki import generate_test_pki, load_private_key  # noqa: E402
+from gdoid.protocol.events import Registered  # noqa: E402
+from gdoid.protocol.pki import load_private_key  # noqa: E402
 from gdoid.protocol.pull import PopSigner  # noqa: E402
-from tests.security import test_gm_ks_pinning as t  # noqa: E402
+from tests import pinsim as t  # noqa: E402
+from tests.pki import generate_test_pki  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +35,7 @@ def main() -> None:
 
     def m4(pinning: t.KsPinning | None, signer: PopSigner) -> int:
         run = t.pull(pinning, signer, kek_public_der=der)
-        assert any(isinstance(e, t.Registered) for e in run.gm_events)
+        assert any(isinstance(e, Registered) for e in run.gm_events)
         return sum(len(raw) for _, raw in run.plain[3])
 
     cert_signer = t.ks_signer(pki, "ks", rekey)

@@ -14,11 +14,13 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gdoid.config import load_gm_config, load_ks_config
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.control import ControlRequest
 from gdoid.groupmember.daemon import GroupMemberDaemon
 from gdoid.keyserver.daemon import KeyServerDaemon
@@ -52,75 +54,34 @@ def _write_private(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
-KS_TEMPLATE = """\
-# gdoid lab key server: group {group} ({number}) on {address}:{port}
-[ks]
-address = "{address}"
-port = {port}
-software_version = "1.0.2"
-control_socket = "{dir}/{name}.sock"
-state_dir = "{dir}/{name}-state"
+# Loopback lab: AES-256/SHA-256 phase 1, ECP-256 or MODP-2048.
+_LAB_IKE = {"ciphers": ["aes-cbc-256"], "hashes": ["sha256"], "dh_groups": [19, 14]}
 
-[ike]
-ciphers = ["aes-cbc-256"]
-hashes = ["sha256"]
-dh_groups = [19, 14]
 
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk.secret"
+def lab_ks_config(directory: Path, name: str, address: str, port: int, coop: dict[str, Any] | None) -> str:
+    """The config of lab KS ``name``: group GET with one GCM-256 SA, PSK auth on loopback."""
+    group = ks_group(
+        name=GROUP_NAME, number=GROUP_NUMBER,
+        kek={"algorithm": "aes-cbc-256", "lifetime": 86400},
+        sas=[sa_ipsec(match={"protocol": "any"})],
+    )
+    return ks_config(
+        address, port=port, software_version="1.0.2", control_socket=f"{directory}/{name}.sock",
+        state_dir=f"{directory}/{name}-state", ike=_LAB_IKE, auth=psk_auth("127.0.0.0/8", "psk.secret"),
+        groups=[group], coop=coop,
+        comment=f"gdoid lab key server: group {GROUP_NAME} ({GROUP_NUMBER}) on {address}:{port}",
+    )
 
-[[group]]
-name = "{group}"
-number = {number}
 
-[group.kek]
-algorithm = "aes-cbc-256"
-lifetime = 86400
-signing_key = "rekey.key"
-
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-
-[group.sa_ipsec.match]
-src = "10.0.0.0/8"
-dst = "10.0.0.0/8"
-protocol = "any"
-{coop}"""
-
-COOP_TEMPLATE = """
-[coop]
-priority = {priority}
-announce_interval = 1.0
-{peers}"""
-
-GM_TEMPLATE = """\
-# gdoid lab group member {index}
-[gm]
-address = "{address}"
-port = {port}
-software_version = "1.0.2"
-control_socket = "{dir}/gm{index}.sock"
-tun_name = "gdoi{index}"
-
-[ike]
-ciphers = ["aes-cbc-256"]
-hashes = ["sha256"]
-dh_groups = [19, 14]
-
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk.secret"
-
-[[group]]
-name = "{group}"
-number = {number}
-servers = [{servers}]
-server_port = {port}
-"""
+def lab_gm_config(directory: Path, index: int, port: int, servers: list[str]) -> str:
+    """The config of lab GM ``index``, registering with ``servers`` in order."""
+    return gm_config(
+        gm_address(index), port=port, software_version="1.0.2",
+        control_socket=f"{directory}/gm{index}.sock", tun_name=f"gdoi{index}", ike=_LAB_IKE,
+        auth=psk_auth("127.0.0.0/8", "psk.secret"),
+        groups=[gm_group(servers, name=GROUP_NAME, number=GROUP_NUMBER, server_port=port)],
+        comment=f"gdoid lab group member {index}",
+    )
 
 
 @dataclass(frozen=True)
@@ -146,27 +107,24 @@ def export(directory: Path, gms: int = 2, port: int = GDOI_PORT, kss: int = 1) -
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     _write_private(directory / "rekey.key", pem)
-    common = {"dir": directory, "port": port, "group": GROUP_NAME, "number": GROUP_NUMBER}
     addresses = [ks_address(k) for k in range(1, kss + 1)]
     ks_paths = []
     for k, addr in enumerate(addresses, 1):
         name = "ks" if kss == 1 else f"ks{k}"
-        coop = ""
+        coop = None
         if kss > 1:
-            peers = "".join(f'[[coop.peer]]\naddress = "{a}"\nport = {port}\npsk_file = "coop.psk"\n'
-                            for a in addresses if a != addr)
-            coop = COOP_TEMPLATE.format(priority=100 - 10 * (k - 1), peers=peers)
+            peers = [{"address": a, "port": port, "psk_file": "coop.psk"} for a in addresses if a != addr]
+            coop = {"priority": 100 - 10 * (k - 1), "announce_interval": 1.0, "peer": peers}
         path = directory / f"{name}.toml"
-        path.write_text(KS_TEMPLATE.format(address=addr, name=name, coop=coop, **common))
+        path.write_text(lab_ks_config(directory, name, addr, port, coop))
         ks_paths.append(path)
     gm_paths = []
     for i in range(1, gms + 1):
         # Spread the GMs: each starts with a different KS, the others as fallbacks.
         first = (i - 1) % kss
         order = addresses[first:] + addresses[:first]
-        servers = ", ".join(f'"{a}"' for a in order)
         p = directory / f"gm{i}.toml"
-        p.write_text(GM_TEMPLATE.format(index=i, address=gm_address(i), servers=servers, **common))
+        p.write_text(lab_gm_config(directory, i, port, order))
         gm_paths.append(p)
     return LabFiles(directory, tuple(ks_paths), tuple(gm_paths))
 
@@ -246,52 +204,28 @@ async def run_lab(
 
 # --- gdoid lab --dataplane: real ESP between namespaces --------------------------------
 
-DP_KS_TEMPLATE = """\
-# gdoid lab --dataplane key server, on the core network
-[ks]
-address = "{ks}"
-control_socket = "{dir}/ks.sock"
-state_dir = "{dir}/ks-state"
+def dataplane_ks_config(directory: Path, transform: str) -> str:
+    """The ``gdoid lab --dataplane`` KS, on the core network."""
+    from gdoid import netlab
 
-[[auth.psk]]
-peer = "192.0.2.0/24"
-key_file = "psk.secret"
+    return ks_config(
+        netlab.KS, control_socket=f"{directory}/ks.sock", state_dir=f"{directory}/ks-state",
+        auth=psk_auth("192.0.2.0/24", "psk.secret"),
+        groups=[ks_group(name=GROUP_NAME, number=GROUP_NUMBER, sas=[sa_ipsec(transform=transform)])],
+        comment="gdoid lab --dataplane key server, on the core network",
+    )
 
-[[group]]
-name = "{group}"
-number = {number}
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "{transform}"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.0.0.0/8"
-dst = "10.0.0.0/8"
-"""
 
-DP_GM_TEMPLATE = """\
-# gdoid lab --dataplane group member {index}: LAN behind it, WAN on the core
-[gm]
-address = "{address}"
-control_socket = "{dir}/gm{index}.sock"
-tun_name = "gdoi0"
+def dataplane_gm_config(directory: Path, index: int, address: str) -> str:
+    """``gdoid lab --dataplane`` GM ``index``: LAN behind it, WAN on the core."""
+    from gdoid import netlab
 
-[dataplane]
-enabled = true
-wan_interface = "wan"
-
-[[auth.psk]]
-peer = "192.0.2.0/24"
-key_file = "psk.secret"
-
-[[group]]
-name = "{group}"
-number = {number}
-servers = ["{ks}"]
-"""
+    return gm_config(
+        address, control_socket=f"{directory}/gm{index}.sock", tun_name="gdoi0",
+        dataplane={"enabled": True, "wan_interface": "wan"}, auth=psk_auth("192.0.2.0/24", "psk.secret"),
+        groups=[gm_group([netlab.KS], name=GROUP_NAME, number=GROUP_NUMBER)],
+        comment=f"gdoid lab --dataplane group member {index}: LAN behind it, WAN on the core",
+    )
 
 
 def _wait_registered(sockets: list[Path], timeout: float) -> bool:
@@ -334,10 +268,9 @@ def run_dataplane_lab(pings: int = 5, keylog: Path | None = None, timeout: float
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         _write_private(d / "rekey.key", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        common = {"dir": d, "group": GROUP_NAME, "number": GROUP_NUMBER, "ks": netlab.KS}
-        (d / "ks.toml").write_text(DP_KS_TEMPLATE.format(transform=transform, **common))
+        (d / "ks.toml").write_text(dataplane_ks_config(d, transform))
         for i, addr in ((1, netlab.GM1_WAN), (2, netlab.GM2_WAN)):
-            (d / f"gm{i}.toml").write_text(DP_GM_TEMPLATE.format(index=i, address=addr, **common))
+            (d / f"gm{i}.toml").write_text(dataplane_gm_config(d, i, addr))
         extra = ["--keylog", str(keylog)] if keylog else []
         cmd = [sys.executable, "-m", "gdoid.cli.daemon"]
         procs = [topo.popen("ks", *cmd, "ks", "--config", str(d / "ks.toml"), *extra)]

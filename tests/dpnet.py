@@ -20,68 +20,26 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.dataplane.esp import EspSa, ipv4_checksum
 from gdoid.netlab import CORE_BRIDGE, GM1_WAN, GM2_WAN, KS, Topology
 from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
-from tests.procs import Daemon, gdoictl, gdoictl_json, gdoictl_wait, write_private
+from tests.procs import (
+    Daemon,
+    gdoictl,
+    gdoictl_json,
+    gdoictl_wait,
+    write_private,
+    write_signing_key,
+)
 
 GROUP = 1234
-
-KS_CONFIG = """\
-[ks]
-address = "{ks}"
-control_socket = "{dir}/ks.sock"
-state_dir = "{dir}/ks-state"
-
-[[auth.psk]]
-peer = "192.0.2.0/24"
-key_file = "psk.secret"
-
-[[group]]
-name = "GET"
-number = {group}
-sender_id_bits = 8
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "{transform}"
-lifetime = 3600
-{sa_extra}
-[group.sa_ipsec.match]
-src = "10.0.0.0/8"
-dst = "10.0.0.0/8"
-"""
-
-GM_CONFIG = """\
-[gm]
-address = "{address}"
-control_socket = "{dir}/gm{index}.sock"
-tun_name = "gdoi0"
-fail_close = {fail_close}
-
-[dataplane]
-enabled = true
-wan_interface = "wan"
-
-[[auth.psk]]
-peer = "192.0.2.0/24"
-key_file = "psk.secret"
-
-[[group]]
-name = "GET"
-number = {group}
-servers = ["{ks}"]
-"""
 
 
 def wait_until(what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
@@ -102,19 +60,11 @@ def wait_until(what: str, probe: Callable[[], Any], timeout: float = 20.0, inter
 
 
 class NsDaemon(Daemon):
-    """:class:`tests.procs.Daemon` started inside a namespace of ``topo``."""
+    """:class:`tests.procs.Daemon` started inside namespace ``ns`` of ``topo`` (``ip netns exec``
+    execs, so the pid is gdoid's own and SIGKILL reaches it)."""
 
     def __init__(self, topo: Topology, ns: str, role: str, config: Path, *extra: str) -> None:
-        self.role = f"{role}@{ns}"
-        self.config = config
-        self.lines = []
-        self._cond = threading.Condition()
-        self.proc = topo.popen(
-            ns, sys.executable, "-m", "gdoid.cli.daemon", role, "--config", str(config), *extra,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(role, config, *extra, prefix=topo.exec_prefix(ns), name=f"{role}@{ns}")
 
 
 # --- raw packets ------------------------------------------------------------------
@@ -297,14 +247,20 @@ class DpGroup:
         self.transform = transform
         d = directory
         write_private(d / "psk.secret", secrets.token_hex(24) + "\n")
-        key = ec.generate_private_key(ec.SECP256R1())
-        write_private(d / "rekey.key", key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
-        common = {"dir": d, "group": GROUP, "ks": KS}
-        (d / "ks.toml").write_text(KS_CONFIG.format(transform=transform, sa_extra=sa_extra, **common))
+        write_signing_key(d / "rekey.key")
+        auth = psk_auth("192.0.2.0/24", "psk.secret")
+        # sa_extra: more keys of the SA as TOML text, e.g. "replay_window = 64".
+        sa = sa_ipsec(transform=transform, **tomllib.loads(sa_extra))
+        (d / "ks.toml").write_text(ks_config(
+            KS, control_socket=f"{d}/ks.sock", state_dir=f"{d}/ks-state", auth=auth,
+            groups=[ks_group(number=GROUP, sender_id_bits=8, sas=[sa])],
+        ))
         for i, address in ((1, GM1_WAN), (2, GM2_WAN)):
-            fc = "true" if fail_close[i - 1] else "false"
-            (d / f"gm{i}.toml").write_text(GM_CONFIG.format(index=i, address=address, fail_close=fc, **common))
+            (d / f"gm{i}.toml").write_text(gm_config(
+                address, control_socket=f"{d}/gm{i}.sock", tun_name="gdoi0", fail_close=fail_close[i - 1],
+                dataplane={"enabled": True, "wan_interface": "wan"}, auth=auth,
+                groups=[gm_group([KS], number=GROUP)],
+            ))
         self.ks_sock = d / "ks.sock"
         self.gm_socks = {1: d / "gm1.sock", 2: d / "gm2.sock"}
         # The KS namespace doubles as an attacker on the core: it routes the LANs to their GMs.

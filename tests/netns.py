@@ -1,13 +1,14 @@
-"""Test fixtures around :mod:`gdoid.netlab` (the namespace topology lives in the package)."""
+"""Helpers around :mod:`gdoid.netlab` (the namespace topology lives in the package).
+
+The fixtures ``netns_required`` and ``topology`` are in tests/conftest.py.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 
 from gdoid.netlab import *  # noqa: F403
-from gdoid.netlab import Topology, netns_unavailable_reason
+from gdoid.netlab import netns_unavailable_reason
 
 
 def require_netns() -> None:
@@ -15,16 +16,3 @@ def require_netns() -> None:
     reason = netns_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def netns_required() -> None:
-    """Skip the test (module) unless namespaces work; import it into a test module."""
-    require_netns()
-
-
-@pytest.fixture
-def topology(netns_required: None) -> Iterator[Topology]:
-    """A fresh :class:`Topology` per test, removed afterwards."""
-    with Topology() as topo:
-        yield topo

@@ -11,14 +11,28 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from gdoid.configgen import (
+    gm_config,
+    gm_group,
+    ks_config,
+    ks_group,
+    psk_auth,
+    render_toml,
+    sa_ipsec,
+)
+from gdoid.protocol.constants import GDOI_PORT
 
 
 def _script(name: str) -> str:
@@ -37,6 +51,14 @@ def gdoid_cmd() -> list[str]:
 
 def gdoictl_cmd() -> list[str]:
     return [GDOICTL] if GDOICTL else [sys.executable, "-m", "gdoid.cli.gdoictl"]
+
+
+def free_udp_port(address: str = "127.0.0.1") -> int:
+    """A UDP port the kernel just had free on ``address`` (high, ephemeral): tests whose
+    daemons only need some port use it instead of 848, so they need neither root nor the lock."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
 
 
 def write_private(path: Path, data: bytes | str) -> Path:
@@ -58,19 +80,27 @@ def write_signing_key(path: Path) -> Path:
 
 
 def auth_toml(psk_file: str | None = None, pki: dict[str, str] | None = None, peer: str = "127.0.0.0/8") -> str:
-    out = ""
-    if psk_file:
-        out += f'[[auth.psk]]\npeer = "{peer}"\nkey_file = "{psk_file}"\n\n'
+    """An ``[auth]`` TOML fragment (PSK entry and/or ``[auth.pki]``) for ks_toml/gm_toml."""
+    auth: dict[str, Any] = psk_auth(peer, psk_file) if psk_file else {}
     if pki:
-        out += "[auth.pki]\n" + "".join(f'{k} = "{v}"\n' for k, v in pki.items()) + "\n"
-    return out
+        auth["pki"] = dict(pki)
+    return render_toml({"auth": auth}) if auth else ""
+
+
+def toml_tables(*fragments: str) -> dict[str, Any]:
+    """The tables and keys of TOML fragments (``[ike]``, ``[auth]``, ``key = value`` ...) that
+    tests write as text, merged: to pass them to the gdoid.configgen builders."""
+    tables: dict[str, Any] = {}
+    for fragment in fragments:
+        tables.update(tomllib.loads(fragment))
+    return tables
 
 
 def ks_toml(
     directory: Path,
     *,
     address: str = "127.0.0.1",
-    port: int = 848,
+    port: int = GDOI_PORT,
     auth: str,
     group_number: int = 1234,
     transform: str = "esp-gcm-256",
@@ -80,33 +110,13 @@ def ks_toml(
     kek_lifetime: int = 86400,
     rekey: dict[str, float] | None = None,
 ) -> Path:
-    rekey_table = "".join(f"{k} = {v}\n" for k, v in (rekey or {}).items())
-    if rekey_table:
-        rekey_table = "[group.rekey]\n" + rekey_table
-    text = f"""
-[ks]
-address = "{address}"
-port = {port}
-control_socket = "{directory}/{name}.sock"
-state_dir = "{directory}/{name}-state"
-
-{ike}
-{auth}
-[[group]]
-name = "GET"
-number = {group_number}
-[group.kek]
-signing_key = "rekey.key"
-lifetime = {kek_lifetime}
-{rekey_table}[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "{transform}"
-lifetime = {lifetime}
-[group.sa_ipsec.match]
-src = "10.0.0.0/8"
-dst = "10.0.0.0/8"
-"""
+    """Write ``NAME.toml``: a KS with one group (one SA on 10/8), its socket and state in ``directory``."""
+    tables = toml_tables(ike, auth)
+    group = ks_group(number=group_number, kek={"lifetime": kek_lifetime}, rekey=rekey or None,
+                     sas=[sa_ipsec(transform=transform, lifetime=lifetime)])
+    text = ks_config(address, port=port, control_socket=f"{directory}/{name}.sock",
+                     state_dir=f"{directory}/{name}-state", ike=tables.get("ike"), auth=tables["auth"],
+                     groups=[group])
     path = directory / f"{name}.toml"
     path.write_text(text)
     return path
@@ -119,30 +129,19 @@ def gm_toml(
     name: str,
     auth: str,
     servers: tuple[str, ...] = ("127.0.0.1",),
-    port: int = 848,
-    server_port: int = 848,
+    port: int = GDOI_PORT,
+    server_port: int = GDOI_PORT,
     group_number: int = 1234,
     version: str = "1.0.2",
     ike: str = "",
     registration_timeout: float = 5.0,
 ) -> Path:
-    server_list = ", ".join(f'"{s}"' for s in servers)
-    text = f"""
-[gm]
-address = "{address}"
-port = {port}
-software_version = "{version}"
-control_socket = "{directory}/{name}.sock"
-registration_timeout = {registration_timeout}
-
-{ike}
-{auth}
-[[group]]
-name = "GET"
-number = {group_number}
-servers = [{server_list}]
-server_port = {server_port}
-"""
+    """Write ``NAME.toml``: a GM of one group registering with ``servers``."""
+    tables = toml_tables(ike, auth)
+    text = gm_config(address, port=port, software_version=version,
+                     control_socket=f"{directory}/{name}.sock", registration_timeout=registration_timeout,
+                     ike=tables.get("ike"), auth=tables["auth"],
+                     groups=[gm_group(servers, number=group_number, server_port=server_port)])
     path = directory / f"{name}.toml"
     path.write_text(text)
     return path
@@ -151,13 +150,24 @@ server_port = {server_port}
 class Daemon:
     """A ``gdoid ks|gm`` process whose log lines are collected as they come."""
 
-    def __init__(self, role: str, config: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.role = role
+    def __init__(
+        self,
+        role: str,
+        config: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        name: str | None = None,
+    ) -> None:
+        """``prefix`` runs it through another command (``ip netns exec NS``); ``name`` is
+        what failure messages call it (default: the role)."""
+        self.role = name or role
         self.config = config
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [*gdoid_cmd(), role, "--config", str(config), *extra],
+            [*prefix, *gdoid_cmd(), role, "--config", str(config), *extra],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -210,6 +220,15 @@ class Daemon:
     def text(self) -> str:
         with self._cond:
             return "\n".join(self.lines)
+
+    def mark(self) -> int:
+        """How many lines so far: pass it to :meth:`since` (or ``wait_for(start=)``)."""
+        with self._cond:
+            return len(self.lines)
+
+    def since(self, mark: int) -> list[str]:
+        with self._cond:
+            return self.lines[mark:]
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -287,7 +306,6 @@ class Capture:
 
     def _probe(self, marker: str, send: Any) -> None:
         deadline = 30.0
-        import socket
         import time
 
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -33,11 +33,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.control import ControlRequest, request_sync
 from gdoid.groupmember.sadb import shortened_lifetime
 from gdoid.netlab import CoopTopology
-from tests.netns import netns_required  # noqa: F401  (a fixture, used below)
-from tests.procs import Daemon, gdoictl, gdoictl_json, gdoid_cmd, write_private, write_signing_key
+from tests.dpnet import NsDaemon
+from tests.procs import gdoictl, gdoictl_json, write_private, write_signing_key
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("netns_required")]
 
@@ -62,57 +63,6 @@ host_addr = CoopTopology.host_address
 def first_ks(i: int) -> int:
     return (i - 1) % len(KSS) + 1
 
-
-KS_TOML = """\
-[ks]
-address = "{address}"
-control_socket = "{dir}/ks{k}.sock"
-state_dir = "{dir}/ks{k}-state"
-
-[[auth.psk]]
-peer = "192.0.2.0/24"
-key_file = "{psk}"
-
-[[group]]
-name = "GET"
-number = 1234
-activation_delay = {atd}
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = {tek_lifetime}
-[group.sa_ipsec.match]
-src = "10.0.0.0/8"
-dst = "10.0.0.0/8"
-
-[coop]
-priority = {priority}
-announce_interval = {period}
-{peers}"""
-
-GM_TOML = """\
-[gm]
-address = "{address}"
-control_socket = "{dir}/gm{i}.sock"
-tun_name = "gdoi0"
-registration_timeout = 5.0
-
-[dataplane]
-enabled = true
-wan_interface = "wan"
-
-[[auth.psk]]
-peer = "192.0.2.0/24"
-key_file = "psk.secret"
-
-[[group]]
-name = "GET"
-number = 1234
-servers = [{servers}]
-"""
 
 # Capture on a core bridge port: print the UDP payload of the next ISAKMP
 # datagram from SRC with exchange type EXCH (hex), then exit.
@@ -208,31 +158,6 @@ def until(what: str, check: Callable[[], T], timeout: float = 15.0, interval: fl
         time.sleep(interval)
 
 
-class NsDaemon(Daemon):
-    """A :class:`tests.procs.Daemon` started in a namespace (``ip netns exec`` execs,
-    so the pid is gdoid's own and SIGKILL reaches it)."""
-
-    def __init__(self, topo: CoopTopology, ns: str, role: str, config: Path) -> None:
-        self.role = f"{role} {ns}"
-        self.config = config
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc = topo.popen(
-            ns, *gdoid_cmd(), role, "--config", str(config),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self.lines)
-
-    def since(self, mark: int) -> list[str]:
-        with self._cond:
-            return self.lines[mark:]
-
-
 class PingStream:
     """:data:`PING_STREAM` from one namespace, its output collected as it comes."""
 
@@ -297,17 +222,21 @@ class CoopLab:
         for k in every:
             # KS pairs share a COOP key of their own; the rogue holds only the GMs' PSK.
             coop_psk = "psk.secret" if k == ROGUE else "coop.psk"
-            peers = "".join(f'[[coop.peer]]\naddress = "{ks_addr(p)}"\npsk_file = "{coop_psk}"\n'
-                            for p in every if p != k)
-            (self.dir / f"ks{k}.toml").write_text(KS_TOML.format(
-                address=ks_addr(k), k=k, dir=self.dir, psk="wrong.psk" if k == ROGUE else "psk.secret",
-                atd=ACTIVATION_DELAY, tek_lifetime=TEK_LIFETIME, priority=PRIORITY[k], period=PERIOD, peers=peers,
+            peers = [{"address": ks_addr(p), "psk_file": coop_psk} for p in every if p != k]
+            group = ks_group(activation_delay=ACTIVATION_DELAY, sas=[sa_ipsec(lifetime=TEK_LIFETIME)])
+            (self.dir / f"ks{k}.toml").write_text(ks_config(
+                ks_addr(k), control_socket=f"{self.dir}/ks{k}.sock", state_dir=f"{self.dir}/ks{k}-state",
+                auth=psk_auth("192.0.2.0/24", "wrong.psk" if k == ROGUE else "psk.secret"), groups=[group],
+                coop={"priority": PRIORITY[k], "announce_interval": PERIOD, "peer": peers},
             ))
         for i in GMS:
             first = first_ks(i) - 1
             order = [*KSS[first:], *KSS[:first]]
-            servers = ", ".join(f'"{ks_addr(k)}"' for k in order)
-            (self.dir / f"gm{i}.toml").write_text(GM_TOML.format(address=gm_addr(i), i=i, dir=self.dir, servers=servers))
+            (self.dir / f"gm{i}.toml").write_text(gm_config(
+                gm_addr(i), control_socket=f"{self.dir}/gm{i}.sock", tun_name="gdoi0", registration_timeout=5.0,
+                dataplane={"enabled": True, "wan_interface": "wan"}, auth=psk_auth("192.0.2.0/24", "psk.secret"),
+                groups=[gm_group([ks_addr(k) for k in order])],
+            ))
 
     def start_ks(self, k: int) -> NsDaemon:
         self.kss[k] = NsDaemon(self.topo, f"ks{k}", "ks", self.dir / f"ks{k}.toml")

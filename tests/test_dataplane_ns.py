@@ -37,7 +37,7 @@ from tests.dpnet import (
     wait_until,
 )
 from tests.dpnet import ipv4 as ip_packet
-from tests.netns import netns_required, require_netns  # noqa: F401  (a fixture)
+from tests.netns import require_netns
 from tests.procs import gdoictl
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("netns_required")]

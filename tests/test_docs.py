@@ -143,11 +143,7 @@ def _run_block(first: str, tmp: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
-
-
 @pytest.mark.root
-@needs_root
 def test_readme_running_daemons(tmp_path: Path) -> None:
     res = _run_block("gdoid lab --export /tmp/lab", tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -156,7 +152,6 @@ def test_readme_running_daemons(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-@needs_root
 def test_readme_wireshark(tmp_path: Path) -> None:
     res = _run_block("tshark -i lo -f 'udp port 848' -w reg.pcap", tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

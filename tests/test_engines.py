@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import random
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from gdoid.config import GmConfig, KsConfig, parse_gm_config, parse_ks_config
+from gdoid.config import parse_gm_config, parse_ks_config
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.groupmember.sadb import (
     TEK_SLT_CAP,
@@ -31,129 +27,18 @@ from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.policy import GroupKeys, Tek, TekPolicy, TekTransform, TrafficSelector
 from gdoid.protocol.version import SoftwareVersion
-
-KS = "127.0.0.1"
-GM = "127.0.0.2"
-T0 = 3_000_000.0
-GROUP = 1234
-
-KS_TOML = """
-[ks]
-address = "127.0.0.1"
-software_version = "1.0.2"
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk"
-[[group]]
-name = "GET"
-number = 1234
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = {lifetime}
-[group.sa_ipsec.match]
-src = "10.1.0.0/16"
-dst = "10.2.0.0/16"
-[[group.sa_ipsec]]
-number = 2
-profile = "gdoi-p"
-transform = "esp-cbc-128-sha256"
-lifetime = {lifetime}
-[group.sa_ipsec.match]
-src = "10.3.0.0/16"
-dst = "10.4.0.0/16"
-"""
-
-GM_TOML = """
-[gm]
-address = "{address}"
-software_version = "{version}"
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk"
-[[group]]
-name = "GET"
-number = 1234
-servers = [{servers}]
-"""
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> Path:
-    (tmp_path / "psk").write_text("secret\n")
-    os.chmod(tmp_path / "psk", 0o600)
-    key = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "rekey.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    os.chmod(tmp_path / "rekey.key", 0o600)
-    return tmp_path
-
-
-def make_ks(base: Path, now: float = T0, lifetime: int = 3600, **kw: object) -> KeyServerEngine:
-    cfg: KsConfig = parse_ks_config(KS_TOML.format(lifetime=lifetime), base)
-    p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
-    groups = {
-        g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, now)
-        for g in cfg.groups
-    }
-    return KeyServerEngine(p1, groups, **kw)  # type: ignore[arg-type]
-
-
-def make_gm(
-    base: Path,
-    *,
-    address: str = GM,
-    version: str = "1.0.2",
-    servers: tuple[str, ...] = (KS,),
-    **kw: object,
-) -> GroupMemberEngine:
-    text = GM_TOML.format(
-        address=address, version=version, servers=", ".join(f'"{s}"' for s in servers)
-    )
-    cfg: GmConfig = parse_gm_config(text, base)
-    p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
-    return GroupMemberEngine(cfg.address, cfg.groups, p1, **kw)  # type: ignore[arg-type]
-
-
-@dataclass
-class Net:
-    """Delivers datagrams between one KS engine and any number of GM engines."""
-
-    ks: KeyServerEngine
-    gms: dict[str, GroupMemberEngine]
-    drop: Callable[[bytes, tuple[str, int], tuple[str, int]], bool] = lambda *_: False
-    lost: int = 0
-
-    def run(self, sends: list[tuple[bytes, tuple[str, int]]], src: str, now: float) -> None:
-        queue = [(d, (src, 848), dst) for d, dst in sends]
-        while queue:
-            data, frm, to = queue.pop(0)
-            if self.drop(data, frm, to):
-                self.lost += 1
-                continue
-            if to[0] == KS:
-                out = self.ks.datagram_received(data, frm, now)
-                queue += [(d, (KS, 848), dst) for d, dst in out]
-            elif to[0] in self.gms:
-                out = self.gms[to[0]].datagram_received(data, frm, now)
-                queue += [(d, (to[0], 848), dst) for d, dst in out]
-            else:
-                self.lost += 1  # nobody there
-
-
-def register(ks: KeyServerEngine, gm: GroupMemberEngine, now: float = T0) -> Net:
-    net = Net(ks, {str(gm.address): gm})
-    net.run(gm.start(now), str(gm.address), now)
-    return net
-
+from tests.enginenet import (
+    GM,
+    GROUP,
+    KS,
+    T0,
+    Net,
+    gm_text,
+    ks_text,
+    make_gm,
+    make_ks,
+    register,
+)
 
 # --- registration -----------------------------------------------------------------
 
@@ -279,10 +164,7 @@ def test_gm_backs_off_when_every_ks_is_silent(files: Path) -> None:
 def test_gm_reports_ks_refusal(files: Path) -> None:
     """A GM asking for a group the KS does not serve fails with INVALID_ID_INFORMATION."""
     ks = make_ks(files)
-    text = GM_TOML.format(address=GM, version="1.0.2", servers=f'"{KS}"').replace(
-        "number = 1234", "number = 4321"
-    )
-    cfg = parse_gm_config(text, files)
+    cfg = parse_gm_config(gm_text(group=4321), files)
     gm = GroupMemberEngine(
         cfg.address, cfg.groups, phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     )
@@ -544,10 +426,7 @@ class RecordingDataplane:
 def test_rekeys_carry_activation_and_deactivation_delays(files: Path) -> None:
     """GAP delays reach the GM in registration and rekeys: new TEKs wait for activation,
     replaced ones go deactivation + activation seconds later."""
-    text = KS_TOML.format(lifetime=3600).replace(
-        'number = 1234\n[group.kek]', 'number = 1234\nactivation_delay = 2\ndeactivation_delay = 3\n[group.kek]'
-    )
-    cfg = parse_ks_config(text, files)
+    cfg = parse_ks_config(ks_text(activation_delay=2, deactivation_delay=3), files)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     g = cfg.groups[0]
     ks = KeyServerEngine(p1, {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, T0)})

@@ -26,42 +26,18 @@ from gdoid.dataplane.engine import (
 )
 from gdoid.dataplane.esp import EspSa, ipv4_checksum
 from gdoid.dataplane.replay import SequenceWindow, TbarClock, tbar_ok
-from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import SenderIds, Tek, TrafficSelector
+from tests.espdata import (
+    NET,
+    T0,
+    A,
+    B,
+    make_tek,
+    sids,
+    udp,
+)
 
 TRANSFORMS = ["esp-gcm-128", "esp-gcm-256", "esp-cbc-128-sha256", "esp-cbc-256-sha256"]
-NET = IPv4Network("10.0.0.0/8")
-A, B = "10.1.0.1", "10.2.0.1"
-T0 = 1_000_000.0
-
-
-def make_tek(
-    transform: str = "esp-gcm-128",
-    spi: int = 0x11223344,
-    created: float = T0,
-    lifetime: float = 3600,
-    selector: TrafficSelector | None = None,
-    **policy,
-) -> Tek:
-    t = TekTransform.from_name(transform)
-    sel = selector or TrafficSelector(NET, NET)
-    pol = TekPolicy(1, t, sel, int(lifetime), **policy)
-    return Tek(
-        spi,
-        pol,
-        os.urandom(t.cipher_key_len),
-        os.urandom(t.integrity_key_len),
-        created,
-        created + lifetime,
-    )
-
-
-def udp(src: str = A, dst: str = B, size: int = 100, df: bool = True, **ip) -> bytes:
-    payload = os.urandom(max(0, size - 28))
-    return raw(
-        IP(src=src, dst=dst, flags="DF" if df else 0, **ip)
-        / UDP(sport=1000, dport=2000)
-        / Raw(payload)
-    )
 
 
 def scapy_sa(tek: Tek, inner: bytes) -> SecurityAssociation:
@@ -85,10 +61,6 @@ def scapy_sa(tek: Tek, inner: bytes) -> SecurityAssociation:
         auth_key=tek.integrity_key,
         tunnel_header=hdr,
     )
-
-
-def sids(*values: int, bits: int = 8) -> SenderIds:
-    return SenderIds(bits, values)
 
 
 def esp_plaintext(tek: Tek, outer: bytes) -> bytes:

@@ -15,7 +15,6 @@ process must still register.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import socket
 import struct
@@ -24,8 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from gdoid.config import load_gm_config
 from gdoid.groupmember.engine import Registration
 from gdoid.protocol.constants import ExchangeType, NotifyType
@@ -33,18 +30,15 @@ from gdoid.protocol.informational import plain_notify
 from tests.procs import (
     Daemon,
     auth_toml,
+    free_udp_port,
     gdoictl_json,
     gm_toml,
     ks_toml,
-    write_private,
-    write_signing_key,
 )
-from tests.test_scale import GmEndpoint, drive_timers, make_engine
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+from tests.udpgms import GmEndpoint, drive_timers, make_engine
 
 KS_ADDRESS = "127.0.1.1"
-KS_PORT = 848
+KS_PORT = free_udp_port(KS_ADDRESS)  # no root needed, no clash with other daemons
 RECORDING_GM = "127.0.1.2"
 FUZZER = "127.0.1.3"
 REAL_GM = "127.0.1.4"
@@ -270,19 +264,13 @@ class Fuzzer:
 # --- the test ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Path:
-    write_private(tmp_path / "psk.secret", "fuzz-secret\n")
-    write_signing_key(tmp_path / "rekey.key")
-    return tmp_path
-
-
 def test_ks_survives_10000_mutated_datagrams(lab: Path) -> None:
     auth = auth_toml("psk.secret")
     ks_cfg = ks_toml(lab, address=KS_ADDRESS, port=KS_PORT, auth=auth)
     ks_cfg.write_text(ks_cfg.read_text().replace("[ks]\n", f"[ks]\nmax_half_open = {MAX_HALF_OPEN}\n", 1))
     template = load_gm_config(
-        gm_toml(lab, address=RECORDING_GM, name="recorder", auth=auth, servers=(KS_ADDRESS,), ike="[ike]\ndh_groups = [19]\n")
+        gm_toml(lab, address=RECORDING_GM, name="recorder", auth=auth, servers=(KS_ADDRESS,), server_port=KS_PORT,
+                ike="[ike]\ndh_groups = [19]\n")
     )
     with Daemon("ks", ks_cfg) as ks:
         ks.wait_for("ks_started")
@@ -330,7 +318,9 @@ def test_ks_survives_10000_mutated_datagrams(lab: Path) -> None:
         print(f"fuzz: sent {fuzzer.sent}, max half-open {fuzzer.max_half_open}, RSS {rss_before} -> {rss_after} KiB, counters {fuzzer.last}")
         assert rss_after - rss_before < 20 * 1024, (rss_before, rss_after)
 
-        with Daemon("gm", gm_toml(lab, address=REAL_GM, name="gm", auth=auth, servers=(KS_ADDRESS,))) as gm:
+        gm_cfg = gm_toml(lab, address=REAL_GM, name="gm", auth=auth, servers=(KS_ADDRESS,),
+                         port=free_udp_port(REAL_GM), server_port=KS_PORT)
+        with Daemon("gm", gm_cfg) as gm:
             gm.wait_for(REGISTERED + r" using address 127\.0\.1\.4", timeout=40)
         members = gdoictl_json(lab / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"]
         assert REAL_GM in {m["address"] for m in members}

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from gdoid import log
-from tests.netns import netns_required  # noqa: F401  (fixture)
+from tests.journal import journal_entry
 from tests.procs import (
     Daemon,
     auth_toml,
+    free_udp_port,
     gdoictl,
     gdoictl_cmd,
     gdoictl_wait,
@@ -28,9 +29,8 @@ from tests.procs import (
     write_private,
     write_signing_key,
 )
-from tests.test_systemd import _journal_entry
 
-KS_PORT, GM_PORT = 28480, 28481
+KS_PORT, GM_PORT = free_udp_port("127.0.0.1"), free_udp_port("127.0.0.2")
 
 
 def _configs(d: Path, registration_timeout: float = 5.0) -> tuple[Path, Path]:
@@ -167,7 +167,7 @@ def test_journal_message_carries_details_and_fatal_errors_are_errors(tmp_path: P
             capture_output=True, text=True, timeout=30,
             env={**os.environ, "GDOID_JOURNAL_SOCKET": str(tmp_path / "journal.sock")},
         )
-        entry = _journal_entry(journal.recv(65536))
+        entry = journal_entry(journal.recv(65536))
     assert proc.returncode == 2
     assert entry["PRIORITY"] == "3" and entry["MESSAGE"].startswith("startup_failed error=")
     assert "bogus" in entry["GDOI_ERROR"]

@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from gdoid.protocol import pki
 from gdoid.protocol.pki import CertificateValidator, PkiError
+from tests.pki import generate_test_pki, key_usage
 
 NOW = dt.datetime.now(dt.UTC)
 DER = serialization.Encoding.DER
@@ -21,12 +22,12 @@ DER = serialization.Encoding.DER
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return pki.generate_test_pki(tmp_path_factory.mktemp("pki"), ["ks1", "gm1", "gm2"])
+    return generate_test_pki(tmp_path_factory.mktemp("pki"), ["ks1", "gm1", "gm2"])
 
 
 @pytest.fixture(scope="module")
 def other_lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return pki.generate_test_pki(tmp_path_factory.mktemp("other"), ["gm1"], "ecdsa256")
+    return generate_test_pki(tmp_path_factory.mktemp("other"), ["gm1"], "ecdsa256")
 
 
 def cert(paths: dict[str, Path], name: str) -> x509.Certificate:
@@ -97,17 +98,7 @@ def issue(
         builder = builder.add_extension(
             x509.BasicConstraints(ca=True, path_length=None), critical=True
         ).add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(sign_certs=True),
             critical=True,
         )
     return builder.sign(issuer_key, hashes.SHA256()), key
@@ -134,7 +125,7 @@ def test_generated_files(lab: dict[str, Path]) -> None:
 def test_generate_rejects_bad_names(tmp_path: Path) -> None:
     for bad in ("../x", "ca", "", "a/b"):
         with pytest.raises(ValueError):
-            pki.generate_test_pki(tmp_path, [bad])
+            generate_test_pki(tmp_path, [bad])
 
 
 def test_load_certificates_many(lab: dict[str, Path], tmp_path: Path) -> None:
@@ -291,17 +282,7 @@ def make_root(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         .not_valid_after(NOW + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(sign_certs=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

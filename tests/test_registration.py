@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.protocol.pki import generate_test_pki
+from tests.pki import generate_test_pki
 from tests.procs import (
     Capture,
     Daemon,
@@ -19,21 +19,11 @@ from tests.procs import (
     gdoictl_json,
     gm_toml,
     ks_toml,
-    write_private,
-    write_signing_key,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+pytestmark = pytest.mark.root
 
 REGISTERED = r"%GDOI-5-GM_REGS_COMPL: Registration to KS 127\.0\.0\.1 complete for group GET"
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Path:
-    write_private(tmp_path / "psk.secret", "lab-secret-1\n")
-    write_private(tmp_path / "wrong.secret", "not-the-secret\n")
-    write_signing_key(tmp_path / "rekey.key")
-    return tmp_path
 
 
 def _group(data: dict) -> dict:

@@ -9,7 +9,6 @@ log line exists; lifetimes are short so the file runs in about a minute.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -31,10 +30,9 @@ from tests.procs import (
     gm_toml,
     ks_toml,
     write_private,
-    write_signing_key,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+pytestmark = pytest.mark.root
 
 REGISTERED = r"%GDOI-5-GM_REGS_COMPL: Registration to KS 127\.0\.0\.1 complete for group GET"
 KS_STARTED = "ks_started"
@@ -75,13 +73,6 @@ def _recv_rekey(gm: str, seq: int) -> str:
 def _send_rekey(seq: int, replace: bool = False) -> str:
     extra = "with policy-replace " if replace else ""
     return f"%GDOI-5-KS_SEND_UNICAST_REKEY: Sending Unicast Rekey {extra}for group GET from address 127.0.0.1 with seq # {seq}"
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Path:
-    write_private(tmp_path / "psk.secret", "lab-secret-1\n")
-    write_signing_key(tmp_path / "rekey.key")
-    return tmp_path
 
 
 def _group(data: dict[str, Any]) -> dict[str, Any]:

@@ -43,16 +43,16 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gdoid.configgen import gm_config, gm_group, psk_auth
 from gdoid.dataplane.engine import Dataplane, DropReason
 from gdoid.groupmember.sadb import TRANSITION_SWITCH_LEAD, shortened_lifetime
 from gdoid.netlab import GM1_WAN, GM2_WAN, HOST_B, KS, Topology
-from tests.netns import netns_required, topology  # noqa: F401 (fixtures)
+from tests.dpnet import NsDaemon
 from tests.procs import (
     Daemon,
     auth_toml,
     gdoictl,
     gdoictl_json,
-    gdoid_cmd,
     ks_toml,
     write_private,
     write_signing_key,
@@ -109,21 +109,6 @@ def send_rekey(seq: int, replace: bool = False) -> str:
 
 
 # --- processes in namespaces ------------------------------------------------------------
-
-
-class NsDaemon(Daemon):
-    """:class:`tests.procs.Daemon` started inside a namespace of the topology."""
-
-    def __init__(self, topo: Topology, ns: str, role: str, config: Path) -> None:
-        self.role = role
-        self.config = config
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc = topo.popen(
-            ns, *gdoid_cmd(), role, "--config", str(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
 
 
 # ICMP echo every INTERVAL s until SIGTERM, then wait TIMEOUT s for the last replies.
@@ -249,31 +234,8 @@ class PingStream:
 # --- the group -----------------------------------------------------------------------------
 
 
-GM_TEMPLATE = """\
-[gm]
-address = "{address}"
-control_socket = "{dir}/{name}.sock"
-tun_name = "gdoi0"
-registration_timeout = 3.0
-fail_close = {fail_close}
-
-[dataplane]
-enabled = true
-wan_interface = "wan"
-
-[[auth.psk]]
-peer = "{ks}/32"
-key_file = "{psk}"
-
-[[group]]
-name = "GET"
-number = 1234
-servers = ["{ks}"]
-"""
-
-
 @pytest.fixture
-def lab(tmp_path: Path, topology: Topology) -> Iterator[tuple[Topology, Path]]:  # noqa: F811
+def lab(tmp_path: Path, topology: Topology) -> Iterator[tuple[Topology, Path]]:
     write_private(tmp_path / "psk.secret", "dataplane-lab-secret\n")
     write_signing_key(tmp_path / "rekey.key")
     yield topology, tmp_path
@@ -294,10 +256,11 @@ def running(
         gms: dict[str, Daemon] = {}
         for name in ("gm1", "gm2"):
             cfg = d / f"{name}.toml"
-            cfg.write_text(GM_TEMPLATE.format(
-                address=GM_ADDRESS[name], name=name, dir=d, ks=KS, psk=(psk or {}).get(name, "psk.secret"),
-                fail_close=str((fail_close or {}).get(name, False)).lower(),
-            ))  # fmt: skip
+            cfg.write_text(gm_config(
+                GM_ADDRESS[name], control_socket=f"{d}/{name}.sock", tun_name="gdoi0", registration_timeout=3.0,
+                fail_close=(fail_close or {}).get(name, False), dataplane={"enabled": True, "wan_interface": "wan"},
+                auth=psk_auth(f"{KS}/32", (psk or {}).get(name, "psk.secret")), groups=[gm_group([KS])],
+            ))
             gms[name] = stack.enter_context(NsDaemon(topo, name, "gm", cfg))
         for name, gm in gms.items():
             gm.wait_for(registered(name))
@@ -355,6 +318,7 @@ def assert_losses_explained(stream: PingStream, d: Path, max_no_sa: int) -> int:
 # --- 1. scheduled rekeys and KEK rollover under traffic ---------------------------------------
 
 
+@pytest.mark.root
 def test_scheduled_rekeys_and_kek_rollover_keep_traffic_flowing(lab: tuple[Topology, Path]) -> None:
     """TEK 30 s, KEK 35 s, lead 25 s: rekeys every 5 s, the second one rolls the KEK over."""
     topo, d = lab
@@ -411,6 +375,7 @@ def test_scheduled_rekeys_and_kek_rollover_keep_traffic_flowing(lab: tuple[Topol
 # --- 2. transitional removal after revoking gm2's credential -----------------------------------
 
 
+@pytest.mark.root
 def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[Topology, Path]) -> None:
     """Per-GM PSKs; gm2's is revoked on the KS, then ``clear crypto gdoi ks members``.
 
@@ -523,6 +488,7 @@ def in_echos(topo: Topology, ns: str) -> int:
     return int(values[head.index("InEchos")])
 
 
+@pytest.mark.root
 def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) -> None:
     """gm1 fail-open, gm2 fail-close; TEK 600 s, so both re-register within 12 s.
 
@@ -593,6 +559,7 @@ def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) 
 # --- 4. policy change CBC -> GCM, triggered rekey, replace-now ------------------------------------
 
 
+@pytest.mark.root
 def test_policy_replace_cbc_to_gcm_under_traffic(lab: tuple[Topology, Path]) -> None:
     """CBC TEK of 30 s (so TEK_SLT is its remaining lifetime), then a GCM policy of 120 s.
 
@@ -701,7 +668,7 @@ def test_gcm_tek_without_sender_ids_leaves_outbound_on_the_older_tek() -> None:
     """Sans-I/O: the fix test 4 needs.  A rekey brings a GCM TEK to a GM registered under
     CBC, so it holds no sender IDs yet: outbound stays on the CBC TEK (instead of dropping
     as counter-exhausted) until a re-registration brings them, then moves to GCM."""
-    from tests.test_esp import T0, make_tek, sids, udp
+    from tests.espdata import T0, make_tek, sids, udp
 
     cbc = make_tek("esp-cbc-256-sha256", spi=0x1000, created=T0)
     gcm = make_tek("esp-gcm-256", spi=0x2000, created=T0 + 10)
@@ -725,7 +692,7 @@ def test_transition_switches_outbound_just_before_the_shortened_teks_expire() ->
     a little later (lifetimes travel in whole seconds)."""
     from gdoid.groupmember.sadb import Sadb
     from gdoid.protocol.policy import GroupKeys
-    from tests.test_esp import T0, make_tek, udp
+    from tests.espdata import T0, make_tek, udp
 
     old = make_tek("esp-cbc-256-sha256", spi=0x1000, created=T0, lifetime=60)
     sadb = Sadb()

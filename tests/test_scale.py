@@ -1,6 +1,6 @@
 """Scale: 200 group members register at once with a real ``gdoid ks`` process.
 
-The KS runs as its own process (UDP 127.0.1.1:848).  The GMs are in-process
+The KS runs as its own process (UDP 127.0.1.1, a free high port).  The GMs are in-process
 :class:`GroupMemberEngine` initiators, each with its own UDP socket on its own
 loopback address (127.0.1.2 ... 127.0.1.201, ephemeral port), so the KS sees
 200 distinct members.  One asyncio task drives every engine's timers; each GM's
@@ -10,99 +10,30 @@ loopback address (127.0.1.2 ... 127.0.1.201, ephemeral port), so the KS sees
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, cast
 
-import pytest
-
-from gdoid.config import GmConfig, load_gm_config
-from gdoid.groupmember.engine import GroupMemberEngine, Registration
-from gdoid.phase1 import phase1_config
+from gdoid.config import load_gm_config
+from gdoid.groupmember.engine import Registration
 from tests.procs import (
     Daemon,
     auth_toml,
+    free_udp_port,
     gdoictl_json,
     gm_toml,
     ks_toml,
-    write_private,
-    write_signing_key,
 )
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+from tests.udpgms import (
+    GmEndpoint,
+    drive_timers,
+    make_engine,
+)
 
 KS_ADDRESS = "127.0.1.1"
 GROUP = 1234
 GM_COUNT = 200
-TICK = 0.05
 GUARD = 45.0  # overall guard: registration of all 200 normally takes well under 5 s
-
-
-class QuietLogger:
-    """A structlog-shaped logger that drops everything (200 engines' lines are noise here)."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
-
-
-class GmEndpoint(asyncio.DatagramProtocol):
-    """One GM engine on its own UDP socket: datagrams in, the engine's answers out."""
-
-    def __init__(self, engine: GroupMemberEngine, record: list[bytes] | None = None) -> None:
-        self.engine = engine
-        self.record = record
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.send(self.engine.datagram_received(data, (addr[0], addr[1]), time.time()))
-
-    def error_received(self, exc: Exception) -> None:  # ICMP errors: the engine retransmits
-        pass
-
-    def send(self, out: list[tuple[bytes, tuple[str, int]]]) -> None:
-        assert self.transport is not None
-        for data, addr in out:
-            if self.record is not None:
-                self.record.append(data)
-            self.transport.sendto(data, addr)
-
-
-def make_engine(
-    template: GmConfig,
-    address: str,
-    on_event: Callable[[str, Registration], None],
-) -> GroupMemberEngine:
-    cfg = dataclasses.replace(template, address=IPv4Address(address))
-    return GroupMemberEngine(
-        cfg.address,
-        cfg.groups,
-        phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version),
-        registration_timeout=cfg.registration_timeout,
-        logger=QuietLogger(),
-        on_event=on_event,
-    )
-
-
-async def drive_timers(endpoints: list[GmEndpoint], tick: float = TICK) -> None:
-    while True:
-        await asyncio.sleep(tick)
-        now = time.time()
-        for ep in endpoints:
-            ep.send(ep.engine.on_timer(now))
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Path:
-    write_private(tmp_path / "psk.secret", "scale-secret\n")
-    write_signing_key(tmp_path / "rekey.key")
-    return tmp_path
 
 
 def gm_address(i: int) -> str:
@@ -112,9 +43,10 @@ def gm_address(i: int) -> str:
 async def test_200_group_members_register_concurrently(lab: Path) -> None:
     auth = auth_toml("psk.secret")
     template = load_gm_config(
-        gm_toml(lab, address=gm_address(0), name="gm-template", auth=auth, servers=(KS_ADDRESS,), ike="[ike]\ndh_groups = [19]\n")
+        gm_toml(lab, address=gm_address(0), name="gm-template", auth=auth, servers=(KS_ADDRESS,),
+                server_port=(port := free_udp_port(KS_ADDRESS)), ike="[ike]\ndh_groups = [19]\n")
     )
-    with Daemon("ks", ks_toml(lab, address=KS_ADDRESS, auth=auth)) as ks:
+    with Daemon("ks", ks_toml(lab, address=KS_ADDRESS, port=port, auth=auth)) as ks:
         await asyncio.to_thread(ks.wait_for, "ks_started")
         loop = asyncio.get_running_loop()
         registered = [asyncio.Event() for _ in range(GM_COUNT)]

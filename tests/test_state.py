@@ -78,7 +78,7 @@ def test_corrupt_state_is_refused_whole(tmp_path: Path, damage: str) -> None:
         state.load(path)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+@pytest.mark.root
 def test_ks_sigkill_then_restart_resumes_with_higher_seq(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_signing_key(tmp_path / "rekey.key")
@@ -105,7 +105,7 @@ def test_ks_sigkill_then_restart_resumes_with_higher_seq(tmp_path: Path) -> None
             assert "REKEY_REJECTED" not in gm.text()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+@pytest.mark.root
 def test_corrupt_state_file_reported_and_moved_aside(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_signing_key(tmp_path / "rekey.key")

@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 
 from gdoid.systemd import Notifier
+from tests.journal import (
+    journal_entry,
+)
 from tests.procs import (
     GDOICTL,
     GDOID,
     Daemon,
     auth_toml,
+    free_udp_port,
     gm_toml,
     ks_toml,
     write_private,
@@ -64,13 +68,13 @@ def test_notifier_sends_to_socket_and_abstract_names(tmp_path: Path) -> None:
     assert Notifier({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
 def test_daemons_notify_ready_watchdog_and_reload(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_signing_key(tmp_path / "rekey.key")
     auth = auth_toml("psk.secret")
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
-    with _listen(tmp_path) as s, Daemon("ks", ks_toml(tmp_path, auth=auth), env=env) as ks:
+    port = free_udp_port()
+    with _listen(tmp_path) as s, Daemon("ks", ks_toml(tmp_path, port=port, auth=auth), env=env) as ks:
         msgs = [s.recv(4096).decode() for _ in range(3)]
         assert any(m.startswith("READY=1") and "STATUS=listening" in m for m in msgs)
         assert any(m == "WATCHDOG=1" for m in msgs)
@@ -80,7 +84,9 @@ def test_daemons_notify_ready_watchdog_and_reload(tmp_path: Path) -> None:
             seen.append(s.recv(4096).decode())
         assert any(m.startswith("RELOADING=1\nMONOTONIC_USEC=") for m in seen)
         genv = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
-        with Daemon("gm", gm_toml(tmp_path, address="127.0.0.2", name="gm1", auth=auth), env=genv) as gm:
+        gm_cfg = gm_toml(tmp_path, address="127.0.0.2", name="gm1", auth=auth, port=free_udp_port("127.0.0.2"),
+                         server_port=port)
+        with Daemon("gm", gm_cfg, env=genv) as gm:
             while True:
                 m = s.recv(4096).decode()
                 if "STATUS=registered" in m:
@@ -88,25 +94,6 @@ def test_daemons_notify_ready_watchdog_and_reload(tmp_path: Path) -> None:
             gm.wait_for("GM_REGS_COMPL")  # READY came only after registration
 
 
-def _journal_entry(data: bytes) -> dict[str, str]:
-    """Parse systemd's native journal protocol (KEY=value, or KEY\\n<len><data>\\n)."""
-    fields: dict[str, str] = {}
-    i = 0
-    while i < len(data):
-        nl = data.index(b"\n", i)
-        line = data[i:nl]
-        if b"=" in line:
-            key, value = line.split(b"=", 1)
-            fields[key.decode()] = value.decode()
-            i = nl + 1
-        else:
-            size = int.from_bytes(data[nl + 1 : nl + 9], "little")
-            fields[line.decode()] = data[nl + 9 : nl + 9 + size].decode()
-            i = nl + 9 + size + 1
-    return fields
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
 def test_journal_entries_carry_the_ios_message_and_structured_fields(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_signing_key(tmp_path / "rekey.key")
@@ -115,12 +102,14 @@ def test_journal_entries_carry_the_ios_message_and_structured_fields(tmp_path: P
     journal.bind(str(tmp_path / "journal.sock"))
     journal.settimeout(20)
     env = {"GDOID_JOURNAL_SOCKET": str(tmp_path / "journal.sock")}
-    ks_daemon = Daemon("ks", ks_toml(tmp_path, auth=auth), "--log-format", "journal", env=env)
-    gm_config = gm_toml(tmp_path, address="127.0.0.2", name="gm1", auth=auth)
+    port = free_udp_port()
+    ks_daemon = Daemon("ks", ks_toml(tmp_path, port=port, auth=auth), "--log-format", "journal", env=env)
+    gm_config = gm_toml(tmp_path, address="127.0.0.2", name="gm1", auth=auth, port=free_udp_port("127.0.0.2"),
+                        server_port=port)
     with journal, ks_daemon, Daemon("gm", gm_config) as gm:
         gm.wait_for("GM_REGS_COMPL")
         while True:
-            entry = _journal_entry(journal.recv(65536))
+            entry = journal_entry(journal.recv(65536))
             if entry.get("GDOI_MNEMONIC") == "GDOI-5-KS_REGS_COMPL":
                 break
     assert entry["MESSAGE"] == "%GDOI-5-KS_REGS_COMPL: KS completed successful registration in group GET with GM 127.0.0.2"

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth
+
 REPO = Path(__file__).resolve().parent.parent
 MAKE_ROOT = REPO / "tests" / "systemd" / "make-root.sh"
 NEEDS = ("systemd-nspawn", "nsenter", "debootstrap", "tar")
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="systemd-nspawn needs root"),
     pytest.mark.skipif(
         any(shutil.which(t) is None for t in NEEDS),
         reason=f"needs {', '.join(NEEDS)} (apt-get install systemd-container debootstrap)",
@@ -41,51 +42,16 @@ pytestmark = [
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-KS_TOML = """
-[ks]
-address = "127.0.0.1"
-control_socket = "/run/gdoid/ks.sock"
-state_dir = "/var/lib/gdoid/ks"
-keylog_dir = "/var/lib/gdoid/ks/keylog"
-
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk.secret"
-
-[[group]]
-name = "GET"
-number = 1234
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.0.0.0/8"
-dst = "10.0.0.0/8"
-"""
-
-GM_TOML = """
-[gm]
-address = "127.0.0.2"
-control_socket = "/run/gdoid/gm.sock"
-keylog_dir = "/var/lib/gdoid/gm/keylog"
-registration_timeout = 1.0
-
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk.secret"
-
-[[group]]
-name = "GET"
-number = 1234
-servers = ["127.0.0.1"]
-
-[dataplane]
-enabled = true
-"""
+# The configs the units run with (paths inside the container).
+KS_TOML = ks_config(
+    "127.0.0.1", control_socket="/run/gdoid/ks.sock", state_dir="/var/lib/gdoid/ks",
+    keylog_dir="/var/lib/gdoid/ks/keylog", auth=psk_auth("127.0.0.0/8", "psk.secret"), groups=[ks_group()],
+)
+GM_TOML = gm_config(
+    "127.0.0.2", control_socket="/run/gdoid/gm.sock", keylog_dir="/var/lib/gdoid/gm/keylog",
+    registration_timeout=1.0, auth=psk_auth("127.0.0.0/8", "psk.secret"), dataplane={"enabled": True},
+    groups=[gm_group(["127.0.0.1"])],
+)
 
 
 def _unit_block(doc: Path, heading: str) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from gdoid import log
 from gdoid.config import ConfigError, parse_gm_config, parse_ks_config
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, sa_ipsec
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.keyserver import show
 from gdoid.keyserver.engine import KeyServerEngine
@@ -37,8 +37,9 @@ from gdoid.protocol.crypto import DhGroup, HashAlgorithm, Phase1Keys
 from gdoid.protocol.ike_policy import Phase1Proposal
 from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.payloads import IdPayload
-from gdoid.protocol.pki import generate_test_pki, load_private_key
+from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import CURRENT_VERSION
+from tests.pki import generate_test_pki
 from tests.procs import (
     Daemon,
     auth_toml,
@@ -46,6 +47,7 @@ from tests.procs import (
     gdoictl_json,
     gm_toml,
     ks_toml,
+    toml_tables,
     write_private,
     write_signing_key,
 )
@@ -54,44 +56,7 @@ KS = "127.0.0.1"
 T0 = float(int(time.time()))  # certificates are checked against it
 GROUP = 1234
 
-KS_TOML = """
-[ks]
-address = "127.0.0.1"
-{auth}
-[[group]]
-name = "GET"
-number = 1234
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.1.0.0/16"
-dst = "10.2.0.0/16"
-{authorization}
-"""
-
-GM_TOML = """
-[gm]
-address = "{address}"
-{auth}
-[[group]]
-name = "GET"
-number = 1234
-servers = ["127.0.0.1"]
-"""
-
 PSK_AUTH = '[[auth.psk]]\npeer = "127.0.0.0/8"\nkey_file = "psk"\n'
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> Path:
-    write_private(tmp_path / "psk", "secret\n")
-    write_signing_key(tmp_path / "rekey.key")
-    return tmp_path
 
 
 @pytest.fixture
@@ -102,15 +67,22 @@ def logs() -> Iterator[io.StringIO]:
     structlog.reset_defaults()
 
 
+def ks_text(authorization_toml: str, auth: str = PSK_AUTH) -> str:
+    """The KS config; ``authorization_toml``: its ``[group.authorization]`` as TOML text."""
+    group = ks_group(sas=[sa_ipsec(src="10.1.0.0/16", dst="10.2.0.0/16")],
+                     **toml_tables(authorization_toml).get("group", {}))
+    return ks_config(KS, auth=toml_tables(auth)["auth"], groups=[group])
+
+
 def make_ks(base: Path, authorization_toml: str, auth: str = PSK_AUTH) -> KeyServerEngine:
-    cfg = parse_ks_config(KS_TOML.format(auth=auth, authorization=authorization_toml), base)
+    cfg = parse_ks_config(ks_text(authorization_toml, auth), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, T0) for g in cfg.groups}
     return KeyServerEngine(p1, groups)
 
 
 def make_gm(base: Path, address: str, auth: str = PSK_AUTH) -> GroupMemberEngine:
-    cfg = parse_gm_config(GM_TOML.format(address=address, auth=auth), base)
+    cfg = parse_gm_config(gm_config(address, auth=toml_tables(auth)["auth"], groups=[gm_group([KS])]), base)
     return GroupMemberEngine(cfg.address, cfg.groups, phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version))
 
 
@@ -219,7 +191,7 @@ def test_refusal_log_lines_are_rate_limited(files: Path, logs: io.StringIO) -> N
 def test_reload_applies_authorization_at_once_without_policy_change(files: Path) -> None:
     ks = make_ks(files, "")
     g = ks.groups[GROUP]
-    cfg = parse_ks_config(KS_TOML.format(auth=PSK_AUTH, authorization='[group.authorization]\naddresses = ["127.0.9.0/24"]'), files)
+    cfg = parse_ks_config(ks_text('[group.authorization]\naddresses = ["127.0.9.0/24"]'), files)
     assert g.stage_config(cfg.groups[0], None) is False  # nothing a GM must be told
     assert g.config.authorization.addresses and g.pending_config is None
     gm = make_gm(files, "127.0.0.2")
@@ -261,7 +233,7 @@ def _cert(subject: list[tuple[x509.ObjectIdentifier, str]], dns: list[str]) -> x
 
 
 def _auth(files: Path, body: str) -> Any:
-    text = KS_TOML.format(auth=PSK_AUTH, authorization="[group.authorization]\n" + body)
+    text = ks_text("[group.authorization]\n" + body)
     return parse_ks_config(text, files).groups[0].authorization
 
 
@@ -350,7 +322,7 @@ def test_show_crypto_gdoi_shows_the_authorization(files: Path) -> None:
 # --- real daemons on loopback -------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+@pytest.mark.root
 def test_daemons_unauthorized_gm_refused_authorized_gm_registers(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "lab-secret-1\n")
     write_signing_key(tmp_path / "rekey.key")

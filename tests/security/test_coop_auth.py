@@ -16,7 +16,6 @@ daemons on loopback.
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import time
@@ -28,12 +27,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid import configgen
+from gdoid.config import parse_gm_config
 from gdoid.groupmember.engine import GroupMemberEngine
 from gdoid.keyserver.annblocks import signing_key_block
 from gdoid.keyserver.coop import Coop
 from gdoid.keyserver.engine import KeyServerEngine
-from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol import pki
 from gdoid.protocol.ann import seal_ann
@@ -43,21 +42,22 @@ from gdoid.protocol.identity import IdentityPattern, matching_pattern
 from gdoid.protocol.ike_policy import Phase1Config
 from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.main_mode_initiator import MainModeInitiator
-from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.version import SoftwareVersion
-from tests.procs import Daemon, gdoictl_json, write_private, write_signing_key
-from tests.test_coop import (
-    GM_TOML,
+from tests.coopsim import (
     GROUP,
     KS1,
     KS2,
     KS3,
-    KS_TOML,
+    KSS,
     PERIOD,
     PRIORITY,
     Sim,
     gm_keys,
+    gm_text,
+    ks_text,
 )
+from tests.pki import generate_test_pki
+from tests.procs import Daemon, gdoictl_json, write_private, write_signing_key
 
 ROGUE = KS3  # a configured peer address, held by someone who is not a KS
 
@@ -81,32 +81,7 @@ class FieldEvents:
 
 def build_ks(sim: Sim, address: str, text: str) -> KeyServerEngine:
     """Sim.add_ks for an arbitrary KS config text."""
-    cfg = parse_ks_config(text, sim.base)
-    assert cfg.coop is not None
-    p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version, coop=cfg.coop)
-    groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, sim.now)
-              for g in cfg.groups}
-    engine = KeyServerEngine(p1, groups, logger=FieldEvents())
-    coop = Coop(cfg.coop, cfg.address, cfg.software_version, engine.phase1, engine, sim.now)
-    engine.coop = coop
-    engine.scheduled_rekeys = False
-    history: list[Role | None] = []
-    sim.roles[address] = history
-    coop.on_role_change = lambda: history.append(coop.role)
-    sim.nodes[address] = engine
-    return engine
-
-
-def ks_text(address: str, *, priority: int | None = None, peer_auth: str = 'psk_file = "coop.psk"',
-            gm_psk: str = "psk", gm_prefix: str = "10.0.0.0/8", signing_key: str = "rekey.key",
-            pki_files: str = "") -> str:
-    peers = "".join(f'[[coop.peer]]\naddress = "{a}"\n{peer_auth.format(peer=a)}\n'
-                    for a in (KS1, KS2, KS3) if a != address)
-    text = KS_TOML.format(address=address, version="1.0.2", priority=priority or PRIORITY[address],
-                          period=PERIOD, peers=peers)
-    text = text.replace('peer = "10.0.0.0/8"\nkey_file = "psk"', f'peer = "{gm_prefix}"\nkey_file = "{gm_psk}"')
-    text = text.replace('signing_key = "rekey.key"', f'signing_key = "{signing_key}"')
-    return text.replace("[[group]]", f"{pki_files}[[group]]", 1)
+    return sim.start_ks(address, text, FieldEvents())
 
 
 @pytest.fixture
@@ -121,7 +96,7 @@ def files(tmp_path: Path) -> Path:
 
 
 def gm_register(sim: Sim, gm_address: str, ks_address: str) -> GroupMemberEngine:
-    cfg = parse_gm_config(GM_TOML.format(address=gm_address, servers=f'"{ks_address}"'), sim.base)
+    cfg = parse_gm_config(gm_text(gm_address, (ks_address,)), sim.base)
     gm = GroupMemberEngine(cfg.address, cfg.groups, phase1_config(cfg.ike, cfg.auth, cfg.address, None),
                            logger=FieldEvents())
     sim.nodes[gm_address] = gm
@@ -169,7 +144,7 @@ def test_gm_psk_holder_at_a_peer_address_never_joins_nor_wins(files: Path) -> No
     build_ks(sim, KS1, ks_text(KS1))
     build_ks(sim, KS2, ks_text(KS2))
     # The rogue takes KS3's address and uses the GMs' PSK as its "COOP key".
-    rogue = build_ks(sim, ROGUE, ks_text(ROGUE, priority=255, peer_auth='psk_file = "psk"',
+    rogue = build_ks(sim, ROGUE, ks_text(ROGUE, priority=255, psk="psk",
                                          gm_psk="other.psk", gm_prefix="192.168.0.0/16"))
     sim.run(3 * PERIOD)
     gms = [gm_register(sim, "10.0.0.1", KS1), gm_register(sim, "10.0.0.2", KS2)]
@@ -212,12 +187,12 @@ def test_an_sa_of_a_gm_never_carries_an_ann(files: Path) -> None:
 
 @pytest.fixture
 def lab(files: Path) -> dict[str, Path]:
-    return pki.generate_test_pki(files / "pki", ["ks1", "ks2", "ks3", "gm1"])
+    return generate_test_pki(files / "pki", ["ks1", "ks2", "ks3", "gm1"])
 
 
-def pki_table(lab: dict[str, Path], name: str) -> str:
-    return (f'[auth.pki]\nca_file = "{lab["ca.pem"]}"\ncert_file = "{lab[f"{name}.pem"]}"\n'
-            f'key_file = "{lab[f"{name}.key"]}"\n')
+def pki_table(lab: dict[str, Path], name: str) -> dict[str, str]:
+    return {"ca_file": str(lab["ca.pem"]), "cert_file": str(lab[f"{name}.pem"]),
+            "key_file": str(lab[f"{name}.key"])}
 
 
 PIN = {KS1: "CN=ks1", KS2: "CN=ks2", KS3: "CN=ks3"}
@@ -225,11 +200,8 @@ PIN = {KS1: "CN=ks1", KS2: "CN=ks2", KS3: "CN=ks3"}
 
 def cert_ks(sim: Sim, address: str, lab: dict[str, Path], cert: str, priority: int | None = None,
             pin: str | None = None) -> KeyServerEngine:
-    auth = f'identity = "{pin}"' if pin else 'identity = "{peer}"'
-    text = ks_text(address, priority=priority, peer_auth=auth, pki_files=pki_table(lab, cert))
-    for a, cn in PIN.items():
-        text = text.replace(f'identity = "{a}"', f'identity = "{cn}"')
-    return build_ks(sim, address, text)
+    peers = [{"address": a, "identity": pin or PIN[a]} for a in KSS if a != address]
+    return build_ks(sim, address, ks_text(address, priority=priority, peers=peers, pki=pki_table(lab, cert)))
 
 
 def test_ca_issued_gm_certificate_at_a_peer_address_is_refused(files: Path, lab: dict[str, Path]) -> None:
@@ -321,51 +293,16 @@ def test_peer_with_another_signing_key_is_not_synced(files: Path) -> None:
 
 LO_KS, LO_ROGUE, LO_GM = "127.0.2.1", "127.0.2.3", "127.0.2.10"
 
-LO_KS_TOML = """
-[ks]
-address = "{address}"
-control_socket = "{dir}/{name}.sock"
-state_dir = "{dir}/{name}-state"
-[[auth.psk]]
-peer = "{gm_prefix}"
-key_file = "{gm_psk}"
-[[group]]
-name = "GET"
-number = 1234
-[group.kek]
-signing_key = "{signing_key}"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.0.0.0/8"
-dst = "10.0.0.0/8"
-[coop]
-priority = {priority}
-announce_interval = 0.5
-[[coop.peer]]
-address = "{peer}"
-psk_file = "{coop_psk}"
-"""
-
-LO_GM_TOML = """
-[gm]
-address = "{address}"
-control_socket = "{dir}/gm.sock"
-registration_timeout = 5.0
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "gm.psk"
-[[group]]
-name = "GET"
-number = 1234
-servers = ["{ks}"]
-"""
+def lo_ks_text(directory: Path, address: str, name: str, *, gm_prefix: str, gm_psk: str, signing_key: str,
+               priority: int, peer: str, coop_psk: str) -> str:
+    return configgen.ks_config(
+        address, control_socket=f"{directory}/{name}.sock", state_dir=f"{directory}/{name}-state",
+        auth=configgen.psk_auth(gm_prefix, gm_psk), groups=[configgen.ks_group(signing_key=signing_key)],
+        coop={"priority": priority, "announce_interval": 0.5, "peer": [{"address": peer, "psk_file": coop_psk}]},
+    )
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848 on loopback: needs root")
+@pytest.mark.root
 def test_daemons_rogue_with_the_gm_psk_at_the_peer_address(tmp_path: Path) -> None:
     write_private(tmp_path / "gm.psk", "loopback-gm-secret\n")
     write_private(tmp_path / "coop.psk", "loopback-ks-pair-secret\n")
@@ -373,16 +310,18 @@ def test_daemons_rogue_with_the_gm_psk_at_the_peer_address(tmp_path: Path) -> No
     write_signing_key(tmp_path / "rekey.key")
     write_signing_key(tmp_path / "rogue-rekey.key")
     ks_cfg = tmp_path / "ks.toml"
-    ks_cfg.write_text(LO_KS_TOML.format(address=LO_KS, dir=tmp_path, name="ks", gm_prefix="127.0.0.0/8",
+    ks_cfg.write_text(lo_ks_text(tmp_path, LO_KS, "ks", gm_prefix="127.0.0.0/8",
                                         gm_psk="gm.psk", signing_key="rekey.key", priority=100,
                                         peer=LO_ROGUE, coop_psk="coop.psk"))
     # The rogue: KS software at the configured peer's address, priority 255, the GM PSK as its "COOP key".
     rogue_cfg = tmp_path / "rogue.toml"
-    rogue_cfg.write_text(LO_KS_TOML.format(address=LO_ROGUE, dir=tmp_path, name="rogue", gm_prefix="10.9.0.0/16",
+    rogue_cfg.write_text(lo_ks_text(tmp_path, LO_ROGUE, "rogue", gm_prefix="10.9.0.0/16",
                                            gm_psk="unused.psk", signing_key="rogue-rekey.key", priority=255,
                                            peer=LO_KS, coop_psk="gm.psk"))
     gm_cfg = tmp_path / "gm.toml"
-    gm_cfg.write_text(LO_GM_TOML.format(address=LO_GM, dir=tmp_path, ks=LO_KS))
+    gm_cfg.write_text(configgen.gm_config(
+        LO_GM, control_socket=f"{tmp_path}/gm.sock", registration_timeout=5.0,
+        auth=configgen.psk_auth("127.0.0.0/8", "gm.psk"), groups=[configgen.gm_group([LO_KS])]))
     with Daemon("ks", ks_cfg) as ks, Daemon("ks", rogue_cfg) as rogue:
         ks.wait_for(r"COOP_KS_TRANS_TO_PRI: KS 127\.0\.2\.1")
         # Both directions fail at message 5: each side's key for the other's address differs.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gdoid.config import load_ks_config
+from gdoid.configgen import ks_config, ks_group, psk_auth
 from gdoid.keyserver import state
 from gdoid.keyserver.annblocks import signing_key_block
 from gdoid.keyserver.coop import Coop
@@ -37,6 +37,7 @@ from gdoid.protocol.ann import seal_ann
 from gdoid.protocol.gdoi_payloads import AnnBlock, AnnPayload, BlockType, Role
 from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.version import SoftwareVersion
+from tests.coopsim import GROUP, KS1, KS2, Sim
 from tests.procs import (
     Daemon,
     auth_toml,
@@ -47,43 +48,8 @@ from tests.procs import (
     write_private,
     write_signing_key,
 )
-from tests.test_coop import GROUP, KS1, KS2, PERIOD, Sim, files  # noqa: F401  (files: a fixture)
 
 # --- reload while COOP runs (KeyServerDaemon objects, datagrams passed in memory) -------------
-
-RELOAD_KS = """
-[ks]
-address = "{address}"
-control_socket = "{dir}/{name}.sock"
-state_dir = "{dir}/{name}-state"
-[[auth.psk]]
-peer = "10.0.0.0/8"
-key_file = "gm.psk"
-{groups}
-[coop]
-priority = {priority}
-announce_interval = 0.5
-[[coop.peer]]
-address = "{peer}"
-psk_file = "{coop_psk}"
-"""
-
-RELOAD_GROUP = """
-[[group]]
-name = "{name}"
-number = {number}
-[group.kek]
-signing_key = "{signing_key}"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.0.0.0/8"
-dst = "10.0.0.0/8"
-"""
-
 
 class Pair:
     """Two KS daemons (not started: no sockets) whose engines exchange datagrams in memory."""
@@ -103,12 +69,14 @@ class Pair:
                coop_psk: str = "coop.psk") -> Path:
         name = "ks1" if address == KS1 else "ks2"
         path = self.dir / f"{name}.toml"
-        path.write_text(RELOAD_KS.format(
-            address=address, dir=self.dir, name=name, priority=100 if address == KS1 else 50,
-            peer=KS2 if address == KS1 else KS1, coop_psk=coop_psk,
-            groups="".join(RELOAD_GROUP.format(
-                name=n, number=num, signing_key=self.ks2_signing_key if address == KS2 else "rekey.key")
-                for n, num in groups)))
+        signing_key = self.ks2_signing_key if address == KS2 else "rekey.key"
+        path.write_text(ks_config(
+            address, control_socket=f"{self.dir}/{name}.sock", state_dir=f"{self.dir}/{name}-state",
+            auth=psk_auth("10.0.0.0/8", "gm.psk"),
+            groups=[ks_group(name=n, number=num, signing_key=signing_key) for n, num in groups],
+            coop={"priority": 100 if address == KS1 else 50, "announce_interval": 0.5,
+                  "peer": [{"address": KS2 if address == KS1 else KS1, "psk_file": coop_psk}]},
+        ))
         return path
 
     def _daemon(self, address: str, priority: int) -> KeyServerDaemon:
@@ -384,10 +352,7 @@ def wait_state(path: Path, check: Callable[[dict[str, Any]], bool], timeout: flo
         time.sleep(0.02)
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848 on loopback: needs root")
-
-
-@needs_root
+@pytest.mark.root
 def test_member_dropped_for_missed_rekeys_is_saved(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_signing_key(tmp_path / "rekey.key")
@@ -413,7 +378,7 @@ def test_member_dropped_for_missed_rekeys_is_saved(tmp_path: Path) -> None:
         assert gdoictl_json(tmp_path / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"] == []
 
 
-@needs_root
+@pytest.mark.root
 def test_members_merged_and_keys_adopted_from_coop_are_saved(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_private(tmp_path / "coop.psk", "ks-pair-secret\n")

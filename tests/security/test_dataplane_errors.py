@@ -34,6 +34,7 @@ import structlog
 
 from gdoid import log
 from gdoid.config import parse_gm_config
+from gdoid.configgen import gm_config, gm_group, psk_auth
 from gdoid.control import ControlRequest
 from gdoid.dataplane.engine import INTERNAL_ERROR_LOG_INTERVAL, Dataplane, DropReason
 from gdoid.groupmember.daemon import GroupMemberDaemon
@@ -50,8 +51,8 @@ from gdoid.protocol.policy import (
     parse_sa,
     parse_sat,
 )
-from tests.test_esp import T0, make_tek, sids, udp
-from tests.test_pull import make_kek
+from tests.espdata import T0, make_tek, sids, udp
+from tests.pullsim import make_kek
 
 TBAR_NET = TrafficSelector(IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16"))
 PLAIN_NET = TrafficSelector(IPv4Network("10.3.0.0/16"), IPv4Network("10.4.0.0/16"))
@@ -167,26 +168,12 @@ def test_traceback_log_is_rate_limited() -> None:
     assert dp.stats(now)["drops"]["internal-error"] == 52
 
 
-GM_TOML = """
-[gm]
-address = "127.0.0.2"
-control_socket = "{sock}"
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk"
-[[group]]
-name = "GET"
-number = 1
-servers = ["127.0.0.1"]
-[dataplane]
-enabled = true
-"""
-
-
 def test_show_crypto_ipsec_sa_shows_internal_errors(tmp_path: Path) -> None:
     (tmp_path / "psk").write_text("secret\n")
     (tmp_path / "psk").chmod(0o600)
-    cfg = parse_gm_config(GM_TOML.format(sock=tmp_path / "ctl"), tmp_path)
+    text = gm_config("127.0.0.2", control_socket=tmp_path / "ctl", dataplane={"enabled": True},
+                     auth=psk_auth("127.0.0.0/8", "psk"), groups=[gm_group(["127.0.0.1"], number=1)])
+    cfg = parse_gm_config(text, tmp_path)
     daemon = GroupMemberDaemon(cfg)  # nothing is opened before start()
     assert daemon.dataplane is not None
     broken_and_sound(daemon.dataplane)

@@ -31,19 +31,13 @@ from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.message import decode_plain
 from gdoid.protocol.payloads import NotifyPayload
-from tests.procs import write_private, write_signing_key
-from tests.test_engines import GROUP, KS, T0, make_gm, make_ks
+from tests.enginenet import GROUP, KS, T0, make_gm, make_ks
+from tests.ikecraft import (
+    mm1_with,
+)
 
 CAP = 4096
 RATE = 5000.0  # flood packets per second of the injected clock
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> Path:
-    """What make_ks/make_gm read: the PSK and the rekey signing key."""
-    write_private(tmp_path / "psk", "secret\n")
-    write_signing_key(tmp_path / "rekey.key")
-    return tmp_path
 
 
 class Flood:
@@ -235,33 +229,6 @@ class Clock:
         return self.t
 
 
-def _transform(number: int, cipher: int) -> bytes:
-    attrs = struct.pack("!HHHHHHHHHH", 0x8001, cipher, 0x800E, 128, 0x8002, 4, 0x8003, 1, 0x8004, 19)
-    body = struct.pack("!BBH", number & 0xFF, 1, 0) + attrs
-    return body
-
-
-def mm1_with(proposals: int, transforms: int, vid_bytes: int = 0, cipher: int = 7) -> bytes:
-    """A message 1 with ``proposals`` proposals of ``transforms`` transforms, plus a big VID.
-
-    ``cipher`` 7 is AES-CBC (acceptable), 5 is 3DES (refused: NO_PROPOSAL_CHOSEN).
-    """
-    props = b""
-    for p in range(proposals):
-        ts = b""
-        for t in range(transforms):
-            body = _transform(t + 1, cipher)
-            ts += struct.pack("!BBH", 3 if t + 1 < transforms else 0, 0, 4 + len(body)) + body
-        pbody = struct.pack("!BBBB", p + 1, 1, 0, transforms & 0xFF) + ts
-        props += struct.pack("!BBH", 2 if p + 1 < proposals else 0, 0, 4 + len(pbody)) + pbody
-    sa_body = struct.pack("!II", 1, 1) + props
-    vid = struct.pack("!BBH", 0, 0, 4 + vid_bytes) + b"V" * vid_bytes if vid_bytes else b""
-    sa = struct.pack("!BBH", 13 if vid else 0, 0, 4 + len(sa_body)) + sa_body
-    body = sa + vid
-    hdr = os.urandom(8) + bytes(8) + struct.pack("!BBBBII", 1, 0x10, 2, 0, 0, HEADER_LEN + len(body))
-    return hdr + body
-
-
 def _lines(stream: io.StringIO) -> list[str]:
     return stream.getvalue().splitlines()
 
@@ -323,7 +290,7 @@ def test_log_limiter_bounds_fields_and_summarises(log_stream: io.StringIO) -> No
 
 
 def test_forged_rekeys_log_a_bounded_number_of_lines(files: Path, log_stream: io.StringIO) -> None:
-    from tests.test_engines import register
+    from tests.enginenet import register
 
     ks = make_ks(files)
     gm = make_gm(files)

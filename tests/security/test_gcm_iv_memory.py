@@ -15,9 +15,9 @@ import struct
 from pathlib import Path
 
 from gdoid.dataplane.engine import Dataplane
-from tests.test_engines import GM, GROUP, Net, files, make_gm, make_ks  # noqa: F401
-from tests.test_engines import T0 as ENGINE_T0
-from tests.test_esp import T0, make_tek, sids, udp
+from tests.enginenet import GM, GROUP, Net, make_gm, make_ks
+from tests.enginenet import T0 as ENGINE_T0
+from tests.espdata import T0, make_tek, sids, udp
 
 
 def ivs(packets: list[bytes]) -> list[int]:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from gdoid.protocol import crypto
-from gdoid.protocol.pki import generate_test_pki, load_private_key
+from gdoid.protocol.pki import load_private_key
+from tests.pki import generate_test_pki
 from tests.procs import (
     Capture,
     Daemon,
@@ -31,7 +32,7 @@ from tests.procs import (
     write_signing_key,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+pytestmark = pytest.mark.root
 
 ROGUE = "127.0.0.9"
 REGISTERED_REAL = r"%GDOI-5-GM_REGS_COMPL: Registration to KS 127\.0\.0\.1 complete for group GET"

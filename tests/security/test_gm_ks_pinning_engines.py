@@ -20,57 +20,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, sa_ipsec
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group
 from gdoid.phase1 import phase1_config
 from gdoid.protocol import crypto
-from gdoid.protocol.pki import generate_test_pki, load_private_key
+from gdoid.protocol.pki import load_private_key
+from tests.procs import toml_tables
 from tests.recorder import Events
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return generate_test_pki(tmp_path_factory.mktemp("pki"), ["ks", "gm1", "gm9"])
 
 
 def new_rekey_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-
 REAL_KS, ROGUE_KS, GM_ADDR = "127.0.0.1", "127.0.0.9", "127.0.0.2"
-
-KS_TOML = """
-[ks]
-address = "{address}"
-{auth}
-[[group]]
-name = "GET"
-number = 1234
-[group.kek]
-signing_key = "{rekey}"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.1.0.0/16"
-dst = "10.2.0.0/16"
-"""
-
-GM_TOML = """
-[gm]
-address = "127.0.0.2"
-{auth}
-[[group]]
-name = "GET"
-number = 1234
-servers = ["127.0.0.9", "127.0.0.1"]
-{pins}
-"""
-
 
 def psk_auth() -> str:
     return '[[auth.psk]]\npeer = "127.0.0.0/8"\nkey_file = "psk"\n'
@@ -94,14 +59,17 @@ def files(tmp_path: Path) -> Path:
 
 
 def make_ks(base: Path, address: str, auth: str, rekey: str, now: float) -> KeyServerEngine:
-    cfg = parse_ks_config(KS_TOML.format(address=address, auth=auth, rekey=rekey), base)
+    group = ks_group(signing_key=rekey, sas=[sa_ipsec(src="10.1.0.0/16", dst="10.2.0.0/16")])
+    cfg = parse_ks_config(ks_config(address, auth=toml_tables(auth)["auth"], groups=[group]), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, now) for g in cfg.groups}
     return KeyServerEngine(p1, groups, logger=Events())
 
 
 def make_gm(base: Path, auth: str, pins: str) -> GroupMemberEngine:
-    cfg = parse_gm_config(GM_TOML.format(auth=auth, pins=pins), base)
+    # ``pins``: keys of the group (ks_identities, ks_pop, rekey_key_sha256) as TOML text.
+    group = gm_group(["127.0.0.9", "127.0.0.1"], **toml_tables(pins))
+    cfg = parse_gm_config(gm_config("127.0.0.2", auth=toml_tables(auth)["auth"], groups=[group]), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     return GroupMemberEngine(cfg.address, cfg.groups, p1, logger=Events())
 

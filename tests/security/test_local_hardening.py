@@ -35,6 +35,7 @@ from gdoid.protocol.pki import load_private_key
 from tests.procs import (
     Daemon,
     auth_toml,
+    free_udp_port,
     gdoictl,
     gdoid_cmd,
     ks_toml,
@@ -46,13 +47,7 @@ NOW = 1_800_000_000.0
 NOBODY = 65534
 VICTIM = b"victim file: must stay exactly like this\n"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setuid clients)")
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+pytestmark = pytest.mark.root
 
 
 def _ks_config(directory: Path, port: int = 848, extra_ks: str = "") -> Path:
@@ -85,7 +80,7 @@ def test_keylog_world_writable_dir_refused_at_startup(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
     keys.chmod(0o1777)
-    config = _ks_config(tmp_path, port=_free_udp_port())
+    config = _ks_config(tmp_path, port=free_udp_port())
     try:
         proc = subprocess.run(
             [*gdoid_cmd(), "ks", "--config", str(config), "--keylog", str(keys)],
@@ -162,7 +157,7 @@ def test_lab_keylog_creates_private_dir(tmp_path: Path) -> None:
     """``gdoid lab --keylog DIR`` keeps working: DIR is created 0700, the keys land in it."""
     keys = tmp_path / "new" / "keys"
     proc = subprocess.run(
-        [*gdoid_cmd(), "lab", "--gms", "1", "--base-port", str(_free_udp_port()),
+        [*gdoid_cmd(), "lab", "--gms", "1", "--base-port", str(free_udp_port()),
          "--timeout", "20", "--keylog", str(keys)],
         capture_output=True, text=True, timeout=60,
     )
@@ -287,7 +282,7 @@ def test_control_socket_peercred(shared_dir: Path) -> None:
     show; an outsider gets ``% Permission denied`` for clear, reload and show (even on a
     socket whose mode was loosened), and the denial is logged, rate-limited."""
     group = _other_group()
-    config = _ks_config(shared_dir, port=_free_udp_port(), extra_ks=f'control_group = "{group.gr_name}"')
+    config = _ks_config(shared_dir, port=free_udp_port(), extra_ks=f'control_group = "{group.gr_name}"')
     sock = shared_dir / "ks.sock"
     with Daemon("ks", config) as ks:
         ks.wait_for("ks_started")
@@ -332,7 +327,7 @@ def test_control_socket_peercred(shared_dir: Path) -> None:
 def test_control_socket_root_only_without_group(shared_dir: Path) -> None:
     """No control_group: socket 0600, and only root / the daemon's user are served,
     even when the socket's mode has been loosened."""
-    config = _ks_config(shared_dir, port=_free_udp_port())
+    config = _ks_config(shared_dir, port=free_udp_port())
     sock = shared_dir / "ks.sock"
     with Daemon("ks", config) as ks:
         ks.wait_for("ks_started")

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.keyserver.group import Group
@@ -30,47 +31,13 @@ from gdoid.protocol.main_mode_responder import MainModeResponder
 from gdoid.protocol.message import decode_plain
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.pki import load_private_key
+from tests.ikesim import GM_ADDR, KS_ADDR, T0, config
+from tests.procs import toml_tables
 from tests.recorder import Events
-from tests.test_ike import GM_ADDR, KS_ADDR, T0, config
 
 KS = "127.0.0.1"
 REAL_SOURCE = "127.0.0.2"  # where the rogue GM's datagrams really come from
 CLAIMED = "127.0.0.3"  # the address (another GM's) it claims in its ID payload
-
-KS_TOML = """
-[ks]
-address = "127.0.0.1"
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk"
-{extra}
-[[group]]
-name = "GET"
-number = 1234
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.1.0.0/16"
-dst = "10.2.0.0/16"
-"""
-
-GM_TOML = """
-[gm]
-address = "{address}"
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk"
-[[group]]
-name = "GET"
-number = 1234
-servers = ["127.0.0.1"]
-"""
-
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
@@ -85,14 +52,18 @@ def files(tmp_path: Path) -> Path:
 
 
 def make_ks(base: Path, extra: str = "") -> KeyServerEngine:
-    cfg = parse_ks_config(KS_TOML.format(extra=extra), base)
+    # ``extra``: more [[auth.psk]] entries, as TOML text.
+    auth = psk_auth("127.0.0.0/8", "psk")
+    auth["psk"] += toml_tables(extra).get("auth", {}).get("psk", [])
+    group = ks_group(sas=[sa_ipsec(src="10.1.0.0/16", dst="10.2.0.0/16")])
+    cfg = parse_ks_config(ks_config(KS, auth=auth, groups=[group]), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, 0.0) for g in cfg.groups}
     return KeyServerEngine(p1, groups, logger=Events())
 
 
 def make_gm(base: Path, address: str) -> GroupMemberEngine:
-    cfg = parse_gm_config(GM_TOML.format(address=address), base)
+    cfg = parse_gm_config(gm_config(address, auth=psk_auth("127.0.0.0/8", "psk"), groups=[gm_group([KS])]), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     return GroupMemberEngine(cfg.address, cfg.groups, p1, logger=Events())
 

@@ -45,8 +45,8 @@ from gdoid.protocol.gdoi_payloads import (
 from gdoid.protocol.message import decode_plain, encode_plain
 from gdoid.protocol.payloads import NotifyPayload
 from gdoid.protocol.policy import GroupKeys, build_kd, build_sat, parse_keys, parse_sa
-from tests.test_engines import GM, GROUP, KS, T0, Net, files, make_gm, make_ks  # noqa: F401
-from tests.test_pull import directory, make_kek, make_tek, run_pull
+from tests.enginenet import GM, GROUP, KS, T0, Net, make_gm, make_ks
+from tests.pullsim import directory, make_kek, make_tek, run_pull
 
 # An RFC 8052 (IEC 61850) style SAT body after the Protocol-ID: not the ESP layout.  Read as
 # ESP it claims a 0x2b06-octet source ID and so was "truncated".

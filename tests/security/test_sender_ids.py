@@ -20,15 +20,12 @@ from gdoid.phase1 import phase1_config
 from gdoid.protocol.errors import ProtocolError
 from gdoid.protocol.pki import load_private_key
 from gdoid.protocol.push import RemovalMode
+from tests.enginenet import GM, GROUP, T0, ks_text, make_gm, register
 from tests.recorder import Events
-from tests.test_engines import GM, GROUP, KS_TOML, T0, files, make_gm, register
-
-__all__ = ["files"]
 
 
 def make_ks(base: Path, bits: int = 16, now: float = T0) -> KeyServerEngine:
-    text = KS_TOML.format(lifetime=3600).replace("number = 1234\n", f"number = 1234\nsender_id_bits = {bits}\n", 1)
-    cfg: KsConfig = parse_ks_config(text, base)
+    cfg: KsConfig = parse_ks_config(ks_text(sender_id_bits=bits), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, now)
               for g in cfg.groups}

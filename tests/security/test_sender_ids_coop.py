@@ -13,7 +13,7 @@ from gdoid.keyserver.annblocks import signing_key_block
 from gdoid.keyserver.engine import KeyServerEngine
 from gdoid.protocol.ann import seal_ann
 from gdoid.protocol.gdoi_payloads import AnnBlock, AnnPayload, BlockType, Role
-from tests.test_coop import (
+from tests.coopsim import (
     ELECTED_WITHIN,
     GROUP,
     KS1,
@@ -23,11 +23,8 @@ from tests.test_coop import (
     Sim,
     elected,
     events,
-    files,
     restart,
 )
-
-__all__ = ["files"]
 
 
 def sids_of(sim: Sim, gm_address: str) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from tests.dpnet import (
     total,
     wait_until,
 )
-from tests.netns import netns_required, require_netns  # noqa: F401  (a fixture)
+from tests.netns import require_netns
 from tests.procs import gdoictl_json
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("netns_required")]

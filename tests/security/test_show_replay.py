@@ -7,7 +7,6 @@ anti-replay is on for a group must see that group's real settings.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.control import ControlRequest
 from gdoid.groupmember.daemon import GroupMemberDaemon
 from gdoid.keyserver.engine import KeyServerEngine
@@ -23,81 +23,31 @@ from gdoid.phase1 import phase1_config
 from gdoid.protocol.pki import load_private_key
 from tests.procs import Daemon, gdoictl, gdoictl_json, write_private, write_signing_key
 
-KS_TOML = """
-[ks]
-address = "127.0.0.1"
-control_socket = "{d}/ks.sock"
-state_dir = "{d}/ks-state"
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk"
 
-[[group]]
-name = "GET"
-number = 1234
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-replay_window = 64
-tbar_window_ms = 5000
-[group.sa_ipsec.match]
-src = "10.1.0.0/16"
-dst = "10.2.0.0/16"
-[[group.sa_ipsec]]
-number = 2
-profile = "gdoi-p"
-transform = "esp-gcm-128"
-lifetime = 3600
-replay_window = 256
-tbar_window_ms = 900
-[group.sa_ipsec.match]
-src = "10.3.0.0/16"
-dst = "10.4.0.0/16"
+def ks_text(d: Path) -> str:
+    """Two groups; GET has two SAs with their own replay settings."""
+    get = ks_group(sas=[
+        sa_ipsec(1, src="10.1.0.0/16", dst="10.2.0.0/16", replay_window=64, tbar_window_ms=5000),
+        sa_ipsec(2, transform="esp-gcm-128", src="10.3.0.0/16", dst="10.4.0.0/16", replay_window=256,
+                 tbar_window_ms=900),
+    ])
+    other = ks_group(name="OTHER", number=5678, sas=[sa_ipsec(src="10.5.0.0/16", dst="10.6.0.0/16")])
+    return ks_config("127.0.0.1", control_socket=f"{d}/ks.sock", state_dir=f"{d}/ks-state",
+                     auth=psk_auth("127.0.0.0/8", "psk"), groups=[get, other])
 
-[[group]]
-name = "OTHER"
-number = 5678
-[group.kek]
-signing_key = "rekey.key"
-[[group.sa_ipsec]]
-number = 1
-profile = "gdoi-p"
-transform = "esp-gcm-256"
-lifetime = 3600
-[group.sa_ipsec.match]
-src = "10.5.0.0/16"
-dst = "10.6.0.0/16"
-"""
 
-GM_TOML = """
-[gm]
-address = "127.0.0.2"
-control_socket = "{d}/gm.sock"
-[[auth.psk]]
-peer = "127.0.0.0/8"
-key_file = "psk"
-[dataplane]
-enabled = true
-[[group]]
-name = "GET"
-number = 1234
-servers = ["127.0.0.1"]
-[[group]]
-name = "OTHER"
-number = 5678
-servers = ["127.0.0.1"]
-"""
+def gm_text(d: Path) -> str:
+    """A GM of both groups, with the data path on."""
+    groups = [gm_group(["127.0.0.1"]), gm_group(["127.0.0.1"], name="OTHER", number=5678)]
+    return gm_config("127.0.0.2", control_socket=f"{d}/gm.sock", auth=psk_auth("127.0.0.0/8", "psk"),
+                     dataplane={"enabled": True}, groups=groups)
 
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
     write_private(tmp_path / "psk", "secret\n")
     write_signing_key(tmp_path / "rekey.key")
-    (tmp_path / "ks.toml").write_text(KS_TOML.format(d=tmp_path))
+    (tmp_path / "ks.toml").write_text(ks_text(tmp_path))
     return tmp_path
 
 
@@ -107,10 +57,10 @@ def files(tmp_path: Path) -> Path:
 async def test_gm_replay_honours_the_group(files: Path) -> None:
     """A GM with both groups registered (real engines, real data path engine; no sockets)."""
     now = time.time()
-    ks_cfg = parse_ks_config(KS_TOML.format(d=files), files)
+    ks_cfg = parse_ks_config(ks_text(files), files)
     groups = {g.number: Group(g, load_private_key(g.kek.signing_key), ks_cfg.address, 848, now) for g in ks_cfg.groups}
     ks = KeyServerEngine(phase1_config(ks_cfg.ike, ks_cfg.auth, ks_cfg.address, ks_cfg.software_version), groups)
-    gm = GroupMemberDaemon(parse_gm_config(GM_TOML.format(d=files), files))
+    gm = GroupMemberDaemon(parse_gm_config(gm_text(files), files))
     queue = gm.engine.start(now)
     while queue:
         data, dst = queue.pop(0)
@@ -144,7 +94,7 @@ async def test_gm_replay_honours_the_group(files: Path) -> None:
 # --- KS: the settings in force ------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binds UDP 848: needs root")
+@pytest.mark.root
 def test_ks_replay_shows_each_groups_configured_windows(files: Path) -> None:
     with Daemon("ks", files / "ks.toml") as ks:
         ks.wait_for("ks_started")
