@@ -59,7 +59,7 @@ class UdpShell:
         bind: Address,
         control_socket: Path | None,
         tick: float = 1.0,
-        logger: object | None = None,
+        logger: log.Logger | None = None,
         control_group: str | None = None,
     ) -> None:
         self.name = name

@@ -118,7 +118,7 @@ class KeyServerEngine:
         *,
         max_half_open: int = 16384,
         keylog: KeyLog | None = None,
-        logger: object | None = None,
+        logger: log.Logger | None = None,
     ) -> None:
         self.phase1 = phase1
         self.groups = groups
