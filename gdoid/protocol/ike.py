@@ -867,11 +867,11 @@ def _select(
                     return prop, t, Phase1Proposal(
                         offered.key_bits, offered.hash, offered.auth, offered.group, offered.lifetime
                     )
-    offered = [t for prop in sa.proposals for t in prop.transforms]
+    transforms = [t for prop in sa.proposals for t in prop.transforms]
     offered_text = "; ".join(  # the first few: the reason is logged, and cheap to build
-        p.describe() if p else "unsupported transform" for p in map(Phase1Proposal.from_transform, offered[:4])
+        p.describe() if p else "unsupported transform" for p in map(Phase1Proposal.from_transform, transforms[:4])
     )
-    more = f"; {len(offered) - 4} more" if len(offered) > 4 else ""
+    more = f"; {len(transforms) - 4} more" if len(transforms) > 4 else ""
     raise NotifyError(NotifyType.NO_PROPOSAL_CHOSEN, f"no acceptable proposal (offered: {offered_text}{more})")
 
 

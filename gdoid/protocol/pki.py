@@ -20,7 +20,7 @@ from typing import TypeAlias
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, x448, x25519
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (
     ExtensionPolicy,
@@ -179,7 +179,10 @@ class CertificateValidator:
             crl = _parse_crl(crl)
         # An unauthenticated CRL is a configuration error, not something to skip.
         for ca in self._cas:
-            if ca.subject == crl.issuer and crl.is_signature_valid(ca.public_key()):
+            key = ca.public_key()
+            if isinstance(key, x25519.X25519PublicKey | x448.X448PublicKey):
+                continue  # key-agreement keys cannot have signed anything
+            if ca.subject == crl.issuer and crl.is_signature_valid(key):
                 return crl
         raise PkiError(
             f"CRL issued by {crl.issuer.rfc4514_string()} is not signed by any configured CA"

@@ -348,9 +348,9 @@ class PullInitiator:
                 NotifyType.INVALID_ID_INFORMATION,
                 f"KS certificate {describe_certificate(cert)} matches none of ks_identities",
             )
-        public = cert.public_key()
-        if not isinstance(public, rsa.RSAPublicKey) or not crypto.ike_rsa_verify(
-            public, pop_hash(self.sa, self.ni_b, self.nr_b), sig.data
+        cert_key = cert.public_key()
+        if not isinstance(cert_key, rsa.RSAPublicKey) or not crypto.ike_rsa_verify(
+            cert_key, pop_hash(self.sa, self.ni_b, self.nr_b), sig.data
         ):
             raise NotifyError(NotifyType.INVALID_SIGNATURE, "POP_R does not verify with the KS certificate")
         return ", ".join([*proved, f"CERT+POP_R {describe_certificate(cert, 120)} (matches {match.text})"])
