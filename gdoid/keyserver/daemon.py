@@ -338,7 +338,7 @@ class KeyServerDaemon:
         if isinstance(groups, ControlResponse):
             return groups
         if self.coop is None:
-            role = {"address": str(self.config.address), "priority": None, "role": "Primary (standalone)",
+            role: dict[str, Any] = {"address": str(self.config.address), "priority": None, "role": "Primary (standalone)",
                     "version": str(self.config.software_version), "primary": str(self.config.address), "peers": []}
         else:
             role = self.coop.describe(now)

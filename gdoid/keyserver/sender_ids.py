@@ -518,9 +518,10 @@ def ann_block(alloc: SenderIdAllocator, me: str, to: str, now: float) -> AnnBloc
     others = sorted(alloc.peer_records.values(), key=lambda r: r.owner != to)
     for rec in others[: MAX_ANN_RECORDS - 1]:
         records.append(rec.coarsened(MAX_RECORD_RANGES))
-    value = {"bits": alloc.bits, "records": [r.to_json() for r in records]}
-    while len(json.dumps(value, separators=(",", ":"))) > SENDER_IDS_BLOCK_BUDGET and len(value["records"]) > 1:
-        value["records"].pop()
+    listed = [r.to_json() for r in records]
+    value = {"bits": alloc.bits, "records": listed}
+    while len(json.dumps(value, separators=(",", ":"))) > SENDER_IDS_BLOCK_BUDGET and len(listed) > 1:
+        listed.pop()
     return AnnBlock.of(BlockType.SENDER_IDS, value)
 
 
