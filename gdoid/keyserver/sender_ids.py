@@ -548,12 +548,6 @@ def add_block(anns: list[list[AnnBlock]], alloc: SenderIdAllocator, me: str, to:
         anns.append([block])
 
 
-def receive_block(alloc: SenderIdAllocator, block: AnnBlock | None, me: str, now: float) -> None:
-    """Merge a peer's SENDER_IDS block (raises ProtocolError on anything malformed)."""
-    if block is not None:
-        apply_records(alloc, parse_block(block.json(), alloc.bits), me, now)
-
-
 def apply_records(alloc: SenderIdAllocator, records: list[SidRecord], me: str, now: float) -> None:
     """Merge a peer's validated SENDER_IDS records.
 
