@@ -104,7 +104,7 @@ def make_ks(base: Path, now: float = T0, lifetime: int = 3600, **kw: object) -> 
         g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, now)
         for g in cfg.groups
     }
-    return KeyServerEngine(p1, groups, **kw)  # type: ignore[arg-type]
+    return KeyServerEngine(p1, groups, **kw)  # type: ignore[arg-type]  # keyword arguments forwarded to the engine
 
 
 def make_gm(
@@ -120,7 +120,7 @@ def make_gm(
     )
     cfg: GmConfig = parse_gm_config(text, base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
-    return GroupMemberEngine(cfg.address, cfg.groups, p1, **kw)  # type: ignore[arg-type]
+    return GroupMemberEngine(cfg.address, cfg.groups, p1, **kw)  # type: ignore[arg-type]  # keyword arguments forwarded to the engine
 
 
 @dataclass
@@ -302,7 +302,7 @@ def test_unsupported_transform_installs_nothing(files: Path) -> None:
     t = group.teks[1]
     group.teks[1] = replace(
         t,
-        policy=replace(t.policy, transform=TekTransform(3, 128, t.policy.transform.integrity)),  # type: ignore[arg-type]
+        policy=replace(t.policy, transform=TekTransform(3, 128, t.policy.transform.integrity)),  # type: ignore[arg-type]  # an unsupported transform on purpose
     )
     gm = make_gm(files)
     register(ks, gm)
@@ -534,7 +534,7 @@ class RecordingDataplane:
     def __init__(self) -> None:
         self.installs: list[tuple[int, set[int], float]] = []
 
-    def install(self, group, teks, sender_ids, pseudotime_ms, now, activation_delay=0):  # type: ignore[no-untyped-def]
+    def install(self, group, teks, sender_ids, pseudotime_ms, now, activation_delay=0):
         self.installs.append((group, {t.spi for t in teks}, activation_delay))
 
     def remove_group(self, group: int) -> None:

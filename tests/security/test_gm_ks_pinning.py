@@ -89,7 +89,7 @@ class PopDirectory:
 class SilentKs(PullResponder):
     """A KS that ignores the POP request (an older gdoid, or a rogue without the key)."""
 
-    def _proof(self, method: int) -> list:  # type: ignore[override]
+    def _proof(self, method: int) -> list:
         return []
 
 
