@@ -292,7 +292,7 @@ class Worker:
                 lambda i=i, e=engine: GmEndpoint(self, i, e), local_addr=(address, 0)
             )
             self.endpoints.append(ep)
-        socks = [(a, ep.transport.get_extra_info("sockname")[1]) for a, ep in zip(self.addresses, self.endpoints, strict=True)]  # type: ignore[union-attr]
+        socks = [(a, ep.transport.get_extra_info("sockname")[1]) for a, ep in zip(self.addresses, self.endpoints, strict=True)]  # type: ignore[union-attr]  # transports are set once the endpoints exist
         self.conn.send(("ready", socks))
         ticker = asyncio.create_task(self.timers())
         try:

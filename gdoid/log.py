@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 import structlog
 
@@ -54,6 +54,7 @@ __all__ = [
     "UNAUTHORIZED_IDENTITY",
     "UNAUTHORIZED_IPADDR",
     "LogLimiter",
+    "Logger",
     "Mnemonic",
     "bound_field",
     "configure_logging",
@@ -69,6 +70,22 @@ REDACTED = "<redacted>"
 # Internal event-dict keys used to carry a mnemonic from emit() to the renderer.
 _MNEMONIC_KEY = "_gdoi_mnemonic"
 _LOGGER_KEY = "logger_name"  # "logger" is a reserved wrap_logger() argument
+
+
+class Logger(Protocol):
+    """What engines and shells call on a logger: structlog's bound logger, or a test recorder.
+
+    ``log`` carries :func:`emit`'s mnemonics (a stdlib level and the mnemonic's name);
+    the others are plain structured events (``log.info("event", field=value)``).  Return
+    values are ignored (structlog's are ``Any``, a recorder's ``None``).
+    """
+
+    def log(self, level: int, event: str, /, **fields: Any) -> object: ...
+    def debug(self, event: str, /, **fields: Any) -> object: ...
+    def info(self, event: str, /, **fields: Any) -> object: ...
+    def warning(self, event: str, /, **fields: Any) -> object: ...
+    def error(self, event: str, /, **fields: Any) -> object: ...
+    def exception(self, event: str, /, **fields: Any) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -446,12 +463,13 @@ def configure_logging(
     )
 
 
-def get_logger(name: str) -> Any:
+def get_logger(name: str) -> Logger:
     """A structlog logger whose events carry ``logger_name=<name>`` (shown in JSON only)."""
-    return structlog.get_logger(**{_LOGGER_KEY: name})
+    logger: Logger = structlog.get_logger(**{_LOGGER_KEY: name})
+    return logger
 
 
-def emit(logger: Any, mnemonic: Mnemonic, **fields: Any) -> None:
+def emit(logger: Logger, mnemonic: Mnemonic, **fields: Any) -> None:
     """Log ``mnemonic`` at the level its severity implies.
 
     Missing template fields raise at once (a programming error, better caught in
@@ -492,7 +510,7 @@ def with_notify(reason: str, notify: Enum | None, received: bool) -> str:
 @dataclass
 class _Window:
     mnemonic: Mnemonic
-    logger: Any
+    logger: Logger
     started: float
     lines: int = 0
     suppressed: int = 0
@@ -525,7 +543,7 @@ class LogLimiter:
         self.suppressed_total = 0
         self._windows: dict[tuple[str, str], _Window] = {}
 
-    def emit(self, logger: Any, mnemonic: Mnemonic, *, key: str = "", **fields: Any) -> bool:
+    def emit(self, logger: Logger, mnemonic: Mnemonic, *, key: str = "", **fields: Any) -> bool:
         """Log ``mnemonic`` unless its budget is spent; True if a line was written."""
         now = self.clock()
         wkey = (mnemonic.name, key)

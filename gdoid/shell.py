@@ -59,7 +59,7 @@ class UdpShell:
         bind: Address,
         control_socket: Path | None,
         tick: float = 1.0,
-        logger: object | None = None,
+        logger: log.Logger | None = None,
         control_group: str | None = None,
     ) -> None:
         self.name = name
@@ -116,14 +116,17 @@ class UdpShell:
         assert self._stream is not None and self.engine is not None
         while True:
             try:
-                data, peer = await self._stream.recv()
+                data, source = await self._stream.recv()
             except asyncio_dgram.TransportClosed:
                 return
             except OSError as exc:  # e.g. ICMP port unreachable surfaced as ECONNREFUSED
                 self.log.debug("receive_error", error=str(exc))
                 continue
+            if not isinstance(source, tuple):  # an AF_INET socket: always (host, port)
+                continue
+            peer: Address = (source[0], source[1])
             try:
-                out = self.engine.datagram_received(data, (peer[0], peer[1]), wall_clock(), monotonic_clock())
+                out = self.engine.datagram_received(data, peer, wall_clock(), monotonic_clock())
             except Exception:  # a bug must cost one datagram, never the daemon
                 self.log.exception("datagram_handler_failed", peer=peer[0])
                 continue

@@ -90,7 +90,7 @@ def h(text: str) -> bytes:
 def decode_error(payload: str | None = None, field: str | None = None) -> Iterator[DecodeError]:
     """Expect a :class:`DecodeError` naming a payload and a field (optionally given ones)."""
     with pytest.raises(DecodeError) as info:
-        yield info  # type: ignore[misc]
+        yield info  # type: ignore[misc]  # yields pytest's ExceptionInfo for the DecodeError
     err = info.value
     assert err.payload and err.field and err.reason, err
     if payload is not None:

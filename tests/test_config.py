@@ -243,7 +243,7 @@ def test_full_ks_config(confdir: Path) -> None:
     assert cfg.group_by_number(1) is None
     assert cfg.group_by_name("nope") is None
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.port = 1  # type: ignore[misc]
+        cfg.port = 1  # type: ignore[misc]  # assigning a frozen field on purpose
 
 
 def test_full_gm_config(confdir: Path) -> None:

@@ -130,7 +130,7 @@ def test_gms_at_every_ks_get_the_same_keys_and_distinct_sids(files: Path) -> Non
         for t in primary.teks:
             assert gm.sadb.groups[GROUP].teks[t.spi].cipher_key == t.cipher_key
     # SIDs from the three KSs never collide.
-    sids = [s for gm in gms.values() for s in gm.sadb.groups[GROUP].sender_ids.values]  # type: ignore[union-attr]
+    sids = [s for gm in gms.values() for s in gm.sadb.groups[GROUP].sender_ids.values]  # type: ignore[union-attr]  # registered GMs have sender IDs
     assert len(sids) == len(set(sids)) == 6
     # Member lists (with versions and SIDs) are the same everywhere.
     assert_converged(sim)
@@ -337,7 +337,7 @@ def test_peer_with_the_wrong_psk_never_joins(files: Path) -> None:
         assert peer.sa is None and peer.ike_status.startswith(("Failed", "Negotiating"))
         assert not any(e.sa.peer_address == IPv4Address(KS3) for e in sim.ks(a).sas.values())
         assert sim.ks(a).counters["phase1_failed"] >= 1
-    assert all(p.ann_received == 0 for p in rogue.coop.peers.values())  # type: ignore[union-attr]
+    assert all(p.ann_received == 0 for p in rogue.coop.peers.values())  # type: ignore[union-attr]  # this KS is configured with COOP
     # KS1 and KS2 elect between themselves, unswayed by the "priority 255" rogue.
     assert sim.primaries((KS1, KS2)) == [KS1]
     assert sim.coop(KS2).primary == IPv4Address(KS1)
@@ -432,7 +432,7 @@ def test_large_member_list_is_split_below_32_kib(files: Path) -> None:
         m = Member(address, str(address), SoftwareVersion(1, 0, 2), sim.now - i, g2.kek.spi,
                    tuple(t.spi for t in g2.teks), sids.values, ack_key=secrets.token_bytes(32))
         g2.members[address] = m
-        ks2.coop.member_changed(g2, m)  # type: ignore[union-attr]
+        ks2.coop.member_changed(g2, m)  # type: ignore[union-attr]  # this KS is configured with COOP
     start = len(sim.tap)
     sim.tick()  # the secondary announces the new members at once (deltas)
     sim.run(PERIOD)

@@ -38,7 +38,7 @@ def test_dh_shared_secret_agrees(group: DhGroup) -> None:
 
 def test_modp_public_value_is_g_pow_x() -> None:
     kp = DhKeyPair.generate(DhGroup.MODP_2048)
-    x = kp._private.private_numbers().x  # type: ignore[union-attr]
+    x = kp._private.private_numbers().x  # type: ignore[union-attr]  # a MODP group: a finite-field DH key
     assert kp.public_bytes == pow(2, x, MODP_P).to_bytes(256, "big")
 
 
@@ -49,9 +49,9 @@ def test_ecp_shared_secret_is_x_coordinate(group: DhGroup) -> None:
     # Independent computation: peer point times our scalar, take x.
     curve = crypto._EC_CURVES[group]
     peer = ec.EllipticCurvePublicKey.from_encoded_point(curve, b"\x04" + b.public_bytes)
-    assert secret == a._private.exchange(ec.ECDH(), peer)  # type: ignore[call-arg,arg-type]
+    assert secret == a._private.exchange(ec.ECDH(), peer)  # type: ignore[call-arg,arg-type]  # an EC group: an ECDH key
     n = SECRET_LEN[group]
-    b_point = b._private.public_key().public_numbers()  # type: ignore[union-attr]
+    b_point = b._private.public_key().public_numbers()
     assert b.public_bytes == b_point.x.to_bytes(n, "big") + b_point.y.to_bytes(n, "big")
 
 
@@ -113,7 +113,7 @@ def test_hash_and_prf(alg: HashAlgorithm) -> None:
 
 def test_unknown_hash_is_crypto_error() -> None:
     with pytest.raises(CryptoError):
-        crypto.hash_digest(3, b"")  # type: ignore[arg-type]
+        crypto.hash_digest(3, b"")  # type: ignore[arg-type]  # an invalid hash on purpose
 
 
 def test_skeyid_and_phase1_keys() -> None:
@@ -290,12 +290,12 @@ def test_rekey_sign_verify(signing_key: crypto.PrivateKey, sig_hash: SigHash) ->
     assert not crypto.rekey_verify(pub, sig_hash, data, b"garbage")
     other_hash = SigHash.SHA512 if sig_hash != SigHash.SHA512 else SigHash.SHA256
     assert not crypto.rekey_verify(pub, other_hash, data, sig)
-    assert not crypto.rekey_verify(pub, 99, data, sig)  # type: ignore[arg-type]
+    assert not crypto.rekey_verify(pub, 99, data, sig)  # type: ignore[arg-type]  # an invalid hash on purpose
 
 
 def test_rekey_sign_unknown_hash(rsa_key: rsa.RSAPrivateKey) -> None:
     with pytest.raises(CryptoError, match="SIG_HASH"):
-        crypto.rekey_sign(rsa_key, 2, b"data")  # type: ignore[arg-type]
+        crypto.rekey_sign(rsa_key, 2, b"data")  # type: ignore[arg-type]  # an invalid hash on purpose
 
 
 def test_rekey_rsa_is_standard_pkcs1(rsa_key: rsa.RSAPrivateKey) -> None:

@@ -184,7 +184,7 @@ def test_unsupported_transform_installs_nothing(files: Path) -> None:
     t = group.teks[1]
     group.teks[1] = replace(
         t,
-        policy=replace(t.policy, transform=TekTransform(3, 128, t.policy.transform.integrity)),  # type: ignore[arg-type]
+        policy=replace(t.policy, transform=TekTransform(3, 128, t.policy.transform.integrity)),  # type: ignore[arg-type]  # an unsupported transform on purpose
     )
     gm = make_gm(files)
     register(ks, gm)
@@ -416,7 +416,7 @@ class RecordingDataplane:
     def __init__(self) -> None:
         self.installs: list[tuple[int, set[int], float]] = []
 
-    def install(self, group, teks, sender_ids, pseudotime_ms, now, activation_delay=0):  # type: ignore[no-untyped-def]
+    def install(self, group, teks, sender_ids, pseudotime_ms, now, activation_delay=0):
         self.installs.append((group, {t.spi for t in teks}, activation_delay))
 
     def remove_group(self, group: int) -> None:

@@ -567,6 +567,22 @@ def test_ecn_decapsulation() -> None:
     assert b.inbound(bytes(outer2), T0).drop == DropReason.MALFORMED
 
 
+def test_ecn_drop_not_counted_as_decapsulated() -> None:
+    """A Not-ECT packet dropped for a CE outer mark leaves the decap counters as they were."""
+    tek = make_tek()
+    a, b = pair(tek)
+    inner = udp(tos=0)
+    delivered = b.inbound(a.outbound(inner, T0).to_network[0], T0).to_tun
+    assert delivered == [inner]
+    before = b.stats(T0)["sas"][0]
+    outer = bytearray(a.outbound(udp(tos=0), T0).to_network[0])
+    outer[1] = 0x03  # CE
+    assert b.inbound(bytes(outer), T0).drop == DropReason.MALFORMED
+    after = b.stats(T0)["sas"][0]
+    assert (after["pkts_decaps"], after["bytes_decaps"]) == (before["pkts_decaps"], before["bytes_decaps"])
+    assert (after["pkts_decaps"], after["bytes_decaps"]) == (1, len(inner))
+
+
 # --- MTU -----------------------------------------------------------------------
 
 

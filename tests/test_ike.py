@@ -347,7 +347,7 @@ def test_sha1_refused_unless_configured() -> None:
     run.complete()
     assert run.established()
     assert run.init.sa is not None and run.init.sa.proposal.hash == HashAlgorithm.SHA
-    assert run.init.sa.cipher_key == run.resp.sa.cipher_key  # type: ignore[union-attr]
+    assert run.init.sa.cipher_key == run.resp.sa.cipher_key  # type: ignore[union-attr]  # both sides are established here
 
 
 def test_initiator_refuses_a_transform_it_did_not_offer() -> None:
@@ -477,7 +477,7 @@ def test_lost_responder_message_is_retransmitted(lost: int) -> None:
     assert answer == dropped
     run.pump(answer, to="i")
     assert run.established()
-    assert run.init.sa.cipher_key == run.resp.sa.cipher_key  # type: ignore[union-attr]
+    assert run.init.sa.cipher_key == run.resp.sa.cipher_key  # type: ignore[union-attr]  # both sides are established here
     assert len([e for e in run.r_events if isinstance(e, Phase1Established)]) == 1
     assert len([e for e in run.i_events if isinstance(e, Phase1Established)]) == 1
 

@@ -39,7 +39,7 @@ def _reset_structlog() -> Iterator[None]:
 
 def _configure(fmt: str, level: int = logging.DEBUG) -> io.StringIO:
     stream = io.StringIO()
-    configure_logging(fmt, stream=stream, level=level)  # type: ignore[arg-type]
+    configure_logging(fmt, stream=stream, level=level)  # type: ignore[arg-type]  # parametrized with format names, some invalid on purpose
     return stream
 
 
@@ -113,7 +113,7 @@ def test_registry_is_complete_and_consistent() -> None:
 
 def test_mnemonic_is_frozen_and_validated() -> None:
     with pytest.raises(AttributeError):
-        POLICY_CHANGE.severity = 3  # type: ignore[misc]
+        POLICY_CHANGE.severity = 3  # type: ignore[misc]  # assigning a frozen field on purpose
     with pytest.raises(ValueError):
         Mnemonic(9, "X", "x")
 

@@ -43,7 +43,7 @@ def ca_key(paths: dict[str, Path]) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivat
 
 
 def validator(paths: dict[str, Path], **kwargs: object) -> CertificateValidator:
-    return CertificateValidator(pki.load_certificates(paths["ca.pem"]), **kwargs)  # type: ignore[arg-type]
+    return CertificateValidator(pki.load_certificates(paths["ca.pem"]), **kwargs)  # type: ignore[arg-type]  # keyword arguments forwarded to the validator
 
 
 def build_crl(

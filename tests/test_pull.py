@@ -171,7 +171,7 @@ def test_kd_key_lengths() -> None:
     assert kk is not None and kk.bytes_value == b"I" * 16 + b"K" * 32
     [sid] = kd.of_type(KeyPacketType.SID)
     assert sid.spi == b""
-    assert find(sid.attributes, SidAttribute.NUMBER_OF_SID_BITS).value == 8  # type: ignore[union-attr]
+    assert find(sid.attributes, SidAttribute.NUMBER_OF_SID_BITS).value == 8  # type: ignore[union-attr]  # the SID packet was just built with the attribute
     sv = find(sid.attributes, SidAttribute.SID_VALUE)
     assert sv is not None and sv.value == (1).to_bytes(4, "big")
     [reg] = r.gm_events
@@ -277,7 +277,7 @@ def test_unsupported_transform_refused_nothing_installed() -> None:
         tek,
         policy=dataclasses.replace(
             tek.policy,
-            transform=TekTransform(3, 256, tek.policy.transform.integrity),  # type: ignore[arg-type]
+            transform=TekTransform(3, 256, tek.policy.transform.integrity),  # type: ignore[arg-type]  # an unsupported transform on purpose
         ),
     )
     r = run_pull(directory(odd, kek=make_kek(T0)))

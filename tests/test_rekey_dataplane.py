@@ -517,7 +517,7 @@ def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) 
             for name, gm in gms.items():
                 line = gm.wait_for(REMOVAL_NOW, start=marks[name])
                 seen_at[name] = stamp(line)
-                periods[name] = int(re.search(REMOVAL_NOW, line).group(1))  # type: ignore[union-attr]
+                periods[name] = int(re.search(REMOVAL_NOW, line).group(1))  # type: ignore[union-attr]  # wait_for returned a line matching REMOVAL_NOW
                 assert 0 <= periods[name] <= 12  # 2 % of 600 s
             for name in gms:
                 assert ipsec(d, name)["sas"] == []  # gone at once

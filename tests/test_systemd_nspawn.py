@@ -115,7 +115,7 @@ class Container:
     def wait(self, what: str, probe: object, timeout: float = 30) -> None:
         """Poll a condition that lives in another process (systemd) at 0.1 s."""
         deadline = time.monotonic() + timeout
-        while not probe():  # type: ignore[operator]
+        while not probe():  # type: ignore[operator]  # probe is a callable
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
             time.sleep(0.1)

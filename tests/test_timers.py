@@ -216,7 +216,7 @@ async def test_shell_sleeps_until_the_deadline_a_datagram_sets() -> None:
     async def handler(req: object) -> object:
         raise AssertionError("no control socket here")
 
-    await shell.open(engine, handler)  # type: ignore[arg-type]
+    await shell.open(engine, handler)  # type: ignore[arg-type]  # a handler that never runs
     try:
         assert shell._stream is not None
         port = shell._stream.sockname[1]

@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 from gdoid.dataplane.esp import (
     DropReason,
@@ -411,10 +412,10 @@ class Dataplane:
                 entry.grp.replay_drops += 1
         return Result([], to_tun if to_tun is not None else [], reason)
 
-    def _drop_decrypted(self, reason: DropReason, entry: _Entry, inner: bytes | None) -> Result:
+    def _drop_decrypted(self, reason: DropReason, entry: _Entry, inner: bytes) -> Result:
         """A packet that decrypted but is refused after: it must not count as decapsulated."""
         entry.sa.pkts_decaps -= 1
-        entry.sa.bytes_decaps -= len(inner) if inner is not None else 0
+        entry.sa.bytes_decaps -= len(inner)
         return self._drop(reason, entry)
 
     def _internal_error(self, direction: str, now: float, entry: _Entry | None) -> Result:
@@ -599,9 +600,10 @@ class Dataplane:
                 return self._drop_decrypted(DropReason.MALFORMED, e, inner)
             oecn = tos & 3
             if oecn and oecn != itos & 3:
-                inner = self._ecn_decap(inner, ihl, itos, oecn)
-                if inner is None:
+                marked = self._ecn_decap(inner, ihl, itos, oecn)
+                if marked is None:
                     return self._drop_decrypted(DropReason.MALFORMED, e, inner)
+                inner = marked
             return Result([], [inner])
         except EspError as exc:
             return self._drop(exc.reason)
@@ -628,7 +630,7 @@ class Dataplane:
 
     # --- show ------------------------------------------------------------------
 
-    def stats(self, now: float) -> dict:
+    def stats(self, now: float) -> dict[str, Any]:
         sas = []
         for g in sorted(self._groups.values(), key=lambda g: g.number):
             for e in sorted(g.entries.values(), key=lambda e: e.created_at):
@@ -656,7 +658,7 @@ class Dataplane:
             "internal_errors": self.internal_errors,
         }
 
-    def replay_stats(self, now: float) -> dict:
+    def replay_stats(self, now: float) -> dict[str, Any]:
         groups = []
         for g in sorted(self._groups.values(), key=lambda g: g.number):
             windows = {e.tbar_window for e in g.entries.values() if e.tbar_window is not None}

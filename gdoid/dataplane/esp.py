@@ -33,7 +33,7 @@ from hmac import compare_digest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _chmac
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gdoid.protocol.policy import SenderIds, Tek
@@ -108,7 +108,7 @@ def ipv4_checksum(header: bytes | bytearray | memoryview) -> int:
     b = bytes(header)
     if len(b) & 1:
         b += b"\x00"
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    s: int = sum(struct.unpack(f"!{len(b) // 2}H", b))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return s ^ 0xFFFF
@@ -174,7 +174,7 @@ class EspSa:
 
     __slots__ = (
         "tek", "spi", "is_gcm", "tbar", "replay_protected", "transform_name",
-        "_seq", "_ipid", "_aead", "_salt", "_enc", "_dec", "_mac",
+        "_seq", "_ipid",
         "sender_ids", "sender_id", "_sid_queue", "_sid_shift", "_iv_base", "_ctr", "_ctr_end", "_used",
         "pkts_encaps", "pkts_decaps", "bytes_encaps", "bytes_decaps", "drops",
     )  # fmt: skip
@@ -194,8 +194,6 @@ class EspSa:
         self._ipid = int.from_bytes(os.urandom(2), "big")
         self.pkts_encaps = self.pkts_decaps = self.bytes_encaps = self.bytes_decaps = 0
         self.drops: dict[str, int] = {}
-        self._aead = self._enc = self._dec = self._mac = None
-        self._salt = b""
         self.sender_ids: SenderIds | None = None
         self.sender_id: int | None = None
         self._sid_queue: list[int] = []
@@ -408,7 +406,9 @@ class EspSa:
 class GcmEspSa(EspSa):
     """AES-GCM-16 (RFC 4106): nonce = salt | explicit IV, AAD = SPI | seq."""
 
-    __slots__ = ()
+    __slots__ = ("_aead", "_salt")
+    _aead: AESGCM
+    _salt: bytes
 
     def _init_crypto(self, tek: Tek) -> None:
         self._aead = AESGCM(tek.cipher_key[:-4])
@@ -515,7 +515,10 @@ class GcmEspSa(EspSa):
 class CbcEspSa(EspSa):
     """AES-CBC (RFC 3602) with HMAC-SHA-256-128 (RFC 4868), random IV per packet."""
 
-    __slots__ = ()
+    __slots__ = ("_enc", "_dec", "_mac")
+    _enc: CipherContext
+    _dec: CipherContext
+    _mac: _chmac.HMAC
 
     def _init_crypto(self, tek: Tek) -> None:
         zero = bytes(16)

@@ -301,7 +301,7 @@ class Forwarder:
                         except OSError as e:
                             self._send_failed(e)
                     else:
-                        self._deliver(result)
+                        self._deliver(result, tun, sock)
                 except Exception:
                     self._dataplane_failed("outbound")
         finally:
@@ -311,7 +311,8 @@ class Forwarder:
     def _on_net_readable(self) -> None:
         sock = self._recv
         tun = self.tun
-        if sock is None or tun is None:
+        send = self._send
+        if sock is None or tun is None or send is None:
             return
         fd = tun.fd
         recv = sock.recv
@@ -340,28 +341,27 @@ class Forwarder:
                         except OSError:
                             stats.tun_write_errors += 1
                     else:
-                        self._deliver(result)
+                        self._deliver(result, tun, send)
                 except Exception:
                     self._dataplane_failed("inbound")
         finally:
             stats.net_read += n_read
             stats.tun_written += n_written
 
-    def _deliver(self, result: ResultLike) -> None:
+    def _deliver(self, result: ResultLike, tun: TunDevice, sock: socket.socket) -> None:
         """The general case: any number of packets both ways, and a drop reason."""
         stats = self.stats
         if result.drop is not None:
             stats.drops[_reason(result.drop)] += 1
         if result.to_network:
-            sock = self._send
             for packet in result.to_network:
                 try:
-                    sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))  # type: ignore[union-attr]
+                    sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
                     stats.net_sent += 1
                 except OSError as e:
                     self._send_failed(e)
         if result.to_tun:
-            fd = self.tun.fd  # type: ignore[union-attr]
+            fd = tun.fd
             for packet in result.to_tun:
                 try:
                     os.write(fd, packet)

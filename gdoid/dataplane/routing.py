@@ -205,10 +205,12 @@ class RouteSetup:
         return specs
 
     def _ours(self, rule: Any) -> bool:
-        prio = rule.get("priority")
-        table = rule.get("table")
+        # pyroute2 is untyped: its message attributes are plain values, compared as objects.
+        prio: object = rule.get("priority")
+        table: object = rule.get("table")
+        fwmark: object = rule.get("fwmark")
         if prio == PRIO_MARK:
-            return table == MAIN_TABLE and rule.get("fwmark") == self.mark
+            return table == MAIN_TABLE and fwmark == self.mark
         if prio == PRIO_TUN:
             return table == self.table
         if prio == PRIO_WAN_ESP:

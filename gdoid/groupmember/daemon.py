@@ -53,6 +53,7 @@ class GroupMemberDaemon:
         self.on_status: Callable[[str], object] | None = None
         # The latest TUN route update: READY and health wait for it (no clear-text window).
         self._routes_task: asyncio.Task[bool] | None = None
+        self._watch: asyncio.Task[None] | None = None  # sender-ID counter watch, from start()
         self.log = log.get_logger("gdoid.gm")
         keylog_dir = keylog_dir or config.keylog_dir
         self.keylog = KeyLog(keylog_dir) if keylog_dir is not None else None
@@ -187,7 +188,7 @@ class GroupMemberDaemon:
                     await self.shell.send_all(self.engine.reregister(number, now))
 
     async def close(self) -> None:
-        if getattr(self, "_watch", None) is not None:
+        if self._watch is not None:
             self._watch.cancel()
         await self.shell.close()
         if self.forwarder is not None:

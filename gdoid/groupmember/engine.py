@@ -122,7 +122,7 @@ class GroupMemberEngine:
         registration_timeout: float = 10.0,
         rereg_jitter: float = 0.1,
         keylog: KeyLog | None = None,
-        logger: object | None = None,
+        logger: log.Logger | None = None,
         rng: random.Random | None = None,
         on_event: Callable[[str, Registration], None] | None = None,
         software_version: SoftwareVersion = CURRENT_VERSION,

@@ -852,7 +852,7 @@ class Coop:
                 {
                     "address": str(p.address),
                     "priority": p.priority,
-                    "role": {Role.PRIMARY: "Primary", Role.SECONDARY: "Secondary"}.get(p.role, "Unknown"),  # type: ignore[call-overload]
+                    "role": "Primary" if p.role == Role.PRIMARY else "Secondary" if p.role == Role.SECONDARY else "Unknown",
                     "version": str(p.version) if p.version else "unknown",
                     "status": "Sync refused" if p.sync_refused else "Alive" if p.alive(mono, self.period) else "Dead",
                     "ann_sent": p.ann_sent,

@@ -20,7 +20,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, TypeVar
 
 from gdoid import log
 from gdoid.keylog import KeyLog
@@ -116,7 +116,7 @@ class KeyServerEngine:
         *,
         max_half_open: int = 16384,
         keylog: KeyLog | None = None,
-        logger: object | None = None,
+        logger: log.Logger | None = None,
     ) -> None:
         self.phase1 = phase1
         self.groups = groups
@@ -394,8 +394,8 @@ class KeyServerEngine:
                 self.drop(peer, "novel Main Mode message 1 over the decoding budget", now)
                 return []
             try:
-                half, mm2 = respond_mm1(self.phase1, address, data, header, rcky, now)
-                offer = _Offer(key, half.sai_b, half.proposal, half.peer_version, mm2[16:], None, "")
+                answered, mm2 = respond_mm1(self.phase1, address, data, header, rcky, now)
+                offer = _Offer(key, answered.sai_b, answered.proposal, answered.peer_version, mm2[16:], None, "")
             except (NotifyError, DecodeError, CryptoError) as exc:
                 notify = NotifyType(exc.notify) if isinstance(exc, NotifyError) else NotifyType.PAYLOAD_MALFORMED
                 reason = exc.reason if isinstance(exc, NotifyError) else str(exc)
@@ -589,8 +589,8 @@ class KeyServerEngine:
                 if refusal is not None:
                     self._unauthorized(refusal, entry.addr[0], now)
                     continue
-                g = self.groups.get(ev.group_number or -1)
-                name = g.name if g else str(ev.group_number)
+                known = self.groups.get(ev.group_number or -1)
+                name = known.name if known else str(ev.group_number)
                 log.emit(
                     self.log,
                     log.KS_REGS_FAILURE,
@@ -824,12 +824,8 @@ class KeyServerEngine:
                     out += self.rekey(g, now, replace=True)
         self._expire_half_open(mono)
         self.log_limit.flush()
-        for table in (self.pulls_done, self.completed):  # oldest first: stop at a young one
-            while table:
-                key, value = next(iter(table.items()))
-                if mono - value[3] < SA_LINGER:
-                    break
-                del table[key]
+        _forget_lingering(self.pulls_done, mono)
+        _forget_lingering(self.completed, mono)
         return out
 
     def rekey(self, group: Group, now: float, *, replace: bool = False, replace_now: bool = False) -> Outgoing:
@@ -880,3 +876,16 @@ def _notify_name(value: int) -> str:
         return NotifyType(value).name
     except ValueError:
         return str(value)
+
+
+_Key = TypeVar("_Key")
+
+
+def _forget_lingering(table: dict[_Key, tuple[bytes, bytes, Address, float]], mono: float) -> None:
+    """Drop answers kept for retransmissions once SA_LINGER is over (the monotonic time is
+    last): oldest first, so stop at a young one."""
+    while table:
+        key, value = next(iter(table.items()))
+        if mono - value[3] < SA_LINGER:
+            return
+        del table[key]

@@ -11,6 +11,8 @@ import secrets
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from gdoid.config import KsGroupConfig, SaIpsec
 from gdoid.keyserver.sender_ids import SID_REKEY_MIN_INTERVAL, SenderIdAllocator
 from gdoid.protocol import crypto
@@ -68,7 +70,7 @@ def new_tek(sa: SaIpsec, now: float) -> Tek:
 
 
 def key_bits_of(key: PrivateKey) -> int:
-    return key.key_size if hasattr(key, "key_size") else key.curve.key_size
+    return key.curve.key_size if isinstance(key, ec.EllipticCurvePrivateKey) else key.key_size
 
 
 def new_kek(config: KsGroupConfig, signing_key: PrivateKey, ks_address: IPv4Address, port: int, now: float) -> Kek:

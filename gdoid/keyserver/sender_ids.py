@@ -518,9 +518,10 @@ def ann_block(alloc: SenderIdAllocator, me: str, to: str, now: float) -> AnnBloc
     others = sorted(alloc.peer_records.values(), key=lambda r: r.owner != to)
     for rec in others[: MAX_ANN_RECORDS - 1]:
         records.append(rec.coarsened(MAX_RECORD_RANGES))
-    value = {"bits": alloc.bits, "records": [r.to_json() for r in records]}
-    while len(json.dumps(value, separators=(",", ":"))) > SENDER_IDS_BLOCK_BUDGET and len(value["records"]) > 1:
-        value["records"].pop()
+    listed = [r.to_json() for r in records]
+    value = {"bits": alloc.bits, "records": listed}
+    while len(json.dumps(value, separators=(",", ":"))) > SENDER_IDS_BLOCK_BUDGET and len(listed) > 1:
+        listed.pop()
     return AnnBlock.of(BlockType.SENDER_IDS, value)
 
 
@@ -545,12 +546,6 @@ def add_block(anns: list[list[AnnBlock]], alloc: SenderIdAllocator, me: str, to:
         last.append(block)
     else:
         anns.append([block])
-
-
-def receive_block(alloc: SenderIdAllocator, block: AnnBlock | None, me: str, now: float) -> None:
-    """Merge a peer's SENDER_IDS block (raises ProtocolError on anything malformed)."""
-    if block is not None:
-        apply_records(alloc, parse_block(block.json(), alloc.bits), me, now)
 
 
 def apply_records(alloc: SenderIdAllocator, records: list[SidRecord], me: str, now: float) -> None:

@@ -25,7 +25,7 @@ from gdoid.protocol.reader import Reader
 from gdoid.protocol.version import SoftwareVersion
 
 # Fixed identification-data sizes we can check (RFC 2407 §4.6.2).
-_ID_DATA_LEN = {IdType.ID_IPV4_ADDR: 4, IdType.ID_IPV4_ADDR_SUBNET: 8, IdType.ID_IPV4_ADDR_RANGE: 8}
+_ID_DATA_LEN: dict[int, int] = {IdType.ID_IPV4_ADDR: 4, IdType.ID_IPV4_ADDR_SUBNET: 8, IdType.ID_IPV4_ADDR_RANGE: 8}
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class TrafficId:
         raise DecodeError("TrafficId", "id_type", f"type {self.id_type} is not an IPv4 address/subnet")
 
     def check(self, payload: str, side: str) -> None:
-        want = _ID_DATA_LEN.get(self.id_type)  # type: ignore[call-overload]
+        want = _ID_DATA_LEN.get(self.id_type)
         if want is not None and len(self.data) != want:
             raise DecodeError(payload, f"{side}_id_data", f"{len(self.data)} octets, type needs {want}")
 
@@ -412,7 +412,7 @@ class AnnPayload(Payload):
         seq = r.u64("sequence")
         group = r.u32("group_number")
         epoch = r.u32("policy_epoch")
-        blocks = []
+        blocks: list[AnnBlock] = []
         while r.remaining:
             btype = r.u16(f"block[{len(blocks)}].type")
             blen = r.u16(f"block[{len(blocks)}].length")

@@ -106,7 +106,7 @@ class Proposal:
         count = r.u8("number_of_transforms")
         spi = r.take(spi_size, "spi")
         transforms = []
-        np = PayloadType.TRANSFORM
+        np: int = PayloadType.TRANSFORM
         while r.remaining:
             if np != PayloadType.TRANSFORM:
                 raise DecodeError("Proposal", "transform.next_payload", f"{np} before the end")
@@ -144,7 +144,7 @@ class SaPayload(Payload):
         doi = r.u32("doi")
         situation = r.u32("situation")
         proposals = []
-        np = PayloadType.PROPOSAL
+        np: int = PayloadType.PROPOSAL
         while r.remaining:
             if np != PayloadType.PROPOSAL:
                 raise DecodeError("SA", "proposal.next_payload", f"{np} before the end")
@@ -348,7 +348,7 @@ class UnknownPayload(Payload):
     body: bytes
 
     @property
-    def payload_type(self) -> int:  # type: ignore[override]
+    def payload_type(self) -> int:  # type: ignore[override]  # the one payload whose type is per instance
         return self.type
 
     def encode_body(self) -> bytes:

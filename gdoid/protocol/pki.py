@@ -20,7 +20,7 @@ from typing import TypeAlias
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import (
     ExtensionPolicy,
@@ -130,6 +130,15 @@ def _describe(cert: x509.Certificate) -> str:
 
 
 _HEX_RE = re.compile(r"[0-9a-f]+")
+# CA key types a CRL signature can be checked with (what is_signature_valid takes in
+# every cryptography release we support).
+_CRL_SIGNER_KEYS = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+    dsa.DSAPublicKey,
+)
 
 
 def _serial_of_entry(entry: str) -> int | None:
@@ -178,7 +187,10 @@ class CertificateValidator:
             crl = _parse_crl(crl)
         # An unauthenticated CRL is a configuration error, not something to skip.
         for ca in self._cas:
-            if ca.subject == crl.issuer and crl.is_signature_valid(ca.public_key()):
+            key = ca.public_key()
+            if not isinstance(key, _CRL_SIGNER_KEYS):
+                continue  # a key-agreement (or post-quantum) CA key signs no CRL we accept
+            if ca.subject == crl.issuer and crl.is_signature_valid(key):
                 return crl
         raise PkiError(
             f"CRL issued by {crl.issuer.rfc4514_string()} is not signed by any configured CA"

@@ -501,11 +501,11 @@ def parse_keys(
         raise _refuse("KD: keys for a TEK the SA does not describe", NotifyType.INVALID_SPI)
     teks = []
     for spi, policy, expires in parsed.teks:
-        pkt = by_spi.pop(spi, None)
-        if pkt is None:
+        tek_keys = by_spi.pop(spi, None)
+        if tek_keys is None:
             raise _refuse(f"KD: no keys for TEK SPI 0x{spi:08x}", NotifyType.INVALID_SPI)
-        ck = find(pkt.attributes, TekKeyAttribute.TEK_ALGORITHM_KEY)
-        ik = find(pkt.attributes, TekKeyAttribute.TEK_INTEGRITY_KEY)
+        ck = find(tek_keys.attributes, TekKeyAttribute.TEK_ALGORITHM_KEY)
+        ik = find(tek_keys.attributes, TekKeyAttribute.TEK_INTEGRITY_KEY)
         t = policy.transform
         if ck is None or len(ck.bytes_value) != t.cipher_key_len:
             raise _refuse(f"KD: TEK 0x{spi:08x} cipher key must be {t.cipher_key_len} octets", NotifyType.INVALID_KEY_INFORMATION)

@@ -227,7 +227,7 @@ def test_ca_issued_gm_certificate_at_a_peer_address_is_refused(files: Path, lab:
     assert coop1.describe(sim.now)["peers"][1]["rejected"]["auth"] == rejected
 
     # Logged once per peer per minute, however often it tries.
-    log: FieldEvents = ks1.log  # type: ignore[assignment]
+    log: FieldEvents = ks1.log  # type: ignore[assignment]  # the engine was built with this recorder
     sent = rogue.coop.peers[IPv4Address(KS1)].ann_sent
     sim.run(130.0)
     assert rogue.coop.peers[IPv4Address(KS1)].ann_sent - sent > 100  # it keeps trying
@@ -281,9 +281,9 @@ def test_peer_with_another_signing_key_is_not_synced(files: Path) -> None:
     for ks, peer in ((sim.ks(KS1), p2), (odd, p1)):
         assert ks.counters["ann_rejected_fingerprint"] >= 60
         assert peer.sync_refused and "rekey signing key differs" in next(iter(peer.sync_refused.values()))
-        described = next(p for p in ks.coop.describe(sim.now)["peers"] if p["address"] == str(peer.address))  # type: ignore[union-attr]
+        described = next(p for p in ks.coop.describe(sim.now)["peers"] if p["address"] == str(peer.address))  # type: ignore[union-attr]  # this KS is configured with COOP
         assert described["status"] == "Sync refused" and "rekey signing key differs" in described["sync"]
-        log: FieldEvents = ks.log  # type: ignore[assignment]
+        log: FieldEvents = ks.log  # type: ignore[assignment]  # the engine was built with this recorder
         refused = [f for e, f in log.records if e == "coop_sync_refused"]
         assert 1 <= len(refused) <= 2  # t=0 and t=60 s
         assert "sha256:" in refused[0]["reason"]

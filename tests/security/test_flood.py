@@ -165,7 +165,7 @@ def test_unanswered_mm1_state_expires_within_seconds(files: Path) -> None:
     assert ks.counters["half_open_expired"] == 1000
 
 
-class _LookupSpy(dict):  # type: ignore[type-arg]
+class _LookupSpy(dict):
     """Counts lookups of the KS's half-open state (observable, no crypto mocked)."""
 
     lookups = 0

@@ -110,7 +110,7 @@ PKI = '[auth.pki]\nca_file = "k.pem"\ncert_file = "k.pem"\nkey_file = "k.pem"\n'
 def test_gm_config_pinning_keys(base: Path) -> None:
     pin = "ab" * 32
     cfg = gm(base, f'ks_identities = ["CN=ks*"]\nks_pop = "certificate"\nrekey_key_sha256 = "{pin.upper()}"', PKI)
-    [g] = cfg.groups  # type: ignore[attr-defined]
+    [g] = cfg.groups  # type: ignore[attr-defined]  # gm() returns the parsed GM config
     assert g.ks_pop == KsPop.CERTIFICATE and g.ks_identities == (IdentityPattern.parse("CN=ks*"),)
     assert g.rekey_key_sha256 == bytes.fromhex(pin)
 

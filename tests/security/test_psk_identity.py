@@ -92,7 +92,7 @@ def test_gm_claiming_another_gms_address_is_refused_invalid_id_information(files
     # No phase-1 SA, no member, no keys for the impostor.
     assert not ks.sas and not ks.groups[1234].members
     assert ks.counters["phase1_failed"] == 1 and ks.counters["phase1_established"] == 0
-    [line] = ks.log.find("PHASE1_FAILED")  # type: ignore[attr-defined]
+    [line] = ks.log.find("PHASE1_FAILED")  # type: ignore[attr-defined]  # the engine was built with the Events recorder
     assert line["peer"] == REAL_SOURCE
     reason = str(line["reason"])
     assert CLAIMED in reason and REAL_SOURCE in reason and "INVALID_ID_INFORMATION" in reason

@@ -91,7 +91,7 @@ def _log_stream() -> io.StringIO:
 def _offer(monkeypatch: pytest.MonkeyPatch, module: object, sats: list, keys: list,
            esp: bool = True) -> None:
     """Make ``module``'s build_sa/build_kd add ``sats``/``keys`` (and drop ESP if not ``esp``)."""
-    real_sa, real_kd = module.build_sa, module.build_kd  # type: ignore[attr-defined]
+    real_sa, real_kd = module.build_sa, module.build_kd  # type: ignore[attr-defined]  # module is one of the protocol modules with these builders
 
     def build_sa(k: GroupKeys, now: float, extra: tuple = ()) -> GdoiSaPayload:
         sa = real_sa(k, now, [*sats, *extra])

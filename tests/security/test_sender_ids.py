@@ -52,7 +52,7 @@ def ks_base(ks: KeyServerEngine) -> Path:
 
 
 def new_ks(base: Path, **kw: object) -> KeyServerEngine:
-    ks = make_ks(base, **kw)  # type: ignore[arg-type]
+    ks = make_ks(base, **kw)  # type: ignore[arg-type]  # keyword arguments forwarded to the engine
     _BASES[id(ks)] = base
     return ks
 
@@ -122,7 +122,7 @@ def test_crash_between_message_4_and_the_save_never_reissues(files: Path, tmp_pa
     path = tmp_path / "state" / "state.json"
     ks = saving_ks(files, path)
     saves: list[int] = []
-    ks.on_state_change = lambda: (state.save(path, ks.groups), saves.append(1))  # type: ignore[func-returns-value]
+    ks.on_state_change = lambda: (state.save(path, ks.groups), saves.append(1))  # type: ignore[assignment,func-returns-value]  # a tuple-valued lambda as a callback: its value is ignored
     handed_out: list[int] = []
     for i in range(40):  # 40 < RESERVE_BLOCK: one save, before the first message 4
         handed_out += registered_sids(ks, address=f"127.0.0.{2 + i}", now=T0 + i)
@@ -165,7 +165,7 @@ def test_reservation_is_on_disk_before_message_4_leaves(files: Path, tmp_path: P
         else:
             queue += [(d, GM) for d, _ in gm.datagram_received(data, ("127.0.0.1", 848), T0)]
     assert order == ["save", "message 4"]
-    sid = gm.sadb.groups[GROUP].sender_ids.values[0]  # type: ignore[union-attr]
+    sid = gm.sadb.groups[GROUP].sender_ids.values[0]  # type: ignore[union-attr]  # registered GMs have sender IDs
     on_disk = state.load(path)[GROUP]
     record = on_disk["sender_ids"]["record"]
     assert on_disk["members"][0].sender_ids == (sid,) and any(a <= sid <= b for a, b in record["held"])
@@ -182,7 +182,7 @@ def test_low_sid_space_triggers_a_rekey_and_a_log_line(files: Path) -> None:
         registered_sids(ks, now=now)  # one GM restarting: 28 SIDs released, cooling
     assert g.sids.low() and g.sids.cooling_count == 28
     out = ks.on_timer(now + 6)
-    names = ks.log.names  # type: ignore[attr-defined]
+    names = ks.log.names  # type: ignore[attr-defined]  # the engine was built with the Events recorder
     assert "KS_SID_EXHAUSTION_REKEY" in names and "KS_SEND_UNICAST_REKEY" in names
     assert out  # the rekey went to the member
     assert not {t.spi for t in g.teks} & old_teks  # replaced: the old TEKs are no longer handed out

@@ -76,16 +76,16 @@ async def test_gm_replay_honours_the_group(files: Path) -> None:
 
     ok, text, data = await show("show", "crypto", "gdoi", "group", "OTHER", "gm", "replay")
     assert ok and "Group OTHER:" in text and "Group GET" not in text, text
-    assert [g["group"] for g in data["groups"]] == [5678]  # type: ignore[index]
+    assert [g["group"] for g in data["groups"]] == [5678]
     assert "Window Size        : disabled" in text and "Replay Window      : disabled" in text
 
     ok, text, data = await show("show", "crypto", "gdoi", "group", "GET", "gm", "replay")
     assert ok and "Group GET:" in text and "OTHER" not in text, text
-    [g] = data["groups"]  # type: ignore[index]
+    [g] = data["groups"]
     assert g["group"] == 1234 and g["replay_window"] == 256 and g["tbar_window_ms"] == 5000
 
     ok, text, data = await show("show", "crypto", "gdoi", "gm", "replay")
-    assert ok and [g["group"] for g in data["groups"]] == [1234, 5678]  # type: ignore[index]
+    assert ok and [g["group"] for g in data["groups"]] == [1234, 5678]
 
     ok, text, _ = await show("show", "crypto", "gdoi", "group", "NOPE", "gm", "replay")
     assert not ok and "% Group NOPE not found" in text
