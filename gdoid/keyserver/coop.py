@@ -554,8 +554,7 @@ class Coop:
         if changed:
             self._dirty()
             if self.engine.keylog is not None:
-                for t in group.teks:
-                    self.engine.keylog.esp(t)
+                self.engine.keylog.group_keys(group.kek, group.teks)
 
     def _from_primary(self, peer: Peer, group: Group, parsed: ParsedAnn, now: float) -> Outgoing:
         keys = parsed.keys

@@ -171,8 +171,7 @@ class KeyServerEngine:
         self.log_limit = log.LogLimiter()
         if keylog is not None:
             for g in groups.values():
-                for t in g.teks:
-                    keylog.esp(t)
+                keylog.group_keys(g.kek, g.teks)
 
     # --- GroupDirectory for the PULL responder -------------------------------
 
@@ -835,8 +834,7 @@ class KeyServerEngine:
 
     def _after_new_keys(self, group: Group) -> None:
         if self.keylog is not None:
-            for t in group.teks:
-                self.keylog.esp(t)
+            self.keylog.group_keys(group.kek, group.teks)
         if self.on_state_change is not None:
             self.on_state_change()
 
