@@ -259,6 +259,7 @@ class Report:
     missing: dict[str, list[int]] = field(default_factory=dict)  # KEK SPI (hex) -> frames
     failed: list[tuple[int, str, str]] = field(default_factory=list)  # frame, SPI, reason
     fragments: list[int] = field(default_factory=list)
+    cut_at: int | None = None  # offset where a capture still being written ends mid-record
 
     def add(self, number: int, result: FrameResult) -> None:
         if result.outcome == "decrypted":
@@ -279,6 +280,9 @@ class Report:
         out += [f"frame {n}: GROUPKEY-PUSH under KEK SPI 0x{spi} left encrypted: {why}" for n, spi, why in self.failed]
         if self.fragments:
             out.append(f"IPv4 fragments of UDP left as they are (no reassembly): frames {_frame_list(self.fragments)}")
+        if self.cut_at is not None:
+            out.append(f"the capture ends inside a record at offset {self.cut_at} (still being written?): "
+                       "its last octets copied as they are")
         return out
 
 
@@ -321,12 +325,13 @@ def _rewrite_pcap(data: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: tu
     report = Report()
     pos = 24
     while pos < len(data):
-        if len(data) - pos < record.size:
-            raise CaptureError(f"pcap record at offset {pos}: header cut short")
-        ts_sec, ts_frac, caplen, origlen = record.unpack_from(data, pos)
         start = pos + record.size
-        if caplen > len(data) - start:
-            raise CaptureError(f"pcap record at offset {pos}: captured length {caplen} beyond the end of the file")
+        if len(data) < start or record.unpack_from(data, pos)[2] > len(data) - start:
+            # tshark writes record by record: a capture read while it runs may end mid-record.
+            report.cut_at = pos
+            out.append(data[pos:])
+            break
+        ts_sec, ts_frac, caplen, origlen = record.unpack_from(data, pos)
         frame = data[start : start + caplen]
         report.frames += 1
         result = rewrite_frame(linktype, frame, ring, ports)
@@ -348,7 +353,9 @@ def _rewrite_pcapng(data: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: 
     pos = 0
     while pos < len(data):
         if len(data) - pos < 12:
-            raise CaptureError(f"pcapng block at offset {pos}: cut short")
+            report.cut_at = pos
+            out.append(data[pos:])
+            break
         block_type = struct.unpack_from(order + "I", data, pos)[0]
         if int.from_bytes(data[pos : pos + 4], "little") == _PCAPNG_SHB:
             # A new section: its byte-order magic says how to read everything up to the next one.
@@ -362,8 +369,12 @@ def _rewrite_pcapng(data: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: 
             block_type = _PCAPNG_SHB
             linktypes = []
         length = struct.unpack_from(order + "I", data, pos + 4)[0]
-        if length < 12 or length % 4 or length > len(data) - pos:
+        if length < 12 or length % 4:
             raise CaptureError(f"pcapng block at offset {pos}: total length {length}")
+        if length > len(data) - pos:  # a capture still being written
+            report.cut_at = pos
+            out.append(data[pos:])
+            break
         if struct.unpack_from(order + "I", data, pos + length - 4)[0] != length:
             raise CaptureError(f"pcapng block at offset {pos}: trailing total length differs")
         block = data[pos : pos + length]
