@@ -25,7 +25,17 @@ from gdoid.pcap_decrypt import KekKey, KekTableError, key_ring, parse_kek_table,
 from gdoid.protocol.crypto import SigHash
 from gdoid.protocol.gdoi_payloads import SeqPayload
 from gdoid.protocol.push import build_push, removal_notify
-from tests.procs import Capture, Daemon, auth_toml, gdoictl, gdoid_cmd, gm_toml, ks_toml, write_private, write_signing_key
+from tests.procs import (
+    Capture,
+    Daemon,
+    auth_toml,
+    gdoictl,
+    gdoid_cmd,
+    gm_toml,
+    ks_toml,
+    write_private,
+    write_signing_key,
+)
 from tests.test_pull import make_kek
 
 needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("editcap") is None,
@@ -174,6 +184,18 @@ def test_decrypt_pcap_without_the_kek_leaves_the_push_and_names_the_spi(tmp_path
     wrong = KekKey(kek.spi, bytes(32), kek.iv)
     data, report = rewrite_capture(raw.read_bytes(), key_ring([wrong]))
     assert data == raw.read_bytes() and report.failed and report.failed[0][:2] == (1, kek.spi.hex())
+
+
+def test_decrypt_pcap_copies_the_cut_short_end_of_a_capture_being_written(tmp_path: Path) -> None:
+    kek = make_kek(time.time())
+    push = build_push(kek, ec.generate_private_key(ec.SECP256R1()), SigHash.SHA256, [SeqPayload(7)])
+    raw = tmp_path / "raw.pcap"
+    _lab_capture(raw, push)
+    data = raw.read_bytes()[:-7]  # the last record, half written
+    out, report = rewrite_capture(data, key_ring([KekKey(kek.spi, kek.key, kek.iv)]))
+    assert report.decrypted == [1] and report.frames == 2
+    assert out.endswith(data[report.cut_at:]) and report.cut_at is not None
+    assert any("ends inside a record" in w for w in report.warnings())
 
 
 def test_decrypt_pcap_refuses_what_is_not_a_capture(tmp_path: Path) -> None:
