@@ -38,6 +38,7 @@ from tests.procs import (
 )
 from tests.test_pull import make_kek
 
+REPO = Path(__file__).resolve().parent.parent
 needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("editcap") is None,
                                   reason="needs tshark and editcap")
 
@@ -75,6 +76,11 @@ def _problems(pcap: Path, config: Path) -> str:
         ["tshark", "-n", "-r", str(pcap), "-Y", "_ws.malformed || _ws.expert.severity >= 6291456"],
         capture_output=True, text=True, check=True, env={**os.environ, "WIRESHARK_CONFIG_DIR": str(config)},
     ).stdout.strip()
+
+
+def _capture_summary(topology: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REPO / "compose" / "capture-summary.sh"), str(topology)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "CAPTURE_SUMMARY_TOOLS": "host"})
 
 
 # --- the key log ----------------------------------------------------------------------------
@@ -293,8 +299,10 @@ def test_rekeys_removal_and_replace_now_decrypted(tmp_path: Path) -> None:
         by_seq.setdefault(int(r[4]), []).append(r)
     types = {seq: {r[6] for r in rows} for seq, rows in by_seq.items()}
     notifies = {seq: {r[5] for r in rows} for seq, rows in by_seq.items()}
-    # Scheduled rekeys: SEQ, SA (SAK with seq 3: the KEK rollover, SAT), KD, SIG.
-    assert types[2] == types[3] == {",".join((SEQ, SA, KD, SIG))}
+    # Scheduled rekeys: SEQ, SA (SAT; with seq 3 also the SAK of the KEK rollover), KD, SIG.
+    sak, sat = "15", "16"
+    assert types[2] == {",".join((SEQ, SA, sat, KD, SIG))}
+    assert types[3] == {",".join((SEQ, SA, sak, sat, KD, SIG))}
     assert all(r[8] for r in by_seq[2]) and not any(r[7] for r in by_seq[2])
     rollover = {r[7] for r in by_seq[3]}
     assert len(rollover) == 1 and rollover.pop() not in {r[1] + r[2] for r in by_seq[3]}
@@ -302,10 +310,30 @@ def test_rekeys_removal_and_replace_now_decrypted(tmp_path: Path) -> None:
     # The removal: SEQ, N(GM_REMOVAL), SIG.
     removal_seq = [seq for seq, n in notifies.items() if n == {GM_REMOVAL}]
     assert len(removal_seq) == 1 and types[removal_seq[0]] == {",".join((SEQ, NOTIFY, SIG))}
-    # The replace-now: SEQ, N(POLICY_REPLACE), SA, KD, SIG.
+    # The replace-now: SEQ, N(POLICY_REPLACE), SA (its SAT, a SAK if the KEK is replaced too), KD, SIG.
     seq = int(sent[1])
-    assert notifies[seq] == {POLICY_REPLACE} and types[seq] == {",".join((SEQ, NOTIFY, SA, KD, SIG))}
+    assert notifies[seq] == {POLICY_REPLACE} and len(types[seq]) == 1
+    replace_types = types[seq].pop().split(",")
+    assert replace_types[:3] == [SEQ, NOTIFY, SA] and replace_types[-2:] == [KD, SIG] and sat in replace_types
     assert {r[1] + r[2] for r in by_seq[seq]} != {r[1] + r[2] for r in by_seq[2]}  # a later KEK
+
+    # compose/capture-summary.sh on the same capture (host tools), laid out as a topology.
+    topology = tmp_path / "topology"
+    (topology / "capture").mkdir(parents=True)
+    shutil.copy(pcap, topology / "capture" / "capture.pcap")
+    shutil.copytree(ks_keys, topology / "capture" / "keys")
+    summary = _capture_summary(topology)
+    print(summary.stdout)
+    assert summary.returncode == 0, summary.stderr
+    lines = summary.stdout.splitlines()
+    assert sum(" GROUPKEY-PUSH  decrypt-pcap SEQ(" in line for line in lines) == len(push_frames)
+    assert sum(" GROUPKEY-PULL  decrypted " in line for line in lines) >= 4 * 4  # 2 GMs, 2 registrations each
+    assert any(" GROUPKEY-PUSH  decrypt-pcap " in line and "N(GM_REMOVAL)" in line for line in lines)
+    assert lines[-1].startswith("capture-summary: ISAKMP ") and "0 still encrypted" in lines[-1]
+    assert (topology / "capture" / "capture-decrypted.pcap").exists()
+    shutil.rmtree(topology / "capture" / "keys")
+    (topology / "capture" / "keys").mkdir(mode=0o700)  # a key log with nothing in it
+    assert _capture_summary(topology).returncode == 1
 
     # Without the first KEK's line, its pushes stay as they were and the warning names it.
     first_kek = by_seq[2][0][1] + by_seq[2][0][2]
