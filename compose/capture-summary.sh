@@ -55,7 +55,7 @@ trap 'rm -rf "$tmp"' EXIT
 # Not ISAKMP quoted in ICMP errors (cut short); no -d: the key log's decode_as_entries says UDP 848.
 tshark -n -r "$out" -Y 'isakmp && !icmp' -T fields -E separator='|' -E aggregator=, \
     -e frame.number -e frame.time_relative -e ip.src -e ip.dst -e isakmp.exchangetype \
-    -e isakmp.flag_e -e isakmp.typepayload -e isakmp.seq.seq -e isakmp.notify.msgtype \
+    -e isakmp.flag_e -e isakmp.typepayload -e isakmp.seq.seq -e isakmp.notify.msgtype -e isakmp.sak.spi \
     >"$tmp/isakmp" 2>"$tmp/err" || { cat "$tmp/err" >&2; exit 2; }
 tshark -n -r "$out" -Y 'esp && !icmp' -T fields -E separator='|' \
     -e esp.spi -e esp.icv_good -e esp.icv_bad >"$tmp/esp" 2>"$tmp/err" || { cat "$tmp/err" >&2; exit 2; }
@@ -78,10 +78,12 @@ BEGIN {
     total++; count[state]++
     np = split($7, types, ","); ns = split($9, notes, ","); shown = ""; k = 0
     for (i = 1; i <= np; i++) {
+        if (types[i] == 2 || types[i] == 3) continue  # proposals and transforms inside an SA
         t = (types[i] in p) ? p[types[i]] : types[i]
         if (t == "SEQ" && $8 != "") t = t "(" $8 ")"
+        if (t == "SA" && $10 != "") t = t ",SAK"  # Wireshark lists the SAK only as a field
         if (t == "N" && k < ns) { k++; t = t "(" ((notes[k] in n) ? n[notes[k]] : notes[k]) ")" }
-        shown = shown (i > 1 ? "," : "") t
+        shown = shown (shown != "" ? "," : "") t
     }
     printf "%6d %8.3f %-15s -> %-15s %-14s %-12s %s\n", $1, $2, $3, $4, name, state, shown
 }

@@ -270,7 +270,10 @@ def test_rekeys_removal_and_replace_now_decrypted(tmp_path: Path) -> None:
         finally:
             for d in daemons.values():
                 d.stop()
+    _check_decrypted(tmp_path, pcap, ks_keys, gm_keys, int(sent[1]))
 
+
+def _check_decrypted(tmp_path: Path, pcap: Path, ks_keys: Path, gm_keys: Path, replace_seq: int) -> None:
     fields = ("-e", "frame.number", "-e", "isakmp.ispi", "-e", "isakmp.rspi", "-e", "isakmp.flag_e",
               "-e", "isakmp.seq.seq", "-e", "isakmp.notify.msgtype", "-e", "isakmp.typepayload",
               "-e", "isakmp.sak.spi", "-e", "isakmp.sat.spi", "-e", "ip.src", "-Y", "isakmp.exchangetype == 33")
@@ -300,9 +303,8 @@ def test_rekeys_removal_and_replace_now_decrypted(tmp_path: Path) -> None:
     types = {seq: {r[6] for r in rows} for seq, rows in by_seq.items()}
     notifies = {seq: {r[5] for r in rows} for seq, rows in by_seq.items()}
     # Scheduled rekeys: SEQ, SA (SAT; with seq 3 also the SAK of the KEK rollover), KD, SIG.
-    sak, sat = "15", "16"
-    assert types[2] == {",".join((SEQ, SA, sat, KD, SIG))}
-    assert types[3] == {",".join((SEQ, SA, sak, sat, KD, SIG))}
+    sat = "16"
+    assert types[2] == types[3] == {",".join((SEQ, SA, sat, KD, SIG))}  # the SAK sits inside SA
     assert all(r[8] for r in by_seq[2]) and not any(r[7] for r in by_seq[2])
     rollover = {r[7] for r in by_seq[3]}
     assert len(rollover) == 1 and rollover.pop() not in {r[1] + r[2] for r in by_seq[3]}
@@ -311,7 +313,7 @@ def test_rekeys_removal_and_replace_now_decrypted(tmp_path: Path) -> None:
     removal_seq = [seq for seq, n in notifies.items() if n == {GM_REMOVAL}]
     assert len(removal_seq) == 1 and types[removal_seq[0]] == {",".join((SEQ, NOTIFY, SIG))}
     # The replace-now: SEQ, N(POLICY_REPLACE), SA (its SAT, a SAK if the KEK is replaced too), KD, SIG.
-    seq = int(sent[1])
+    seq = replace_seq
     assert notifies[seq] == {POLICY_REPLACE} and len(types[seq]) == 1
     replace_types = types[seq].pop().split(",")
     assert replace_types[:3] == [SEQ, NOTIFY, SA] and replace_types[-2:] == [KD, SIG] and sat in replace_types
