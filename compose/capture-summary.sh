@@ -57,8 +57,9 @@ tshark -n -r "$out" -Y 'isakmp && !icmp' -T fields -E separator='|' -E aggregato
     -e frame.number -e frame.time_relative -e ip.src -e ip.dst -e isakmp.exchangetype \
     -e isakmp.flag_e -e isakmp.typepayload -e isakmp.seq.seq -e isakmp.notify.msgtype -e isakmp.sak.spi \
     >"$tmp/isakmp" 2>"$tmp/err" || { cat "$tmp/err" >&2; exit 2; }
-tshark -n -r "$out" -Y 'esp && !icmp' -T fields -E separator='|' \
-    -e esp.spi -e esp.icv_good -e esp.icv_bad >"$tmp/esp" 2>"$tmp/err" || { cat "$tmp/err" >&2; exit 2; }
+# ESP quoted in an ICMP error is not a packet of its own (frame.protocols ...:icmp:ip:esp...).
+tshark -n -r "$out" -Y esp -T fields -E separator='|' -E occurrence=f \
+    -e esp.spi -e esp.icv_good -e esp.icv_bad -e frame.protocols >"$tmp/esp" 2>"$tmp/err" || { cat "$tmp/err" >&2; exit 2; }
 
 awk -F'|' -v esp="$tmp/esp" '
 BEGIN {
@@ -91,6 +92,7 @@ END {
     if (total == 0) print "    (none)"
     while ((getline line < esp) > 0) {
         split(line, f, "|"); spi = f[1]
+        if (f[4] ~ /icmp:ip:esp/) continue
         if (!(spi in packets)) order[++spis] = spi
         packets[spi]++; esp_total++
         if (f[2] == "1" || f[2] == "True") { good[spi]++; esp_good++ }

@@ -36,7 +36,7 @@ from tests.procs import (
     write_private,
     write_signing_key,
 )
-from tests.test_pull import make_kek
+from tests.test_pull import make_kek, make_tek
 
 REPO = Path(__file__).resolve().parent.parent
 needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("editcap") is None,
@@ -223,6 +223,28 @@ def test_decode_as_entries_makes_udp_848_isakmp_without_d(tmp_path: Path) -> Non
     keys = tmp_path / "keys"
     KeyLog(keys).close()
     assert _tshark(raw, keys, "-e", "frame.protocols")[0][0] == "eth:ethertype:ip:udp:isakmp"
+
+
+@needs_tshark
+def test_capture_summary_counts_esp_with_a_good_icv(tmp_path: Path) -> None:
+    """compose/capture-summary.sh on a topology layout: ESP of a logged TEK (inner ICMP) counts."""
+    from scapy.all import ICMP, IP, Ether, wrpcap
+    from scapy.layers.ipsec import ESP, SecurityAssociation
+
+    tek = make_tek("esp-gcm-256", time.time(), spi=0x6B1E42C0)
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    KeyLog(capture / "keys").esp(tek)
+    sa = SecurityAssociation(ESP, spi=tek.spi, crypt_algo="AES-GCM", crypt_key=tek.cipher_key, auth_algo="NULL")
+    wrpcap(str(capture / "capture.pcap"),
+           [Ether() / sa.encrypt(IP(src="10.48.1.10", dst="10.48.2.10") / ICMP(seq=n)) for n in range(3)])
+    res = _capture_summary(tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "    0x6b1e42c0: 3 packets, 3 good ICV, 0 bad ICV, 0 not checked\n" in res.stdout
+    assert res.stdout.splitlines()[-1].endswith("ESP 3 packets, 3 good ICV, 0 bad ICV")
+    (capture / "keys" / "esp_sa").unlink()  # no key: nothing decrypted
+    res = _capture_summary(tmp_path)
+    assert res.returncode == 1 and "3 packets, 0 good ICV, 0 bad ICV, 3 not checked" in res.stdout
 
 
 # --- real daemons -------------------------------------------------------------------------
