@@ -5,7 +5,10 @@ created 0700 when missing); the files are created 0600 and never through a
 symlink.
 
 ``DIR`` can then be used as ``WIRESHARK_CONFIG_DIR``: ``ikev1_decryption_table``
-decrypts Main Mode 5/6 and GROUPKEY-PULL, ``esp_sa`` decrypts the ESP traffic.
+decrypts Main Mode 5/6 and GROUPKEY-PULL, ``esp_sa`` decrypts the ESP traffic,
+``decode_as_entries`` makes UDP 848 ISAKMP.  Wireshark cannot decrypt
+GROUPKEY-PUSH (it derives IKEv1 IVs; a push uses the KEK's static IV), so every
+KEK goes to ``gdoid_kek_table``, read by ``gdoid decrypt-pcap`` (docs/captures.md).
 """
 
 from __future__ import annotations
@@ -13,17 +16,22 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from gdoid.config import ConfigError
 from gdoid.fsutil import write_all
 from gdoid.log import get_logger
+from gdoid.protocol.constants import GDOI_PORT
 from gdoid.protocol.ike_sa import IkeSa
-from gdoid.protocol.policy import Tek
+from gdoid.protocol.policy import Kek, Tek
 
 IKE_TABLE = "ikev1_decryption_table"
 ESP_TABLE = "esp_sa"
 PREFERENCES = "preferences"
+DECODE_AS = "decode_as_entries"
+KEK_TABLE = "gdoid_kek_table"  # ours, not Wireshark's: read by gdoid decrypt-pcap
+KEK_CIPHER = "AES-CBC"  # the only KEK algorithm gdoid sends or accepts (KEK_ALG_AES)
 
 _log = get_logger("gdoid.keylog")
 
@@ -31,6 +39,18 @@ _PREFS = """# written by gdoid --keylog
 esp.enable_encryption_decode: TRUE
 esp.enable_authentication_check: TRUE
 """
+
+
+_KEK_HEADER = "# gdoid KEK table (docs/wire.md): KEK SPI (CKY-I|CKY-R),cipher,key,IV\n"
+
+
+def decode_as_text(port: int = GDOI_PORT) -> str:
+    """Wireshark's Decode As table: UDP ``port`` is ISAKMP (Wireshark knows only 500 and 4500)."""
+    return f"# written by gdoid --keylog: GDOI uses UDP {port}\ndecode_as_entry: udp.port,{port},(none),ISAKMP\n"
+
+
+def kek_line(kek: Kek) -> str:
+    return f"{kek.spi.hex()},{KEK_CIPHER},{kek.key.hex()},{kek.iv.hex()}\n"
 
 
 def ikev1_line(sa: IkeSa) -> str:
@@ -98,17 +118,20 @@ class KeyLog:
     and the refusal logged.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, port: int = GDOI_PORT) -> None:
         self.directory = directory
         self._dir_fd = _open_directory(directory)
         self._esp_spis: set[int] = set()
+        self._kek_spis: set[bytes] = set()
         self._warned: set[str] = set()
-        for name in (PREFERENCES, IKE_TABLE, ESP_TABLE):
+        for name in (PREFERENCES, DECODE_AS, IKE_TABLE, ESP_TABLE, KEK_TABLE):
             self._check_entry(name)
-        try:
-            os.stat(PREFERENCES, dir_fd=self._dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            self._append(PREFERENCES, _PREFS)
+        # Written once; an operator's own edits (another port, say) are kept.
+        for name, text in ((PREFERENCES, _PREFS), (DECODE_AS, decode_as_text(port)), (KEK_TABLE, _KEK_HEADER)):
+            try:
+                os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                self._append(name, text)
 
     def _check_entry(self, name: str) -> None:
         """Refuse at startup what _append would refuse later (a symlink, a FIFO...)."""
@@ -160,3 +183,15 @@ class KeyLog:
             return
         self._esp_spis.add(tek.spi)
         self._append(ESP_TABLE, esp_sa_line(tek))
+
+    def kek(self, kek: Kek | None) -> None:
+        """Every KEK the KS creates or the GM installs: what decrypt-pcap needs for pushes."""
+        if kek is None or kek.spi in self._kek_spis:
+            return
+        self._kek_spis.add(kek.spi)
+        self._append(KEK_TABLE, kek_line(kek))
+
+    def group_keys(self, kek: Kek | None, teks: Iterable[Tek]) -> None:
+        self.kek(kek)
+        for t in teks:
+            self.esp(t)

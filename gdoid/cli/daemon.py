@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gdoid import log
+from gdoid.cli import decrypt_pcap
 from gdoid.config import ConfigError, load_gm_config, load_ks_config
 from gdoid.protocol.constants import GDOI_PORT
 from gdoid.protocol.pki import PkiError
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="(root) hostA-GM1-core-GM2-hostB in network namespaces: ping through real ESP",
     )
     _common(lab)
+    decrypt_pcap.add_parser(sub)
     return parser
 
 
@@ -124,6 +126,8 @@ def _fatal(fmt: str, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "decrypt-pcap":
+        return decrypt_pcap.run(args)
     log.configure_logging(
         args.log_format,
         level=getattr(logging, args.log_level.upper()),

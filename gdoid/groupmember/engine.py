@@ -371,8 +371,7 @@ class GroupMemberEngine:
     def _install(self, keys: GroupKeys, sender_ids: SenderIds | None, now: float) -> None:
         new = self.sadb.install(keys, sender_ids, now)
         if self.keylog is not None:
-            for t in new:
-                self.keylog.esp(t)
+            self.keylog.group_keys(keys.kek, new)
         self._sync_dataplane(keys.group_number, now)
 
     def _sync_dataplane(self, group_number: int, now: float) -> None:

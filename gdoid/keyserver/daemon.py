@@ -52,7 +52,7 @@ class KeyServerDaemon:
         self.config_path = config_path
         self.log = log.get_logger("gdoid.ks")
         keylog_dir = keylog_dir or config.keylog_dir
-        self.keylog = KeyLog(keylog_dir) if keylog_dir is not None else None
+        self.keylog = KeyLog(keylog_dir, config.port) if keylog_dir is not None else None
         now = wall_clock()
         self.groups: dict[int, Group] = {}
         for g in config.groups:
@@ -107,6 +107,8 @@ class KeyServerDaemon:
                     detail="the rekey signing key changed while the KS was down: GMs reject pushes until they re-register",
                 )
             state.apply(g, data)
+            if self.keylog is not None:  # the restored keys encrypt the next pushes
+                self.keylog.group_keys(g.kek, g.teks)
             self.log.info("state_restored", group=g.name, seq=g.seq, members=len(g.members), teks=len(g.teks))
 
     def save_state(self) -> None:
@@ -310,6 +312,8 @@ class KeyServerDaemon:
             g = self.groups.get(gconf.number)
             if g is None:
                 self.groups[gconf.number] = Group(gconf, keys[gconf.number], new.address, new.port, now)
+                if self.keylog is not None:
+                    self.keylog.group_keys(self.groups[gconf.number].kek, self.groups[gconf.number].teks)
                 changed.append(gconf.name)
                 continue
             staged = _staged(g)

@@ -168,8 +168,7 @@ class KeyServerEngine:
         self.log_limit = log.LogLimiter()
         if keylog is not None:
             for g in groups.values():
-                for t in g.teks:
-                    keylog.esp(t)
+                keylog.group_keys(g.kek, g.teks)
 
     # --- GroupDirectory for the PULL responder -------------------------------
 
@@ -212,8 +211,7 @@ class KeyServerEngine:
 
     def keys_changed(self, group: Group) -> None:
         if self.keylog is not None:
-            for t in group.teks:
-                self.keylog.esp(t)
+            self.keylog.group_keys(group.kek, group.teks)
 
     def persist(self) -> None:
         if self.on_state_change is not None:
@@ -851,8 +849,7 @@ class KeyServerEngine:
 
     def _after_new_keys(self, group: Group) -> None:
         if self.keylog is not None:
-            for t in group.teks:
-                self.keylog.esp(t)
+            self.keylog.group_keys(group.kek, group.teks)
         if self.on_state_change is not None:
             self.on_state_change()
 
