@@ -4,7 +4,8 @@ A session fixture runs ``compose/build-base.sh`` once (debootstrap'd base image,
 host-built wheels, offline ``docker build``; cached after the first run).  Each
 topology is brought up once for its test class (class-scoped fixture), the
 class's tests run in order against it, and it is always torn down with
-``docker-compose down -v``.  Every wait polls the daemons (``gdoictl --json``)
+``docker-compose down -v`` alone, after which the host must be as before: no
+DOCKER-USER rule, bridge, container, network or volume more (``hoststate``).  Every wait polls the daemons (``gdoictl --json``)
 or their logs with a deadline; a daemon that exits fails the wait at once.
 The last test of each class stops the capture service and decodes the pcap
 with the daemons' key logs (tshark, run in the base image).  The capture of
@@ -28,6 +29,10 @@ What is covered (issue #6):
   policy-replace rekey (1.0.2 installs the new SA and shortens the old one to
   TEK_SLT, 1.0.1 keeps the old lifetime); ``replace-now`` (1.0.2 deletes the
   old SAs, 1.0.1 keeps them); the pcap.
+
+The image: its HEALTHCHECK runs ``gdoictl health`` (a GM with no KS turns unhealthy,
+healthy once a KS appears and it registers); ``build-base.sh`` run again on the same
+source keeps the image ID and leaves no untagged image.
 
 Skipped when docker / docker-compose are missing or the engine cannot be
 reached, or with ``GDOID_SKIP_INTEROP=1``.  ``GDOID_IMAGE`` names the gdoid
