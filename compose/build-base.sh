@@ -66,7 +66,9 @@ if ! docker info >/dev/null 2>&1; then
     [ "$(id -u)" = 0 ] || die "the Docker engine is not running and we are not root to start it"
     command -v dockerd >/dev/null 2>&1 || die "the Docker engine is not running and dockerd is not installed"
     say "starting dockerd (log: /var/log/dockerd.log)"
-    dockerd >/var/log/dockerd.log 2>&1 &
+    # Not inheriting our other descriptors: a caller's lock (e.g. `flock FILE build-base.sh`)
+    # would otherwise stay held by the long-lived dockerd.
+    dockerd >/var/log/dockerd.log 2>&1 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     i=0
     until docker info >/dev/null 2>&1; do
         i=$((i + 1))
