@@ -471,6 +471,20 @@ class TestBasic:
         for gm in BASIC_GMS:
             assert t.events(gm, "GM_REGS_COMPL"), t.logs(gm)
         print(f"basic: both GMs registered {time.monotonic() - t0:.1f} s after up")
+        # Healthchecks: the image's `gdoictl health` (not a query that also answers
+        # before registration), and every daemon healthy once registered.
+        for svc in BASIC_DAEMONS:
+            cid = t.compose("ps", "-q", svc).stdout.strip()
+            check = json.loads(
+                subprocess.run(
+                    ["docker", "inspect", "-f", "{{json .Config.Healthcheck.Test}}", cid],
+                    capture_output=True, text=True, timeout=60, check=True,
+                ).stdout
+            )
+            assert check[0] == "CMD" and check[1] == "gdoictl" and check[-1] == "health", check
+            out = t.exec(svc, *check[1:], check=False)
+            state = "gm registered" if svc.startswith("gm") else "ks listening"
+            assert out.returncode == 0 and out.stdout.startswith(state), (svc, out.stdout)
         # The routed LAN traffic and ESP below cross the bridges with no host rule of ours.
         rules = hoststate.snapshot()["DOCKER-USER rules"]
         assert rules == t.host_before["DOCKER-USER rules"], f"DOCKER-USER changed: {rules}"
