@@ -1,7 +1,7 @@
 """What a compose lab may leave on the Docker host, to compare before and after a test.
 
 :func:`snapshot` lists the host objects a topology can create: rules in the
-``DOCKER-USER`` chain (iptables and iptables-legacy, whichever the engine uses),
+``DOCKER-USER`` chain (iptables, or iptables-legacy when the engine uses that),
 Linux bridges, and Docker containers, networks and volumes.  :func:`leftovers`
 is what a later snapshot has that an earlier one had not.  Taken under the
 shared test lock, anything new is ours.
@@ -24,10 +24,13 @@ def _lines(*cmd: str) -> set[str] | None:
 
 def snapshot() -> HostState:
     rules: set[str] = set()
+    # The engine's backend: iptables (nft) when it has the chain, else iptables-legacy
+    # (only then: listing a legacy table would load it on a host that has none).
     for ipt in ("iptables", "iptables-legacy"):
-        if shutil.which(ipt):
-            got = _lines(ipt, "-w", "-S", "DOCKER-USER")
-            rules |= {f"{ipt} {rule}" for rule in got or ()}
+        got = _lines(ipt, "-w", "-S", "DOCKER-USER") if shutil.which(ipt) else None
+        if got is not None:
+            rules = {f"{ipt} {rule}" for rule in got}
+            break
     bridges = {
         line.split(":")[1].strip().split("@")[0]
         for line in _lines("ip", "-o", "link", "show", "type", "bridge") or ()
