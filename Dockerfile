@@ -1,11 +1,13 @@
 # gdoid: GDOI (RFC 6407) key server / group member, as a container image.
 #
-# The usual way (an index reachable during the build):
-#     docker build -t gdoid .
-# Offline, from a wheelhouse built on the host (see compose/build-base.sh):
+# With no registry (Docker Hub unreachable), build everything locally:
+#     compose/build-base.sh          # gdoid-base:bookworm, compose/wheels, gdoid:latest
+# which amounts to (wheelhouse built on the host, base image made by debootstrap):
 #     pip wheel . setuptools wheel -w compose/wheels
 #     docker build --network none --build-arg PIP_NO_INDEX=1 \
 #         --build-arg BASE=gdoid-base:bookworm --build-arg WHEELHOUSE=compose/wheels -t gdoid .
+# With Docker Hub and a package index reachable (BASE defaults to python:3.11-slim):
+#     docker build -t gdoid .
 #
 # BASE must provide python3.11 with the venv module.  The image ships no
 # configuration and no keys: mount them (see docs/deploy.md).  The daemons run
@@ -22,12 +24,19 @@ ARG BASE=python:3.11-slim
 
 # ---------------------------------------------------------------------------
 FROM ${BASE} AS builder
+# Marks this stage's image, which build-base.sh tags <image>-builder (Docker's
+# layer cache for the next build) and prunes once replaced.
+LABEL org.gdoid.image=builder
 # A folder of wheels inside the build context (dependencies, setuptools, wheel);
 # it may be empty when an index is reachable.
 ARG WHEELHOUSE=compose/wheels
 # 1 = never contact an index (pip reads PIP_NO_INDEX).
 ARG PIP_NO_INDEX=
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=${PIP_NO_INDEX} PYTHONDONTWRITEBYTECODE=1
+# Zip timestamps of the wheels built here: the same source gives the same wheel,
+# so the final stage's COPY --from=builder hits the cache even after a rebuild.
+ARG SOURCE_DATE_EPOCH=315532800
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=${PIP_NO_INDEX} PYTHONDONTWRITEBYTECODE=1 \
+    SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH}
 COPY ${WHEELHOUSE}/ /wheelhouse/
 COPY pyproject.toml README.md /src/
 COPY gdoid/ /src/gdoid/
@@ -45,7 +54,8 @@ RUN set -eu; \
 # ---------------------------------------------------------------------------
 FROM ${BASE}
 ARG GDOID_UID=848
-LABEL org.opencontainers.image.title="gdoid" \
+LABEL org.gdoid.image=gdoid \
+      org.opencontainers.image.title="gdoid" \
       org.opencontainers.image.description="GDOI (RFC 6407) key server and group member, modelled on Cisco GET VPN" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV PATH=/opt/gdoid/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

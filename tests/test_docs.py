@@ -32,7 +32,8 @@ BLOCKS: dict[tuple[str, str], tuple[str, str]] = {
         (SKIP, "installs Debian packages on the host; .ci/run does the same install"),
     ("README.md", "apt-get update && DEBIAN_FRONTEND=noninteractive"):
         (ELSEWHERE, ".ci/run runs this command (it is the test suite itself)"),
-    ("README.md", "gdoid lab --export /tmp/lab"): (RUN, "test_readme_running_daemons"),
+    ("README.md", ". .venv/bin/activate"): (RUN, "test_readme_running_daemons"),
+    ("README.md", "compose/demo.sh basic"): (ELSEWHERE, "tests/test_demo.py runs it"),
     ("README.md", "tshark -i lo -f 'udp port 848' -w reg.pcap"): (RUN, "test_readme_wireshark"),
     ("docs/deploy.md", "docker build -t gdoid:latest ."):
         (SKIP, "needs Docker Hub (CI has no registry); compose/build-base.sh is tested instead"),
@@ -41,6 +42,7 @@ BLOCKS: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/deploy.md", "docker network create --subnet 198.18.100.0/24 gdoid-net"):
         (SKIP, "creates host-wide Docker networks and /srv/gdoid; the compose tests cover the image"),
     ("docs/deploy.md", "docker logs -f gdoid-ks"): (SKIP, "day-to-day commands on running containers"),
+    ("docs/deploy.md", "docker rm -f gdoid-gm1 gdoid-ks"): (SKIP, "the cleanup of the docker run example"),
     ("docs/deploy.md", "compose/build-base.sh"): (ELSEWHERE, "tests/interop builds the images with it"),
     ("docs/deploy.md", "cd compose/basic"): (ELSEWHERE, "tests/interop/test_compose.py"),
     ("docs/deploy.md", "docker run --rm --network none -v \"$PWD/capture:/capture:ro\""):
@@ -137,6 +139,9 @@ def _script(text: str, tmp: Path) -> str:
 def _run_block(first: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     text = next(t for n, _h, t in sh_blocks() if t.startswith(first))
     env = dict(os.environ)
+    activate = tmp / ".venv" / "bin" / "activate"  # the README's venv, here the one under test
+    activate.parent.mkdir(parents=True, exist_ok=True)
+    activate.write_text(f'PATH="{Path(GDOID).parent}:$PATH"\n' if GDOID else "")
     if GDOID:  # the gdoid and gdoictl under test first on PATH
         env["PATH"] = f"{Path(GDOID).parent}:{env['PATH']}"
     return subprocess.run(["bash", "-c", _script(text, tmp)], cwd=tmp, env=env, capture_output=True,
@@ -145,7 +150,7 @@ def _run_block(first: str, tmp: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.root
 def test_readme_running_daemons(tmp_path: Path) -> None:
-    res = _run_block("gdoid lab --export /tmp/lab", tmp_path)
+    res = _run_block(". .venv/bin/activate", tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "gm registered: group GET with KS 127.0.0.1" in res.stdout
     assert "Group Member ID    : 127.0.0.2" in res.stdout  # the list is no longer empty

@@ -4,7 +4,8 @@ A session fixture runs ``compose/build-base.sh`` once (debootstrap'd base image,
 host-built wheels, offline ``docker build``; cached after the first run).  Each
 topology is brought up once for its test class (class-scoped fixture), the
 class's tests run in order against it, and it is always torn down with
-``docker-compose down -v``.  Every wait polls the daemons (``gdoictl --json``)
+``docker-compose down -v`` alone, after which the host must be as before: no
+DOCKER-USER rule, bridge, container, network or volume more (``hoststate``).  Every wait polls the daemons (``gdoictl --json``)
 or their logs with a deadline; a daemon that exits fails the wait at once.
 The last test of each class stops the capture service and decodes the pcap
 with the daemons' key logs (tshark, run in the base image).  The capture of
@@ -29,6 +30,10 @@ What is covered (issue #6):
   TEK_SLT, 1.0.1 keeps the old lifetime); ``replace-now`` (1.0.2 deletes the
   old SAs, 1.0.1 keeps them); the pcap.
 
+The image: its HEALTHCHECK runs ``gdoictl health`` (a GM with no KS turns unhealthy,
+healthy once a KS appears and it registers); ``build-base.sh`` run again on the same
+source keeps the image ID and leaves no untagged image.
+
 Skipped when docker / docker-compose are missing or the engine cannot be
 reached, or with ``GDOID_SKIP_INTEROP=1``.  ``GDOID_IMAGE`` names the gdoid
 image that build-base.sh builds and the daemons run (default ``gdoid:latest``);
@@ -51,6 +56,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+
+from tests.interop import hoststate
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO / "compose"
@@ -112,6 +119,7 @@ class Topology:
         self.name = name
         self.dir = COMPOSE_DIR / name
         self.capture = self.dir / "capture"
+        self.host_before: hoststate.HostState = {}
 
     def compose(
         self, *args: str, timeout: float = 120, check: bool = True
@@ -355,29 +363,23 @@ class Topology:
 
 
 def _up(name: str) -> Iterator[Topology]:
+    """Bring a topology up for a test class; tear it down with ``down -v`` alone (the
+    documented command) and fail if the host is not left as it was: no DOCKER-USER
+    rule, bridge, container, network or volume of ours may remain."""
     topo = Topology(name)
     topo.compose("down", "-v", "--remove-orphans", check=False)  # leftovers of an aborted run
+    before = hoststate.snapshot()
     start = time.monotonic()
     try:
         topo.compose("up", "-d", timeout=300)
         print(f"{topo.name}: up in {time.monotonic() - start:.1f} s")
+        topo.host_before = before
         yield topo
     finally:
-        text = (topo.dir / "docker-compose.yml").read_text()
-        if "fabric.sh" in text:  # remove the DOCKER-USER rules of compose/lib/fabric.sh
-            bridges = re.findall(r"com\.docker\.network\.bridge\.name:\s*([\w.-]+)", text)
-            topo.compose(
-                "run",
-                "--rm",
-                "--no-deps",
-                "fabric",
-                "/compose-lib/fabric.sh",
-                "close",
-                *bridges,
-                check=False,
-            )
-        topo.compose("down", "-v", "--remove-orphans", timeout=180, check=False)
+        topo.compose("down", "-v", timeout=180, check=False)
         print(f"{topo.name}: {time.monotonic() - start:.1f} s from up to down")
+    left = hoststate.leftovers(before, hoststate.snapshot())
+    assert not left, f"{name}: `docker-compose down -v` left on the host: {left}"
 
 
 def _tek_lifetime(topology: str) -> int:
@@ -469,6 +471,23 @@ class TestBasic:
         for gm in BASIC_GMS:
             assert t.events(gm, "GM_REGS_COMPL"), t.logs(gm)
         print(f"basic: both GMs registered {time.monotonic() - t0:.1f} s after up")
+        # Healthchecks: the image's `gdoictl health` (not a query that also answers
+        # before registration), and every daemon healthy once registered.
+        for svc in BASIC_DAEMONS:
+            cid = t.compose("ps", "-q", svc).stdout.strip()
+            check = json.loads(
+                subprocess.run(
+                    ["docker", "inspect", "-f", "{{json .Config.Healthcheck.Test}}", cid],
+                    capture_output=True, text=True, timeout=60, check=True,
+                ).stdout
+            )
+            assert check[0] == "CMD" and check[1] == "gdoictl" and check[-1] == "health", check
+            out = t.exec(svc, *check[1:], check=False)
+            state = "gm registered" if svc.startswith("gm") else "ks listening"
+            assert out.returncode == 0 and out.stdout.startswith(state), (svc, out.stdout)
+        # The routed LAN traffic and ESP below cross the bridges with no host rule of ours.
+        rules = hoststate.snapshot()["DOCKER-USER rules"]
+        assert rules == t.host_before["DOCKER-USER rules"], f"DOCKER-USER changed: {rules}"
         # Non-root daemons: the KS without capabilities, the GMs with NET_ADMIN + NET_RAW only.
         t.assert_daemon_unprivileged("ks")
         for gm in BASIC_GMS:
@@ -897,3 +916,133 @@ class TestMixedVersions:
         summary = mixed.check_capture(esp=False)
         assert mixed.tshark("isakmp.exchangetype == 33"), "no GROUPKEY-PUSH in the capture"
         print(f"mixed-versions: capture {summary}")
+
+
+# --- the image: HEALTHCHECK, reproducible build ---------------------------------------
+
+GDOID_IMAGE = os.environ.get("GDOID_IMAGE", "gdoid:latest")
+
+
+def _docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _inspect(obj: str, fmt: str = "{{json .}}") -> Any:
+    return json.loads(_docker("inspect", "-f", fmt, obj).stdout)
+
+
+def _health(container: str) -> dict[str, Any]:
+    return _inspect(container, "{{json .State.Health}}") or {}
+
+
+def _wait_health(container: str, want: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = _health(container)
+        if health.get("Status") == want:
+            return health
+        running = _inspect(container, "{{json .State.Running}}")
+        if not running or time.monotonic() > deadline:
+            logs = _docker("logs", "--tail", "30", container, check=False)
+            pytest.fail(
+                f"{container}: not {want} within {timeout:g} s (running {running}): {health}\n"
+                f"{logs.stdout[-2000:]}{logs.stderr[-2000:]}"
+            )
+        time.sleep(0.5)
+
+
+class TestImage:
+    def test_healthcheck_says_registered(self, images: None, tmp_path: Path) -> None:
+        """The image's HEALTHCHECK runs ``gdoictl health``: a GM that cannot reach its KS
+        turns unhealthy (``gm registering``), and healthy once a KS appears and it registers.
+
+        The containers run the image's own check command; only its timing is shortened
+        (``--health-interval``), the start period is tested as configured in the image."""
+        check = _inspect(GDOID_IMAGE, "{{json .Config.Healthcheck}}")
+        assert check["Test"][0] == "CMD" and check["Test"][1] == "gdoictl", check
+        assert check["Test"][-1] == "health", check
+        start_period = check["StartPeriod"] / 1e9
+        assert 30 <= start_period <= 120, f"start period {start_period} s: registration needs ~30-60 s"
+
+        # A lab configuration (KS 127.0.0.1, GM 127.0.0.2, fresh keys), sockets where the
+        # check looks for them, owned by the image's user.
+        before = hoststate.snapshot()
+        lab = tmp_path / "lab"
+        lab.mkdir()
+        _docker(
+            "run", "--rm", "--user", "0", "--network", "none", "-v", f"{lab}:/lab",
+            "--entrypoint", "sh", GDOID_IMAGE, "-c",
+            "gdoid lab --export /lab >/dev/null"
+            " && sed -i 's#^control_socket = .*#control_socket = \"/run/gdoid/gm.sock\"#' /lab/gm1.toml"
+            " && sed -i 's#^control_socket = .*#control_socket = \"/run/gdoid/ks.sock\"#' /lab/ks.toml"
+            " && chown -R 848:848 /lab",
+        )
+        gm, ks = "gdoid-test-health-gm", "gdoid-test-health-ks"
+        fast = ("--health-interval", "1s", "--health-retries", "2", "--health-timeout", "5s")
+        try:
+            _docker(
+                "run", "-d", "--name", gm, "--network", "none", "--cap-drop", "ALL",
+                "--sysctl", "net.ipv4.ip_unprivileged_port_start=848", *fast,
+                "--health-start-period", "1s", "-v", f"{lab}:/lab", GDOID_IMAGE,
+                "gm", "--config", "/lab/gm1.toml",
+            )
+            assert _inspect(gm, "{{json .Config.Healthcheck.Test}}") == check["Test"]
+            unhealthy = _wait_health(gm, "unhealthy", 30)
+            last = unhealthy["Log"][-1]
+            assert last["ExitCode"] == 1 and last["Output"].startswith("gm registering"), last
+
+            # The KS in the GM's network namespace (127.0.0.1): the GM registers on its
+            # next attempt and the same check reports it healthy.
+            t0 = time.monotonic()
+            _docker(
+                "run", "-d", "--name", ks, "--network", f"container:{gm}", "--cap-drop", "ALL",
+                "-v", f"{lab}:/lab", GDOID_IMAGE, "ks", "--config", "/lab/ks.toml",
+            )
+            healthy = _wait_health(gm, "healthy", 90)
+            last = healthy["Log"][-1]
+            assert last["ExitCode"] == 0 and last["Output"].startswith("gm registered"), last
+            ks_health = _wait_health(ks, "healthy", 90)  # the image's own 10 s interval
+            assert ks_health["Log"][-1]["Output"].startswith("ks listening"), ks_health
+            print(f"image healthcheck: GM healthy {time.monotonic() - t0:.1f} s after the KS started")
+        finally:
+            _docker("rm", "-f", "-v", ks, gm, check=False)
+        assert not hoststate.leftovers(before, hoststate.snapshot())
+
+    def test_build_base_is_reproducible(self, images: None) -> None:
+        """``compose/build-base.sh`` again on the same source: the wheels come out the
+        same, Docker's layer cache gives the same image ID, and no untagged image is left."""
+
+        def run() -> float:
+            t0 = time.monotonic()
+            proc = subprocess.run(
+                [str(COMPOSE_DIR / "build-base.sh")],
+                capture_output=True,
+                text=True,
+                timeout=900,
+                env={**os.environ, "PYTHON": sys.executable},
+            )
+            assert proc.returncode == 0, f"build-base.sh failed:\n{proc.stderr[-4000:]}"
+            return time.monotonic() - t0
+
+        def ids() -> dict[str, str]:
+            return {
+                ref: _docker("image", "inspect", "-f", "{{.Id}}", ref).stdout.strip()
+                for ref in (GDOID_IMAGE, f"{GDOID_IMAGE}-builder")
+            }
+
+        def dangling() -> set[str]:
+            out = _docker("images", "--no-trunc", "-q", "-f", "dangling=true").stdout
+            return set(out.split())
+
+        if os.environ.get("GDOID_SKIP_BUILD") == "1":
+            run()  # the images may predate this source: build once first
+        first, dangling0 = ids(), dangling()
+        took = run()
+        assert ids() == first, f"same source, new image: {first} -> {ids()}"
+        assert dangling() <= dangling0, f"build-base.sh left untagged images: {dangling() - dangling0}"
+        ours = _docker("images", "-q", "-f", "dangling=true", "-f", "label=org.gdoid.image").stdout
+        assert not ours.split(), f"untagged gdoid images remain: {ours.split()}"
+        print(f"build-base.sh again: {took:.1f} s, image {first[GDOID_IMAGE][:19]} unchanged")
