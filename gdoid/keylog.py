@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from gdoid.config import ConfigError
+from gdoid.config.errors import ConfigError
 from gdoid.fsutil import write_all
 from gdoid.log import get_logger
 from gdoid.protocol.ike import IkeSa

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gdoid.config import load_gm_config, load_ks_config
+from gdoid.config.loader import load_gm_config, load_ks_config
 from gdoid.control import ControlRequest
 from gdoid.groupmember.daemon import GroupMemberDaemon
 from gdoid.keyserver.daemon import KeyServerDaemon

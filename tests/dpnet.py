@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gdoid.dataplane.esp import EspSa, ipv4_checksum
 from gdoid.netlab import CORE_BRIDGE, GM1_WAN, GM2_WAN, KS, Topology
-from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 from tests.procs import Daemon, gdoictl, gdoictl_json, gdoictl_wait, write_private
 
 GROUP = 1234

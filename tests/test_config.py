@@ -1,4 +1,4 @@
-"""Tests for gdoid.config: TOML → validated frozen dataclasses."""
+"""Tests for gdoid.config (loader, schemas, model): TOML → validated frozen dataclasses."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import (
+from gdoid.config.errors import ConfigError
+from gdoid.config.loader import load_gm_config, load_ks_config, parse_gm_config, parse_ks_config
+from gdoid.config.model import (
     DEFAULT_SOFTWARE_VERSION,
     AuthConfig,
-    ConfigError,
     CoopConfig,
     CoopPeer,
     GmConfig,
@@ -19,21 +20,18 @@ from gdoid.config import (
     IkeCipher,
     IkeHash,
     IkePolicy,
-    KekPolicy,
+    KekConfig,
     KsConfig,
     KsGroupConfig,
     PkiConfig,
     PskEntry,
     RekeyPolicy,
     SaIpsec,
-    SoftwareVersion,
-    TrafficSelector,
-    Transform,
-    load_gm_config,
-    load_ks_config,
-    parse_gm_config,
-    parse_ks_config,
+    TrafficSelectorConfig,
 )
+from gdoid.protocol.crypto import SigHash
+from gdoid.protocol.transforms import TEK_TRANSFORMS
+from gdoid.protocol.version import SoftwareVersion
 
 KS_TOML = """\
 [ks]
@@ -200,19 +198,19 @@ def test_full_ks_config(confdir: Path) -> None:
             KsGroupConfig(
                 name="GET",
                 number=1234,
-                kek=KekPolicy(
+                kek=KekConfig(
                     algorithm=IkeCipher.AES_CBC_256,
                     lifetime=86400,
                     signing_key=confdir / "rekey.key",
-                    sig_hash="sha256",
+                    sig_hash=SigHash.SHA256,
                 ),
                 sa_ipsec=(
                     SaIpsec(
                         number=1,
                         profile="gdoi-p",
-                        transform=Transform.ESP_GCM_256,
+                        transform=TEK_TRANSFORMS["esp-gcm-256"],
                         lifetime=3600,
-                        match=TrafficSelector(
+                        match=TrafficSelectorConfig(
                             IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16")
                         ),
                         replay_window=64,
@@ -221,9 +219,9 @@ def test_full_ks_config(confdir: Path) -> None:
                     SaIpsec(
                         number=2,
                         profile="gdoi-p2",
-                        transform=Transform.ESP_CBC_128_SHA256,
+                        transform=TEK_TRANSFORMS["esp-cbc-128-sha256"],
                         lifetime=1800,
-                        match=TrafficSelector(
+                        match=TrafficSelectorConfig(
                             IPv4Network("10.3.0.0/16"),
                             IPv4Network("10.4.0.0/16"),
                             protocol=17,

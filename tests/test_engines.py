@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gdoid.config import GmConfig, KsConfig, parse_gm_config, parse_ks_config
+from gdoid.config.loader import parse_gm_config, parse_ks_config
+from gdoid.config.model import GmConfig, KsConfig
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.groupmember.sadb import (
     TEK_SLT_CAP,
@@ -29,7 +30,8 @@ from gdoid.protocol.constants import ExchangeType
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.ike import MainModeInitiator
 from gdoid.protocol.pki import load_private_key
-from gdoid.protocol.policy import GroupKeys, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import GroupKeys, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 from gdoid.protocol.version import SoftwareVersion
 
 KS = "127.0.0.1"

@@ -26,7 +26,8 @@ from gdoid.dataplane.engine import (
 )
 from gdoid.dataplane.esp import EspSa, ipv4_checksum
 from gdoid.dataplane.replay import SequenceWindow, TbarClock, tbar_ok
-from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 
 TRANSFORMS = ["esp-gcm-128", "esp-gcm-256", "esp-cbc-128-sha256", "esp-cbc-256-sha256"]
 NET = IPv4Network("10.0.0.0/8")

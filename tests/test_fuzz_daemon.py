@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from gdoid.config import load_gm_config
+from gdoid.config.loader import load_gm_config
 from gdoid.groupmember.engine import Registration
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.ike import plain_notify

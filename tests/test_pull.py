@@ -51,13 +51,13 @@ from gdoid.protocol.policy import (
     SenderIds,
     Tek,
     TekPolicy,
-    TekTransform,
     TrafficSelector,
 )
 from gdoid.protocol.pull import (
     PullInitiator,
     PullResponder,
 )
+from gdoid.protocol.transforms import TekTransform
 from gdoid.protocol.version import SoftwareVersion
 
 GM_ADDR = IPv4Address("10.0.0.2")

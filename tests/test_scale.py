@@ -20,7 +20,8 @@ from typing import Any, cast
 
 import pytest
 
-from gdoid.config import GmConfig, load_gm_config
+from gdoid.config.loader import load_gm_config
+from gdoid.config.model import GmConfig
 from gdoid.groupmember.engine import GroupMemberEngine, Registration
 from gdoid.phase1 import phase1_config
 from tests.procs import (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import parse_ks_config
+from gdoid.config.loader import parse_ks_config
 from gdoid.keyserver import state
 from gdoid.keyserver.group import Group
 from gdoid.protocol.pki import load_private_key

@@ -9,7 +9,9 @@ from typing import Any
 
 from gdoid import log
 from gdoid.commands import match, wrong_role
-from gdoid.config import ConfigError, GmConfig, load_gm_config
+from gdoid.config.errors import ConfigError
+from gdoid.config.loader import load_gm_config
+from gdoid.config.model import GmConfig
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.dataplane.engine import Dataplane
 from gdoid.dataplane.forwarder import Forwarder

@@ -26,7 +26,8 @@ from gdoid.protocol import crypto
 from gdoid.protocol.crypto import HashAlgorithm, SigAlgorithm, SigHash
 from gdoid.protocol.errors import ProtocolError
 from gdoid.protocol.gdoi_payloads import AnnBlock, AnnFlag, AnnPayload, BlockType
-from gdoid.protocol.policy import Kek, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import Kek, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 from gdoid.protocol.version import SoftwareVersion
 
 MAX_MEMBERS = 4096  # per block; a block is at most 64 KiB anyway

@@ -23,7 +23,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gdoid.config import AuthorizedIdentity, GroupAuthorization
+from gdoid.config.model import AuthorizedIdentity, GroupAuthorization
 from gdoid.protocol.constants import IdType
 from gdoid.protocol.ike import IkeSa
 

@@ -23,7 +23,7 @@ from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Any
 
 from gdoid import log
-from gdoid.config import CoopConfig, CoopPeer
+from gdoid.config.model import CoopConfig, CoopPeer
 from gdoid.keyserver import sender_ids, state
 from gdoid.keyserver.annblocks import (
     AnnInvalid,

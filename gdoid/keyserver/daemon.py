@@ -10,7 +10,9 @@ from typing import Any
 
 from gdoid import log
 from gdoid.commands import match, wrong_role
-from gdoid.config import ConfigError, KsConfig, load_ks_config
+from gdoid.config.errors import ConfigError
+from gdoid.config.loader import load_ks_config
+from gdoid.config.model import KsConfig
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.keylog import KeyLog
 from gdoid.keyserver import show, state

@@ -23,7 +23,8 @@ from gdoid.keyserver import sender_ids
 from gdoid.keyserver.group import Group, Member
 from gdoid.protocol.crypto import HashAlgorithm, SigAlgorithm, SigHash
 from gdoid.protocol.errors import ProtocolError
-from gdoid.protocol.policy import Kek, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import Kek, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 from gdoid.protocol.version import SoftwareVersion
 
 FORMAT = 1

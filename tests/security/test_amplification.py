@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import load_gm_config
+from gdoid.config.loader import load_gm_config
 from gdoid.phase1 import phase1_config
 from gdoid.protocol.constants import MAIN_MODE, ExchangeType, NotifyType
 from gdoid.protocol.ike import MainModeInitiator, Phase1Config, plain_notify

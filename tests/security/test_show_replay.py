@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.config.loader import parse_gm_config, parse_ks_config
 from gdoid.control import ControlRequest
 from gdoid.groupmember.daemon import GroupMemberDaemon
 from gdoid.keyserver.engine import KeyServerEngine
