@@ -166,7 +166,7 @@ def describe(auth: GroupAuthorization) -> list[str]:
     return lines
 
 
-class LogLimiter:
+class LogTokenBucket:
     """A token bucket for log lines a peer can trigger: ``burst`` at once, then ``rate``/s.
 
     :meth:`allow` returns ``(emit, suppressed)``: whether to log this one, and how many
