@@ -435,6 +435,22 @@ def test_world_readable_psk_file(confdir: Path) -> None:
     assert str(confdir / "psk.secret") in err.message and "0644" in err.message
 
 
+def test_psk_identity_is_an_address_or_a_plain_dns_name(confdir: Path) -> None:
+    """The ID_FQDN a NAT'd peer may send is compared as it is: a wildcard would never match."""
+    with_identity = 'key_file = "psk.secret"\nidentity = "{}"\n'
+
+    def gm(identity: str) -> str:
+        return GM_TOML.replace('key_file = "psk.secret"\n', with_identity.format(identity))
+
+    cfg = parse_gm_config(gm("GM1.Example.com."), confdir)
+    assert cfg.auth.psks[0].identity == "gm1.example.com"
+    assert parse_gm_config(gm(" 192.168.1.5 "), confdir).auth.psks[0].identity == "192.168.1.5"
+    for bad in ("*.example.com", "gm*.example.com", "-gm.example.com", "gm_1.example.com"):
+        err = _gm_err(gm(bad), confdir)
+        assert err.key_path == "auth.psk[0].identity", bad
+        assert "IPv4 address (ID_IPV4_ADDR) or a DNS name (ID_FQDN)" in err.message
+
+
 def test_group_readable_signing_key(confdir: Path) -> None:
     (confdir / "rekey.key").chmod(0o640)
     err = _ks_err(KS_TOML, confdir)

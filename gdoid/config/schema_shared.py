@@ -64,10 +64,10 @@ def parse_ike(root: Table) -> IkePolicy:
     )
 
 
-# A DNS name for ID_FQDN.  FIXME: until issue 10 §4 split config.py this was shadowed by
-# the wildcard pattern of schema_authorization (a later module-level _FQDN_RE), kept here.
-_PSK_FQDN_RE = re.compile(r"(?=.{1,253}$)(\*|[A-Za-z0-9*]([A-Za-z0-9*-]{0,61}[A-Za-z0-9*])?)"
-                          r"(\.[A-Za-z0-9*]([A-Za-z0-9*-]{0,61}[A-Za-z0-9*])?)*\.?")
+# A DNS name for ID_FQDN: compared as it is, so no wildcards (unlike authorization's fqdn:).
+_PSK_FQDN_RE = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 
 
 def _psk_identity(t: Table) -> str | None:
