@@ -30,7 +30,7 @@ from gdoid.config.model import (
     TrafficSelectorConfig,
 )
 from gdoid.protocol.crypto import SigHash
-from gdoid.protocol.transforms import TEK_TRANSFORMS
+from gdoid.protocol.transforms import SIG_HASHES, TEK_TRANSFORMS
 from gdoid.protocol.version import SoftwareVersion
 
 KS_TOML = """\
@@ -517,3 +517,21 @@ def test_no_sa_ipsec(confdir: Path) -> None:
 def test_invalid_toml(confdir: Path) -> None:
     err = _gm_err("[gm\n", confdir)
     assert str(err).startswith("gm.toml: invalid TOML")
+
+
+def test_transform_and_sig_hash_names_are_the_protocol_tables(confdir: Path) -> None:
+    """config, the KS and docs/config.md share gdoid/protocol/transforms.py's tables."""
+    for name, transform in TEK_TRANSFORMS.items():
+        cfg = parse_ks_config(KS_TOML.replace('"esp-gcm-256"', f'"{name}"'), confdir)
+        assert cfg.groups[0].sa_ipsec[0].transform is transform
+    for name, sig_hash in SIG_HASHES.items():
+        cfg = parse_ks_config(KS_TOML.replace('sig_hash = "sha256"', f'sig_hash = "{name}"'), confdir)
+        assert cfg.groups[0].kek.sig_hash is sig_hash
+    err = _ks_err(KS_TOML.replace('"esp-gcm-256"', '"esp-gcm-192"'), confdir)
+    assert err.key_path == "group[0].sa_ipsec[0].transform"
+    assert err.message == "must be one of " + ", ".join(repr(n) for n in TEK_TRANSFORMS)
+    err = _ks_err(KS_TOML.replace('sig_hash = "sha256"', 'sig_hash = "sha1"'), confdir)
+    assert err.message == "must be one of " + ", ".join(repr(n) for n in SIG_HASHES)
+    docs = (Path(__file__).parent.parent / "docs" / "config.md").read_text(encoding="utf-8")
+    assert f"| `transform` | string | *required* | {', '.join(f'`{n}`' for n in TEK_TRANSFORMS)} |" in docs
+    assert f"| `sig_hash` | string | `\"sha256\"` | {', '.join(f'`{n}`' for n in SIG_HASHES)} |" in docs
