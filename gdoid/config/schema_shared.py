@@ -86,8 +86,8 @@ def _psk_identity(t: Table) -> str | None:
 def parse_auth(root: Table) -> AuthConfig:
     auth = root.req_table("auth", ("psk", "pki"))
     psks: list[PskEntry] = []
-    for t in auth.tables("psk", ("peer", "key_file", "identity")):
-        psks.append(PskEntry(peer=t.network("peer"), key=t.secret("key_file"), identity=_psk_identity(t)))
+    for e in auth.tables("psk", ("peer", "key_file", "identity")):
+        psks.append(PskEntry(peer=e.network("peer"), key=e.secret("key_file"), identity=_psk_identity(e)))
     for peer, path, first in duplicates(
         [(e.peer, f"{auth.sub('psk')}[{i}].peer") for i, e in enumerate(psks)]
     ):
