@@ -53,7 +53,8 @@ from benchmarks.registration import (  # noqa: E402
     rss_kib,
     udp_rcvbuf_errors,
 )
-from gdoid.config import GmConfig, load_gm_config  # noqa: E402
+from gdoid.config.loader import load_gm_config  # noqa: E402
+from gdoid.config.model import GmConfig  # noqa: E402
 from gdoid.groupmember.engine import GroupMemberEngine, Registration  # noqa: E402
 from gdoid.phase1 import phase1_config  # noqa: E402
 from gdoid.protocol.main_mode_initiator import MainModeInitiator  # noqa: E402

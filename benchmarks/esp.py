@@ -28,7 +28,8 @@ from scapy.packet import Raw, raw
 
 from gdoid.dataplane.engine import Dataplane
 from gdoid.dataplane.esp import EspSa
-from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 
 TRANSFORMS = ["esp-gcm-128", "esp-gcm-256", "esp-cbc-128-sha256", "esp-cbc-256-sha256"]
 SIZES = [64, 512, 1400]

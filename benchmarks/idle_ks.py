@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdoid.config import load_ks_config  # noqa: E402
+from gdoid.config.loader import load_ks_config  # noqa: E402
 from gdoid.keyserver.daemon import KeyServerDaemon  # noqa: E402
 from gdoid.keyserver.group import Member  # noqa: E402
 from tests.procs import auth_toml, ks_toml, write_private, write_signing_key  # noqa: E402

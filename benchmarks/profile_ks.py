@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdoid.config import load_gm_config, load_ks_config  # noqa: E402
+from gdoid.config.loader import load_gm_config, load_ks_config  # noqa: E402
 from gdoid.groupmember.engine import GroupMemberEngine  # noqa: E402
 from gdoid.keyserver.engine import SA_LINGER, KeyServerEngine  # noqa: E402
 from gdoid.keyserver.group import Group  # noqa: E402

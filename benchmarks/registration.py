@@ -37,7 +37,8 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdoid.config import GmConfig, load_gm_config  # noqa: E402
+from gdoid.config.loader import load_gm_config  # noqa: E402
+from gdoid.config.model import GmConfig  # noqa: E402
 from gdoid.groupmember.engine import GroupMemberEngine, Registration  # noqa: E402
 from gdoid.phase1 import phase1_config  # noqa: E402
 from tests import procs  # noqa: E402

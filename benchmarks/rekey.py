@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
-from gdoid.config import load_gm_config, load_ks_config  # noqa: E402
+from gdoid.config.loader import load_gm_config, load_ks_config  # noqa: E402
 from gdoid.control import ControlRequest, request_sync  # noqa: E402
 from gdoid.groupmember.engine import GroupMemberEngine, Registration  # noqa: E402
 from gdoid.keyserver import state  # noqa: E402

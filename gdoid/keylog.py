@@ -19,7 +19,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from gdoid.config import ConfigError
+from gdoid.config.errors import ConfigError
 from gdoid.fsutil import write_all
 from gdoid.log import get_logger
 from gdoid.protocol.constants import GDOI_PORT

@@ -19,7 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gdoid.config import load_gm_config, load_ks_config
+from gdoid.config.loader import load_gm_config, load_ks_config
 from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.control import ControlRequest
 from gdoid.groupmember.daemon import GroupMemberDaemon

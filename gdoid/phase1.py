@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from ipaddress import IPv4Address
 
-from gdoid.config import AuthConfig, CoopConfig, CoopPeer, IkeCipher, IkeHash, IkePolicy
+from gdoid.config.model import AuthConfig, CoopConfig, CoopPeer, IkeCipher, IkeHash, IkePolicy
 from gdoid.protocol.constants import AuthenticationMethod
 from gdoid.protocol.crypto import DhGroup, HashAlgorithm
 from gdoid.protocol.ike_policy import Phase1Config, SignatureCredentials, proposals_from_policy

@@ -13,7 +13,7 @@ from collections import deque
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.config.loader import parse_gm_config, parse_ks_config
 from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.keyserver.coop import Coop

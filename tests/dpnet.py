@@ -29,7 +29,8 @@ from typing import Any
 from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.dataplane.esp import EspSa, ipv4_checksum
 from gdoid.netlab import CORE_BRIDGE, GM1_WAN, GM2_WAN, KS, Topology
-from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 from tests.procs import (
     Daemon,
     gdoictl,

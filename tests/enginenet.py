@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdoid.config import GmConfig, KsConfig, parse_gm_config, parse_ks_config
+from gdoid.config.loader import parse_gm_config, parse_ks_config
+from gdoid.config.model import GmConfig, KsConfig
 from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.groupmember.engine import GroupMemberEngine
 from gdoid.keyserver.engine import KeyServerEngine

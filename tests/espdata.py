@@ -8,7 +8,8 @@ from ipaddress import IPv4Network
 from scapy.layers.inet import IP, UDP
 from scapy.packet import Raw, raw
 
-from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 
 NET = IPv4Network("10.0.0.0/8")
 A, B = "10.1.0.1", "10.2.0.1"

@@ -27,19 +27,12 @@ from gdoid.protocol.ike_policy import Phase1Config, proposals_from_policy
 from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.main_mode_responder import MainModeResponder
-from gdoid.protocol.policy import (
-    GroupKeys,
-    Kek,
-    SenderIds,
-    Tek,
-    TekPolicy,
-    TekTransform,
-    TrafficSelector,
-)
+from gdoid.protocol.policy import GroupKeys, Kek, SenderIds, Tek, TekPolicy, TrafficSelector
 from gdoid.protocol.pull import (
     PullInitiator,
     PullResponder,
 )
+from gdoid.protocol.transforms import TekTransform
 from gdoid.protocol.version import SoftwareVersion
 
 GM_ADDR = IPv4Address("10.0.0.2")

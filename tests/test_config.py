@@ -1,4 +1,4 @@
-"""Tests for gdoid.config: TOML → validated frozen dataclasses."""
+"""Tests for gdoid.config (loader, schemas, model): TOML → validated frozen dataclasses."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import (
+from gdoid.config.errors import ConfigError
+from gdoid.config.loader import load_gm_config, load_ks_config, parse_gm_config, parse_ks_config
+from gdoid.config.model import (
     DEFAULT_SOFTWARE_VERSION,
     AuthConfig,
-    ConfigError,
     CoopConfig,
     CoopPeer,
     GmConfig,
@@ -19,21 +20,18 @@ from gdoid.config import (
     IkeCipher,
     IkeHash,
     IkePolicy,
-    KekPolicy,
+    KekConfig,
     KsConfig,
     KsGroupConfig,
     PkiConfig,
     PskEntry,
     RekeyPolicy,
     SaIpsec,
-    SoftwareVersion,
-    TrafficSelector,
-    Transform,
-    load_gm_config,
-    load_ks_config,
-    parse_gm_config,
-    parse_ks_config,
+    TrafficSelectorConfig,
 )
+from gdoid.protocol.crypto import SigHash
+from gdoid.protocol.transforms import SIG_HASHES, TEK_TRANSFORMS
+from gdoid.protocol.version import SoftwareVersion
 
 KS_TOML = """\
 [ks]
@@ -200,19 +198,19 @@ def test_full_ks_config(confdir: Path) -> None:
             KsGroupConfig(
                 name="GET",
                 number=1234,
-                kek=KekPolicy(
+                kek=KekConfig(
                     algorithm=IkeCipher.AES_CBC_256,
                     lifetime=86400,
                     signing_key=confdir / "rekey.key",
-                    sig_hash="sha256",
+                    sig_hash=SigHash.SHA256,
                 ),
                 sa_ipsec=(
                     SaIpsec(
                         number=1,
                         profile="gdoi-p",
-                        transform=Transform.ESP_GCM_256,
+                        transform=TEK_TRANSFORMS["esp-gcm-256"],
                         lifetime=3600,
-                        match=TrafficSelector(
+                        match=TrafficSelectorConfig(
                             IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16")
                         ),
                         replay_window=64,
@@ -221,9 +219,9 @@ def test_full_ks_config(confdir: Path) -> None:
                     SaIpsec(
                         number=2,
                         profile="gdoi-p2",
-                        transform=Transform.ESP_CBC_128_SHA256,
+                        transform=TEK_TRANSFORMS["esp-cbc-128-sha256"],
                         lifetime=1800,
-                        match=TrafficSelector(
+                        match=TrafficSelectorConfig(
                             IPv4Network("10.3.0.0/16"),
                             IPv4Network("10.4.0.0/16"),
                             protocol=17,
@@ -437,6 +435,22 @@ def test_world_readable_psk_file(confdir: Path) -> None:
     assert str(confdir / "psk.secret") in err.message and "0644" in err.message
 
 
+def test_psk_identity_is_an_address_or_a_plain_dns_name(confdir: Path) -> None:
+    """The ID_FQDN a NAT'd peer may send is compared as it is: a wildcard would never match."""
+    with_identity = 'key_file = "psk.secret"\nidentity = "{}"\n'
+
+    def gm(identity: str) -> str:
+        return GM_TOML.replace('key_file = "psk.secret"\n', with_identity.format(identity))
+
+    cfg = parse_gm_config(gm("GM1.Example.com."), confdir)
+    assert cfg.auth.psks[0].identity == "gm1.example.com"
+    assert parse_gm_config(gm(" 192.168.1.5 "), confdir).auth.psks[0].identity == "192.168.1.5"
+    for bad in ("*.example.com", "gm*.example.com", "-gm.example.com", "gm_1.example.com"):
+        err = _gm_err(gm(bad), confdir)
+        assert err.key_path == "auth.psk[0].identity", bad
+        assert "IPv4 address (ID_IPV4_ADDR) or a DNS name (ID_FQDN)" in err.message
+
+
 def test_group_readable_signing_key(confdir: Path) -> None:
     (confdir / "rekey.key").chmod(0o640)
     err = _ks_err(KS_TOML, confdir)
@@ -503,3 +517,21 @@ def test_no_sa_ipsec(confdir: Path) -> None:
 def test_invalid_toml(confdir: Path) -> None:
     err = _gm_err("[gm\n", confdir)
     assert str(err).startswith("gm.toml: invalid TOML")
+
+
+def test_transform_and_sig_hash_names_are_the_protocol_tables(confdir: Path) -> None:
+    """config, the KS and docs/config.md share gdoid/protocol/transforms.py's tables."""
+    for name, transform in TEK_TRANSFORMS.items():
+        cfg = parse_ks_config(KS_TOML.replace('"esp-gcm-256"', f'"{name}"'), confdir)
+        assert cfg.groups[0].sa_ipsec[0].transform is transform
+    for name, sig_hash in SIG_HASHES.items():
+        cfg = parse_ks_config(KS_TOML.replace('sig_hash = "sha256"', f'sig_hash = "{name}"'), confdir)
+        assert cfg.groups[0].kek.sig_hash is sig_hash
+    err = _ks_err(KS_TOML.replace('"esp-gcm-256"', '"esp-gcm-192"'), confdir)
+    assert err.key_path == "group[0].sa_ipsec[0].transform"
+    assert err.message == "must be one of " + ", ".join(repr(n) for n in TEK_TRANSFORMS)
+    err = _ks_err(KS_TOML.replace('sig_hash = "sha256"', 'sig_hash = "sha1"'), confdir)
+    assert err.message == "must be one of " + ", ".join(repr(n) for n in SIG_HASHES)
+    docs = (Path(__file__).parent.parent / "docs" / "config.md").read_text(encoding="utf-8")
+    assert f"| `transform` | string | *required* | {', '.join(f'`{n}`' for n in TEK_TRANSFORMS)} |" in docs
+    assert f"| `sig_hash` | string | `\"sha256\"` | {', '.join(f'`{n}`' for n in SIG_HASHES)} |" in docs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.config.loader import parse_gm_config, parse_ks_config
 from gdoid.configgen import (
     gm_config,
     gm_group,

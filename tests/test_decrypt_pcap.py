@@ -36,7 +36,7 @@ from tests.procs import (
     write_private,
     write_signing_key,
 )
-from tests.test_pull import make_kek, make_tek
+from tests.pullsim import make_kek, make_tek
 
 REPO = Path(__file__).resolve().parent.parent
 needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("editcap") is None,

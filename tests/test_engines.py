@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.config.loader import parse_gm_config, parse_ks_config
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.groupmember.sadb import (
     TEK_SLT_CAP,
@@ -25,7 +25,8 @@ from gdoid.protocol.constants import ExchangeType
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.main_mode_initiator import MainModeInitiator
 from gdoid.protocol.pki import load_private_key
-from gdoid.protocol.policy import GroupKeys, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import GroupKeys, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 from gdoid.protocol.version import SoftwareVersion
 from tests.enginenet import (
     GM,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gdoid.config import load_gm_config
+from gdoid.config.loader import load_gm_config
 from gdoid.groupmember.engine import Registration
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.informational import plain_notify

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import parse_ks_config
+from gdoid.config.loader import parse_ks_config
 from gdoid.keyserver.group import TBAR_REKEY_INTERVAL, Group, SenderIdAllocator
 from gdoid.protocol.pki import load_private_key
 from tests.procs import auth_toml, ks_toml, write_private, write_signing_key

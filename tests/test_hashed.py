@@ -36,17 +36,10 @@ from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.ike_policy import Phase1Proposal
 from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.payloads import IdPayload, NotifyPayload
-from gdoid.protocol.policy import (
-    GroupKeys,
-    Kek,
-    SenderIds,
-    Tek,
-    TekPolicy,
-    TekTransform,
-    TrafficSelector,
-)
+from gdoid.protocol.policy import GroupKeys, Kek, SenderIds, Tek, TekPolicy, TrafficSelector
 from gdoid.protocol.pull import PullInitiator, PullResponder, error_notify
 from gdoid.protocol.push import build_ack, parse_ack, verify_ack
+from gdoid.protocol.transforms import TekTransform
 from gdoid.protocol.version import SoftwareVersion
 
 T0 = 2_000_000.0

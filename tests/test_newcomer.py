@@ -177,7 +177,7 @@ def test_journal_message_carries_details_and_fatal_errors_are_errors(tmp_path: P
 READY_SCRIPT = """
 import asyncio, subprocess, sys, tempfile, time
 from pathlib import Path
-from gdoid.config import load_gm_config, load_ks_config
+from gdoid.config.loader import load_gm_config, load_ks_config
 from gdoid.groupmember.daemon import GroupMemberDaemon
 from gdoid.keyserver.daemon import KeyServerDaemon
 from gdoid.lab import export

@@ -34,14 +34,12 @@ from gdoid.protocol.gdoi_payloads import GapPayload, GdoiSaPayload, KdPayload, S
 from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.message import build_header, decode_payloads
 from gdoid.protocol.payloads import HashPayload, IdPayload, NotifyPayload
-from gdoid.protocol.policy import (
-    SenderIds,
-    TekTransform,
-)
+from gdoid.protocol.policy import SenderIds
 from gdoid.protocol.pull import (
     PullInitiator,
     PullResponder,
 )
+from gdoid.protocol.transforms import TekTransform
 from tests.pullsim import (
     GROUP,
     T0,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gdoid.config import load_gm_config
+from gdoid.config.loader import load_gm_config
 from gdoid.groupmember.engine import Registration
 from tests.procs import (
     Daemon,

@@ -18,7 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gdoid import log
-from gdoid.config import load_gm_config, load_ks_config
+from gdoid.config.loader import load_gm_config, load_ks_config
 from gdoid.control import ControlRequest, ControlResponse, ControlServer, request
 from gdoid.groupmember.daemon import GroupMemberDaemon
 from gdoid.keyserver.daemon import KeyServerDaemon

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import parse_ks_config
+from gdoid.config.loader import parse_ks_config
 from gdoid.keyserver import state
 from gdoid.keyserver.fields import FieldInvalid
 from gdoid.keyserver.group import Group

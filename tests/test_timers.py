@@ -20,7 +20,7 @@ from pathlib import Path
 import asyncio_dgram
 import pytest
 
-from gdoid.config import load_gm_config, load_ks_config
+from gdoid.config.loader import load_gm_config, load_ks_config
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.keyserver.engine import MM1_STATE_LIFETIME, KeyServerEngine
 from gdoid.keyserver.group import Group, Member

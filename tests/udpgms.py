@@ -9,7 +9,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Any, cast
 
-from gdoid.config import GmConfig
+from gdoid.config.model import GmConfig
 from gdoid.groupmember.engine import GroupMemberEngine, Registration
 from gdoid.phase1 import phase1_config
 

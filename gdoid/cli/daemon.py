@@ -15,7 +15,8 @@ from typing import Any
 
 from gdoid import log
 from gdoid.cli import decrypt_pcap
-from gdoid.config import ConfigError, load_gm_config, load_ks_config
+from gdoid.config.errors import ConfigError
+from gdoid.config.loader import load_gm_config, load_ks_config
 from gdoid.protocol.constants import GDOI_PORT
 from gdoid.protocol.pki import PkiError
 from gdoid.systemd import Notifier

@@ -46,7 +46,8 @@ def engine_dataplane(null: bool, prefixes: list[IPv4Network], options: dict[str,
     import time
 
     from gdoid.dataplane.engine import Dataplane, NullDataplane
-    from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
+    from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TrafficSelector
+    from gdoid.protocol.transforms import TekTransform
 
     if prefixes:
         raise ValueError("with the engine the protected prefixes come from --option src=/dst=")

@@ -57,7 +57,7 @@ _TRACEBACK_MAX = 4000  # octets of traceback per log line (the tail: where it wa
 log = get_logger("gdoid.dataplane")
 
 
-class LogLimiter:
+class IntervalLogLimiter:
     """At most one event per ``interval`` seconds of the caller's clock; counts the rest.
 
     :meth:`allow` returns None to suppress, else how many were suppressed since the
@@ -80,7 +80,7 @@ class LogLimiter:
         return n
 
 
-def log_internal_error(limiter: LogLimiter, now: float, event: str, **fields: object) -> None:
+def log_internal_error(limiter: IntervalLogLimiter, now: float, event: str, **fields: object) -> None:
     """Log the exception being handled, with its (bounded) traceback, if ``limiter`` allows."""
     suppressed = limiter.allow(now)
     if suppressed is None:
@@ -292,7 +292,7 @@ class Dataplane:
         self._spent_ivs: dict[int, tuple[float, list[tuple[int, int]]]] = {}
         self.clear_out = 0
         self.internal_errors = 0  # unexpected exceptions: drops[INTERNAL_ERROR], logged
-        self._error_log = LogLimiter(INTERNAL_ERROR_LOG_INTERVAL)
+        self._error_log = IntervalLogLimiter(INTERNAL_ERROR_LOG_INTERVAL)
 
     @property
     def mtu(self) -> int:

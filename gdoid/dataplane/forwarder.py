@@ -30,7 +30,11 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Network
 from typing import Any, Protocol
 
-from gdoid.dataplane.engine import INTERNAL_ERROR_LOG_INTERVAL, LogLimiter, log_internal_error
+from gdoid.dataplane.engine import (
+    INTERNAL_ERROR_LOG_INTERVAL,
+    IntervalLogLimiter,
+    log_internal_error,
+)
 from gdoid.dataplane.routing import (
     DEFAULT_LOCAL_TABLE,
     DEFAULT_MARK,
@@ -120,7 +124,7 @@ class Forwarder:
         self.batch = batch
         self.socket_buffer = socket_buffer
         self.stats = ForwarderStats()
-        self._error_log = LogLimiter(INTERNAL_ERROR_LOG_INTERVAL)
+        self._error_log = IntervalLogLimiter(INTERNAL_ERROR_LOG_INTERVAL)
         self.routes = RouteSetup(
             tun_name,
             wan_interface=wan_interface,

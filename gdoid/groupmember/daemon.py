@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from gdoid import commands, log
-from gdoid.config import ConfigError, GmConfig, load_gm_config
+from gdoid.config.errors import ConfigError
+from gdoid.config.loader import load_gm_config
+from gdoid.config.model import GmConfig
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.dataplane.engine import Dataplane
 from gdoid.dataplane.forwarder import Forwarder

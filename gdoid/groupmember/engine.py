@@ -17,7 +17,7 @@ from ipaddress import IPv4Address
 from typing import Protocol
 
 from gdoid import log
-from gdoid.config import GmGroupConfig, KsPop
+from gdoid.config.model import GmGroupConfig, KsPop
 from gdoid.groupmember.sadb import Sadb
 from gdoid.keylog import KeyLog
 from gdoid.protocol import crypto

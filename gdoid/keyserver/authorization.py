@@ -23,7 +23,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gdoid.config import AuthorizedIdentity, GroupAuthorization
+from gdoid.config.model import AuthorizedIdentity, GroupAuthorization
 from gdoid.protocol.constants import IdType
 from gdoid.protocol.ike_sa import IkeSa
 
@@ -166,7 +166,7 @@ def describe(auth: GroupAuthorization) -> list[str]:
     return lines
 
 
-class LogLimiter:
+class LogTokenBucket:
     """A token bucket for log lines a peer can trigger: ``burst`` at once, then ``rate``/s.
 
     :meth:`allow` returns ``(emit, suppressed)``: whether to log this one, and how many

@@ -32,7 +32,7 @@ from ipaddress import IPv4Address
 from typing import Any, Protocol
 
 from gdoid import log
-from gdoid.config import CoopConfig, CoopPeer
+from gdoid.config.model import CoopConfig, CoopPeer
 from gdoid.keyserver import sender_ids, state
 from gdoid.keyserver.annblocks import (
     AnnInvalid,

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from gdoid import commands, log
-from gdoid.config import ConfigError, KsConfig, load_ks_config
+from gdoid.config.errors import ConfigError
+from gdoid.config.loader import load_ks_config
+from gdoid.config.model import KsConfig
 from gdoid.control import ControlRequest, ControlResponse
 from gdoid.keylog import KeyLog
 from gdoid.keyserver import show, state

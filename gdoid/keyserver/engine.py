@@ -163,7 +163,7 @@ class KeyServerEngine:
         self._timers: list[tuple[float, int, int, tuple[Any, ...]]] = []
         self._timer_seq = 0
         self._refusal: authorization.Refusal | None = None  # from authorize(), logged with its PullFailed
-        self._authz_log = authorization.LogLimiter()
+        self._authz_log = authorization.LogTokenBucket()
         # Lines that unauthenticated input triggers are rate-limited and length-bounded.
         self.log_limit = log.LogLimiter()
         if keylog is not None:

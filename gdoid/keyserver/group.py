@@ -13,11 +13,11 @@ from ipaddress import IPv4Address
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gdoid.config import KsGroupConfig, SaIpsec
+from gdoid.config.model import KsGroupConfig, SaIpsec
 from gdoid.keyserver.sender_ids import SID_REKEY_MIN_INTERVAL, SenderIdAllocator
 from gdoid.protocol import crypto
 from gdoid.protocol.constants import GDOI_PORT
-from gdoid.protocol.crypto import HashAlgorithm, PrivateKey, SigHash
+from gdoid.protocol.crypto import HashAlgorithm, PrivateKey
 from gdoid.protocol.gdoi_payloads import SeqPayload
 from gdoid.protocol.payloads import Payload
 from gdoid.protocol.policy import (
@@ -26,7 +26,6 @@ from gdoid.protocol.policy import (
     SenderIds,
     Tek,
     TekPolicy,
-    TekTransform,
     TrafficSelector,
     build_kd,
     build_sa,
@@ -34,8 +33,6 @@ from gdoid.protocol.policy import (
 )
 from gdoid.protocol.push import build_push, policy_replace_notify, removal_notify
 from gdoid.protocol.version import SoftwareVersion, supports_removal_and_replace
-
-_SIG_HASHES = {"sha256": SigHash.SHA256, "sha384": SigHash.SHA384, "sha512": SigHash.SHA512}
 
 
 def new_tek_spi() -> int:
@@ -47,7 +44,7 @@ def tek_policy(sa: SaIpsec) -> TekPolicy:
     m = sa.match
     return TekPolicy(
         sa_number=sa.number,
-        transform=TekTransform.from_name(str(sa.transform)),
+        transform=sa.transform,
         selector=TrafficSelector(m.src, m.dst, m.protocol, m.src_port, m.dst_port),
         configured_lifetime=sa.lifetime,
         tbar_window_ms=sa.tbar_window_ms,
@@ -83,7 +80,7 @@ def new_kek(config: KsGroupConfig, signing_key: PrivateKey, ks_address: IPv4Addr
         configured_lifetime=config.kek.lifetime,
         created_at=now,
         expires_at=now + config.kek.lifetime,
-        sig_hash=_SIG_HASHES[config.kek.sig_hash],
+        sig_hash=config.kek.sig_hash,
         sig_algorithm=crypto.sig_algorithm_of(signing_key),
         sig_key_bits=key_bits_of(signing_key),
         public_key_der=crypto.public_key_der(signing_key),

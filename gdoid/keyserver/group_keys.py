@@ -18,7 +18,8 @@ from gdoid.keyserver import fields as f
 from gdoid.keyserver.fields import U32, FieldInvalid
 from gdoid.keyserver.group import Group
 from gdoid.protocol.crypto import SigAlgorithm, SigHash
-from gdoid.protocol.policy import Kek, Tek, TekPolicy, TekTransform, TrafficSelector
+from gdoid.protocol.policy import Kek, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.transforms import TekTransform
 
 VERSION = 1
 MAX_TEKS = 16

@@ -47,53 +47,13 @@ from gdoid.protocol.gdoi_payloads import (
     TrafficId,
 )
 from gdoid.protocol.payloads import Payload
+from gdoid.protocol.transforms import TekTransform
 
 IPPROTO_UDP = 17
 MAX_REPLAY_WINDOW = 65536  # packets; the KS's config allows 64..1024 (IOS's range)
 MAX_PSEUDOTIME_MS = (1 << 63) - 1  # leaves 2**63 ms of room in the 8-octet TBAR field
 # IPsec DOI attribute types we do not know but may ignore: the private-use range.
 _PRIVATE_ATTRIBUTES = range(32001, 32768)
-
-
-@dataclass(frozen=True)
-class TekTransform:
-    """An ESP transform a TEK uses: cipher, key size, integrity."""
-
-    transform_id: EspTransformId
-    key_bits: int
-    integrity: AuthenticationAlgorithm | None
-
-    @property
-    def is_gcm(self) -> bool:
-        return self.transform_id == EspTransformId.ESP_AES_GCM_16
-
-    @property
-    def cipher_key_len(self) -> int:
-        """Octets of TEK_ALGORITHM_KEY: the AES key, plus a 4-octet salt for GCM (RFC 4106)."""
-        return self.key_bits // 8 + (4 if self.is_gcm else 0)
-
-    @property
-    def integrity_key_len(self) -> int:
-        return 32 if self.integrity == AuthenticationAlgorithm.HMAC_SHA2_256 else 0
-
-    @property
-    def name(self) -> str:
-        if self.is_gcm:
-            return f"esp-gcm-{self.key_bits}"
-        return f"esp-cbc-{self.key_bits}-sha256"
-
-    @classmethod
-    def from_name(cls, name: str) -> TekTransform:
-        table = {
-            "esp-gcm-128": cls(EspTransformId.ESP_AES_GCM_16, 128, None),
-            "esp-gcm-256": cls(EspTransformId.ESP_AES_GCM_16, 256, None),
-            "esp-cbc-128-sha256": cls(EspTransformId.ESP_AES_CBC, 128, AuthenticationAlgorithm.HMAC_SHA2_256),
-            "esp-cbc-256-sha256": cls(EspTransformId.ESP_AES_CBC, 256, AuthenticationAlgorithm.HMAC_SHA2_256),
-        }
-        try:
-            return table[name]
-        except KeyError:
-            raise ValueError(f"unknown transform {name!r}") from None
 
 
 @dataclass(frozen=True)

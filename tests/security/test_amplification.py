@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gdoid.config import load_gm_config
+from gdoid.config.loader import load_gm_config
 from gdoid.phase1 import phase1_config
 from tests.ikecraft import (
     Prober,

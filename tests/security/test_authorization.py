@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gdoid import log
-from gdoid.config import ConfigError, parse_gm_config, parse_ks_config
+from gdoid.config.errors import ConfigError
+from gdoid.config.loader import parse_gm_config, parse_ks_config
 from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, sa_ipsec
 from gdoid.groupmember.engine import GroupMemberEngine, RegState
 from gdoid.keyserver import show

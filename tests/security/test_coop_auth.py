@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gdoid import configgen
-from gdoid.config import parse_gm_config
+from gdoid.config.loader import parse_gm_config
 from gdoid.groupmember.engine import GroupMemberEngine
 from gdoid.keyserver.annblocks import signing_key_block
 from gdoid.keyserver.coop import Coop

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gdoid.config import load_ks_config
+from gdoid.config.loader import load_ks_config
 from gdoid.configgen import ks_config, ks_group, psk_auth
 from gdoid.keyserver import state
 from gdoid.keyserver.annblocks import signing_key_block

@@ -33,7 +33,7 @@ import pytest
 import structlog
 
 from gdoid import log
-from gdoid.config import parse_gm_config
+from gdoid.config.loader import parse_gm_config
 from gdoid.configgen import gm_config, gm_group, psk_auth
 from gdoid.control import ControlRequest
 from gdoid.dataplane.engine import INTERNAL_ERROR_LOG_INTERVAL, Dataplane, DropReason

@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gdoid.config import ConfigError, KsPop, parse_gm_config
+from gdoid.config.errors import ConfigError
+from gdoid.config.loader import parse_gm_config
+from gdoid.config.model import KsPop
 from gdoid.protocol.identity import IdentityPattern, describe_certificate, matching_pattern
 
 

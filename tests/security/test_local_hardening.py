@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from gdoid.config import parse_ks_config
+from gdoid.config.loader import parse_ks_config
 from gdoid.control import PERMISSION_DENIED, ControlAccess, ControlResponse, ControlServer
 from gdoid.keylog import ESP_TABLE, IKE_TABLE, PREFERENCES, KeyLog, KeylogError
 from gdoid.keyserver import state

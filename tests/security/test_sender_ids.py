@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import KsConfig, parse_ks_config
+from gdoid.config.loader import parse_ks_config
+from gdoid.config.model import KsConfig
 from gdoid.groupmember.engine import RegState
 from gdoid.keyserver import sender_ids, state
 from gdoid.keyserver.engine import KeyServerEngine

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gdoid.config import parse_gm_config, parse_ks_config
+from gdoid.config.loader import parse_gm_config, parse_ks_config
 from gdoid.configgen import gm_config, gm_group, ks_config, ks_group, psk_auth, sa_ipsec
 from gdoid.control import ControlRequest
 from gdoid.groupmember.daemon import GroupMemberDaemon
