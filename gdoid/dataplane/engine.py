@@ -11,6 +11,11 @@ Callers pass ``now`` (seconds, the same clock as the TEKs' ``created_at`` /
 ``expires_at``).  An unexpected exception (a bug, not a bad packet) is dropped as
 ``internal-error``, apart from ``malformed``, and its traceback is logged at most
 once per :data:`INTERNAL_ERROR_LOG_INTERVAL` seconds with the count suppressed since.
+
+Over 600 lines because classification, the per-group SA set with its
+transition rules (activation delay, old-TEK lingering) and the drop accounting
+form one state machine per packet; ESP itself is in esp.py, anti-replay in
+replay.py and the I/O in forwarder.py.
 """
 
 from __future__ import annotations

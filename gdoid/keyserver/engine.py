@@ -11,6 +11,12 @@ half-open and lingering state, so that a wall-clock jump neither fires nor
 stalls them.  ``next_deadline(now, mono)`` says when ``on_timer`` next has
 work; per-exchange and per-member timers live in a heap with lazy deletion,
 so an idle KS does no work per member.
+
+Over 600 lines because it is the one place where the KS's exchanges meet:
+dispatch by exchange and cookies, the phase-1 SA table, the timer heap and the
+push retransmission state all share the same tables.  What stands alone lives
+apart: groups and rekey plans (group.py), COOP (coop.py), sender IDs
+(sender_ids.py), authorization (authorization.py), show text (show.py).
 """
 
 from __future__ import annotations
