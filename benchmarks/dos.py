@@ -43,7 +43,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")  # daemons run this tree
+os.environ["PYTHONPATH"] = (
+    str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+)  # daemons run this tree
 
 from benchmarks.registration import (  # noqa: E402
     GmEndpoint,
@@ -139,11 +141,19 @@ class Run:
 
 
 def counters(sock: Path) -> dict[str, int]:
-    return {k: v for k, v in gdoictl_json(sock, "show", "gdoid", "counters").items() if isinstance(v, int)}
+    return {
+        k: v
+        for k, v in gdoictl_json(sock, "show", "gdoid", "counters").items()
+        if isinstance(v, int)
+    }
 
 
 async def register_gms(
-    template: GmConfig, addresses: list[str], starts: list[float], deadline: float, on_tick: Callable[[], None]
+    template: GmConfig,
+    addresses: list[str],
+    starts: list[float],
+    deadline: float,
+    on_tick: Callable[[], None],
 ) -> tuple[list[float | None], list[int]]:
     """Start GM i at ``starts[i]`` seconds; registration time per GM (None if not by ``deadline``)."""
     loop = asyncio.get_running_loop()
@@ -175,7 +185,9 @@ async def register_gms(
             logger=QuietLogger(),
             on_event=on_event_for(i),
         )
-        _, ep = await loop.create_datagram_endpoint(lambda e=engine: GmEndpoint(e), local_addr=(address, 0))
+        _, ep = await loop.create_datagram_endpoint(
+            lambda e=engine: GmEndpoint(e), local_addr=(address, 0)
+        )
         endpoints.append(ep)
     t0 = time.monotonic()
 
@@ -212,16 +224,32 @@ def write_lab(directory: Path) -> tuple[Path, GmConfig]:
     write_private(directory / "psk.secret", "dos-benchmark-secret\n")
     write_signing_key(directory / "rekey.key")
     auth = auth_toml("psk.secret")
-    ks = ks_toml(directory, address=KS_ADDRESS, port=KS_PORT, auth=auth, ike="[ike]\ndh_groups = [19, 14]\n")
+    ks = ks_toml(
+        directory, address=KS_ADDRESS, port=KS_PORT, auth=auth, ike="[ike]\ndh_groups = [19, 14]\n"
+    )
     template = load_gm_config(
-        gm_toml(directory, address="127.0.1.2", name="gm", auth=auth, servers=(KS_ADDRESS,), ike="[ike]\ndh_groups = [19]\n")
+        gm_toml(
+            directory,
+            address="127.0.1.2",
+            name="gm",
+            auth=auth,
+            servers=(KS_ADDRESS,),
+            ike="[ike]\ndh_groups = [19]\n",
+        )
     )
     return ks, template
 
 
 def measure(
-    directory: Path, ks_cfg: Path, template: GmConfig, rate: int, duration: float, gms: int, sources: int,
-    grace: float, novel: bool = False,
+    directory: Path,
+    ks_cfg: Path,
+    template: GmConfig,
+    rate: int,
+    duration: float,
+    gms: int,
+    sources: int,
+    grace: float,
+    novel: bool = False,
 ) -> Run:
     shutil.rmtree(directory / "ks-state", ignore_errors=True)
     addresses = gm_addresses(gms + 1)
@@ -237,9 +265,21 @@ def measure(
         sender = None
         if rate:
             sender = subprocess.Popen(
-                [sys.executable, "-c", SENDER, KS_ADDRESS, str(KS_PORT), str(rate), str(duration), str(sources), FIRST_SOURCE,
-                 "1" if novel else "0"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    "-c",
+                    SENDER,
+                    KS_ADDRESS,
+                    str(KS_PORT),
+                    str(rate),
+                    str(duration),
+                    str(sources),
+                    FIRST_SOURCE,
+                    "1" if novel else "0",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             assert sender.stdin is not None and sender.stdout is not None
             sender.stdin.write(mm1.hex() + "\n")
@@ -256,21 +296,29 @@ def measure(
             sender.stdin.flush()
         span = duration if rate else gms * 0.25
         # GM i starts at 1 s + i/gms of the flood, the last one >= 10 s before its end.
-        starts = [1.0 + i * max(0.0, span - 11.0) / max(1, gms - 1) for i in range(gms)] if rate else [
-            i * 0.25 for i in range(gms)
-        ]
+        starts = (
+            [1.0 + i * max(0.0, span - 11.0) / max(1, gms - 1) for i in range(gms)]
+            if rate
+            else [i * 0.25 for i in range(gms)]
+        )
 
         def sample() -> None:
             run.rss_max = max(run.rss_max, rss_kib(pid))
             with contextlib.suppress(Exception):  # a control round trip may time out: a sample lost
                 run.half_open_max = max(run.half_open_max, counters(sock).get("half_open", 0))
 
-        run.times, run.attempts = asyncio.run(register_gms(template, addresses[1:], starts, span + grace, sample))
+        run.times, run.attempts = asyncio.run(
+            register_gms(template, addresses[1:], starts, span + grace, sample)
+        )
         if sender is not None:
             assert sender.stdout is not None
             result = json.loads(sender.stdout.readline())
             sender.wait()
-            run.sent, run.send_errors, run.flood_seconds = result["sent"], result["errors"], result["elapsed"]
+            run.sent, run.send_errors, run.flood_seconds = (
+                result["sent"],
+                result["errors"],
+                result["elapsed"],
+            )
         run.wall = time.monotonic() - t0
         sample()
         run.rss_after = rss_kib(pid)
@@ -307,92 +355,157 @@ def show(run: Run, baseline: Run | None) -> None:
     if run.rate:
         achieved = run.sent / run.flood_seconds if run.flood_seconds else 0.0
         processed = run.counters.get("unauth_in_mm1", 0)
-        print(f"  flood             {run.sent} MM1s sent in {run.flood_seconds:.1f} s = {achieved:.0f}/s achieved "
-              f"({run.send_errors} send errors); KS handled {processed} "
-              f"({processed / max(1, run.sent):.0%}); {run.rcvbuf_drops} UDP receive-buffer drops (system-wide)")
-    print(f"  GMs registered    {len(done)}/{len(run.times)}; attempts {sum(run.attempts)} "
-          f"(registration restarts {sum(run.attempts) - len(run.times)})")
+        print(
+            f"  flood             {run.sent} MM1s sent in {run.flood_seconds:.1f} s = {achieved:.0f}/s achieved "
+            f"({run.send_errors} send errors); KS handled {processed} "
+            f"({processed / max(1, run.sent):.0%}); {run.rcvbuf_drops} UDP receive-buffer drops (system-wide)"
+        )
+    print(
+        f"  GMs registered    {len(done)}/{len(run.times)}; attempts {sum(run.attempts)} "
+        f"(registration restarts {sum(run.attempts) - len(run.times)})"
+    )
     print(f"  registration s    {fmt_times(run.times)}")
     if done:
         print(f"                    median {statistics.median(done):.2f}  max {max(done):.2f}")
         if baseline is not None and run is not baseline:
             base = [t for t in baseline.times if t is not None]
             if base:
-                print(f"                    vs no flood: median {statistics.median(done) / statistics.median(base):.1f}x  "
-                      f"max {max(done) / max(base):.1f}x")
-    print(f"  KS CPU            {run.ks_cpu:.1f} s in {run.wall:.1f} s ({run.ks_cpu / max(run.wall, 1e-9):.0%} of one core)")
-    print(f"  KS RSS            {run.rss_before / 1024:.1f} -> max {run.rss_max / 1024:.1f} -> {run.rss_after / 1024:.1f} MiB "
-          f"(growth {(run.rss_max - run.rss_before) / 1024:.1f} MiB)")
+                print(
+                    f"                    vs no flood: median {statistics.median(done) / statistics.median(base):.1f}x  "
+                    f"max {max(done) / max(base):.1f}x"
+                )
+    print(
+        f"  KS CPU            {run.ks_cpu:.1f} s in {run.wall:.1f} s ({run.ks_cpu / max(run.wall, 1e-9):.0%} of one core)"
+    )
+    print(
+        f"  KS RSS            {run.rss_before / 1024:.1f} -> max {run.rss_max / 1024:.1f} -> {run.rss_after / 1024:.1f} MiB "
+        f"(growth {(run.rss_max - run.rss_before) / 1024:.1f} MiB)"
+    )
     c = run.counters
-    print(f"  half-open         max {run.half_open_max} sampled; evicted {c.get('half_open_evicted', 0)}, "
-          f"expired {c.get('half_open_expired', 0)}, MM3 after eviction {c.get('half_open_lost', 0)}, "
-          f"novel MM1s shed {c.get('mm1_shed', 0)}, "
-          f"DH computations {c.get('dh_computations', 0)}, amplification drops {c.get('amplification_dropped', 0)}")
+    print(
+        f"  half-open         max {run.half_open_max} sampled; evicted {c.get('half_open_evicted', 0)}, "
+        f"expired {c.get('half_open_expired', 0)}, MM3 after eviction {c.get('half_open_lost', 0)}, "
+        f"novel MM1s shed {c.get('mm1_shed', 0)}, "
+        f"DH computations {c.get('dh_computations', 0)}, amplification drops {c.get('amplification_dropped', 0)}"
+    )
     print("  unauthenticated   kind       datagrams     bytes in    bytes out  out/in")
     for kind in KINDS:
-        n, bi, bo = c.get(f"unauth_in_{kind}", 0), c.get(f"unauth_bytes_in_{kind}", 0), c.get(f"unauth_bytes_out_{kind}", 0)
+        n, bi, bo = (
+            c.get(f"unauth_in_{kind}", 0),
+            c.get(f"unauth_bytes_in_{kind}", 0),
+            c.get(f"unauth_bytes_out_{kind}", 0),
+        )
         if n:
-            print(f"                    {kind:9s} {n:10d} {bi:12d} {bo:12d}  {bo / bi if bi else 0:.3f}")
+            print(
+                f"                    {kind:9s} {n:10d} {bi:12d} {bo:12d}  {bo / bi if bi else 0:.3f}"
+            )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", default="1000,5000,20000", help="flood rates in packets/s (default 1000,5000,20000)")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of flood per rate (default 60)")
-    parser.add_argument("--gms", type=int, default=20, help="real GMs registering during each flood (default 20)")
-    parser.add_argument("--sources", type=int, default=50_000, help="distinct spoofed source addresses (default 50000)")
-    parser.add_argument("--grace", type=float, default=30.0, help="seconds GMs may take after the flood ends")
-    parser.add_argument("--novel-bodies", action="store_true",
-                        help="every spoofed message 1 differs (random version VID): defeats the KS's offer cache")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rates",
+        default="1000,5000,20000",
+        help="flood rates in packets/s (default 1000,5000,20000)",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=60.0, help="seconds of flood per rate (default 60)"
+    )
+    parser.add_argument(
+        "--gms", type=int, default=20, help="real GMs registering during each flood (default 20)"
+    )
+    parser.add_argument(
+        "--sources",
+        type=int,
+        default=50_000,
+        help="distinct spoofed source addresses (default 50000)",
+    )
+    parser.add_argument(
+        "--grace", type=float, default=30.0, help="seconds GMs may take after the flood ends"
+    )
+    parser.add_argument(
+        "--novel-bodies",
+        action="store_true",
+        help="every spoofed message 1 differs (random version VID): defeats the KS's offer cache",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (UDP 848, raw socket)", file=sys.stderr)
         return 2
     rates = [int(r) for r in args.rates.split(",") if r]
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
-    print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
-          f"Python {sys.version.split()[0]}; KS {KS_ADDRESS}:{KS_PORT}; {args.gms} GMs; "
-          f"{args.sources} spoofed sources from {FIRST_SOURCE}; {args.duration:g} s per rate"
-          f"{'; novel message 1 bodies' if args.novel_bodies else ''}")
+    print(
+        f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+        f"Python {sys.version.split()[0]}; KS {KS_ADDRESS}:{KS_PORT}; {args.gms} GMs; "
+        f"{args.sources} spoofed sources from {FIRST_SOURCE}; {args.duration:g} s per rate"
+        f"{'; novel message 1 bodies' if args.novel_bodies else ''}"
+    )
     with tempfile.TemporaryDirectory(prefix="gdoid-dos-") as tmp:
         directory = Path(tmp)
         ks_cfg, template = write_lab(directory)
         probes = wire_probes(directory, ks_cfg, template)
         print("\nWire, before any flood: every unauthenticated message type, bytes out / bytes in")
         for p in probes:
-            print(f"  {p.name:40s} in {p.sent:6d}  out {p.out:5d}  ratio {p.out / p.sent if p.sent else 0:.2f}")
-        baseline = measure(directory, ks_cfg, template, 0, args.duration, args.gms, args.sources, args.grace)
+            print(
+                f"  {p.name:40s} in {p.sent:6d}  out {p.out:5d}  ratio {p.out / p.sent if p.sent else 0:.2f}"
+            )
+        baseline = measure(
+            directory, ks_cfg, template, 0, args.duration, args.gms, args.sources, args.grace
+        )
         show(baseline, None)
         runs = []
         for rate in rates:
-            run = measure(directory, ks_cfg, template, rate, args.duration, args.gms, args.sources, args.grace,
-                          args.novel_bodies)
+            run = measure(
+                directory,
+                ks_cfg,
+                template,
+                rate,
+                args.duration,
+                args.gms,
+                args.sources,
+                args.grace,
+                args.novel_bodies,
+            )
             runs.append(run)
             show(run, baseline)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\nTargets")
     ok = True
     wire_amp = max((p.out / p.sent for p in probes if p.sent), default=0.0)
-    print(f"  amplification <= 1.0 on the wire: max {wire_amp:.2f}  {'met' if wire_amp <= 1.0 else 'NOT met'}")
+    print(
+        f"  amplification <= 1.0 on the wire: max {wire_amp:.2f}  {'met' if wire_amp <= 1.0 else 'NOT met'}"
+    )
     ok &= wire_amp <= 1.0
     for run in runs:
         done = [t for t in run.times if t is not None]
         every = len(done) == len(run.times)
         amp = max(
-            (run.counters.get(f"unauth_bytes_out_{k}", 0) / b for k in KINDS if (b := run.counters.get(f"unauth_bytes_in_{k}", 0))),
+            (
+                run.counters.get(f"unauth_bytes_out_{k}", 0) / b
+                for k in KINDS
+                if (b := run.counters.get(f"unauth_bytes_in_{k}", 0))
+            ),
             default=0.0,
         )
         growth = (run.rss_max - run.rss_before) / 1024
         if run.rate <= 5000:
             met = every and max(done) <= TARGET_SECONDS
-            print(f"  {run.rate}/s: every GM within {TARGET_SECONDS:g} s: max {max(done) if done else float('nan'):.2f} s, "
-                  f"{len(done)}/{len(run.times)}  {'met' if met else 'NOT met'}")
+            print(
+                f"  {run.rate}/s: every GM within {TARGET_SECONDS:g} s: max {max(done) if done else float('nan'):.2f} s, "
+                f"{len(done)}/{len(run.times)}  {'met' if met else 'NOT met'}"
+            )
         else:
             met = every
-            print(f"  {run.rate}/s: every GM registers: {len(done)}/{len(run.times)}, max "
-                  f"{max(done) if done else float('nan'):.2f} s  {'met' if met else 'NOT met'}")
-        print(f"  {run.rate}/s: RSS growth < {TARGET_RSS_MIB:g} MiB: {growth:.1f}  {'met' if growth < TARGET_RSS_MIB else 'NOT met'}; "
-              f"amplification {amp:.3f}  {'met' if amp <= 1.0 else 'NOT met'}")
+            print(
+                f"  {run.rate}/s: every GM registers: {len(done)}/{len(run.times)}, max "
+                f"{max(done) if done else float('nan'):.2f} s  {'met' if met else 'NOT met'}"
+            )
+        print(
+            f"  {run.rate}/s: RSS growth < {TARGET_RSS_MIB:g} MiB: {growth:.1f}  {'met' if growth < TARGET_RSS_MIB else 'NOT met'}; "
+            f"amplification {amp:.3f}  {'met' if amp <= 1.0 else 'NOT met'}"
+        )
         ok &= met and growth < TARGET_RSS_MIB and amp <= 1.0
     return 0 if ok else 1
 

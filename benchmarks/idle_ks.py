@@ -41,7 +41,9 @@ async def idle_run(members: int, seconds: float, port: int) -> tuple[float, floa
         d = Path(tmp)
         write_private(d / "psk.secret", "idle-secret\n")
         write_signing_key(d / "rekey.key")
-        config = load_ks_config(ks_toml(d, address="127.0.0.1", port=port, auth=auth_toml("psk.secret")))
+        config = load_ks_config(
+            ks_toml(d, address="127.0.0.1", port=port, auth=auth_toml("psk.secret"))
+        )
         ks = KeyServerDaemon(config)
         now = time.time()
         for g in ks.groups.values():

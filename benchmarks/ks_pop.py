@@ -42,7 +42,9 @@ def main() -> None:
 
     cert_signer = t.ks_signer(pki, "ks", rekey)
     print(f"message 4 payload octets, no POP:          {m4(None, cert_signer)}")
-    print(f"message 4 payload octets, CERT + POP_R:    {m4(t.cert_pinning(pki, 'CN=ks'), cert_signer)}")
+    print(
+        f"message 4 payload octets, CERT + POP_R:    {m4(t.cert_pinning(pki, 'CN=ks'), cert_signer)}"
+    )
     rekey_signer = PopSigner(None, None, rekey, crypto.SigHash.SHA256)
     print(f"message 4 payload octets, rekey-key POP_R: {m4(t.rekey_pinning(rekey), rekey_signer)}")
 
@@ -56,7 +58,9 @@ def main() -> None:
     for _ in range(args.rounds):
         crypto.rekey_sign(rekey, crypto.SigHash.SHA256, b"pop_r" + bytes(64))
     ec_ms = (time.perf_counter() - start) / args.rounds * 1000
-    print(f"KS time per POP_R: RSA-2048 certificate {rsa_ms:.2f} ms, P-256 rekey key {ec_ms:.3f} ms")
+    print(
+        f"KS time per POP_R: RSA-2048 certificate {rsa_ms:.2f} ms, P-256 rekey key {ec_ms:.3f} ms"
+    )
 
 
 if __name__ == "__main__":

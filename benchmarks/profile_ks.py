@@ -63,13 +63,29 @@ def main() -> int:
         write_signing_key(d / "rekey.key")
         auth = auth_toml("psk.secret")
         ks_path = ks_toml(d, address=KS[0], auth=auth, ike="[ike]\ndh_groups = [19, 14, 20]\n")
-        ks_path.write_text(ks_path.read_text().replace('number = 1234\n', 'number = 1234\nsender_id_bits = 16\n', 1))
+        ks_path.write_text(
+            ks_path.read_text().replace(
+                "number = 1234\n", "number = 1234\nsender_id_bits = 16\n", 1
+            )
+        )
         ks_cfg = load_ks_config(ks_path)
         gm_cfg = load_gm_config(
-            gm_toml(d, address="127.0.1.2", name="gm", auth=auth, servers=(KS[0],), ike=f"[ike]\ndh_groups = [{args.dh}]\n")
+            gm_toml(
+                d,
+                address="127.0.1.2",
+                name="gm",
+                auth=auth,
+                servers=(KS[0],),
+                ike=f"[ike]\ndh_groups = [{args.dh}]\n",
+            )
         )
         now = time.time()
-        groups = {g.number: Group(g, load_private_key(g.kek.signing_key), ks_cfg.address, ks_cfg.port, now) for g in ks_cfg.groups}
+        groups = {
+            g.number: Group(
+                g, load_private_key(g.kek.signing_key), ks_cfg.address, ks_cfg.port, now
+            )
+            for g in ks_cfg.groups
+        }
     ks = KeyServerEngine(
         phase1_config(ks_cfg.ike, ks_cfg.auth, ks_cfg.address, ks_cfg.software_version),
         groups,
@@ -80,11 +96,16 @@ def main() -> int:
     def make_gm(address: str) -> GroupMemberEngine:
         cfg = dataclasses.replace(gm_cfg, address=IPv4Address(address))
         return GroupMemberEngine(
-            cfg.address, cfg.groups, phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version), logger=QuietLogger()
+            cfg.address,
+            cfg.groups,
+            phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version),
+            logger=QuietLogger(),
         )
 
     def run(gms: list[tuple[str, GroupMemberEngine]], profile: cProfile.Profile | None) -> float:
-        queue: deque[tuple[bytes, tuple[str, int]]] = deque()  # (datagram, GM address) towards the KS
+        queue: deque[tuple[bytes, tuple[str, int]]] = (
+            deque()
+        )  # (datagram, GM address) towards the KS
         by_addr = {(a, 5000): gm for a, gm in gms}
         t = time.time()
         for a, gm in gms:
@@ -117,8 +138,10 @@ def main() -> int:
     gms.clear()  # what stays allocated now is the KS's
     gc.collect()
     after = tracemalloc.take_snapshot()
-    print(f"{registered}/{args.gms} registered, DH group {args.dh}: KS time {ks_time:.3f} s "
-          f"(under cProfile and tracemalloc) = {ks_time / max(1, registered) * 1000:.3f} ms per registration\n")
+    print(
+        f"{registered}/{args.gms} registered, DH group {args.dh}: KS time {ks_time:.3f} s "
+        f"(under cProfile and tracemalloc) = {ks_time / max(1, registered) * 1000:.3f} ms per registration\n"
+    )
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(args.top)
     stats.sort_stats("cumulative").print_stats(args.top)
@@ -128,19 +151,27 @@ def main() -> int:
     gc.collect()
     aged = tracemalloc.take_snapshot()
     tracemalloc.stop()
-    print(f"\nafter {SA_LINGER:g} s: {len(ks.sas)} phase-1 SAs, {len(ks.pulls)} PULL exchanges, "
-          f"{sum(len(g.members) for g in ks.groups.values())} members")
+    print(
+        f"\nafter {SA_LINGER:g} s: {len(ks.sas)} phase-1 SAs, {len(ks.pulls)} PULL exchanges, "
+        f"{sum(len(g.members) for g in ks.groups.values())} members"
+    )
     report("KS memory in steady state (member table)", before, aged, registered, args.top)
     return 0
 
 
-def report(title: str, before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, registered: int, top: int) -> None:
+def report(
+    title: str, before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, registered: int, top: int
+) -> None:
     diff = [s for s in after.compare_to(before, "lineno") if s.size_diff > 0]
     total = sum(s.size_diff for s in diff)
-    print(f"{title}: {total / 1024 / max(1, registered):.2f} KiB per registered GM (Python heap), by line:")
+    print(
+        f"{title}: {total / 1024 / max(1, registered):.2f} KiB per registered GM (Python heap), by line:"
+    )
     for s in diff[:top]:
         frame = s.traceback[0]
-        print(f"  {s.size_diff / max(1, registered):8.1f} B/GM  {frame.filename.split('/work/main/')[-1]}:{frame.lineno}")
+        print(
+            f"  {s.size_diff / max(1, registered):8.1f} B/GM  {frame.filename.split('/work/main/')[-1]}:{frame.lineno}"
+        )
 
 
 if __name__ == "__main__":

@@ -116,7 +116,11 @@ def run_delay(pid: int | str) -> float:
 
 def udp_rcvbuf_errors() -> int:
     """System-wide count of datagrams dropped because a socket's receive buffer was full."""
-    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    lines = [
+        line.split()
+        for line in Path("/proc/net/snmp").read_text().splitlines()
+        if line.startswith("Udp:")
+    ]
     return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
@@ -177,7 +181,9 @@ class SwarmResult:
     gm_cpu: float
 
 
-async def run_swarm(template: GmConfig, addresses: list[str], timeout: float, ramp: float = 0.0) -> SwarmResult:
+async def run_swarm(
+    template: GmConfig, addresses: list[str], timeout: float, ramp: float = 0.0
+) -> SwarmResult:
     loop = asyncio.get_running_loop()
     n = len(addresses)
     done_at: dict[int, float] = {}
@@ -210,7 +216,9 @@ async def run_swarm(template: GmConfig, addresses: list[str], timeout: float, ra
             logger=QuietLogger(),
             on_event=on_event_for(i),
         )
-        _, ep = await loop.create_datagram_endpoint(lambda e=engine: GmEndpoint(e), local_addr=(address, 0))
+        _, ep = await loop.create_datagram_endpoint(
+            lambda e=engine: GmEndpoint(e), local_addr=(address, 0)
+        )
         endpoints.append(ep)
 
     async def timers() -> None:
@@ -247,7 +255,13 @@ async def run_swarm(template: GmConfig, addresses: list[str], timeout: float, ra
     lat = [done_at[i] - started_at[i] for i in sorted(done_at)]
     elapsed = max(done_at.values()) - t0 if done_at else timeout
     return SwarmResult(
-        len(done_at), failures, elapsed, lat, sum(len(ep.sent) for ep in endpoints), endpoints[0].sent if endpoints else [], gm_cpu
+        len(done_at),
+        failures,
+        elapsed,
+        lat,
+        sum(len(ep.sent) for ep in endpoints),
+        endpoints[0].sent if endpoints else [],
+        gm_cpu,
     )
 
 
@@ -286,7 +300,9 @@ class EchoClient(asyncio.DatagramProtocol):
         pass
 
 
-async def run_echo(addresses: list[str], sizes: list[int], timeout: float) -> tuple[float, list[float], float]:
+async def run_echo(
+    addresses: list[str], sizes: list[int], timeout: float
+) -> tuple[float, list[float], float]:
     loop = asyncio.get_running_loop()
     n = len(addresses)
     done_at: list[float] = []
@@ -363,16 +379,29 @@ def write_lab(directory: Path, n: int) -> tuple[Path, str]:
     write_private(directory / "psk.secret", "benchmark-secret\n")
     write_signing_key(directory / "rekey.key")
     auth = auth_toml("psk.secret")
-    ks = ks_toml(directory, address=KS_ADDRESS, port=KS_PORT, auth=auth, ike="[ike]\ndh_groups = [19, 14]\n")
+    ks = ks_toml(
+        directory, address=KS_ADDRESS, port=KS_PORT, auth=auth, ike="[ike]\ndh_groups = [19, 14]\n"
+    )
     text = ks.read_text()
     text = text.replace("[ks]\n", f"[ks]\nmax_half_open = {max(4096, 2 * n)}\n", 1)
-    text = text.replace(f'name = "GET"\nnumber = {GROUP}\n', f'name = "GET"\nnumber = {GROUP}\nsender_id_bits = 16\n', 1)
+    text = text.replace(
+        f'name = "GET"\nnumber = {GROUP}\n',
+        f'name = "GET"\nnumber = {GROUP}\nsender_id_bits = 16\n',
+        1,
+    )
     ks.write_text(text)
     return ks, auth
 
 
 def measure_group(
-    directory: Path, ks_cfg: Path, auth: str, dh: int, addresses: list[str], timeout: float, ramp: float, rcvbuf: int
+    directory: Path,
+    ks_cfg: Path,
+    auth: str,
+    dh: int,
+    addresses: list[str],
+    timeout: float,
+    ramp: float,
+    rcvbuf: int,
 ) -> GroupFigures:
     template = load_gm_config(
         gm_toml(
@@ -404,7 +433,11 @@ def measure_group(
         res = asyncio.run(run_swarm(template, addresses[1:], timeout, ramp))
         rss1, cpu1, drops1 = rss_kib(pid), cpu_seconds(pid), udp_rcvbuf_errors()
         wait1, gm_wait1 = run_delay(pid), run_delay("self")
-        members = len(gdoictl_json(ks_cfg.parent / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"])
+        members = len(
+            gdoictl_json(ks_cfg.parent / "ks.sock", "show", "crypto", "gdoi", "ks", "members")[
+                "groups"
+            ][0]["members"]
+        )
         if members != res.registered + 1:
             print(f"  warning: KS lists {members} members, expected {res.registered + 1}")
         if "Traceback" in ks.text():
@@ -430,9 +463,13 @@ def measure_group(
     )
 
 
-def measure_echo(addresses: list[str], sizes: list[int], timeout: float, rcvbuf: int) -> tuple[float, float, float, float]:
+def measure_echo(
+    addresses: list[str], sizes: list[int], timeout: float, rcvbuf: int
+) -> tuple[float, float, float, float]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", ECHO_SERVER, KS_ADDRESS, str(ECHO_PORT), str(rcvbuf)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", ECHO_SERVER, KS_ADDRESS, str(ECHO_PORT), str(rcvbuf)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -443,31 +480,60 @@ def measure_echo(addresses: list[str], sizes: list[int], timeout: float, rcvbuf:
     finally:
         proc.kill()
         proc.wait()
-    return len(addresses) / elapsed, percentile(lat, 0.5), percentile(lat, 0.99), server_cpu + client_cpu
+    return (
+        len(addresses) / elapsed,
+        percentile(lat, 0.5),
+        percentile(lat, 0.99),
+        server_cpu + client_cpu,
+    )
 
 
 def show(f: GroupFigures) -> None:
     print(f"DH group {f.dh_group}: {f.registered}/{f.n} registered, {f.failures} failures")
-    print(f"  datagrams         {f.datagrams} sent by GMs ({f.datagrams / max(1, f.n):.2f} per GM, 5 without loss); "
-          f"{f.rcvbuf_drops} UDP receive-buffer drops (system-wide)")
+    print(
+        f"  datagrams         {f.datagrams} sent by GMs ({f.datagrams / max(1, f.n):.2f} per GM, 5 without loss); "
+        f"{f.rcvbuf_drops} UDP receive-buffer drops (system-wide)"
+    )
     print(f"  rate              {f.rate:8.1f} registrations/s")
     print(f"  latency           p50 {f.p50 * 1000:7.1f} ms   p99 {f.p99 * 1000:7.1f} ms")
-    print(f"  KS RSS            {f.rss_before / 1024:.1f} -> {f.rss_after / 1024:.1f} MiB   = {f.kib_per_gm:.2f} KiB per registered GM")
-    print(f"  KS CPU            {f.ks_cpu:.2f} s   = {f.per_ks_cpu:.1f} registrations per KS CPU-second "
-          f"(KS busy {f.ks_cpu / f.elapsed:.0%} of the run, waited {f.ks_cpu_wait:.2f} s for a CPU)")
-    print(f"  GM-side CPU       {f.gm_cpu:.2f} s (this process, {f.n} engines; busy {f.gm_cpu / f.elapsed:.0%}, "
-          f"waited {f.gm_cpu_wait:.2f} s for a CPU)")
+    print(
+        f"  KS RSS            {f.rss_before / 1024:.1f} -> {f.rss_after / 1024:.1f} MiB   = {f.kib_per_gm:.2f} KiB per registered GM"
+    )
+    print(
+        f"  KS CPU            {f.ks_cpu:.2f} s   = {f.per_ks_cpu:.1f} registrations per KS CPU-second "
+        f"(KS busy {f.ks_cpu / f.elapsed:.0%} of the run, waited {f.ks_cpu_wait:.2f} s for a CPU)"
+    )
+    print(
+        f"  GM-side CPU       {f.gm_cpu:.2f} s (this process, {f.n} engines; busy {f.gm_cpu / f.elapsed:.0%}, "
+        f"waited {f.gm_cpu_wait:.2f} s for a CPU)"
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gms", type=int, default=500, help="concurrent group members (default 500)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="give up after SECONDS per run")
-    parser.add_argument("--ramp", type=float, default=0.0, metavar="SECONDS",
-                        help="spread the GMs' starts over SECONDS instead of starting all at once")
-    parser.add_argument("--rcvbuf", type=int, default=0, metavar="BYTES",
-                        help="experiment: give the KS (and the echo server) a socket receive buffer of BYTES "
-                        "(default: the daemon's, i.e. the kernel default)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--gms", type=int, default=500, help="concurrent group members (default 500)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="give up after SECONDS per run"
+    )
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="spread the GMs' starts over SECONDS instead of starting all at once",
+    )
+    parser.add_argument(
+        "--rcvbuf",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="experiment: give the KS (and the echo server) a socket receive buffer of BYTES "
+        "(default: the daemon's, i.e. the kernel default)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (binds UDP 848)", file=sys.stderr)
@@ -476,27 +542,44 @@ def main() -> int:
     start = f"starts spread over {args.ramp:g} s" if args.ramp > 0 else "all started at once"
     if args.rcvbuf:
         start += f", KS receive buffer {args.rcvbuf} bytes"
-    print(f"{args.gms} concurrent GMs ({start}), KS {KS_ADDRESS}:{KS_PORT}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}\n")
+    print(
+        f"{args.gms} concurrent GMs ({start}), KS {KS_ADDRESS}:{KS_PORT}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}\n"
+    )
     with tempfile.TemporaryDirectory(prefix="gdoid-bench-") as tmp:
         directory = Path(tmp)
         ks_cfg, auth = write_lab(directory, args.gms)
         figures = {
-            dh: measure_group(directory, ks_cfg, auth, dh, addresses, args.timeout, args.ramp, args.rcvbuf) for dh in (19, 14)
+            dh: measure_group(
+                directory, ks_cfg, auth, dh, addresses, args.timeout, args.ramp, args.rcvbuf
+            )
+            for dh in (19, 14)
         }
     for f in figures.values():
         show(f)
-    echo_rate, echo_p50, echo_p99, echo_cpu = measure_echo(addresses[1:], figures[19].sizes[:5] or [256] * 5, args.timeout, args.rcvbuf)
+    echo_rate, echo_p50, echo_p99, echo_cpu = measure_echo(
+        addresses[1:], figures[19].sizes[:5] or [256] * 5, args.timeout, args.rcvbuf
+    )
     g19, g14 = figures[19], figures[14]
-    print(f"\nUDP echo baseline: {echo_rate:.1f} 5-round-trip exchanges/s, p50 {echo_p50 * 1000:.1f} ms, p99 {echo_p99 * 1000:.1f} ms ({echo_cpu:.2f} CPU-s both sides)")
+    print(
+        f"\nUDP echo baseline: {echo_rate:.1f} 5-round-trip exchanges/s, p50 {echo_p50 * 1000:.1f} ms, p99 {echo_p99 * 1000:.1f} ms ({echo_cpu:.2f} CPU-s both sides)"
+    )
     print("\nRatios")
-    print(f"  group 14 / group 19:  rate {g14.rate / g19.rate:.2f}x   p50 {g14.p50 / g19.p50:.2f}x   p99 {g14.p99 / g19.p99:.2f}x   "
-          f"KS CPU per registration {(g14.ks_cpu / max(1, g14.registered)) / (g19.ks_cpu / max(1, g19.registered)):.2f}x   "
-          f"KS KiB per GM {g14.kib_per_gm / g19.kib_per_gm if g19.kib_per_gm else float('nan'):.2f}x")
-    print(f"  group 19 / UDP echo:  rate {g19.rate / echo_rate:.3f}x  (group 14: {g14.rate / echo_rate:.3f}x)")
+    print(
+        f"  group 14 / group 19:  rate {g14.rate / g19.rate:.2f}x   p50 {g14.p50 / g19.p50:.2f}x   p99 {g14.p99 / g19.p99:.2f}x   "
+        f"KS CPU per registration {(g14.ks_cpu / max(1, g14.registered)) / (g19.ks_cpu / max(1, g19.registered)):.2f}x   "
+        f"KS KiB per GM {g14.kib_per_gm / g19.kib_per_gm if g19.kib_per_gm else float('nan'):.2f}x"
+    )
+    print(
+        f"  group 19 / UDP echo:  rate {g19.rate / echo_rate:.3f}x  (group 14: {g14.rate / echo_rate:.3f}x)"
+    )
     print("\nTargets")
-    print(f"  >= {TARGET_RATE:.0f} registrations/s (group 19): {g19.rate:.1f}  {'met' if g19.rate >= TARGET_RATE else 'NOT met'}")
-    print(f"  <= {TARGET_KIB_PER_GM:.0f} KiB KS memory per GM (group 19): {g19.kib_per_gm:.2f}  {'met' if g19.kib_per_gm <= TARGET_KIB_PER_GM else 'NOT met'}")
+    print(
+        f"  >= {TARGET_RATE:.0f} registrations/s (group 19): {g19.rate:.1f}  {'met' if g19.rate >= TARGET_RATE else 'NOT met'}"
+    )
+    print(
+        f"  <= {TARGET_KIB_PER_GM:.0f} KiB KS memory per GM (group 19): {g19.kib_per_gm:.2f}  {'met' if g19.kib_per_gm <= TARGET_KIB_PER_GM else 'NOT met'}"
+    )
     ok = all(f.registered == f.n and f.failures == 0 for f in figures.values())
     return 0 if ok else 1
 

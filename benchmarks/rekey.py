@@ -154,7 +154,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def udp_rcvbuf_errors() -> int:
-    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    lines = [
+        line.split()
+        for line in Path("/proc/net/snmp").read_text().splitlines()
+        if line.startswith("Udp:")
+    ]
     return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
@@ -292,7 +296,10 @@ class Worker:
                 lambda i=i, e=engine: GmEndpoint(self, i, e), local_addr=(address, 0)
             )
             self.endpoints.append(ep)
-        socks = [(a, ep.transport.get_extra_info("sockname")[1]) for a, ep in zip(self.addresses, self.endpoints, strict=True)]  # type: ignore[union-attr]  # transports are set once the endpoints exist
+        socks = [
+            (a, ep.transport.get_extra_info("sockname")[1])
+            for a, ep in zip(self.addresses, self.endpoints, strict=True)
+        ]  # type: ignore[union-attr]  # transports are set once the endpoints exist
         self.conn.send(("ready", socks))
         ticker = asyncio.create_task(self.timers())
         try:
@@ -339,7 +346,13 @@ class Worker:
         deadline = time.monotonic() + timeout
         while len(self.registered) < n and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        return ("registered", len(self.registered), self.failures, time.monotonic() - t0, time.process_time() - cpu0)
+        return (
+            "registered",
+            len(self.registered),
+            self.failures,
+            time.monotonic() - t0,
+            time.process_time() - cpu0,
+        )
 
     async def timed(self, kind: str, timeout: float) -> tuple[Any, ...]:
         n = len(self.endpoints)
@@ -400,7 +413,9 @@ class Workers:
         deadline = time.monotonic() + timeout
         while len(replies) < len(self.conns):
             left = deadline - time.monotonic()
-            ready = mp_wait([c for i, c in enumerate(self.conns) if i not in replies], max(0.0, left))
+            ready = mp_wait(
+                [c for i, c in enumerate(self.conns) if i not in replies], max(0.0, left)
+            )
             if not ready:
                 raise SystemExit(f"workers did not answer {what!r} within {timeout:g} s")
             for c in ready:
@@ -426,7 +441,9 @@ class Workers:
 
 def write_rsa_key(path: Path) -> Path:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return write_private(path, pem)
 
 
@@ -437,10 +454,16 @@ def write_lab(directory: Path, n: int, key_type: str) -> tuple[Path, Path]:
     else:
         write_signing_key(directory / "rekey.key")  # ECDSA P-256
     auth = auth_toml("psk.secret", peer="127.2.0.0/16")
-    ks = ks_toml(directory, address=KS_ADDRESS, port=KS_PORT, auth=auth, ike="[ike]\ndh_groups = [19]\n")
+    ks = ks_toml(
+        directory, address=KS_ADDRESS, port=KS_PORT, auth=auth, ike="[ike]\ndh_groups = [19]\n"
+    )
     text = ks.read_text()
     text = text.replace("[ks]\n", f"[ks]\nmax_half_open = {max(4096, 2 * n)}\n", 1)
-    text = text.replace(f'name = "GET"\nnumber = {GROUP}\n', f'name = "GET"\nnumber = {GROUP}\nsender_id_bits = 16\n', 1)
+    text = text.replace(
+        f'name = "GET"\nnumber = {GROUP}\n',
+        f'name = "GET"\nnumber = {GROUP}\nsender_id_bits = 16\n',
+        1,
+    )
     ks.write_text(text)
     gm = gm_toml(
         directory,
@@ -482,13 +505,25 @@ def measure_split(ks_cfg: Path, n: int, repeat: int = 5) -> Split:
     key = load_private_key(gconf.kek.signing_key)
     now = time.time()
     group = Group(gconf, key, cfg.address, cfg.port, now)
-    engine = KeyServerEngine(phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version), {group.number: group},
-                             logger=QuietLogger())
+    engine = KeyServerEngine(
+        phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version),
+        {group.number: group},
+        logger=QuietLogger(),
+    )
     snap = group.snapshot(now)
     addresses = gm_addresses(n)
     for i, a in enumerate(addresses):
-        group.record_member(IPv4Address(a), f"gm{i}", CURRENT_VERSION, snap, SenderIds(16, (i + 1,)), now,
-                            port=40000 + i % 20000, ack_key=secrets.token_bytes(32), ack_hash=HashAlgorithm.SHA2_256)
+        group.record_member(
+            IPv4Address(a),
+            f"gm{i}",
+            CURRENT_VERSION,
+            snap,
+            SenderIds(16, (i + 1,)),
+            now,
+            port=40000 + i % 20000,
+            ack_key=secrets.token_bytes(32),
+            ack_hash=HashAlgorithm.SHA2_256,
+        )
 
     builds, sends, ackt, persists = [], [], [], []
     size = 0
@@ -508,8 +543,10 @@ def measure_split(ks_cfg: Path, n: int, repeat: int = 5) -> Split:
             out = engine.send_rekey(group, messages, now)
             sends.append(time.perf_counter() - t)
             assert len(out) == n
-            acks = [build_ack(m.ack_hash, m.ack_key, group.kek.spi, messages.seq, m.address.packed)
-                    for m in group.members.values()]
+            acks = [
+                build_ack(m.ack_hash, m.ack_key, group.kek.spi, messages.seq, m.address.packed)
+                for m in group.members.values()
+            ]
             t = time.perf_counter()
             for a, m in zip(acks, group.members.values(), strict=True):
                 engine.datagram_received(a, (str(m.address), m.port), now)
@@ -562,17 +599,28 @@ class Round:
         return self.command / self.base_send if self.base_send > 0 else float("nan")
 
 
-def timed_arrivals(workers: Workers, kind: str, timeout: float, trigger: Callable[[], Any]) -> tuple[float, Any, list[float], float, int, int]:
+def timed_arrivals(
+    workers: Workers, kind: str, timeout: float, trigger: Callable[[], Any]
+) -> tuple[float, Any, list[float], float, int, int]:
     workers.send("arm", kind, timeout)
     workers.gather("armed", 30.0)
     t0 = time.monotonic()
     result = trigger()
     done = workers.gather("done", timeout + 30.0)
     arrivals = [t - t0 for d in done for t in d[2] if t is not None]
-    return t0, result, arrivals, sum(d[3] for d in done), sum(d[4] for d in done), max(d[5] for d in done)
+    return (
+        t0,
+        result,
+        arrivals,
+        sum(d[3] for d in done),
+        sum(d[4] for d in done),
+        max(d[5] for d in done),
+    )
 
 
-def run_n(n: int, args: argparse.Namespace, directory: Path) -> tuple[list[Round], Split, dict[str, float]]:
+def run_n(
+    n: int, args: argparse.Namespace, directory: Path
+) -> tuple[list[Round], Split, dict[str, float]]:
     ks_cfg, gm_cfg = write_lab(directory, n, args.rekey_key)
     sock = directory / "ks.sock"
     addresses = gm_addresses(n)
@@ -590,14 +638,25 @@ def run_n(n: int, args: argparse.Namespace, directory: Path) -> tuple[list[Round
         try:
             reg_cpu0, t_reg = cpu_seconds(pid), time.monotonic()
             workers.send("register", max(1, args.wave), args.timeout)
-            regs = workers.gather("registered", args.timeout * (n / max(1, args.wave * len(workers.conns)) + 2))
+            regs = workers.gather(
+                "registered", args.timeout * (n / max(1, args.wave * len(workers.conns)) + 2)
+            )
             registered = sum(r[1] for r in regs)
             reg_time = time.monotonic() - t_reg
-            reg_info = {"registered": registered, "failures": sum(r[2] for r in regs), "seconds": reg_time,
-                        "ks_cpu": cpu_seconds(pid) - reg_cpu0}
-            members = len(control(sock, "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"])
-            print(f"  {registered}/{n} GMs registered in {reg_time:.1f} s ({registered / reg_time:.0f}/s, "
-                  f"{reg_info['failures']} failed attempts); KS lists {members} members", flush=True)
+            reg_info = {
+                "registered": registered,
+                "failures": sum(r[2] for r in regs),
+                "seconds": reg_time,
+                "ks_cpu": cpu_seconds(pid) - reg_cpu0,
+            }
+            members = len(
+                control(sock, "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"]
+            )
+            print(
+                f"  {registered}/{n} GMs registered in {reg_time:.1f} s ({registered / reg_time:.0f}/s, "
+                f"{reg_info['failures']} failed attempts); KS lists {members} members",
+                flush=True,
+            )
             if registered < n:
                 print("  warning: not every GM registered; the rekey figures cover those that did")
             if args.settle:
@@ -609,13 +668,19 @@ def run_n(n: int, args: argparse.Namespace, directory: Path) -> tuple[list[Round
                     if c.get("phase1_sas", 0) == 0 and c.get("half_open", 0) == 0:
                         break
                     time.sleep(1.0)
-                print(f"  settled: waited {time.monotonic() - t_settle:.0f} s for the registrations' phase-1 SAs to expire",
-                      flush=True)
+                print(
+                    f"  settled: waited {time.monotonic() - t_settle:.0f} s for the registrations' phase-1 SAs to expire",
+                    flush=True,
+                )
 
             target_file = directory / "targets.txt"
             target_file.write_text("".join(f"{a} {p}\n" for a, p in workers.targets))
-            sender = subprocess.Popen([sys.executable, "-c", FANOUT_SENDER, BASELINE_ADDRESS, str(target_file)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            sender = subprocess.Popen(
+                [sys.executable, "-c", FANOUT_SENDER, BASELINE_ADDRESS, str(target_file)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert sender.stdin is not None and sender.stdout is not None
             sender.stdout.readline()
             rounds: list[Round] = []
@@ -630,7 +695,9 @@ def run_n(n: int, args: argparse.Namespace, directory: Path) -> tuple[list[Round
                         sender.stdin.flush()
                         return sender.stdout.readline()
 
-                    _, line, base, _, _, _ = timed_arrivals(workers, "baseline", args.timeout, fan_out)
+                    _, line, base, _, _, _ = timed_arrivals(
+                        workers, "baseline", args.timeout, fan_out
+                    )
                     base_send, base_cpu = (float(x) for x in line.split())
 
                     acks0 = control(sock, "show", "gdoid", "counters").get("acks_received", 0)
@@ -646,13 +713,20 @@ def run_n(n: int, args: argparse.Namespace, directory: Path) -> tuple[list[Round
                         times.append(time.monotonic() - t)
                         return data
 
-                    t0, data, inst, gm_cpu, rejected, push_size = timed_arrivals(workers, "rekey", args.timeout, rekey)
+                    t0, data, inst, gm_cpu, rejected, push_size = timed_arrivals(
+                        workers, "rekey", args.timeout, rekey
+                    )
                     if data.get("sent") != registered:
-                        print(f"  warning: the KS sent {data.get('sent')} pushes for {registered} registered GMs")
+                        print(
+                            f"  warning: the KS sent {data.get('sent')} pushes for {registered} registered GMs"
+                        )
                     # Every ack counted (polled; the KS's retransmissions cover lost ones)?
                     acks, deadline = 0, time.monotonic() + args.ack_timeout
                     while True:
-                        acks = control(sock, "show", "gdoid", "counters").get("acks_received", 0) - acks0
+                        acks = (
+                            control(sock, "show", "gdoid", "counters").get("acks_received", 0)
+                            - acks0
+                        )
                         if acks >= registered or time.monotonic() > deadline:
                             break
                         time.sleep(0.02)
@@ -666,7 +740,9 @@ def run_n(n: int, args: argparse.Namespace, directory: Path) -> tuple[list[Round
                                 break
                             time.sleep(0.05)
                         time.sleep(0.2)
-                        print(f"  KS profile of round 1 (cProfile on: its KS CPU and times are inflated), top {args.profile} by own time:")
+                        print(
+                            f"  KS profile of round 1 (cProfile on: its KS CPU and times are inflated), top {args.profile} by own time:"
+                        )
                         stats = pstats.Stats(str(profile), stream=sys.stdout)
                         stats.sort_stats("tottime").print_stats(args.profile)
                     spis = control(sock, "show", "crypto", "gdoi")["groups"][0]["tek_spis"]
@@ -674,12 +750,27 @@ def run_n(n: int, args: argparse.Namespace, directory: Path) -> tuple[list[Round
                     holding = sum(v[1] for v in workers.gather("verified", 30.0))
                     if push_size and push_size != size:
                         size = push_size  # the baseline of the next round uses the real push size
-                    rounds.append(Round(
-                        len(inst), percentile(inst, 0.5) if inst else math.nan, percentile(inst, 0.99) if inst else math.nan,
-                        max(inst) if inst else math.nan, command_time[0], acks, acks_at, ks_cpu, rejected, holding,
-                        gm_cpu, drops, len(base), percentile(base, 0.5) if base else math.nan,
-                        max(base) if base else math.nan, base_send, base_cpu,
-                    ))
+                    rounds.append(
+                        Round(
+                            len(inst),
+                            percentile(inst, 0.5) if inst else math.nan,
+                            percentile(inst, 0.99) if inst else math.nan,
+                            max(inst) if inst else math.nan,
+                            command_time[0],
+                            acks,
+                            acks_at,
+                            ks_cpu,
+                            rejected,
+                            holding,
+                            gm_cpu,
+                            drops,
+                            len(base),
+                            percentile(base, 0.5) if base else math.nan,
+                            max(base) if base else math.nan,
+                            base_send,
+                            base_cpu,
+                        )
+                    )
                     show_round(r + 1, rounds[-1], registered)
             finally:
                 assert sender.stdin is not None
@@ -704,19 +795,28 @@ def run_n(n: int, args: argparse.Namespace, directory: Path) -> tuple[list[Round
 def measure_size(ks_cfg: Path) -> int:
     """The push's size, from a synthetic group with the same config and key."""
     cfg = load_ks_config(ks_cfg)
-    g = Group(cfg.groups[0], load_private_key(cfg.groups[0].kek.signing_key), cfg.address, cfg.port, time.time())
+    g = Group(
+        cfg.groups[0],
+        load_private_key(cfg.groups[0].kek.signing_key),
+        cfg.address,
+        cfg.port,
+        time.time(),
+    )
     return len(g.plan_rekey(time.time(), replace=True).modern)
 
 
 def show_round(r: int, x: Round, n: int) -> None:
-    print(f"  round {r}: raw fan-out {x.base_received}/{n} received, last {x.base_max * 1000:7.1f} ms "
-          f"(sender loop {x.base_send * 1000:.1f} ms, {x.base_cpu * 1000:.1f} ms CPU) | "
-          f"rekey {x.installed}/{n} installed p50 {x.p50 * 1000:7.1f} ms p99 {x.p99 * 1000:7.1f} ms "
-          f"max {x.max * 1000:7.1f} ms; command {x.command * 1000:.1f} ms; acks {x.acks}/{n} by {x.acks_at * 1000:.0f} ms; "
-          f"KS CPU {x.ks_cpu * 1000:.1f} ms; ratio {x.ratio:.2f}x (KS send {x.send_ratio:.2f}x)"
-          + (f"; {x.rejected} rejected" if x.rejected else "")
-          + (f"; {x.drops} UDP rcvbuf drops" if x.drops else "")
-          + (f"; only {x.holding}/{n} hold the new TEK" if x.holding != n else ""), flush=True)
+    print(
+        f"  round {r}: raw fan-out {x.base_received}/{n} received, last {x.base_max * 1000:7.1f} ms "
+        f"(sender loop {x.base_send * 1000:.1f} ms, {x.base_cpu * 1000:.1f} ms CPU) | "
+        f"rekey {x.installed}/{n} installed p50 {x.p50 * 1000:7.1f} ms p99 {x.p99 * 1000:7.1f} ms "
+        f"max {x.max * 1000:7.1f} ms; command {x.command * 1000:.1f} ms; acks {x.acks}/{n} by {x.acks_at * 1000:.0f} ms; "
+        f"KS CPU {x.ks_cpu * 1000:.1f} ms; ratio {x.ratio:.2f}x (KS send {x.send_ratio:.2f}x)"
+        + (f"; {x.rejected} rejected" if x.rejected else "")
+        + (f"; {x.drops} UDP rcvbuf drops" if x.drops else "")
+        + (f"; only {x.holding}/{n} hold the new TEK" if x.holding != n else ""),
+        flush=True,
+    )
 
 
 def summary(n: int, rounds: list[Round], split: Split, reg: dict[str, float]) -> None:
@@ -725,43 +825,102 @@ def summary(n: int, rounds: list[Round], split: Split, reg: dict[str, float]) ->
     ks_cpu = med([x.ks_cpu for x in rounds])
     accounted = split.build + split.persist + split.bookkeeping + split.acks
     io = max(0.0, ks_cpu - accounted)
-    print(f"\nN = {n}  ({int(reg['registered'])} registered; median of {len(rounds)} rounds; push {split.size} octets)")
-    print(f"  rekey install time   p50 {mid.p50 * 1000:8.1f} ms   p99 {mid.p99 * 1000:8.1f} ms   max {mid.max * 1000:8.1f} ms"
-          f"   ({mid.installed}/{n} GMs; KS command returned after {mid.command * 1000:.1f} ms)")
+    print(
+        f"\nN = {n}  ({int(reg['registered'])} registered; median of {len(rounds)} rounds; push {split.size} octets)"
+    )
+    print(
+        f"  rekey install time   p50 {mid.p50 * 1000:8.1f} ms   p99 {mid.p99 * 1000:8.1f} ms   max {mid.max * 1000:8.1f} ms"
+        f"   ({mid.installed}/{n} GMs; KS command returned after {mid.command * 1000:.1f} ms)"
+    )
     print(f"  acks at the KS       {mid.acks}/{n}, all counted by {mid.acks_at * 1000:.0f} ms")
-    print(f"  raw UDP fan-out      last datagram at {mid.base_max * 1000:8.1f} ms (p50 {mid.base_p50 * 1000:.1f} ms; "
-          f"sender loop {mid.base_send * 1000:.1f} ms)")
-    print(f"  ratio to raw fan-out {mid.ratio:.2f}x completion (last install / last raw arrival); "
-          f"{mid.send_ratio:.2f}x KS command / raw sender loop")
-    print(f"  KS CPU for the rekey {ks_cpu * 1000:8.1f} ms  (= {ks_cpu / max(1, n) * 1e6:.1f} us per GM)")
-    print(f"    build (plan_rekey) {split.build * 1000:8.2f} ms  once: sign {split.sign * 1000:.2f} ms, encrypt {split.encrypt * 1000:.3f} ms")
-    print(f"    state file save    {split.persist * 1000:8.2f} ms  ({split.persist / max(1, n) * 1e6:.1f} us per GM, incl. 2 fsyncs; before sending)")
-    print(f"    send_rekey loop    {split.bookkeeping * 1000:8.2f} ms  ({split.bookkeeping / max(1, n) * 1e6:.1f} us per GM, no I/O)")
-    print(f"    ack handling       {split.acks * 1000:8.2f} ms  ({split.acks / max(1, n) * 1e6:.1f} us per GM, no I/O)")
-    print(f"    socket I/O + loop  {io * 1000:8.2f} ms  ({io / max(1, n) * 1e6:.1f} us per GM: KS CPU minus the above)")
-    print(f"    per-GM total       {(ks_cpu - split.build) / max(1, n) * 1e6:.1f} us (KS CPU minus build, over N)")
-    print(f"  GM side              {mid.gm_cpu:.2f} CPU-s in the workers ({mid.gm_cpu / max(1, n) * 1e6:.0f} us per GM: verify, decrypt, install, ack)")
+    print(
+        f"  raw UDP fan-out      last datagram at {mid.base_max * 1000:8.1f} ms (p50 {mid.base_p50 * 1000:.1f} ms; "
+        f"sender loop {mid.base_send * 1000:.1f} ms)"
+    )
+    print(
+        f"  ratio to raw fan-out {mid.ratio:.2f}x completion (last install / last raw arrival); "
+        f"{mid.send_ratio:.2f}x KS command / raw sender loop"
+    )
+    print(
+        f"  KS CPU for the rekey {ks_cpu * 1000:8.1f} ms  (= {ks_cpu / max(1, n) * 1e6:.1f} us per GM)"
+    )
+    print(
+        f"    build (plan_rekey) {split.build * 1000:8.2f} ms  once: sign {split.sign * 1000:.2f} ms, encrypt {split.encrypt * 1000:.3f} ms"
+    )
+    print(
+        f"    state file save    {split.persist * 1000:8.2f} ms  ({split.persist / max(1, n) * 1e6:.1f} us per GM, incl. 2 fsyncs; before sending)"
+    )
+    print(
+        f"    send_rekey loop    {split.bookkeeping * 1000:8.2f} ms  ({split.bookkeeping / max(1, n) * 1e6:.1f} us per GM, no I/O)"
+    )
+    print(
+        f"    ack handling       {split.acks * 1000:8.2f} ms  ({split.acks / max(1, n) * 1e6:.1f} us per GM, no I/O)"
+    )
+    print(
+        f"    socket I/O + loop  {io * 1000:8.2f} ms  ({io / max(1, n) * 1e6:.1f} us per GM: KS CPU minus the above)"
+    )
+    print(
+        f"    per-GM total       {(ks_cpu - split.build) / max(1, n) * 1e6:.1f} us (KS CPU minus build, over N)"
+    )
+    print(
+        f"  GM side              {mid.gm_cpu:.2f} CPU-s in the workers ({mid.gm_cpu / max(1, n) * 1e6:.0f} us per GM: verify, decrypt, install, ack)"
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gms", type=int, nargs="+", default=[100, 1000], help="numbers of GMs (default 100 1000)")
-    parser.add_argument("--rekey-key", choices=("ecdsa", "rsa"), default="ecdsa", help="KS signing key: ECDSA P-256 or RSA-2048")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--gms", type=int, nargs="+", default=[100, 1000], help="numbers of GMs (default 100 1000)"
+    )
+    parser.add_argument(
+        "--rekey-key",
+        choices=("ecdsa", "rsa"),
+        default="ecdsa",
+        help="KS signing key: ECDSA P-256 or RSA-2048",
+    )
     parser.add_argument("--workers", type=int, default=4, help="GM worker processes (default 4)")
-    parser.add_argument("--wave", type=int, default=50, help="GMs each worker starts registering at once (default 50)")
-    parser.add_argument("--rounds", type=int, default=3, help="baseline + rekey rounds per N (default 3)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="give up waiting for arrivals after SECONDS")
-    parser.add_argument("--ack-timeout", type=float, default=30.0, help="wait this long for the KS to count every ack")
-    parser.add_argument("--no-settle", dest="settle", action="store_false",
-                        help="rekey right after the registrations, while their phase-1 SAs still linger on the KS")
-    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
-                        help="run the KS under cProfile during the first rekey and print its TOP functions by own time")
+    parser.add_argument(
+        "--wave",
+        type=int,
+        default=50,
+        help="GMs each worker starts registering at once (default 50)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="baseline + rekey rounds per N (default 3)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="give up waiting for arrivals after SECONDS"
+    )
+    parser.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=30.0,
+        help="wait this long for the KS to count every ack",
+    )
+    parser.add_argument(
+        "--no-settle",
+        dest="settle",
+        action="store_false",
+        help="rekey right after the registrations, while their phase-1 SAs still linger on the KS",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="TOP",
+        help="run the KS under cProfile during the first rekey and print its TOP functions by own time",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (binds UDP 848)", file=sys.stderr)
         return 2
-    print(f"rekey fan-out, KS {KS_ADDRESS}:{KS_PORT}, {args.rekey_key} signing key, {args.workers} GM worker processes, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}", flush=True)
+    print(
+        f"rekey fan-out, KS {KS_ADDRESS}:{KS_PORT}, {args.rekey_key} signing key, {args.workers} GM worker processes, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}",
+        flush=True,
+    )
     results = []
     for n in args.gms:
         print(f"\n--- N = {n}", flush=True)
@@ -780,7 +939,9 @@ def main() -> int:
         if n >= TARGET_N:
             met = complete and worst < TARGET_SECONDS
             ok = ok and met
-            print(f"  {n} GMs rekeyed in < {TARGET_SECONDS:g} s: slowest round {worst:.2f} s  {'met' if met else 'NOT met'}")
+            print(
+                f"  {n} GMs rekeyed in < {TARGET_SECONDS:g} s: slowest round {worst:.2f} s  {'met' if met else 'NOT met'}"
+            )
     if all(n < TARGET_N for n, *_ in results):
         print(f"  (the {TARGET_SECONDS:g} s target is for {TARGET_N} GMs; not run)")
     return 0 if ok else 1

@@ -89,7 +89,9 @@ def stop_forwarder(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def iperf(topo: Topology, seconds: int, udp: bool) -> dict[str, float]:
-    server = topo.popen("hostB", "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = topo.popen(
+        "hostB", "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         time.sleep(0.5)
         cmd = ["iperf3", "-c", HOST_B, "-t", str(seconds), "-J"]
@@ -164,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default="null", help="no-crypto dataplane spec (default null)")
     p.add_argument("--crypto", default="gcm", help="crypto dataplane spec (default gcm)")
     p.add_argument("--transform", default="esp-gcm-256")
-    p.add_argument("--rounds", type=int, default=1, help="alternating baseline/crypto rounds (medians)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="alternating baseline/crypto rounds (medians)"
+    )
     args = p.parse_args(argv)
 
     reason = netns_unavailable_reason()
@@ -199,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             values.append(float(v))
         return median(values)
 
-    summary: dict[str, Any] = {"rounds": args.rounds, "seconds": args.seconds, "transform": args.transform}
+    summary: dict[str, Any] = {
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "transform": args.transform,
+    }
     for spec in (args.baseline, args.crypto):
         summary[spec] = {
             "tcp_mbps": med(spec, "tcp", "received_mbps"),

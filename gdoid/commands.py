@@ -232,7 +232,9 @@ def wrong_role(words: Sequence[str], role: str) -> str | None:
     m = parse(words)
     if isinstance(m, ParseError) or m.command.role in ("both", role):
         return None
-    other, this = ("key-server", "a group member") if role == "gm" else ("group-member", "a key server")
+    other, this = (
+        ("key-server", "a group member") if role == "gm" else ("group-member", "a key server")
+    )
     return f'% "{" ".join(words)}" is a {other} command; this is {this}'
 
 

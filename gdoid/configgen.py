@@ -28,7 +28,11 @@ Table = dict[str, Any]
 
 
 def _is_table_array(value: object) -> bool:
-    return isinstance(value, list | tuple) and bool(value) and all(isinstance(v, Mapping) for v in value)
+    return (
+        isinstance(value, list | tuple)
+        and bool(value)
+        and all(isinstance(v, Mapping) for v in value)
+    )
 
 
 def _scalar(value: object) -> str:
@@ -88,8 +92,14 @@ def sa_ipsec(
     **extra: Any,
 ) -> Table:
     """One ``[[group.sa_ipsec]]`` (profile ``gdoi-p``) with its ``match`` selector."""
-    return {"number": number, "profile": "gdoi-p", "transform": transform, "lifetime": lifetime,
-            **extra, "match": {"src": src, "dst": dst, **(match or {})}}
+    return {
+        "number": number,
+        "profile": "gdoi-p",
+        "transform": transform,
+        "lifetime": lifetime,
+        **extra,
+        "match": {"src": src, "dst": dst, **(match or {})},
+    }
 
 
 def ks_group(
@@ -102,11 +112,18 @@ def ks_group(
     **extra: Any,
 ) -> Table:
     """One KS ``[[group]]``: its ``kek`` table (signing key first) and ``sa_ipsec`` entries."""
-    return {"name": name, "number": number, **extra,
-            "kek": {"signing_key": signing_key, **(kek or {})}, "sa_ipsec": list(sas) or [sa_ipsec()]}
+    return {
+        "name": name,
+        "number": number,
+        **extra,
+        "kek": {"signing_key": signing_key, **(kek or {})},
+        "sa_ipsec": list(sas) or [sa_ipsec()],
+    }
 
 
-def gm_group(servers: Sequence[str], *, name: str = "GET", number: int = 1234, **extra: Any) -> Table:
+def gm_group(
+    servers: Sequence[str], *, name: str = "GET", number: int = 1234, **extra: Any
+) -> Table:
     """One GM ``[[group]]``: the KSs it registers with, in order."""
     return {"name": name, "number": number, "servers": list(servers), **extra}
 
@@ -123,8 +140,13 @@ def ks_config(
 ) -> str:
     """A KS config file: ``[ks]`` (``address`` and the ``ks`` keys), ``[ike]``, ``[auth]``,
     the groups and ``[coop]``."""
-    doc = {"ks": {"address": address, **ks}, "ike": ike, "auth": auth, "group": list(groups),
-           "coop": coop}
+    doc = {
+        "ks": {"address": address, **ks},
+        "ike": ike,
+        "auth": auth,
+        "group": list(groups),
+        "coop": coop,
+    }
     return render_toml({k: v for k, v in doc.items() if v is not None}, comment)
 
 
@@ -140,6 +162,11 @@ def gm_config(
 ) -> str:
     """A GM config file: ``[gm]`` (``address`` and the ``gm`` keys), ``[ike]``,
     ``[dataplane]``, ``[auth]`` and the groups."""
-    doc = {"gm": {"address": address, **gm}, "ike": ike, "dataplane": dataplane, "auth": auth,
-           "group": list(groups)}
+    doc = {
+        "gm": {"address": address, **gm},
+        "ike": ike,
+        "dataplane": dataplane,
+        "auth": auth,
+        "group": list(groups),
+    }
     return render_toml({k: v for k, v in doc.items() if v is not None}, comment)

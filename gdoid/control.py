@@ -221,7 +221,9 @@ class ControlAccess:
 class _LogLimiter:
     """At most ``burst`` lines per ``interval``; the next line reports what was dropped."""
 
-    def __init__(self, burst: int = _DENIED_LOG_BURST, interval: float = _DENIED_LOG_INTERVAL) -> None:
+    def __init__(
+        self, burst: int = _DENIED_LOG_BURST, interval: float = _DENIED_LOG_INTERVAL
+    ) -> None:
         self.burst = burst
         self.interval = interval
         self._window_start = float("-inf")

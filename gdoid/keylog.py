@@ -127,7 +127,11 @@ class KeyLog:
         for name in (PREFERENCES, DECODE_AS, IKE_TABLE, ESP_TABLE, KEK_TABLE):
             self._check_entry(name)
         # Written once; an operator's own edits (another port, say) are kept.
-        for name, text in ((PREFERENCES, _PREFS), (DECODE_AS, decode_as_text(port)), (KEK_TABLE, _KEK_HEADER)):
+        for name, text in (
+            (PREFERENCES, _PREFS),
+            (DECODE_AS, decode_as_text(port)),
+            (KEK_TABLE, _KEK_HEADER),
+        ):
             try:
                 os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -140,12 +144,18 @@ class KeyLog:
         except FileNotFoundError:
             return
         if not stat.S_ISREG(st.st_mode):
-            raise KeylogError(f"{self.directory / name} is not a regular file (symlinks are refused)")
+            raise KeylogError(
+                f"{self.directory / name} is not a regular file (symlinks are refused)"
+            )
         if st.st_uid != os.geteuid():
-            raise KeylogError(f"{self.directory / name} is owned by uid {st.st_uid}, not by the daemon's user")
+            raise KeylogError(
+                f"{self.directory / name} is owned by uid {st.st_uid}, not by the daemon's user"
+            )
 
     def _append(self, name: str, line: str) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        flags = (
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        )
         try:
             fd = os.open(name, flags, 0o600, dir_fd=self._dir_fd)
         except OSError as exc:

@@ -58,17 +58,26 @@ def _write_private(path: Path, data: bytes) -> None:
 _LAB_IKE = {"ciphers": ["aes-cbc-256"], "hashes": ["sha256"], "dh_groups": [19, 14]}
 
 
-def lab_ks_config(directory: Path, name: str, address: str, port: int, coop: dict[str, Any] | None) -> str:
+def lab_ks_config(
+    directory: Path, name: str, address: str, port: int, coop: dict[str, Any] | None
+) -> str:
     """The config of lab KS ``name``: group GET with one GCM-256 SA, PSK auth on loopback."""
     group = ks_group(
-        name=GROUP_NAME, number=GROUP_NUMBER,
+        name=GROUP_NAME,
+        number=GROUP_NUMBER,
         kek={"algorithm": "aes-cbc-256", "lifetime": 86400},
         sas=[sa_ipsec(match={"protocol": "any"})],
     )
     return ks_config(
-        address, port=port, software_version="1.0.2", control_socket=f"{directory}/{name}.sock",
-        state_dir=f"{directory}/{name}-state", ike=_LAB_IKE, auth=psk_auth("127.0.0.0/8", "psk.secret"),
-        groups=[group], coop=coop,
+        address,
+        port=port,
+        software_version="1.0.2",
+        control_socket=f"{directory}/{name}.sock",
+        state_dir=f"{directory}/{name}-state",
+        ike=_LAB_IKE,
+        auth=psk_auth("127.0.0.0/8", "psk.secret"),
+        groups=[group],
+        coop=coop,
         comment=f"gdoid lab key server: group {GROUP_NAME} ({GROUP_NUMBER}) on {address}:{port}",
     )
 
@@ -76,8 +85,12 @@ def lab_ks_config(directory: Path, name: str, address: str, port: int, coop: dic
 def lab_gm_config(directory: Path, index: int, port: int, servers: list[str]) -> str:
     """The config of lab GM ``index``, registering with ``servers`` in order."""
     return gm_config(
-        gm_address(index), port=port, software_version="1.0.2",
-        control_socket=f"{directory}/gm{index}.sock", tun_name=f"gdoi{index}", ike=_LAB_IKE,
+        gm_address(index),
+        port=port,
+        software_version="1.0.2",
+        control_socket=f"{directory}/gm{index}.sock",
+        tun_name=f"gdoi{index}",
+        ike=_LAB_IKE,
         auth=psk_auth("127.0.0.0/8", "psk.secret"),
         groups=[gm_group(servers, name=GROUP_NAME, number=GROUP_NUMBER, server_port=port)],
         comment=f"gdoid lab group member {index}",
@@ -113,7 +126,9 @@ def export(directory: Path, gms: int = 2, port: int = GDOI_PORT, kss: int = 1) -
         name = "ks" if kss == 1 else f"ks{k}"
         coop = None
         if kss > 1:
-            peers = [{"address": a, "port": port, "psk_file": "coop.psk"} for a in addresses if a != addr]
+            peers = [
+                {"address": a, "port": port, "psk_file": "coop.psk"} for a in addresses if a != addr
+            ]
             coop = {"priority": 100 - 10 * (k - 1), "announce_interval": 1.0, "peer": peers}
         path = directory / f"{name}.toml"
         path.write_text(lab_ks_config(directory, name, addr, port, coop))
@@ -153,7 +168,9 @@ async def run_lab(
 ) -> int:
     with tempfile.TemporaryDirectory(prefix="gdoid-lab-") as tmp:
         files = export(Path(tmp), gms, port, kss)
-        servers = [KeyServerDaemon(load_ks_config(p), keylog_dir=keylog, config_path=p) for p in files.kss]
+        servers = [
+            KeyServerDaemon(load_ks_config(p), keylog_dir=keylog, config_path=p) for p in files.kss
+        ]
         members = [GroupMemberDaemon(load_gm_config(p), keylog_dir=keylog) for p in files.gms]
         for k in servers:
             await k.start()
@@ -162,7 +179,9 @@ async def run_lab(
             try:
                 ks = await asyncio.wait_for(_one_primary(servers), timeout)
             except TimeoutError:
-                print(f"gdoid lab: no single primary KS elected within {timeout:g} s", file=sys.stderr)
+                print(
+                    f"gdoid lab: no single primary KS elected within {timeout:g} s", file=sys.stderr
+                )
                 return 1
             for m in members:
                 await m.start()
@@ -171,9 +190,16 @@ async def run_lab(
             for t in pending:
                 t.cancel()
             if pending:
-                missing = [str(m.config.address) for m, w in zip(members, waits, strict=True) if w in pending]
-                print(f"gdoid lab: {len(missing)} of {gms} GMs did not register within {timeout:g} s: "
-                      f"{', '.join(missing)}", file=sys.stderr)
+                missing = [
+                    str(m.config.address)
+                    for m, w in zip(members, waits, strict=True)
+                    if w in pending
+                ]
+                print(
+                    f"gdoid lab: {len(missing)} of {gms} GMs did not register within {timeout:g} s: "
+                    f"{', '.join(missing)}",
+                    file=sys.stderr,
+                )
                 return 1
             # COOP: members registered at secondaries reach the primary with the next ANN.
             deadline = asyncio.get_running_loop().time() + timeout
@@ -185,13 +211,17 @@ async def run_lab(
             if duration > 0:
                 await asyncio.sleep(duration)
             summary = await ks.handle(ControlRequest(("show", "crypto", "gdoi")))
-            members_text = await ks.handle(ControlRequest(("show", "crypto", "gdoi", "ks", "members")))
+            members_text = await ks.handle(
+                ControlRequest(("show", "crypto", "gdoi", "ks", "members"))
+            )
             print(summary.output)
             print(members_text.output)
             if kss > 1:
                 coop = await ks.handle(ControlRequest(("show", "crypto", "gdoi", "ks", "coop")))
                 print(coop.output)
-                print(f"gdoid lab: primary KS {ks.config.address}; all {gms} group members registered")
+                print(
+                    f"gdoid lab: primary KS {ks.config.address}; all {gms} group members registered"
+                )
             else:
                 print(f"gdoid lab: all {gms} group members registered to KS {KS_ADDRESS}:{port}")
             return 0
@@ -204,14 +234,19 @@ async def run_lab(
 
 # --- gdoid lab --dataplane: real ESP between namespaces --------------------------------
 
+
 def dataplane_ks_config(directory: Path, transform: str) -> str:
     """The ``gdoid lab --dataplane`` KS, on the core network."""
     from gdoid import netlab
 
     return ks_config(
-        netlab.KS, control_socket=f"{directory}/ks.sock", state_dir=f"{directory}/ks-state",
+        netlab.KS,
+        control_socket=f"{directory}/ks.sock",
+        state_dir=f"{directory}/ks-state",
         auth=psk_auth("192.0.2.0/24", "psk.secret"),
-        groups=[ks_group(name=GROUP_NAME, number=GROUP_NUMBER, sas=[sa_ipsec(transform=transform)])],
+        groups=[
+            ks_group(name=GROUP_NAME, number=GROUP_NUMBER, sas=[sa_ipsec(transform=transform)])
+        ],
         comment="gdoid lab --dataplane key server, on the core network",
     )
 
@@ -221,8 +256,11 @@ def dataplane_gm_config(directory: Path, index: int, address: str) -> str:
     from gdoid import netlab
 
     return gm_config(
-        address, control_socket=f"{directory}/gm{index}.sock", tun_name="gdoi0",
-        dataplane={"enabled": True, "wan_interface": "wan"}, auth=psk_auth("192.0.2.0/24", "psk.secret"),
+        address,
+        control_socket=f"{directory}/gm{index}.sock",
+        tun_name="gdoi0",
+        dataplane={"enabled": True, "wan_interface": "wan"},
+        auth=psk_auth("192.0.2.0/24", "psk.secret"),
         groups=[gm_group([netlab.KS], name=GROUP_NAME, number=GROUP_NUMBER)],
         comment=f"gdoid lab --dataplane group member {index}: LAN behind it, WAN on the core",
     )
@@ -237,7 +275,9 @@ def _wait_registered(sockets: list[Path], timeout: float) -> bool:
     while time.monotonic() < deadline:
         try:
             states = [
-                request_sync(s, ControlRequest(("show", "crypto", "gdoi")), timeout=2).data["groups"][0]["state"]
+                request_sync(s, ControlRequest(("show", "crypto", "gdoi")), timeout=2).data[
+                    "groups"
+                ][0]["state"]
                 for s in sockets
             ]
             if all(st == "REGISTERED" for st in states):
@@ -248,8 +288,12 @@ def _wait_registered(sockets: list[Path], timeout: float) -> bool:
     return False
 
 
-def run_dataplane_lab(pings: int = 5, keylog: Path | None = None, timeout: float = 30.0,
-                      transform: str = "esp-gcm-256") -> int:
+def run_dataplane_lab(
+    pings: int = 5,
+    keylog: Path | None = None,
+    timeout: float = 30.0,
+    transform: str = "esp-gcm-256",
+) -> int:
     """hostA -- GM1 -- core(+KS) -- GM2 -- hostB in namespaces; ping A->B through the group SA."""
     import signal
     import subprocess
@@ -266,8 +310,14 @@ def run_dataplane_lab(pings: int = 5, keylog: Path | None = None, timeout: float
         d = Path(tmp)
         _write_private(d / "psk.secret", (secrets.token_hex(24) + "\n").encode())
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        _write_private(d / "rekey.key", key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        _write_private(
+            d / "rekey.key",
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
         (d / "ks.toml").write_text(dataplane_ks_config(d, transform))
         for i, addr in ((1, netlab.GM1_WAN), (2, netlab.GM2_WAN)):
             (d / f"gm{i}.toml").write_text(dataplane_gm_config(d, i, addr))
@@ -275,14 +325,19 @@ def run_dataplane_lab(pings: int = 5, keylog: Path | None = None, timeout: float
         cmd = [sys.executable, "-m", "gdoid.cli.daemon"]
         procs = [topo.popen("ks", *cmd, "ks", "--config", str(d / "ks.toml"), *extra)]
         try:
-            procs += [topo.popen(f"gm{i}", *cmd, "gm", "--config", str(d / f"gm{i}.toml"), *extra) for i in (1, 2)]
+            procs += [
+                topo.popen(f"gm{i}", *cmd, "gm", "--config", str(d / f"gm{i}.toml"), *extra)
+                for i in (1, 2)
+            ]
             sockets = [d / "gm1.sock", d / "gm2.sock"]
             if not _wait_registered(sockets, timeout):
                 print("gdoid lab --dataplane: the GMs did not register", file=sys.stderr)
                 return 1
             replies = topo.ping("hostA", netlab.HOST_B, count=pings)
-            print(f"gdoid lab --dataplane: {replies} of {pings} pings from hostA {netlab.HOST_A} "
-                  f"to hostB {netlab.HOST_B} answered")
+            print(
+                f"gdoid lab --dataplane: {replies} of {pings} pings from hostA {netlab.HOST_A} "
+                f"to hostB {netlab.HOST_B} answered"
+            )
             counters = []
             for name, sock in (("GM1", sockets[0]), ("GM2", sockets[1])):
                 resp = request_sync(sock, ControlRequest(("show", "crypto", "ipsec", "sa")))
@@ -292,9 +347,14 @@ def run_dataplane_lab(pings: int = 5, keylog: Path | None = None, timeout: float
             decaps = sum(sa["pkts_decaps"] for sa in counters[1]["sas"])
             crossed = replies > 0 and encaps >= replies and decaps >= replies
             if replies == pings and crossed:
-                print(f"gdoid lab --dataplane: OK: pings crossed as ESP (GM1 encaps {encaps}, GM2 decaps {decaps})")
+                print(
+                    f"gdoid lab --dataplane: OK: pings crossed as ESP (GM1 encaps {encaps}, GM2 decaps {decaps})"
+                )
                 return 0
-            print(f"gdoid lab --dataplane: FAILED (GM1 encaps {encaps}, GM2 decaps {decaps})", file=sys.stderr)
+            print(
+                f"gdoid lab --dataplane: FAILED (GM1 encaps {encaps}, GM2 decaps {decaps})",
+                file=sys.stderr,
+            )
             return 1
         finally:
             for p in procs:

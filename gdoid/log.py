@@ -172,30 +172,45 @@ KS_SEND_GM_REMOVAL = Mnemonic(
     5, "KS_SEND_GM_REMOVAL", "Sending GM-Removal message to group {group}..."
 )
 KS_SID_EXHAUSTION_REKEY = Mnemonic(
-    5, "KS_SID_EXHAUSTION_REKEY",
+    5,
+    "KS_SID_EXHAUSTION_REKEY",
     "Sender-ID space of group {group} low ({free} of {size} free, {released} held by departed GMs): rekeying",
 )
 MALFORMED_DROP = Mnemonic(4, "MALFORMED_DROP", "Dropped malformed message from {peer}: {reason}")
 COOP_KS_TRANS_TO_PRI = Mnemonic(
-    5, "COOP_KS_TRANS_TO_PRI", "KS {ks} in group {group} transitioned to Primary (Previous Primary = {previous})"
+    5,
+    "COOP_KS_TRANS_TO_PRI",
+    "KS {ks} in group {group} transitioned to Primary (Previous Primary = {previous})",
 )
 COOP_KS_TRANS_TO_SEC = Mnemonic(
-    5, "COOP_KS_TRANS_TO_SEC", "KS {ks} in group {group} transitioned to Secondary (Primary = {primary})"
+    5,
+    "COOP_KS_TRANS_TO_SEC",
+    "KS {ks} in group {group} transitioned to Secondary (Primary = {primary})",
 )
 COOP_KS_ELECTION = Mnemonic(
-    5, "COOP_KS_ELECTION", "KS entering election mode in group {group} (Previous Primary = {previous})"
+    5,
+    "COOP_KS_ELECTION",
+    "KS entering election mode in group {group} (Previous Primary = {previous})",
 )
-COOP_KS_REACH = Mnemonic(5, "COOP_KS_REACH", "Reachability restored with Cooperative KS {peer} in group {group}.")
+COOP_KS_REACH = Mnemonic(
+    5, "COOP_KS_REACH", "Reachability restored with Cooperative KS {peer} in group {group}."
+)
 COOP_KS_UNREACH = Mnemonic(
-    3, "COOP_KS_UNREACH", "Cooperative KS {peer} Unreachable in group {group}. IKE SA Status = {status}"
+    3,
+    "COOP_KS_UNREACH",
+    "Cooperative KS {peer} Unreachable in group {group}. IKE SA Status = {status}",
 )
 COOP_ANN_REJECTED = Mnemonic(4, "COOP_ANN_REJECTED", "ANN from {peer} dropped: {reason}")
 # IOS's texts for a GM outside a group's ``authorization address ipv4`` / ``identity``.
 UNAUTHORIZED_IPADDR = Mnemonic(
-    1, "UNAUTHORIZED_IPADDR", "Group {group} received registration from unauthorized ip address: {address}"
+    1,
+    "UNAUTHORIZED_IPADDR",
+    "Group {group} received registration from unauthorized ip address: {address}",
 )
 UNAUTHORIZED_IDENTITY = Mnemonic(
-    1, "UNAUTHORIZED_IDENTITY", "Group {group} received registration from unauthorized identity: {identity}"
+    1,
+    "UNAUTHORIZED_IDENTITY",
+    "Group {group} received registration from unauthorized identity: {identity}",
 )
 
 MNEMONICS: Mapping[str, Mnemonic] = {
@@ -363,7 +378,11 @@ def journal_fields(event_dict: MutableMapping[str, Any]) -> dict[str, str]:
     fields = {
         "MESSAGE": message,
         # IOS severities are syslog severities: %GDOI-5-... is PRIORITY=5 (notice).
-        "PRIORITY": str(event_dict.get("severity", _SYSLOG_PRIORITY.get(str(event_dict.get("level", "info")), 6))),
+        "PRIORITY": str(
+            event_dict.get(
+                "severity", _SYSLOG_PRIORITY.get(str(event_dict.get("level", "info")), 6)
+            )
+        ),
         "SYSLOG_IDENTIFIER": "gdoid",
     }
     if "mnemonic" in event_dict:

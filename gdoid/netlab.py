@@ -88,7 +88,9 @@ def netns_unavailable_reason() -> str | None:
         return "needs /dev/net/tun"
     probe = f"gdprobe{os.getpid()}"
     try:
-        res = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=20)
+        res = subprocess.run(
+            ["ip", "netns", "add", probe], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"ip netns does not work: {e}"
     if res.returncode != 0:
@@ -153,7 +155,13 @@ class Topology:
         return res
 
     def ping(
-        self, ns: str, dst: str, count: int = 3, timeout: float = 2.0, interval: float = 0.1, size: int = 56
+        self,
+        ns: str,
+        dst: str,
+        count: int = 3,
+        timeout: float = 2.0,
+        interval: float = 0.1,
+        size: int = 56,
     ) -> int:
         """ICMP echo from ``ns`` to ``dst``; the number of replies received."""
         res = self.run(
@@ -177,7 +185,19 @@ class Topology:
 
     def _veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
         """A veth pair made directly inside the namespaces (names never meet in the root ns)."""
-        self.ip(ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", self.name(ns_b))
+        self.ip(
+            ns_a,
+            "link",
+            "add",
+            if_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            if_b,
+            "netns",
+            self.name(ns_b),
+        )
 
     def build(self) -> None:
         for name in NAMES:
@@ -187,10 +207,15 @@ class Topology:
             self.ip(name, "link", "set", "lo", "up")
             # No IPv6 chatter on the captures.
             self.run(name, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", check=False)
-            self.run(name, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1", check=False)
+            self.run(
+                name, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1", check=False
+            )
 
         # LAN sides.
-        for gm, host, lan, addr in (("gm1", "hostA", GM1_LAN, HOST_A), ("gm2", "hostB", GM2_LAN, HOST_B)):
+        for gm, host, lan, addr in (
+            ("gm1", "hostA", GM1_LAN, HOST_A),
+            ("gm2", "hostB", GM2_LAN, HOST_B),
+        ):
             self._veth(gm, "lan", host, "eth0")
             self.ip(gm, "addr", "add", f"{lan}/24", "dev", "lan")
             self.ip(gm, "link", "set", "lan", "up")
@@ -199,7 +224,18 @@ class Topology:
             self.ip(host, "route", "add", "default", "via", lan)
 
         # The core: a bridge with the GMs' WANs and the KS on it.
-        self.ip("core", "link", "add", CORE_BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        self.ip(
+            "core",
+            "link",
+            "add",
+            CORE_BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        )
         self.ip("core", "link", "set", CORE_BRIDGE, "up")
         for ns, ifname, port, addr in (
             ("gm1", "wan", "gm1", GM1_WAN),
@@ -257,7 +293,10 @@ def remove_stale_namespaces() -> list[str]:
         m = _OURS.match(name)
         if m is None or Path(f"/proc/{m.group(1)}").exists():
             continue
-        if subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20).returncode == 0:
+        if (
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20).returncode
+            == 0
+        ):
             removed.append(name)
     return removed
 
@@ -290,7 +329,9 @@ class CoopTopology(Topology):
         self.kss = tuple(f"ks{k}" for k in range(1, kss + 1))
         self.gms = tuple(f"gm{i}" for i in range(1, gms + 1))
         self.hosts = tuple(f"host{i}" for i in range(1, gms + 1))
-        self.ns = {name: f"{self.tag}-{name}" for name in ("core", *self.kss, *self.gms, *self.hosts)}
+        self.ns = {
+            name: f"{self.tag}-{name}" for name in ("core", *self.kss, *self.gms, *self.hosts)
+        }
 
     # --- addressing -----------------------------------------------------
 
@@ -322,9 +363,22 @@ class CoopTopology(Topology):
         for name in self.ns:
             self.ip(name, "link", "set", "lo", "up")
             self.run(name, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", check=False)
-            self.run(name, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1", check=False)
+            self.run(
+                name, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1", check=False
+            )
 
-        self.ip("core", "link", "add", CORE_BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0")
+        self.ip(
+            "core",
+            "link",
+            "add",
+            CORE_BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        )
         self.ip("core", "link", "set", CORE_BRIDGE, "up")
         ports = [(ks, "eth0", self.ks_address(k)) for k, ks in enumerate(self.kss, 1)]
         ports += [(gm, "wan", self.gm_address(i)) for i, gm in enumerate(self.gms, 1)]
@@ -344,7 +398,16 @@ class CoopTopology(Topology):
             self.ip(host, "route", "add", "default", "via", self.gm_lan(i))
             for j in range(1, len(self.gms) + 1):
                 if j != i:
-                    self.ip(gm, "route", "add", f"10.{j}.0.0/16", "via", self.gm_address(j), "dev", "wan")
+                    self.ip(
+                        gm,
+                        "route",
+                        "add",
+                        f"10.{j}.0.0/16",
+                        "via",
+                        self.gm_address(j),
+                        "dev",
+                        "wan",
+                    )
             self.sysctl(gm, "net.ipv4.ip_forward", "1")
 
     # --- partitions -----------------------------------------------------

@@ -64,7 +64,9 @@ def _hex_field(text: str, name: str, lengths: Sequence[int], where: str) -> byte
     except ValueError:
         raise KekTableError(f"{where}: {name} is not hex") from None
     if len(value) not in lengths:
-        raise KekTableError(f"{where}: {name} has {len(value)} octets, expected {' or '.join(map(str, lengths))}")
+        raise KekTableError(
+            f"{where}: {name} has {len(value)} octets, expected {' or '.join(map(str, lengths))}"
+        )
     return value
 
 
@@ -151,7 +153,11 @@ def decrypt_push(message: bytes, ring: Mapping[bytes, Sequence[KekKey]]) -> byte
         if any(plain[length:]):
             reason = "padding is not zero"
             continue
-        clear = replace(header, flags=HeaderFlag(header.flags & ~HeaderFlag.ENCRYPTION), length=HEADER_LEN + length)
+        clear = replace(
+            header,
+            flags=HeaderFlag(header.flags & ~HeaderFlag.ENCRYPTION),
+            length=HEADER_LEN + length,
+        )
         return clear.encode() + plain[:length]
     raise NotDecrypted(reason)
 
@@ -202,7 +208,10 @@ class FrameResult:
 
 
 def rewrite_frame(
-    linktype: int, frame: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: Iterable[int] = (GDOI_PORT,)
+    linktype: int,
+    frame: bytes,
+    ring: Mapping[bytes, Sequence[KekKey]],
+    ports: Iterable[int] = (GDOI_PORT,),
 ) -> FrameResult:
     """The frame with its push decrypted, or the same bytes (outcome says why)."""
     copied = FrameResult("copied", frame)
@@ -277,12 +286,19 @@ class Report:
             f"frame{'s' if len(frames) > 1 else ''} {_frame_list(frames)}"
             for spi, frames in self.missing.items()
         ]
-        out += [f"frame {n}: GROUPKEY-PUSH under KEK SPI 0x{spi} left encrypted: {why}" for n, spi, why in self.failed]
+        out += [
+            f"frame {n}: GROUPKEY-PUSH under KEK SPI 0x{spi} left encrypted: {why}"
+            for n, spi, why in self.failed
+        ]
         if self.fragments:
-            out.append(f"IPv4 fragments of UDP left as they are (no reassembly): frames {_frame_list(self.fragments)}")
+            out.append(
+                f"IPv4 fragments of UDP left as they are (no reassembly): frames {_frame_list(self.fragments)}"
+            )
         if self.cut_at is not None:
-            out.append(f"the capture ends inside a record at offset {self.cut_at} (still being written?): "
-                       "its last octets copied as they are")
+            out.append(
+                f"the capture ends inside a record at offset {self.cut_at} (still being written?): "
+                "its last octets copied as they are"
+            )
         return out
 
 
@@ -315,7 +331,9 @@ def rewrite_capture(
     raise CaptureError("not a pcap or pcapng file (unknown magic number)")
 
 
-def _rewrite_pcap(data: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: tuple[int, ...]) -> tuple[bytes, Report]:
+def _rewrite_pcap(
+    data: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: tuple[int, ...]
+) -> tuple[bytes, Report]:
     order = _PCAP_MAGICS[data[:4]]
     if len(data) < 24:
         raise CaptureError(f"pcap header: {len(data)} octets, expected 24")
@@ -338,14 +356,19 @@ def _rewrite_pcap(data: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: tu
         report.add(report.frames, result)
         if result.outcome == "decrypted":
             grown = len(result.data) - caplen
-            out.append(record.pack(ts_sec, ts_frac, len(result.data), max(0, origlen + grown)) + result.data)
+            out.append(
+                record.pack(ts_sec, ts_frac, len(result.data), max(0, origlen + grown))
+                + result.data
+            )
         else:
             out.append(data[pos : start + caplen])
         pos = start + caplen
     return b"".join(out), report
 
 
-def _rewrite_pcapng(data: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: tuple[int, ...]) -> tuple[bytes, Report]:
+def _rewrite_pcapng(
+    data: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: tuple[int, ...]
+) -> tuple[bytes, Report]:
     out: list[bytes] = []
     report = Report()
     order = "<"
@@ -365,7 +388,9 @@ def _rewrite_pcapng(data: bytes, ring: Mapping[bytes, Sequence[KekKey]], ports: 
             elif bom == _PCAPNG_BOM.to_bytes(4, "big"):
                 order = ">"
             else:
-                raise CaptureError(f"pcapng section header at offset {pos}: byte-order magic {bom.hex()}")
+                raise CaptureError(
+                    f"pcapng section header at offset {pos}: byte-order magic {bom.hex()}"
+                )
             block_type = _PCAPNG_SHB
             linktypes = []
         length = struct.unpack_from(order + "I", data, pos + 4)[0]
@@ -403,9 +428,13 @@ def _rewrite_epb(
     interface, ts_high, ts_low, caplen, origlen = struct.unpack_from(order + "IIIII", block, 8)
     padded = caplen + (-caplen % 4)
     if 28 + padded + 4 > len(block):
-        raise CaptureError(f"pcapng packet block at offset {pos}: captured length {caplen} beyond the block")
+        raise CaptureError(
+            f"pcapng packet block at offset {pos}: captured length {caplen} beyond the block"
+        )
     if interface >= len(linktypes):
-        raise CaptureError(f"pcapng packet block at offset {pos}: interface {interface} not described")
+        raise CaptureError(
+            f"pcapng packet block at offset {pos}: interface {interface} not described"
+        )
     report.frames += 1
     result = rewrite_frame(linktypes[interface], block[28 : 28 + caplen], ring, ports)
     report.add(report.frames, result)
@@ -415,6 +444,14 @@ def _rewrite_epb(
     frame = result.data + b"\x00" * (-len(result.data) % 4)
     total = 28 + len(frame) + len(options) + 4
     grown = len(result.data) - caplen
-    head = struct.pack(order + "IIIIIII", _PCAPNG_EPB, total, interface, ts_high, ts_low,
-                       len(result.data), max(0, origlen + grown))
+    head = struct.pack(
+        order + "IIIIIII",
+        _PCAPNG_EPB,
+        total,
+        interface,
+        ts_high,
+        ts_low,
+        len(result.data),
+        max(0, origlen + grown),
+    )
     return head + frame + options + struct.pack(order + "I", total)

@@ -19,7 +19,11 @@ from gdoid.protocol.pki import (
 )
 from gdoid.protocol.version import SoftwareVersion
 
-_HASHES = {IkeHash.SHA1: HashAlgorithm.SHA, IkeHash.SHA256: HashAlgorithm.SHA2_256, IkeHash.SHA384: HashAlgorithm.SHA2_384}
+_HASHES = {
+    IkeHash.SHA1: HashAlgorithm.SHA,
+    IkeHash.SHA256: HashAlgorithm.SHA2_256,
+    IkeHash.SHA384: HashAlgorithm.SHA2_384,
+}
 _KEY_BITS = {IkeCipher.AES_CBC_128: 128, IkeCipher.AES_CBC_256: 256}
 
 

@@ -33,9 +33,10 @@ RECEIVE_BUFFER = 4 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python does not export it
 
 
-
 class Engine(Protocol):
-    def datagram_received(self, data: bytes, peer: Address, now: float, mono: float | None = None) -> Outgoing: ...
+    def datagram_received(
+        self, data: bytes, peer: Address, now: float, mono: float | None = None
+    ) -> Outgoing: ...
 
     def on_timer(self, now: float, mono: float | None = None) -> Outgoing: ...
 
@@ -76,7 +77,9 @@ class UdpShell:
         self.timer_runs = 0  # on_timer calls (benchmarks and tests watch it)
         self.handler: Callable[[ControlRequest], Awaitable[ControlResponse]] | None = None
 
-    async def open(self, engine: Engine, handler: Callable[[ControlRequest], Awaitable[ControlResponse]]) -> None:
+    async def open(
+        self, engine: Engine, handler: Callable[[ControlRequest], Awaitable[ControlResponse]]
+    ) -> None:
         self.engine = engine
 
         async def handle(req: ControlRequest) -> ControlResponse:
@@ -154,10 +157,14 @@ class UdpShell:
                 deadline = None
             if out:
                 await self.send_all(out)
-            wake_at = last_run + self.tick if deadline is None else min(last_run + self.tick, deadline)
+            wake_at = (
+                last_run + self.tick if deadline is None else min(last_run + self.tick, deadline)
+            )
             # A timer handle sets the same event input sets (not asyncio.wait_for: on 3.11
             # it can swallow the cancellation close() sends when both happen at once).
-            timer = asyncio.get_running_loop().call_later(max(0.0, wake_at - monotonic_clock()), self._wake.set)
+            timer = asyncio.get_running_loop().call_later(
+                max(0.0, wake_at - monotonic_clock()), self._wake.set
+            )
             try:
                 await self._wake.wait()
             finally:

@@ -130,12 +130,18 @@ def feature_data(
     """The same for ``--json``: per feature, per group, each device's version and support."""
 
     def rows(f: Feature, devices: Sequence[Device]) -> list[dict[str, object]]:
-        return [{"address": str(a), "version": format_version(v), "supported": f.supported(v)} for a, v in devices]
+        return [
+            {"address": str(a), "version": format_version(v), "supported": f.supported(v)}
+            for a, v in devices
+        ]
 
     groups = list(groups)
     return {
         "features": {
-            f.name: [{"group": n, "key_servers": rows(f, ks), "members": rows(f, sorted(gms))} for n, ks, gms in groups]
+            f.name: [
+                {"group": n, "key_servers": rows(f, ks), "members": rows(f, sorted(gms))}
+                for n, ks, gms in groups
+            ]
             for f in features
         }
     }

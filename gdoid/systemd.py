@@ -18,7 +18,9 @@ class Notifier:
         env = os.environ if environ is None else environ
         path = env.get("NOTIFY_SOCKET", "")
         # An abstract socket is written with a leading '@' (sd_notify(3)).
-        self.address: str | bytes | None = ("\0" + path[1:]).encode() if path.startswith("@") else (path or None)
+        self.address: str | bytes | None = (
+            ("\0" + path[1:]).encode() if path.startswith("@") else (path or None)
+        )
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         wanted = usec.isdigit() and (not pid or pid == str(os.getpid()))
@@ -42,7 +44,9 @@ class Notifier:
         return self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
 
     def reloading(self) -> bool:
-        return self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        return self.notify(
+            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
 
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")

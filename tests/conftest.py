@@ -36,7 +36,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def files(tmp_path: Path) -> Path:
     """Key files of the in-memory engine tests: ``psk`` (GMs), ``coop.psk`` (KS pairs),
     ``wrong.psk`` (a peer that does not know the secret) and the ``rekey.key`` signing key."""
-    for name, text in (("psk", "secret\n"), ("coop.psk", "coop-secret\n"), ("wrong.psk", "not-the-secret\n")):
+    for name, text in (
+        ("psk", "secret\n"),
+        ("coop.psk", "coop-secret\n"),
+        ("wrong.psk", "not-the-secret\n"),
+    ):
         write_private(tmp_path / name, text)
     write_signing_key(tmp_path / "rekey.key")
     return tmp_path

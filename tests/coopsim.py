@@ -38,7 +38,10 @@ PRIORITY = {KS1: 100, KS2: 75, KS3: 50}
 ELECTED_WITHIN = 2 * PERIOD + 2 * STEP
 FAILOVER_WITHIN = 3 * PERIOD + 3 * STEP
 # Two SAs (GCM and CBC) on different selectors; GMs on 10.0.0.x with the PSK in "psk".
-SAS = (("esp-gcm-256", "10.1.0.0/16", "10.2.0.0/16"), ("esp-cbc-128-sha256", "10.3.0.0/16", "10.4.0.0/16"))
+SAS = (
+    ("esp-gcm-256", "10.1.0.0/16", "10.2.0.0/16"),
+    ("esp-cbc-128-sha256", "10.3.0.0/16", "10.4.0.0/16"),
+)
 
 
 def ks_text(
@@ -62,16 +65,26 @@ def ks_text(
         auth["pki"] = pki
     sas = [sa_ipsec(n, transform=t, src=src, dst=dst) for n, (t, src, dst) in enumerate(SAS, 1)]
     return ks_config(
-        address, software_version=version, auth=auth,
+        address,
+        software_version=version,
+        auth=auth,
         groups=[ks_group(number=GROUP, sender_id_bits=12, signing_key=signing_key, sas=sas)],
-        coop={"priority": priority or PRIORITY[address], "announce_interval": PERIOD, "peer": peers},
+        coop={
+            "priority": priority or PRIORITY[address],
+            "announce_interval": PERIOD,
+            "peer": peers,
+        },
     )
 
 
 def gm_text(address: str, servers: tuple[str, ...]) -> str:
     """The config of a GM at ``address`` registering with ``servers`` in order."""
-    return gm_config(address, software_version="1.0.2", auth=psk_auth("10.0.0.0/8", "psk"),
-                     groups=[gm_group(servers, number=GROUP)])
+    return gm_config(
+        address,
+        software_version="1.0.2",
+        auth=psk_auth("10.0.0.0/8", "psk"),
+        groups=[gm_group(servers, number=GROUP)],
+    )
 
 
 Node = KeyServerEngine | GroupMemberEngine
@@ -94,7 +107,11 @@ class Sim:
     # --- nodes ------------------------------------------------------------------------
 
     def add_ks(
-        self, address: str, priority: int | None = None, psk: str = "coop.psk", version: str = "1.0.2"
+        self,
+        address: str,
+        priority: int | None = None,
+        psk: str = "coop.psk",
+        version: str = "1.0.2",
     ) -> KeyServerEngine:
         # Each KS pair proves a COOP key of its own, not the GMs' (issue 9 §2).
         return self.start_ks(address, ks_text(address, priority=priority, psk=psk, version=version))
@@ -104,8 +121,10 @@ class Sim:
         cfg = parse_ks_config(text, self.base)
         assert cfg.coop is not None
         p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version, coop=cfg.coop)
-        groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, self.now)
-                  for g in cfg.groups}
+        groups = {
+            g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, self.now)
+            for g in cfg.groups
+        }
         engine = KeyServerEngine(p1, groups, logger=logger or Events())  # type: ignore[arg-type]
         coop = Coop(cfg.coop, cfg.address, cfg.software_version, engine.phase1, engine, self.now)
         engine.coop = coop
@@ -205,9 +224,13 @@ class Sim:
         return gm
 
     def anns(self, src: str | None = None, dst: str | None = None) -> list[bytes]:
-        return [d for d, s, t in self.tap
-                if IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN
-                and (src is None or s == src) and (dst is None or t == dst)]
+        return [
+            d
+            for d, s, t in self.tap
+            if IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN
+            and (src is None or s == src)
+            and (dst is None or t == dst)
+        ]
 
 
 def events(node: Node) -> list[str]:
@@ -220,7 +243,9 @@ def gm_keys(gm: GroupMemberEngine) -> tuple[bytes | None, frozenset[int]]:
     return (g.kek.spi if g.kek else None), frozenset(g.teks)
 
 
-def member_table(g: Group) -> dict[IPv4Address, tuple[str, SoftwareVersion | None, float, tuple[int, ...]]]:
+def member_table(
+    g: Group,
+) -> dict[IPv4Address, tuple[str, SoftwareVersion | None, float, tuple[int, ...]]]:
     return {a: (m.identity, m.version, m.registered_at, m.sender_ids) for a, m in g.members.items()}
 
 
@@ -229,7 +254,10 @@ def elected(files: Path) -> Sim:
     sim = Sim(files)
     for a in KSS:
         sim.add_ks(a)
-    sim.run_until(lambda: sim.primaries() == [KS1] and all(sim.coop(a).serving for a in KSS), ELECTED_WITHIN + PERIOD)
+    sim.run_until(
+        lambda: sim.primaries() == [KS1] and all(sim.coop(a).serving for a in KSS),
+        ELECTED_WITHIN + PERIOD,
+    )
     return sim
 
 

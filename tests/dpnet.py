@@ -43,7 +43,9 @@ from tests.procs import (
 GROUP = 1234
 
 
-def wait_until(what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
+def wait_until(
+    what: str, probe: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1
+) -> Any:
     """Poll ``probe`` until it returns something truthy (returned); AssertionError at the deadline."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -82,7 +84,9 @@ print(n)
 """
 
 
-def ipv4(src: str, dst: str, proto: int, payload: bytes, ident: int = 0x4444, ttl: int = 64) -> bytes:
+def ipv4(
+    src: str, dst: str, proto: int, payload: bytes, ident: int = 0x4444, ttl: int = 64
+) -> bytes:
     """An IPv4 packet (no options) with a correct header checksum."""
     hdr = bytearray(struct.pack(
         "!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0, ttl, proto, 0,
@@ -107,8 +111,13 @@ def read_esp_sa(keylog: Path) -> dict[int, bytes]:
     return out
 
 
-def make_sa(spi: int, key: bytes, transform: str = "esp-gcm-256", sid: int = 0xEE,
-            tbar_window_ms: int | None = None) -> EspSa:
+def make_sa(
+    spi: int,
+    key: bytes,
+    transform: str = "esp-gcm-256",
+    sid: int = 0xEE,
+    tbar_window_ms: int | None = None,
+) -> EspSa:
     """A sending EspSa for the group TEK ``spi`` under sender ID ``sid`` (8 bits)."""
     policy = TekPolicy(
         sa_number=1,
@@ -151,7 +160,9 @@ class CoreCapture:
     def _probe(self, tag: str) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            self.topo.run("ks", "bash", "-c", f"echo probe-{tag} > /dev/udp/{GM1_WAN}/9", check=False)
+            self.topo.run(
+                "ks", "bash", "-c", f"echo probe-{tag} > /dev/udp/{GM1_WAN}/9", check=False
+            )
             with self._cond:
                 if self._cond.wait_for(
                     lambda: any(KS in x and " 9 " in x for x in self.seen[self._mark :]), 0.3
@@ -217,7 +228,12 @@ def tshark_fields(pcap: Path, keylog: Path | None, display: str, *fields: str) -
     opts: list[str] = []
     if keylog is not None:
         env["WIRESHARK_CONFIG_DIR"] = str(keylog)
-        opts = ["-o", "esp.enable_encryption_decode:TRUE", "-o", "esp.enable_authentication_check:TRUE"]
+        opts = [
+            "-o",
+            "esp.enable_encryption_decode:TRUE",
+            "-o",
+            "esp.enable_authentication_check:TRUE",
+        ]
     cmd = ["tshark", "-n", "-r", str(pcap), *opts, "-o", "tcp.desegment_tcp_streams:FALSE",
            "-Y", display, "-T", "fields", "-E", "occurrence=a", "-E", "aggregator=,"]  # fmt: skip
     for f in fields:
@@ -252,16 +268,27 @@ class DpGroup:
         auth = psk_auth("192.0.2.0/24", "psk.secret")
         # sa_extra: more keys of the SA as TOML text, e.g. "replay_window = 64".
         sa = sa_ipsec(transform=transform, **tomllib.loads(sa_extra))
-        (d / "ks.toml").write_text(ks_config(
-            KS, control_socket=f"{d}/ks.sock", state_dir=f"{d}/ks-state", auth=auth,
-            groups=[ks_group(number=GROUP, sender_id_bits=8, sas=[sa])],
-        ))
+        (d / "ks.toml").write_text(
+            ks_config(
+                KS,
+                control_socket=f"{d}/ks.sock",
+                state_dir=f"{d}/ks-state",
+                auth=auth,
+                groups=[ks_group(number=GROUP, sender_id_bits=8, sas=[sa])],
+            )
+        )
         for i, address in ((1, GM1_WAN), (2, GM2_WAN)):
-            (d / f"gm{i}.toml").write_text(gm_config(
-                address, control_socket=f"{d}/gm{i}.sock", tun_name="gdoi0", fail_close=fail_close[i - 1],
-                dataplane={"enabled": True, "wan_interface": "wan"}, auth=auth,
-                groups=[gm_group([KS], number=GROUP)],
-            ))
+            (d / f"gm{i}.toml").write_text(
+                gm_config(
+                    address,
+                    control_socket=f"{d}/gm{i}.sock",
+                    tun_name="gdoi0",
+                    fail_close=fail_close[i - 1],
+                    dataplane={"enabled": True, "wan_interface": "wan"},
+                    auth=auth,
+                    groups=[gm_group([KS], number=GROUP)],
+                )
+            )
         self.ks_sock = d / "ks.sock"
         self.gm_socks = {1: d / "gm1.sock", 2: d / "gm2.sock"}
         # The KS namespace doubles as an attacker on the core: it routes the LANs to their GMs.
@@ -303,7 +330,9 @@ class DpGroup:
         return gdoictl_json(self.gm_socks[gm], "show", "crypto", "ipsec", "sa")
 
     def replay(self, gm: int) -> dict[str, Any]:
-        return gdoictl_json(self.gm_socks[gm], "show", "crypto", "gdoi", "gm", "replay")["groups"][0]
+        return gdoictl_json(self.gm_socks[gm], "show", "crypto", "gdoi", "gm", "replay")["groups"][
+            0
+        ]
 
     def ks_ctl(self, *words: str) -> subprocess.CompletedProcess[str]:
         res = gdoictl(self.ks_sock, *words, yes=True)
@@ -330,8 +359,14 @@ class DpGroup:
             logs = "\n".join(f"--- {d.role}\n" + "\n".join(d.lines[-30:]) for d in self.daemons)
             raise AssertionError(f"GM{gm} did not register:\n{logs}") from None
 
-    def wait_counter(self, gm: int, what: str, get: Callable[[dict[str, Any]], int], target: int,
-                     timeout: float = 10.0) -> dict[str, Any]:
+    def wait_counter(
+        self,
+        gm: int,
+        what: str,
+        get: Callable[[dict[str, Any]], int],
+        target: int,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
         """Poll ``show crypto ipsec sa`` on ``gm`` until ``get(stats) >= target``."""
 
         def reached() -> dict[str, Any] | None:

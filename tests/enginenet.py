@@ -23,20 +23,36 @@ GM = "127.0.0.2"
 T0 = 3_000_000.0
 GROUP = 1234
 # Two SAs (GCM and CBC) on different selectors, one KS and its GMs on loopback.
-SAS = (("esp-gcm-256", "10.1.0.0/16", "10.2.0.0/16"), ("esp-cbc-128-sha256", "10.3.0.0/16", "10.4.0.0/16"))
+SAS = (
+    ("esp-gcm-256", "10.1.0.0/16", "10.2.0.0/16"),
+    ("esp-cbc-128-sha256", "10.3.0.0/16", "10.4.0.0/16"),
+)
 
 
 def ks_text(lifetime: int = 3600, **group: object) -> str:
     """The KS config of these tests; ``group`` adds keys to its group (e.g. ``sender_id_bits``)."""
-    sas = [sa_ipsec(n, transform=t, lifetime=lifetime, src=src, dst=dst) for n, (t, src, dst) in enumerate(SAS, 1)]
-    return ks_config(KS, software_version="1.0.2", auth=psk_auth("127.0.0.0/8", "psk"),
-                     groups=[ks_group(number=GROUP, sas=sas, **group)])
+    sas = [
+        sa_ipsec(n, transform=t, lifetime=lifetime, src=src, dst=dst)
+        for n, (t, src, dst) in enumerate(SAS, 1)
+    ]
+    return ks_config(
+        KS,
+        software_version="1.0.2",
+        auth=psk_auth("127.0.0.0/8", "psk"),
+        groups=[ks_group(number=GROUP, sas=sas, **group)],
+    )
 
 
-def gm_text(address: str = GM, version: str = "1.0.2", servers: tuple[str, ...] = (KS,), group: int = GROUP) -> str:
+def gm_text(
+    address: str = GM, version: str = "1.0.2", servers: tuple[str, ...] = (KS,), group: int = GROUP
+) -> str:
     """The config of a GM of group ``group`` registering with ``servers``."""
-    return gm_config(address, software_version=version, auth=psk_auth("127.0.0.0/8", "psk"),
-                     groups=[gm_group(servers, number=group)])
+    return gm_config(
+        address,
+        software_version=version,
+        auth=psk_auth("127.0.0.0/8", "psk"),
+        groups=[gm_group(servers, number=group)],
+    )
 
 
 def make_ks(base: Path, now: float = T0, lifetime: int = 3600, **kw: object) -> KeyServerEngine:

@@ -19,7 +19,9 @@ from gdoid.protocol.payloads import KePayload, NoncePayload
 
 
 def ike_transform(number: int, cipher: int) -> bytes:
-    attrs = struct.pack("!HHHHHHHHHH", 0x8001, cipher, 0x800E, 128, 0x8002, 4, 0x8003, 1, 0x8004, 19)
+    attrs = struct.pack(
+        "!HHHHHHHHHH", 0x8001, cipher, 0x800E, 128, 0x8002, 4, 0x8003, 1, 0x8004, 19
+    )
     body = struct.pack("!BBH", number & 0xFF, 1, 0) + attrs
     return body
 
@@ -41,12 +43,26 @@ def mm1_with(proposals: int, transforms: int, vid_bytes: int = 0, cipher: int = 
     vid = struct.pack("!BBH", 0, 0, 4 + vid_bytes) + b"V" * vid_bytes if vid_bytes else b""
     sa = struct.pack("!BBH", 13 if vid else 0, 0, 4 + len(sa_body)) + sa_body
     body = sa + vid
-    hdr = os.urandom(8) + bytes(8) + struct.pack("!BBBBII", 1, 0x10, 2, 0, 0, HEADER_LEN + len(body))
+    hdr = (
+        os.urandom(8) + bytes(8) + struct.pack("!BBBBII", 1, 0x10, 2, 0, 0, HEADER_LEN + len(body))
+    )
     return hdr + body
 
 
-def header(icky: bytes, rcky: bytes, exchange: int, next_payload: int = 0, flags: int = 0, body: bytes = b"") -> bytes:
-    return icky + rcky + struct.pack("!BBBBII", next_payload, 0x10, exchange, flags, 0, HEADER_LEN + len(body)) + body
+def header(
+    icky: bytes,
+    rcky: bytes,
+    exchange: int,
+    next_payload: int = 0,
+    flags: int = 0,
+    body: bytes = b"",
+) -> bytes:
+    return (
+        icky
+        + rcky
+        + struct.pack("!BBBBII", next_payload, 0x10, exchange, flags, 0, HEADER_LEN + len(body))
+        + body
+    )
 
 
 @dataclass
@@ -117,13 +133,21 @@ def run_probes(prober: Prober, phase1: Phase1Config) -> list[Probe]:
 
     init, mm3 = live("MM1 of a real GM")
     prober.send("MM3 forged responder cookie", mm3[:8] + rnd(8) + mm3[16:])
-    short = encode_plain(init.icky, init.rcky, MAIN_MODE, 0, [KePayload(init.gxi), NoncePayload(rnd(8))])
+    short = encode_plain(
+        init.icky, init.rcky, MAIN_MODE, 0, [KePayload(init.gxi), NoncePayload(rnd(8))]
+    )
     [mm4] = prober.send("MM3 with an 8-octet nonce", short)
     assert mm4[18] == MAIN_MODE  # answered with message 4 (no longer than message 3)
-    prober.send("MM5 16 octets of garbage ciphertext", header(init.icky, init.rcky, MAIN_MODE, 5, 1, rnd(16)))
+    prober.send(
+        "MM5 16 octets of garbage ciphertext",
+        header(init.icky, init.rcky, MAIN_MODE, 5, 1, rnd(16)),
+    )
 
     init, mm3 = live("MM1 of a real GM (2)")
-    prober.send("unprotected notify (abandon)", plain_notify(init.icky, init.rcky, NotifyType.PAYLOAD_MALFORMED))
+    prober.send(
+        "unprotected notify (abandon)",
+        plain_notify(init.icky, init.rcky, NotifyType.PAYLOAD_MALFORMED),
+    )
     prober.send("MM3 after its MM1 state is gone", mm3)
 
     init, mm3 = live("MM1 of a real GM (3)")

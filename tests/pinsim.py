@@ -105,13 +105,19 @@ def pull(
         out = ks.receive(m, now) if to_ks else gm.receive(m, now)
         (run.ks_events if to_ks else run.gm_events).extend(out.events)
         to_ks = not to_ks
-        pulls = [d for d in out.send if IsakmpHeader.decode(d).exchange_type == ExchangeType.GROUPKEY_PULL]
+        pulls = [
+            d
+            for d in out.send
+            if IsakmpHeader.decode(d).exchange_type == ExchangeType.GROUPKEY_PULL
+        ]
         run.notifies += [d for d in out.send if d not in pulls]
         m = pulls[0] if pulls and not run.notifies else None
     return run
 
 
-def ks_signer(pki: dict[str, Path], name: str, rekey: PrivateKey, key_of: str | None = None) -> PopSigner:
+def ks_signer(
+    pki: dict[str, Path], name: str, rekey: PrivateKey, key_of: str | None = None
+) -> PopSigner:
     return PopSigner(
         cert_of(pki, name),
         load_private_key(pki[f"{key_of or name}.key"]),
@@ -122,8 +128,12 @@ def ks_signer(pki: dict[str, Path], name: str, rekey: PrivateKey, key_of: str | 
 
 def cert_pinning(pki: dict[str, Path], *patterns: str) -> KsPinning:
     validator = CertificateValidator(load_certificates(pki["ca.pem"]))
-    return KsPinning(PopMethod.CERTIFICATE, tuple(IdentityPattern.parse(p) for p in patterns), validator)
+    return KsPinning(
+        PopMethod.CERTIFICATE, tuple(IdentityPattern.parse(p) for p in patterns), validator
+    )
 
 
 def rekey_pinning(key: PrivateKey) -> KsPinning:
-    return KsPinning(PopMethod.REKEY_KEY, rekey_key_sha256=hashlib.sha256(crypto.public_key_der(key)).digest())
+    return KsPinning(
+        PopMethod.REKEY_KEY, rekey_key_sha256=hashlib.sha256(crypto.public_key_der(key)).digest()
+    )

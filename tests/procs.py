@@ -79,7 +79,9 @@ def write_signing_key(path: Path) -> Path:
     return write_private(path, pem)
 
 
-def auth_toml(psk_file: str | None = None, pki: dict[str, str] | None = None, peer: str = "127.0.0.0/8") -> str:
+def auth_toml(
+    psk_file: str | None = None, pki: dict[str, str] | None = None, peer: str = "127.0.0.0/8"
+) -> str:
     """An ``[auth]`` TOML fragment (PSK entry and/or ``[auth.pki]``) for ks_toml/gm_toml."""
     auth: dict[str, Any] = psk_auth(peer, psk_file) if psk_file else {}
     if pki:
@@ -112,11 +114,21 @@ def ks_toml(
 ) -> Path:
     """Write ``NAME.toml``: a KS with one group (one SA on 10/8), its socket and state in ``directory``."""
     tables = toml_tables(ike, auth)
-    group = ks_group(number=group_number, kek={"lifetime": kek_lifetime}, rekey=rekey or None,
-                     sas=[sa_ipsec(transform=transform, lifetime=lifetime)])
-    text = ks_config(address, port=port, control_socket=f"{directory}/{name}.sock",
-                     state_dir=f"{directory}/{name}-state", ike=tables.get("ike"), auth=tables["auth"],
-                     groups=[group])
+    group = ks_group(
+        number=group_number,
+        kek={"lifetime": kek_lifetime},
+        rekey=rekey or None,
+        sas=[sa_ipsec(transform=transform, lifetime=lifetime)],
+    )
+    text = ks_config(
+        address,
+        port=port,
+        control_socket=f"{directory}/{name}.sock",
+        state_dir=f"{directory}/{name}-state",
+        ike=tables.get("ike"),
+        auth=tables["auth"],
+        groups=[group],
+    )
     path = directory / f"{name}.toml"
     path.write_text(text)
     return path
@@ -138,10 +150,16 @@ def gm_toml(
 ) -> Path:
     """Write ``NAME.toml``: a GM of one group registering with ``servers``."""
     tables = toml_tables(ike, auth)
-    text = gm_config(address, port=port, software_version=version,
-                     control_socket=f"{directory}/{name}.sock", registration_timeout=registration_timeout,
-                     ike=tables.get("ike"), auth=tables["auth"],
-                     groups=[gm_group(servers, number=group_number, server_port=server_port)])
+    text = gm_config(
+        address,
+        port=port,
+        software_version=version,
+        control_socket=f"{directory}/{name}.sock",
+        registration_timeout=registration_timeout,
+        ike=tables.get("ike"),
+        auth=tables["auth"],
+        groups=[gm_group(servers, number=group_number, server_port=server_port)],
+    )
     path = directory / f"{name}.toml"
     path.write_text(text)
     return path
@@ -213,7 +231,8 @@ class Daemon:
             result.append(found() or "")
         if not result[0]:
             raise AssertionError(
-                f"{self.role} never logged /{pattern}/ (exit {self.proc.poll()}); log:\n" + "\n".join(self.lines[-40:])
+                f"{self.role} never logged /{pattern}/ (exit {self.proc.poll()}); log:\n"
+                + "\n".join(self.lines[-40:])
             )
         return result[0]
 
@@ -258,15 +277,24 @@ def gdoictl(
     if yes:
         args.append("--yes")
     if answers is not None:
-        return subprocess.run([*args, *words], capture_output=True, text=True, timeout=20, input=answers)
-    return subprocess.run([*args, *words], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [*args, *words], capture_output=True, text=True, timeout=20, input=answers
+        )
+    return subprocess.run(
+        [*args, *words], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL
+    )
 
 
-def gdoictl_wait(socket: Path, state: str = "ready", timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def gdoictl_wait(
+    socket: Path, state: str = "ready", timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     """``gdoictl wait registered|ready``: blocks until the daemon says so (or the timeout)."""
     return subprocess.run(
         [*gdoictl_cmd(), "--socket", str(socket), "wait", state, "--timeout", str(timeout)],
-        capture_output=True, text=True, timeout=timeout + 20, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 20,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -283,11 +311,24 @@ class Capture:
     (and the end, to flush everything) is confirmed by seeing a probe of ours.
     """
 
-    def __init__(self, pcap: Path, bpf: str = "udp port 848", interface: str = "lo", netns: str | None = None) -> None:
+    def __init__(
+        self, pcap: Path, bpf: str = "udp port 848", interface: str = "lo", netns: str | None = None
+    ) -> None:
         self.pcap = pcap
         prefix = ["ip", "netns", "exec", netns] if netns else []
         self.proc = subprocess.Popen(
-            [*prefix, "tshark", "-i", interface, "-f", f"({bpf}) or udp port 9", "-w", str(pcap), "-P", "-l"],
+            [
+                *prefix,
+                "tshark",
+                "-i",
+                interface,
+                "-f",
+                f"({bpf}) or udp port 9",
+                "-w",
+                str(pcap),
+                "-P",
+                "-l",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -314,7 +355,10 @@ class Capture:
             while time.monotonic() - start < deadline:
                 s.sendto(marker.encode(), (self.probe_target, 9))
                 with self._cond:
-                    if self._cond.wait_for(lambda: any(f"Len={len(marker)}" in x and " 9 " in x for x in self._seen), 0.2):
+                    if self._cond.wait_for(
+                        lambda: any(f"Len={len(marker)}" in x and " 9 " in x for x in self._seen),
+                        0.2,
+                    ):
                         return
             raise AssertionError("tshark never saw the probe datagram")
         finally:

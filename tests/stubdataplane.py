@@ -32,7 +32,9 @@ class StubDataplane:
     ``garbage`` adds an unsendable 3-octet packet to every outbound result.
     """
 
-    def __init__(self, prefixes: list[IPv4Network], fail_every: int = 0, garbage: bool = False) -> None:
+    def __init__(
+        self, prefixes: list[IPv4Network], fail_every: int = 0, garbage: bool = False
+    ) -> None:
         self.prefixes = list(prefixes)
         self.fail_every = fail_every
         self.garbage = garbage
@@ -53,7 +55,17 @@ class StubDataplane:
             return StubResult(drop="NO_POLICY")
         payload = STUB_SPI + struct.pack("!I", self.calls) + _xor(packet)
         header = struct.pack(
-            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 50, 0, packet[12:16], packet[16:20]
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(payload),
+            0,
+            0,
+            64,
+            50,
+            0,
+            packet[12:16],
+            packet[16:20],
         )
         out = [header + payload]
         if self.garbage:

@@ -33,9 +33,16 @@ def _parsed(line: str) -> Match:
         ("sh cry gdoi fea gm-rem", commands.SHOW_FEATURE, {"feature": "gm-removal"}),
         ("sh cry gdoi fea po", commands.SHOW_FEATURE, {"feature": "policy-replace"}),
         ("sh cry gdoi fea", commands.SHOW_FEATURE, {}),
-        ("sh cry gdoi fea gm-removal gr GET", commands.SHOW_FEATURE_GROUP_AFTER,
-         {"feature": "gm-removal", "group": "GET"}),
-        ("sh cry gdoi gr GET fea p", commands.SHOW_FEATURE, {"group": "GET", "feature": "policy-replace"}),
+        (
+            "sh cry gdoi fea gm-removal gr GET",
+            commands.SHOW_FEATURE_GROUP_AFTER,
+            {"feature": "gm-removal", "group": "GET"},
+        ),
+        (
+            "sh cry gdoi gr GET fea p",
+            commands.SHOW_FEATURE,
+            {"group": "GET", "feature": "policy-replace"},
+        ),
         ("s c gd k mem", commands.SHOW_KS_MEMBERS, {}),
         ("sh cry gdoi gr Branch-1 ks m", commands.SHOW_KS_MEMBERS, {"group": "Branch-1"}),
         ("sh cry gdoi ks co", commands.SHOW_KS_COOP, {}),
@@ -79,7 +86,9 @@ def test_a_prefix_of_several_keywords_is_ambiguous(line: str) -> None:
 
 
 def test_ambiguity_is_reported_at_the_first_ambiguous_word() -> None:
-    assert parse(words("sh cry gdoi g GET ks")) == ParseError('% Ambiguous command: "sh cry gdoi g"')
+    assert parse(words("sh cry gdoi g GET ks")) == ParseError(
+        '% Ambiguous command: "sh cry gdoi g"'
+    )
 
 
 def test_an_exact_keyword_wins_over_longer_ones_it_prefixes() -> None:
@@ -116,7 +125,9 @@ def test_every_command_is_reachable_spelled_out() -> None:
 
 
 def test_match_one_pattern() -> None:
-    assert match(words("sh cry gdoi gr GET ks mem"), commands.SHOW_KS_MEMBERS.pattern) == {"group": "GET"}
+    assert match(words("sh cry gdoi gr GET ks mem"), commands.SHOW_KS_MEMBERS.pattern) == {
+        "group": "GET"
+    }
     assert match(words("cl cry gd ks mem now"), commands.CLEAR_KS_MEMBERS.pattern) == {"now": "yes"}
     assert match(words("sh cry gdoi"), commands.SHOW_KS_MEMBERS.pattern) is None
 

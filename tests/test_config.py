@@ -232,7 +232,9 @@ def test_full_ks_config(confdir: Path) -> None:
                 rekey=RekeyPolicy(),
             ),
         ),
-        coop=CoopConfig(priority=100, peers=(CoopPeer(IPv4Address("10.0.9.1"), psk=b"ks-pair-key"),)),
+        coop=CoopConfig(
+            priority=100, peers=(CoopPeer(IPv4Address("10.0.9.1"), psk=b"ks-pair-key"),)
+        ),
     )
     assert cfg == expected
     assert isinstance(cfg.groups[0].rekey.retransmit_interval, float)
@@ -525,7 +527,9 @@ def test_transform_and_sig_hash_names_are_the_protocol_tables(confdir: Path) -> 
         cfg = parse_ks_config(KS_TOML.replace('"esp-gcm-256"', f'"{name}"'), confdir)
         assert cfg.groups[0].sa_ipsec[0].transform is transform
     for name, sig_hash in SIG_HASHES.items():
-        cfg = parse_ks_config(KS_TOML.replace('sig_hash = "sha256"', f'sig_hash = "{name}"'), confdir)
+        cfg = parse_ks_config(
+            KS_TOML.replace('sig_hash = "sha256"', f'sig_hash = "{name}"'), confdir
+        )
         assert cfg.groups[0].kek.sig_hash is sig_hash
     err = _ks_err(KS_TOML.replace('"esp-gcm-256"', '"esp-gcm-192"'), confdir)
     assert err.key_path == "group[0].sa_ipsec[0].transform"
@@ -533,5 +537,10 @@ def test_transform_and_sig_hash_names_are_the_protocol_tables(confdir: Path) -> 
     err = _ks_err(KS_TOML.replace('sig_hash = "sha256"', 'sig_hash = "sha1"'), confdir)
     assert err.message == "must be one of " + ", ".join(repr(n) for n in SIG_HASHES)
     docs = (Path(__file__).parent.parent / "docs" / "config.md").read_text(encoding="utf-8")
-    assert f"| `transform` | string | *required* | {', '.join(f'`{n}`' for n in TEK_TRANSFORMS)} |" in docs
-    assert f"| `sig_hash` | string | `\"sha256\"` | {', '.join(f'`{n}`' for n in SIG_HASHES)} |" in docs
+    assert (
+        f"| `transform` | string | *required* | {', '.join(f'`{n}`' for n in TEK_TRANSFORMS)} |"
+        in docs
+    )
+    assert (
+        f'| `sig_hash` | string | `"sha256"` | {", ".join(f"`{n}`" for n in SIG_HASHES)} |' in docs
+    )

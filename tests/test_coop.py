@@ -96,7 +96,9 @@ def test_late_starter_joins_as_secondary(files: Path) -> None:
     sim = Sim(files)
     sim.add_ks(KS2)
     sim.add_ks(KS3)
-    sim.run_until(lambda: sim.primaries() == [KS2] and sim.coop(KS3).serving, ELECTED_WITHIN + PERIOD)
+    sim.run_until(
+        lambda: sim.primaries() == [KS2] and sim.coop(KS3).serving, ELECTED_WITHIN + PERIOD
+    )
     before = sim.ks_keys(KS2)
     sim.add_ks(KS1, priority=40)  # lower priority than the running primary
     sim.run(4 * PERIOD)
@@ -118,7 +120,8 @@ def test_gms_at_every_ks_get_the_same_keys_and_distinct_sids(files: Path) -> Non
         assert g.kek.key == primary.kek.key and g.kek.iv == primary.kek.iv
         assert g.kek.expires_at == primary.kek.expires_at
         assert [(t.spi, t.cipher_key, t.integrity_key, t.expires_at) for t in g.teks] == [
-            (t.spi, t.cipher_key, t.integrity_key, t.expires_at) for t in primary.teks]
+            (t.spi, t.cipher_key, t.integrity_key, t.expires_at) for t in primary.teks
+        ]
         assert g.seq == primary.seq and g.epoch == primary.epoch
     gms = {}
     for i, ks in enumerate((KS1, KS2, KS3, KS1, KS2, KS3), 1):
@@ -153,7 +156,9 @@ def test_sid_slices_are_disjoint(files: Path) -> None:
             got |= set(values.values)
         given[a] = got
         assert all(alloc.first <= s <= alloc.last for s in got)
-    assert not given[KS1] & given[KS2] and not given[KS1] & given[KS3] and not given[KS2] & given[KS3]
+    assert (
+        not given[KS1] & given[KS2] and not given[KS1] & given[KS3] and not given[KS2] & given[KS3]
+    )
 
 
 def test_member_registered_at_a_secondary_is_rekeyed_by_the_primary(files: Path) -> None:
@@ -235,7 +240,9 @@ def test_primary_dies_a_secondary_takes_over_with_the_same_kek(files: Path) -> N
 # --- partition ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("outage", [6.0, 150.0])  # the longer one outlives idle phase-1 SA lingering
+@pytest.mark.parametrize(
+    "outage", [6.0, 150.0]
+)  # the longer one outlives idle phase-1 SA lingering
 def test_partition_heals_to_one_primary_and_the_winners_keys(files: Path, outage: float) -> None:
     sim = elected(files)
     gms = three_gms(sim)  # 10.0.0.1 at KS1, .2 at KS2, .3 at KS3
@@ -312,8 +319,16 @@ def test_forged_and_replayed_anns_are_dropped_and_counted(files: Path) -> None:
     wrong_cipher = replace(sa, cipher_key=secrets.token_bytes(len(sa.cipher_key)), _ivs={})
     g = sim.group(KS2)
     for i, forger in enumerate((wrong, wrong_cipher), 1):
-        ann = AnnPayload(SoftwareVersion(1, 0, 2), 255, Role.PRIMARY, 0, 2**63 + i, GROUP, 0,
-                         (sim.coop(KS2)._keys_block(g),))
+        ann = AnnPayload(
+            SoftwareVersion(1, 0, 2),
+            255,
+            Role.PRIMARY,
+            0,
+            2**63 + i,
+            GROUP,
+            0,
+            (sim.coop(KS2)._keys_block(g),),
+        )
         sim.send(KS2, [(seal_ann(forger, ann), (KS1, 848))])
     assert ks1.counters["ann_rejected"] == 4 and peer2.ann_rejected == 4
     assert peer2.ann_received == received and peer2.priority == PRIORITY[KS2]
@@ -429,14 +444,26 @@ def test_large_member_list_is_split_below_32_kib(files: Path) -> None:
         address = IPv4Address("10.0.100.0") + i
         sids = ks2.allocate_sender_ids(GROUP, 2, str(address))
         assert sids is not None
-        m = Member(address, str(address), SoftwareVersion(1, 0, 2), sim.now - i, g2.kek.spi,
-                   tuple(t.spi for t in g2.teks), sids.values, ack_key=secrets.token_bytes(32))
+        m = Member(
+            address,
+            str(address),
+            SoftwareVersion(1, 0, 2),
+            sim.now - i,
+            g2.kek.spi,
+            tuple(t.spi for t in g2.teks),
+            sids.values,
+            ack_key=secrets.token_bytes(32),
+        )
         g2.members[address] = m
         ks2.coop.member_changed(g2, m)  # type: ignore[union-attr]  # this KS is configured with COOP
     start = len(sim.tap)
     sim.tick()  # the secondary announces the new members at once (deltas)
     sim.run(PERIOD)
-    sent = [d for d, s, _ in sim.tap[start:] if s == KS2 and IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN]
+    sent = [
+        d
+        for d, s, _ in sim.tap[start:]
+        if s == KS2 and IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN
+    ]
     assert max(len(d) for d in sent) < MAX_ANN_DATAGRAM
     chunks = len([d for d in sent if len(d) > 8 * 1024]) // 2  # per peer
     assert chunks >= 3  # split: several big ANNs
@@ -448,7 +475,11 @@ def test_large_member_list_is_split_below_32_kib(files: Path) -> None:
     fresh = restart(sim, KS3)
     sim.run_until(lambda: fresh.coop is not None and fresh.coop.serving, ELECTED_WITHIN)
     sim.run(PERIOD)
-    to_new = [d for d, _, t in sim.tap[start:] if t == KS3 and IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN]
+    to_new = [
+        d
+        for d, _, t in sim.tap[start:]
+        if t == KS3 and IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN
+    ]
     assert max(len(d) for d in to_new) < MAX_ANN_DATAGRAM
     # A few full copies from each peer, not one per chunk received.
     assert len([d for d in to_new if len(d) > 8 * 1024]) <= 2 * 2 * chunks
@@ -470,7 +501,10 @@ def test_a_1_0_1_key_server_shows_as_no_in_the_feature_tables(files: Path) -> No
     sim.add_ks(KS1)
     sim.add_ks(KS2)
     sim.add_ks(KS3, version="1.0.1")
-    sim.run_until(lambda: sim.primaries() == [KS1] and all(sim.coop(a).serving for a in KSS), ELECTED_WITHIN + PERIOD)
+    sim.run_until(
+        lambda: sim.primaries() == [KS1] and all(sim.coop(a).serving for a in KSS),
+        ELECTED_WITHIN + PERIOD,
+    )
     table = show_feature([sim.group(KS1)], sim.coop(KS1).key_servers(), sim.now)
     assert " 10.0.8.1 1.0.2 Yes\n" in table
     assert " 10.0.9.1 1.0.2 Yes\n" in table
@@ -490,12 +524,18 @@ def test_a_wall_clock_jump_neither_fires_nor_stalls_coop_timers(files: Path, jum
     sim.run(3 * PERIOD)
     # Forward: nobody is declared gone, no election.  Backward: the primary keeps announcing.
     for a in KSS:
-        later = events(sim.ks(a))[seen[a]:]
-        assert not {"COOP_KS_ELECTION", "COOP_KS_UNREACH", "COOP_KS_TRANS_TO_PRI"} & set(later), (a, later)
+        later = events(sim.ks(a))[seen[a] :]
+        assert not {"COOP_KS_ELECTION", "COOP_KS_UNREACH", "COOP_KS_TRANS_TO_PRI"} & set(later), (
+            a,
+            later,
+        )
     assert sim.primaries() == [KS1]
     assert sim.roles[KS2] == [Role.SECONDARY] and sim.roles[KS3] == [Role.SECONDARY]
-    periodic = [d for d, s, t in sim.tap[start:]
-                if s == KS1 and t == KS2 and IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN]
+    periodic = [
+        d
+        for d, s, t in sim.tap[start:]
+        if s == KS1 and t == KS2 and IsakmpHeader.decode(d).exchange_type == ExchangeType.COOP_ANN
+    ]
     assert len(periodic) == 3  # one per period
     assert all(sim.coop(KS2).peers[IPv4Address(a)].alive(sim.mono, PERIOD) for a in (KS1, KS3))
 
@@ -507,7 +547,9 @@ def test_coop_timers_are_the_engine_deadlines(files: Path) -> None:
         sim.add_ks(a)
 
     def wake() -> None:
-        deadline = min(d for a in KSS if (d := sim.ks(a).next_deadline(sim.now, sim.mono)) is not None)
+        deadline = min(
+            d for a in KSS if (d := sim.ks(a).next_deadline(sim.now, sim.mono)) is not None
+        )
         step = max(0.0, deadline - sim.mono)
         sim.now += step
         sim.mono += step
@@ -527,7 +569,9 @@ def test_coop_timers_are_the_engine_deadlines(files: Path) -> None:
         wake()
     assert sim.primaries() == [KS1] and sim.mono - M0 > 3 * PERIOD
     for a in KSS:  # idle: nothing due before the next announcement
-        assert sim.ks(a).next_deadline(sim.now, sim.mono) == pytest.approx(sim.coop(a).next_announce)
+        assert sim.ks(a).next_deadline(sim.now, sim.mono) == pytest.approx(
+            sim.coop(a).next_announce
+        )
 
 
 def test_a_group_added_by_reload_is_announced_and_synced(files: Path) -> None:
@@ -538,7 +582,9 @@ def test_a_group_added_by_reload_is_announced_and_synced(files: Path) -> None:
         ks = sim.ks(a)
         old = ks.groups[GROUP]
         config = replace(old.config, name="GET2", number=added)
-        ks.groups[added] = Group(config, old.signing_key, IPv4Address(a), 848, sim.now)  # as the daemon's reload
+        ks.groups[added] = Group(
+            config, old.signing_key, IPv4Address(a), 848, sim.now
+        )  # as the daemon's reload
     assert sim.ks_keys(KS2) == sim.ks_keys(KS1)
     sim.run(2 * PERIOD)
 
@@ -569,7 +615,11 @@ def test_members_show_the_key_server_they_registered_with(files: Path) -> None:
     for ks in (KS1, KS2, KS3):
         g = sim.group(ks)
         text = show_members([g], IPv4Address(ks), sim.now)
-        rows = dict(re.findall(r"Group Member ID    : (\S+) .*\n(?:.*\n){2} Key Server ID     : (\S+)\n", text))
+        rows = dict(
+            re.findall(
+                r"Group Member ID    : (\S+) .*\n(?:.*\n){2} Key Server ID     : (\S+)\n", text
+            )
+        )
         assert rows == {"10.0.0.1": KS1, "10.0.0.2": KS2}, (ks, text)
         m = g.members[IPv4Address("10.0.0.2")]
         assert state.member_from_json(state.member_to_json(m)).ks_address == IPv4Address(KS2)

@@ -166,8 +166,17 @@ class PingStream:
         self.lost: list[int] = []
         self.summary = ""
         self._cond = threading.Condition()
-        self.proc = topo.popen(ns, sys.executable, "-c", PING_STREAM, dst, str(interval),
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = topo.popen(
+            ns,
+            sys.executable,
+            "-c",
+            PING_STREAM,
+            dst,
+            str(interval),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -223,20 +232,33 @@ class CoopLab:
             # KS pairs share a COOP key of their own; the rogue holds only the GMs' PSK.
             coop_psk = "psk.secret" if k == ROGUE else "coop.psk"
             peers = [{"address": ks_addr(p), "psk_file": coop_psk} for p in every if p != k]
-            group = ks_group(activation_delay=ACTIVATION_DELAY, sas=[sa_ipsec(lifetime=TEK_LIFETIME)])
-            (self.dir / f"ks{k}.toml").write_text(ks_config(
-                ks_addr(k), control_socket=f"{self.dir}/ks{k}.sock", state_dir=f"{self.dir}/ks{k}-state",
-                auth=psk_auth("192.0.2.0/24", "wrong.psk" if k == ROGUE else "psk.secret"), groups=[group],
-                coop={"priority": PRIORITY[k], "announce_interval": PERIOD, "peer": peers},
-            ))
+            group = ks_group(
+                activation_delay=ACTIVATION_DELAY, sas=[sa_ipsec(lifetime=TEK_LIFETIME)]
+            )
+            (self.dir / f"ks{k}.toml").write_text(
+                ks_config(
+                    ks_addr(k),
+                    control_socket=f"{self.dir}/ks{k}.sock",
+                    state_dir=f"{self.dir}/ks{k}-state",
+                    auth=psk_auth("192.0.2.0/24", "wrong.psk" if k == ROGUE else "psk.secret"),
+                    groups=[group],
+                    coop={"priority": PRIORITY[k], "announce_interval": PERIOD, "peer": peers},
+                )
+            )
         for i in GMS:
             first = first_ks(i) - 1
             order = [*KSS[first:], *KSS[:first]]
-            (self.dir / f"gm{i}.toml").write_text(gm_config(
-                gm_addr(i), control_socket=f"{self.dir}/gm{i}.sock", tun_name="gdoi0", registration_timeout=5.0,
-                dataplane={"enabled": True, "wan_interface": "wan"}, auth=psk_auth("192.0.2.0/24", "psk.secret"),
-                groups=[gm_group([ks_addr(k) for k in order])],
-            ))
+            (self.dir / f"gm{i}.toml").write_text(
+                gm_config(
+                    gm_addr(i),
+                    control_socket=f"{self.dir}/gm{i}.sock",
+                    tun_name="gdoi0",
+                    registration_timeout=5.0,
+                    dataplane={"enabled": True, "wan_interface": "wan"},
+                    auth=psk_auth("192.0.2.0/24", "psk.secret"),
+                    groups=[gm_group([ks_addr(k) for k in order])],
+                )
+            )
 
     def start_ks(self, k: int) -> NsDaemon:
         self.kss[k] = NsDaemon(self.topo, f"ks{k}", "ks", self.dir / f"ks{k}.toml")
@@ -280,7 +302,10 @@ class CoopLab:
         return self.query(self.gm_sock(i), "show", "crypto", "gdoi")["groups"][0]
 
     def sas(self, i: int) -> dict[int, dict[str, Any]]:
-        return {sa["spi"]: sa for sa in self.query(self.gm_sock(i), "show", "crypto", "ipsec", "sa")["sas"]}
+        return {
+            sa["spi"]: sa
+            for sa in self.query(self.gm_sock(i), "show", "crypto", "ipsec", "sa")["sas"]
+        }
 
     def esp_totals(self, i: int) -> tuple[int, int]:
         sas = self.sas(i).values()
@@ -288,15 +313,19 @@ class CoopLab:
 
 
 def member_table(group: dict[str, Any]) -> set[tuple[Any, ...]]:
-    return {(m["address"], m["version"], m["registered_at"], tuple(m["sender_ids"])) for m in group["members"]}
+    return {
+        (m["address"], m["version"], m["registered_at"], tuple(m["sender_ids"]))
+        for m in group["members"]
+    }
 
 
 def keys_of(group: dict[str, Any]) -> tuple[str, frozenset[str]]:
     return group["kek_spi"], frozenset(group["tek_spis"])
 
 
-def kss_converged(lab: CoopLab, kss: tuple[int, ...] = KSS, primary: int = 1,
-                  timeout: float = 15.0) -> dict[int, dict[str, Any]]:
+def kss_converged(
+    lab: CoopLab, kss: tuple[int, ...] = KSS, primary: int = 1, timeout: float = 15.0
+) -> dict[int, dict[str, Any]]:
     """One primary, the others its secondaries, all with the same keys, SEQ and member table."""
 
     def check() -> dict[int, dict[str, Any]]:
@@ -317,8 +346,9 @@ def kss_converged(lab: CoopLab, kss: tuple[int, ...] = KSS, primary: int = 1,
     return until(f"KSs {kss} converged on primary KS{primary}", check, timeout)
 
 
-def converged(lab: CoopLab, kss: tuple[int, ...] = KSS, primary: int = 1,
-              timeout: float = 20.0) -> dict[int, dict[str, Any]]:
+def converged(
+    lab: CoopLab, kss: tuple[int, ...] = KSS, primary: int = 1, timeout: float = 20.0
+) -> dict[int, dict[str, Any]]:
     """:func:`kss_converged`, every GM known to every KS, registered and holding the keys."""
 
     def check() -> dict[int, dict[str, Any]]:
@@ -348,8 +378,9 @@ def teks_active(lab: CoopLab, teks: frozenset[str], timeout: float = 10.0) -> No
     until(f"TEKs {sorted(teks)} active on every GM", check, timeout)
 
 
-def teks_pending(lab: CoopLab, teks: frozenset[str], old: frozenset[str] | None = None,
-                 timeout: float = 10.0) -> None:
+def teks_pending(
+    lab: CoopLab, teks: frozenset[str], old: frozenset[str] | None = None, timeout: float = 10.0
+) -> None:
     """After a policy replace: every GM's data path holds ``teks`` for receiving but
     does not send on them yet; it sends on older TEKs (``old`` if given), shortened to
     TEK_SLT, until those run out."""
@@ -375,7 +406,9 @@ def ping_pairs(lab: CoopLab, count: int = 3) -> None:
     for i in lab.gms:
         for j in lab.gms:
             if i < j:
-                got = lab.topo.ping(f"host{i}", host_addr(j), count=count, timeout=1.0, interval=0.05)
+                got = lab.topo.ping(
+                    f"host{i}", host_addr(j), count=count, timeout=1.0, interval=0.05
+                )
                 if got != count:
                     failures.append(f"host{i} -> host{j}: {got}/{count}")
     assert not failures, failures
@@ -383,7 +416,9 @@ def ping_pairs(lab: CoopLab, count: int = 3) -> None:
 
 def capture_ann(lab: CoopLab, src: int, dst: int) -> bytes:
     """The next ANN (exchange 240) KS ``src`` sends KS ``dst``, taken off the core bridge."""
-    res = lab.topo.run("core", sys.executable, "-c", CAPTURE_SCRIPT, f"ks{dst}", ks_addr(src), "240", "10")
+    res = lab.topo.run(
+        "core", sys.executable, "-c", CAPTURE_SCRIPT, f"ks{dst}", ks_addr(src), "240", "10"
+    )
     return bytes.fromhex(res.stdout.strip())
 
 
@@ -415,7 +450,10 @@ def test_highest_priority_is_primary_and_every_ks_shows_the_same_group(lab: Coop
     groups = converged(lab)
     assert any("COOP_KS_TRANS_TO_PRI" in line for line in lab.kss[1].since(0))
     for k in (2, 3):
-        assert any(re.search(rf"COOP_KS_TRANS_TO_SEC.*Primary = {ks_addr(1)}", line) for line in lab.kss[k].since(0))
+        assert any(
+            re.search(rf"COOP_KS_TRANS_TO_SEC.*Primary = {ks_addr(1)}", line)
+            for line in lab.kss[k].since(0)
+        )
         assert not any("COOP_KS_TRANS_TO_PRI" in line for line in lab.kss[k].since(0))
     for k in KSS:
         coop = gdoictl_json(lab.ks_sock(k), "show", "crypto", "gdoi", "ks", "coop")
@@ -512,8 +550,14 @@ def test_ks_with_the_wrong_psk_never_joins(lab: CoopLab) -> None:
             assert p["status"] == "Dead" and p["ann_received"] == 0 and p["priority"] is None, p
         for k in KSS:
             p = lab.peer(k, ROGUE)
-            assert p["status"] == "Dead" and p["ann_received"] == 0 and p["priority"] is None, (k, p)
-            assert not any("COOP_KS_REACH" in line and ks_addr(ROGUE) in line for line in lab.kss[k].since(marks[k]))
+            assert p["status"] == "Dead" and p["ann_received"] == 0 and p["priority"] is None, (
+                k,
+                p,
+            )
+            assert not any(
+                "COOP_KS_REACH" in line and ks_addr(ROGUE) in line
+                for line in lab.kss[k].since(marks[k])
+            )
         groups = converged(lab)  # KS1 still primary, the group unchanged
         assert keys_of(groups[1]) != keys_of(lab.ks_group(ROGUE))
     finally:
@@ -557,7 +601,9 @@ def test_policy_replace_and_removal_from_the_primary_reach_gms_of_secondaries(la
     new_teks = keys_of(lab.ks_group(1))[1]
     assert new_teks and not new_teks & old_teks
     for i in GMS:  # GM2 and GM3 registered through secondaries
-        lab.gms[i].wait_for(rf"GM_RECV_REKEY.*from {re.escape(ks_addr(1))} .*seq # {seq}\b", start=marks[i])
+        lab.gms[i].wait_for(
+            rf"GM_RECV_REKEY.*from {re.escape(ks_addr(1))} .*seq # {seq}\b", start=marks[i]
+        )
         lab.gms[i].wait_for(r"rekey_installed.*policy_replace=True", start=marks[i])
         gm = lab.gm(i)
         assert gm["seq"] == seq and gm["registrations"] == regs[i], (i, gm)
@@ -577,20 +623,28 @@ def test_policy_replace_and_removal_from_the_primary_reach_gms_of_secondaries(la
         lab.gms[i].wait_for("GM_RECV_DELETE", start=marks[i])
         gm = lab.gm(i)
         assert gm["kek_spi"] is None, (i, gm)  # KEK gone at once ...
-        assert gm["teks"] and all(t["remaining"] <= TEK_SLT for t in gm["teks"]), (i, gm["teks"])  # ... TEKs short
+        assert gm["teks"] and all(t["remaining"] <= TEK_SLT for t in gm["teks"]), (
+            i,
+            gm["teks"],
+        )  # ... TEKs short
     assert not any("GM_REKEY_REJECTED" in line for i in GMS for line in lab.gms[i].since(marks[i]))
 
     # Back to normal: the KSs agree on the post-removal keys; the GMs register again.
     removal_keys = keys_of(lab.ks_group(1))
-    until("secondaries hold the post-removal keys",
-          lambda: all(keys_of(lab.ks_group(k)) == removal_keys for k in KSS))
+    until(
+        "secondaries hold the post-removal keys",
+        lambda: all(keys_of(lab.ks_group(k)) == removal_keys for k in KSS),
+    )
     for i in GMS:
         lab.query(lab.gm_sock(i), "clear", "crypto", "gdoi")
     groups = converged(lab)
     assert keys_of(groups[1]) == removal_keys
     for i in GMS:
         gm = lab.gm(i)
-        assert gm["registrations"] == regs[i] + 1 and gm["registered_ks"] == ks_addr(first_ks(i)), (i, gm)
+        assert gm["registrations"] == regs[i] + 1 and gm["registered_ks"] == ks_addr(first_ks(i)), (
+            i,
+            gm,
+        )
     teks_active(lab, removal_keys[1])
     ping_pairs(lab, count=2)
 
@@ -616,8 +670,10 @@ def test_partition_heals_to_one_primary_and_one_set_of_keys(lab: CoopLab) -> Non
         for k, gms in ((1, (1, 4)), (2, (2, 3))):
             data = lab.query(lab.ks_sock(k), "crypto", "gdoi", "ks", "rekey")
             for i in gms:
-                lab.gms[i].wait_for(rf"GM_RECV_REKEY.*from {re.escape(ks_addr(k))} .*seq # {data['seq'][0]}\b",
-                                    start=gm_marks[i])
+                lab.gms[i].wait_for(
+                    rf"GM_RECV_REKEY.*from {re.escape(ks_addr(k))} .*seq # {data['seq'][0]}\b",
+                    start=gm_marks[i],
+                )
         winner = keys_of(lab.ks_group(1))
         loser = keys_of(lab.ks_group(2))
         assert winner[1] != loser[1] and winner[1] != before_teks
@@ -633,7 +689,10 @@ def test_partition_heals_to_one_primary_and_one_set_of_keys(lab: CoopLab) -> Non
     assert all(lab.coop(k)["primary"] == ks_addr(1) for k in KSS)
     for i in GMS:
         gm = lab.gm(i)
-        assert gm["registrations"] == regs[i], (i, gm)  # the loser's GMs moved by rekey, not re-registration
+        assert gm["registrations"] == regs[i], (
+            i,
+            gm,
+        )  # the loser's GMs moved by rekey, not re-registration
     # Every GM holds the winner's TEK, to send on once the transitional one runs out.
     teks_pending(lab, winner[1], old=before_teks)
     ping_pairs(lab)
@@ -655,23 +714,33 @@ def test_primary_killed_secondary_takes_over_rekeys_and_traffic_never_stops(lab:
         killed_at = time.monotonic()
         lab.kss[1].proc.kill()
         lab.kss[1].proc.wait(10)
-        lab.kss[2].wait_for(rf"COOP_KS_TRANS_TO_PRI.*Previous Primary = {re.escape(ks_addr(1))}",
-                            start=mark2, timeout=FAILOVER_WITHIN + 5)
+        lab.kss[2].wait_for(
+            rf"COOP_KS_TRANS_TO_PRI.*Previous Primary = {re.escape(ks_addr(1))}",
+            start=mark2,
+            timeout=FAILOVER_WITHIN + 5,
+        )
         took = time.monotonic() - killed_at
         assert took <= FAILOVER_WITHIN, f"KS2 took over {took:.2f} s after KS1 died"
         assert not any("COOP_KS_TRANS_TO_PRI" in line for line in lab.kss[3].since(mark3))
-        until("KS3 follows KS2", lambda: lab.coop(3)["primary"] == ks_addr(2) and lab.coop(3)["role"] == "Secondary")
+        until(
+            "KS3 follows KS2",
+            lambda: lab.coop(3)["primary"] == ks_addr(2) and lab.coop(3)["role"] == "Secondary",
+        )
         assert lab.peer(2, 1)["status"] == "Dead"
 
         res = gdoictl(lab.ks_sock(2), "crypto", "gdoi", "ks", "rekey")
         assert res.returncode == 0, res.stdout + res.stderr
         new = lab.ks_group(2)
         seq = new["seq"]
-        assert seq > groups[1]["seq"] and f"from address {ks_addr(2)} with seq # {seq}" in res.stdout
+        assert (
+            seq > groups[1]["seq"] and f"from address {ks_addr(2)} with seq # {seq}" in res.stdout
+        )
         new_teks = keys_of(new)[1]
         assert new["kek_spi"] == kek  # the group's KEK carried over: GMs can open the rekey
         for i in GMS:  # GM1 and GM4 registered at the dead KS1 too
-            lab.gms[i].wait_for(rf"GM_RECV_REKEY.*from {re.escape(ks_addr(2))} .*seq # {seq}\b", start=marks[i])
+            lab.gms[i].wait_for(
+                rf"GM_RECV_REKEY.*from {re.escape(ks_addr(2))} .*seq # {seq}\b", start=marks[i]
+            )
             gm = lab.gm(i)
             assert gm["registrations"] == before[i]["registrations"], (i, gm)  # no re-registration
             assert gm["seq"] == seq > before[i]["seq"] and gm["kek_spi"] == kek, (i, gm)
@@ -686,8 +755,15 @@ def test_primary_killed_secondary_takes_over_rekeys_and_traffic_never_stops(lab:
         stream.wait_replies(stream.ok + 10)
         for i in (1, 2):
             encaps, decaps = lab.esp_totals(i)
-            assert encaps - totals[i][0] >= 10 and decaps - totals[i][1] >= 10, (i, totals[i], lab.sas(i))
-            assert lab.sas(i)[spi]["pkts_encaps"] == lab.sas(i)[spi]["pkts_decaps"] == 0, (i, lab.sas(i))
+            assert encaps - totals[i][0] >= 10 and decaps - totals[i][1] >= 10, (
+                i,
+                totals[i],
+                lab.sas(i),
+            )
+            assert lab.sas(i)[spi]["pkts_encaps"] == lab.sas(i)[spi]["pkts_decaps"] == 0, (
+                i,
+                lab.sas(i),
+            )
     finally:
         sent, lost = stream.stop()
     assert sent > 50 and lost == [], f"{len(lost)} of {sent} echoes lost: {lost}"

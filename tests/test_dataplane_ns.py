@@ -140,7 +140,9 @@ def in_tenant(a: str) -> bool:
 
 def tenant_packets(pcap: Path) -> list[bytes]:
     """IPv4 packets on the core with a 10.0.0.0/8 source or destination."""
-    return [p for p in ip_packets(read_pcap(pcap)) if in_tenant(addr(p, 12)) or in_tenant(addr(p, 16))]
+    return [
+        p for p in ip_packets(read_pcap(pcap)) if in_tenant(addr(p, 12)) or in_tenant(addr(p, 16))
+    ]
 
 
 def between(packets: list[bytes], src: str, dst: str, proto: int) -> list[bytes]:
@@ -216,7 +218,9 @@ def test_ping_and_20mb_tcp_cross_the_core_only_as_esp(shared: Shared, transfer: 
     assert total(a1, "bytes_encaps") - total(b1, "bytes_encaps") >= SIZE
     assert total(a2, "pkts_decaps") - total(b2, "pkts_decaps") >= data_pkts + 5
     assert total(a2, "bytes_decaps") - total(b2, "bytes_decaps") >= SIZE
-    assert total(a2, "pkts_encaps") - total(b2, "pkts_encaps") >= 3 + 5  # echo requests + replies, ACKs
+    assert (
+        total(a2, "pkts_encaps") - total(b2, "pkts_encaps") >= 3 + 5
+    )  # echo requests + replies, ACKs
     assert total(a1, "pkts_decaps") - total(b1, "pkts_decaps") >= 3 + 5
     for a, b in ((a1, b1), (a2, b2)):
         assert a["clear_out"] == b["clear_out"]
@@ -245,13 +249,22 @@ def test_keylog_decrypts_the_core_capture(shared: Shared, transfer: Transfer) ->
     assert all(r[1] in ("1", "True") for r in rows), {r[1] for r in rows}
     assert not any(r[2] in ("1", "True") for r in rows)
     assert not any("malformed" in p for p in protos)
-    inner = {"eth:ethertype:ip:esp:ip:icmp:data", "eth:ethertype:ip:esp:ip:tcp", "eth:ethertype:ip:esp:ip:tcp:data"}
+    inner = {
+        "eth:ethertype:ip:esp:ip:icmp:data",
+        "eth:ethertype:ip:esp:ip:tcp",
+        "eth:ethertype:ip:esp:ip:tcp:data",
+    }
     assert set(protos) <= inner, set(protos) - inner
     assert sum(":icmp" in p for p in protos) == 16  # 5 + 3 pings, both ways
     assert sum(":tcp" in p for p in protos) >= SIZE // 1400
-    assert tshark_fields(transfer.pcap, keylog, "_ws.malformed or esp.icv_bad == 1", "frame.number") == []
+    assert (
+        tshark_fields(transfer.pcap, keylog, "_ws.malformed or esp.icv_bad == 1", "frame.number")
+        == []
+    )
     # The decrypted TCP payload is the known plaintext.
-    shown = tshark_fields(transfer.pcap, keylog, f'tcp.payload contains "{MARKER.decode()}"', "frame.number")
+    shown = tshark_fields(
+        transfer.pcap, keylog, f'tcp.payload contains "{MARKER.decode()}"', "frame.number"
+    )
     assert len(shown) >= SIZE // 1400
 
 
@@ -286,11 +299,15 @@ def test_replayed_esp_packet_is_dropped(shared: Shared, tmp_path: Path) -> None:
     before, rep = g.ipsec(2), g.replay(2)
     assert rep["replay_window"] == 64
     assert g.inject([esp, esp, esp]) == 3
-    after = g.wait_counter(2, "replay drops", lambda s: drops(s, "replay"), drops(before, "replay") + 3)
+    after = g.wait_counter(
+        2, "replay drops", lambda s: drops(s, "replay"), drops(before, "replay") + 3
+    )
     assert drops(after, "replay") == drops(before, "replay") + 3
     assert after["forwarder"]["tun_written"] == before["forwarder"]["tun_written"]
     assert g.replay(2)["drops"]["replay"] == rep["drops"]["replay"] + 3
-    assert after["sas"][0]["drops"].get("replay", 0) == before["sas"][0]["drops"].get("replay", 0) + 3
+    assert (
+        after["sas"][0]["drops"].get("replay", 0) == before["sas"][0]["drops"].get("replay", 0) + 3
+    )
     # Normal traffic carries on.
     assert topo.ping("hostA", HOST_B, count=3) == 3
     assert drops(g.ipsec(2), "replay") == drops(before, "replay") + 3
@@ -339,7 +356,9 @@ def test_garbage_esp_is_dropped_by_reason(shared: Shared) -> None:
     # Those with the group's SPI are also counted on the SA.
     sa_before, sa_after = before["sas"][0]["drops"], after["sas"][0]["drops"]
     assert sa_after.get("icv", 0) - sa_before.get("icv", 0) == 2
-    assert sa_after.get("malformed", 0) - sa_before.get("malformed", 0) == 2  # the bare SPI has no SA lookup
+    assert (
+        sa_after.get("malformed", 0) - sa_before.get("malformed", 0) == 2
+    )  # the bare SPI has no SA lookup
     # The uncorrupted packet still goes through, and so do pings.
     with UdpSink(topo, "hostB", HOST_B) as sink:
         g.inject([good])
@@ -377,7 +396,10 @@ def test_no_tek_fail_open_vs_fail_close(tmp_path: Path, trigger: str, fail_close
             assert res.returncode == 0, res.stdout + res.stderr
             cleared = (1,)
         for i in cleared:
-            wait_until(f"GM{i} without TEKs", lambda i=i: not g.ipsec(i)["sas"] and g.show(i)["state"] != "REGISTERED")
+            wait_until(
+                f"GM{i} without TEKs",
+                lambda i=i: not g.ipsec(i)["sas"] and g.show(i)["state"] != "REGISTERED",
+            )
             # The selectors stay: the protected prefix still routes into the TUN.
             assert "10.0.0.0/8 dev gdoi0" in route_table(topo, f"gm{i}")
         before = {i: g.ipsec(i) for i in (1, 2)}
@@ -422,7 +444,12 @@ def test_receive_only_sends_clear_but_decrypts(tmp_path: Path) -> None:
         # ESP that does arrive (from a sender that is not receive-only) is decrypted.
         sa = g.crafter()
         with UdpSink(topo, "hostB", HOST_B) as sink:
-            assert g.inject([sa.encapsulate(udp(HOST_A, HOST_B, 40000, UDP_PORT, b"esp-to-receive-only"))]) == 1
+            assert (
+                g.inject(
+                    [sa.encapsulate(udp(HOST_A, HOST_B, 40000, UDP_PORT, b"esp-to-receive-only"))]
+                )
+                == 1
+            )
             assert sink.expect("esp-to-receive-only").startswith(HOST_A)
         assert total(g.ipsec(2), "pkts_decaps") == 1
 
@@ -437,7 +464,9 @@ def test_tbar_window(tmp_path: Path) -> None:
         sa = g.crafter(tbar_window_ms=window)
         before = g.ipsec(2)
         # The group pseudotime starts at 0 with the KS: wait until "3 windows ago" exists.
-        wait_until("pseudotime > 3 windows", lambda: g.replay(2)["pseudotime_ms"] > 3 * window + 200)
+        wait_until(
+            "pseudotime > 3 windows", lambda: g.replay(2)["pseudotime_ms"] > 3 * window + 200
+        )
         with UdpSink(topo, "hostB", HOST_B) as sink:
             t0 = time.monotonic()
             pseudotime = g.replay(2)["pseudotime_ms"]
@@ -446,8 +475,12 @@ def test_tbar_window(tmp_path: Path) -> None:
             def stamp(offset_ms: int) -> int:
                 return pseudotime + int((time.monotonic() - t0) * 1000) + offset_ms
 
-            old = sa.encapsulate(udp(HOST_A, HOST_B, 40000, UDP_PORT, b"tbar-too-old"), stamp(-3 * window))
-            future = sa.encapsulate(udp(HOST_A, HOST_B, 40000, UDP_PORT, b"tbar-too-new"), stamp(3 * window))
+            old = sa.encapsulate(
+                udp(HOST_A, HOST_B, 40000, UDP_PORT, b"tbar-too-old"), stamp(-3 * window)
+            )
+            future = sa.encapsulate(
+                udp(HOST_A, HOST_B, 40000, UDP_PORT, b"tbar-too-new"), stamp(3 * window)
+            )
             fresh = sa.encapsulate(udp(HOST_A, HOST_B, 40000, UDP_PORT, b"tbar-fresh"), stamp(0))
             assert g.inject([old, future, fresh]) == 3
             sink.expect("tbar-fresh")

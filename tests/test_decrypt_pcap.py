@@ -39,8 +39,10 @@ from tests.procs import (
 from tests.pullsim import make_kek, make_tek
 
 REPO = Path(__file__).resolve().parent.parent
-needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None or shutil.which("editcap") is None,
-                                  reason="needs tshark and editcap")
+needs_tshark = pytest.mark.skipif(
+    shutil.which("tshark") is None or shutil.which("editcap") is None,
+    reason="needs tshark and editcap",
+)
 
 GM_REMOVAL = "36864"
 POLICY_REPLACE = "36865"
@@ -50,8 +52,12 @@ SA, SIG, NOTIFY, KD, SEQ = "1", "9", "11", "17", "18"
 
 def _decrypt_pcap(src: Path, dst: Path, *keylogs: Path) -> subprocess.CompletedProcess[str]:
     args = [a for d in keylogs for a in ("--keylog", str(d))]
-    return subprocess.run([*gdoid_cmd(), "decrypt-pcap", str(src), str(dst), *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [*gdoid_cmd(), "decrypt-pcap", str(src), str(dst), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _frames(pcap: Path) -> list[bytes]:
@@ -64,8 +70,23 @@ def _frames(pcap: Path) -> list[bytes]:
 def _tshark(pcap: Path, config: Path, *args: str) -> list[list[str]]:
     """tshark with ``config`` as its whole configuration (no ``-d``): one row per frame."""
     res = subprocess.run(
-        ["tshark", "-n", "-r", str(pcap), "-T", "fields", "-E", "separator=|", "-E", "aggregator=,", *args],
-        capture_output=True, text=True, check=True, env={**os.environ, "WIRESHARK_CONFIG_DIR": str(config)},
+        [
+            "tshark",
+            "-n",
+            "-r",
+            str(pcap),
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-E",
+            "aggregator=,",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "WIRESHARK_CONFIG_DIR": str(config)},
     )
     return [line.split("|") for line in res.stdout.splitlines()]
 
@@ -74,13 +95,21 @@ def _problems(pcap: Path, config: Path) -> str:
     """Malformed frames and expert warnings/errors, as tshark lists them."""
     return subprocess.run(
         ["tshark", "-n", "-r", str(pcap), "-Y", "_ws.malformed || _ws.expert.severity >= 6291456"],
-        capture_output=True, text=True, check=True, env={**os.environ, "WIRESHARK_CONFIG_DIR": str(config)},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "WIRESHARK_CONFIG_DIR": str(config)},
     ).stdout.strip()
 
 
 def _capture_summary(topology: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(REPO / "compose" / "capture-summary.sh"), str(topology)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "CAPTURE_SUMMARY_TOOLS": "host"})
+    return subprocess.run(
+        [str(REPO / "compose" / "capture-summary.sh"), str(topology)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CAPTURE_SUMMARY_TOOLS": "host"},
+    )
 
 
 # --- the key log ----------------------------------------------------------------------------
@@ -97,7 +126,10 @@ def test_key_log_writes_each_kek_once_and_decode_as(tmp_path: Path) -> None:
     assert keys == [KekKey(kek.spi, kek.key, kek.iv)]
     for name in (KEK_TABLE, DECODE_AS):
         assert stat.S_IMODE((tmp_path / "keys" / name).stat().st_mode) == 0o600
-    assert "decode_as_entry: udp.port,848,(none),ISAKMP\n" in (tmp_path / "keys" / DECODE_AS).read_text()
+    assert (
+        "decode_as_entry: udp.port,848,(none),ISAKMP\n"
+        in (tmp_path / "keys" / DECODE_AS).read_text()
+    )
     # A second daemon on the same directory keeps the files as they are.
     KeyLog(tmp_path / "keys").close()
     assert parse_kek_table((tmp_path / "keys" / KEK_TABLE).read_text()) == keys
@@ -128,7 +160,10 @@ def _lab_capture(path: Path, push: bytes) -> list[bytes]:
     packets = [
         Ether() / IP(src="127.0.0.1", dst="127.0.0.2") / UDP(sport=848, dport=848) / Raw(push),
         Ether() / IP(src="127.0.0.2", dst="127.0.0.1") / UDP(sport=848, dport=9) / Raw(b"probe"),
-        Ether() / IP(src="127.0.0.1", dst="127.0.0.3", flags="MF") / UDP(sport=848, dport=848) / Raw(push[:64]),
+        Ether()
+        / IP(src="127.0.0.1", dst="127.0.0.3", flags="MF")
+        / UDP(sport=848, dport=848)
+        / Raw(push[:64]),
     ]
     wrpcap(str(path), packets)
     return [bytes(p) for p in packets]
@@ -140,18 +175,29 @@ def test_decrypt_pcap_rewrites_the_push_and_nothing_else(tmp_path: Path, fmt: st
     from scapy.all import IP, UDP
 
     kek = make_kek(time.time())
-    push = build_push(kek, ec.generate_private_key(ec.SECP256R1()), SigHash.SHA256, [SeqPayload(7), removal_notify(2)])
+    push = build_push(
+        kek,
+        ec.generate_private_key(ec.SECP256R1()),
+        SigHash.SHA256,
+        [SeqPayload(7), removal_notify(2)],
+    )
     raw = tmp_path / "raw.pcap"
     _lab_capture(raw, push)
     if fmt == "pcapng":
-        subprocess.run(["editcap", "-F", "pcapng", str(tmp_path / "raw.pcap"), str(tmp_path / "raw.pcapng")], check=True)
+        subprocess.run(
+            ["editcap", "-F", "pcapng", str(tmp_path / "raw.pcap"), str(tmp_path / "raw.pcapng")],
+            check=True,
+        )
         raw = tmp_path / "raw.pcapng"
     keys = tmp_path / "keys"
     KeyLog(keys).kek(kek)
     out = tmp_path / f"out.{fmt}"
     res = _decrypt_pcap(raw, out, keys)
     assert res.returncode == 0, res.stderr
-    assert res.stdout == f"gdoid decrypt-pcap: 3 frames, 1 GROUPKEY-PUSH decrypted, 0 left encrypted -> {out}\n"
+    assert (
+        res.stdout
+        == f"gdoid decrypt-pcap: 3 frames, 1 GROUPKEY-PUSH decrypted, 0 left encrypted -> {out}\n"
+    )
     assert "IPv4 fragments of UDP left as they are (no reassembly): frames 3" in res.stderr
     assert stat.S_IMODE(out.stat().st_mode) == 0o600  # the decrypted pushes carry keys
     assert out.read_bytes()[:4] == raw.read_bytes()[:4]  # the format is kept
@@ -162,8 +208,20 @@ def test_decrypt_pcap_rewrites_the_push_and_nothing_else(tmp_path: Path, fmt: st
     fresh = ip.copy()
     del fresh.chksum, fresh[UDP].chksum, fresh.len, fresh[UDP].len
     assert bytes(IP(bytes(fresh))) == bytes(ip)
-    rows = _tshark(out, keys, "-e", "isakmp.exchangetype", "-e", "isakmp.flag_e", "-e", "isakmp.seq.seq",
-                   "-e", "isakmp.notify.msgtype", "-e", "isakmp.typepayload")
+    rows = _tshark(
+        out,
+        keys,
+        "-e",
+        "isakmp.exchangetype",
+        "-e",
+        "isakmp.flag_e",
+        "-e",
+        "isakmp.seq.seq",
+        "-e",
+        "isakmp.notify.msgtype",
+        "-e",
+        "isakmp.typepayload",
+    )
     assert rows[0] == ["33", "0", "7", GM_REMOVAL, ",".join((SEQ, NOTIFY, SIG))]
     assert _problems(out, keys) == ""
     # The raw capture shows nothing of it.
@@ -200,7 +258,7 @@ def test_decrypt_pcap_copies_the_cut_short_end_of_a_capture_being_written(tmp_pa
     data = raw.read_bytes()[:-7]  # the last record, half written
     out, report = rewrite_capture(data, key_ring([KekKey(kek.spi, kek.key, kek.iv)]))
     assert report.decrypted == [1] and report.frames == 2
-    assert out.endswith(data[report.cut_at:]) and report.cut_at is not None
+    assert out.endswith(data[report.cut_at :]) and report.cut_at is not None
     assert any("ends inside a record" in w for w in report.warnings())
 
 
@@ -215,8 +273,15 @@ def test_decrypt_pcap_refuses_what_is_not_a_capture(tmp_path: Path) -> None:
 @needs_tshark
 def test_decode_as_entries_makes_udp_848_isakmp_without_d(tmp_path: Path) -> None:
     raw = tmp_path / "raw.pcap"
-    _lab_capture(raw, build_push(make_kek(time.time()), ec.generate_private_key(ec.SECP256R1()),
-                                 SigHash.SHA256, [SeqPayload(7)]))
+    _lab_capture(
+        raw,
+        build_push(
+            make_kek(time.time()),
+            ec.generate_private_key(ec.SECP256R1()),
+            SigHash.SHA256,
+            [SeqPayload(7)],
+        ),
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _tshark(raw, empty, "-e", "frame.protocols")[0][0] == "eth:ethertype:ip:udp:data"
@@ -235,9 +300,16 @@ def test_capture_summary_counts_esp_with_a_good_icv(tmp_path: Path) -> None:
     capture = tmp_path / "capture"
     capture.mkdir()
     KeyLog(capture / "keys").esp(tek)
-    sa = SecurityAssociation(ESP, spi=tek.spi, crypt_algo="AES-GCM", crypt_key=tek.cipher_key, auth_algo="NULL")
-    wrpcap(str(capture / "capture.pcap"),
-           [Ether() / sa.encrypt(IP(src="10.48.1.10", dst="10.48.2.10") / ICMP(seq=n)) for n in range(3)])
+    sa = SecurityAssociation(
+        ESP, spi=tek.spi, crypt_algo="AES-GCM", crypt_key=tek.cipher_key, auth_algo="NULL"
+    )
+    wrpcap(
+        str(capture / "capture.pcap"),
+        [
+            Ether() / sa.encrypt(IP(src="10.48.1.10", dst="10.48.2.10") / ICMP(seq=n))
+            for n in range(3)
+        ],
+    )
     res = _capture_summary(tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "    0x6b1e42c0: 3 packets, 3 good ICV, 0 bad ICV, 0 not checked\n" in res.stdout
@@ -249,7 +321,9 @@ def test_capture_summary_counts_esp_with_a_good_icv(tmp_path: Path) -> None:
 
 # --- real daemons -------------------------------------------------------------------------
 
-REGISTERED = r"%GDOI-5-GM_REGS_COMPL: Registration to KS 127\.0\.0\.1 complete for group GET using address "
+REGISTERED = (
+    r"%GDOI-5-GM_REGS_COMPL: Registration to KS 127\.0\.0\.1 complete for group GET using address "
+)
 
 
 def _recv_rekey(gm: str, seq: int) -> str:
@@ -270,7 +344,12 @@ def test_rekeys_removal_and_replace_now_decrypted(tmp_path: Path) -> None:
     with Capture(pcap), Daemon("ks", ks_cfg, "--keylog", str(ks_keys)) as ks:
         ks.wait_for("ks_started")
         daemons = {
-            name: Daemon("gm", gm_toml(tmp_path, address=addr, name=name, auth=auth), "--keylog", str(gm_keys))
+            name: Daemon(
+                "gm",
+                gm_toml(tmp_path, address=addr, name=name, auth=auth),
+                "--keylog",
+                str(gm_keys),
+            )
             for name, addr in gms.items()
         }
         try:
@@ -279,13 +358,20 @@ def test_rekeys_removal_and_replace_now_decrypted(tmp_path: Path) -> None:
             for name, addr in gms.items():
                 daemons[name].wait_for(_recv_rekey(addr, 3), timeout=20)
             marks = {name: len(d.lines) for name, d in daemons.items()}
-            removal = gdoictl(tmp_path / "ks.sock", "clear", "crypto", "gdoi", "ks", "members", "now", yes=True)
+            removal = gdoictl(
+                tmp_path / "ks.sock", "clear", "crypto", "gdoi", "ks", "members", "now", yes=True
+            )
             assert removal.returncode == 0, removal.stdout
             for name, addr in gms.items():
                 daemons[name].wait_for(REGISTERED + re.escape(addr), start=marks[name])
                 ks.wait_for(rf"%GDOI-5-KS_REGS_COMPL: .* with GM {re.escape(addr)}$", start=0)
-            replace_now = gdoictl(tmp_path / "ks.sock", "crypto", "gdoi", "ks", "rekey", "replace-now")
-            sent = re.search(r"with policy-replace for group GET .* with seq # (\d+)$", replace_now.stdout.strip())
+            replace_now = gdoictl(
+                tmp_path / "ks.sock", "crypto", "gdoi", "ks", "rekey", "replace-now"
+            )
+            sent = re.search(
+                r"with policy-replace for group GET .* with seq # (\d+)$",
+                replace_now.stdout.strip(),
+            )
             assert sent, replace_now.stdout
             for name, addr in gms.items():
                 daemons[name].wait_for(_recv_rekey(addr, int(sent[1])))
@@ -295,10 +381,33 @@ def test_rekeys_removal_and_replace_now_decrypted(tmp_path: Path) -> None:
     _check_decrypted(tmp_path, pcap, ks_keys, gm_keys, int(sent[1]))
 
 
-def _check_decrypted(tmp_path: Path, pcap: Path, ks_keys: Path, gm_keys: Path, replace_seq: int) -> None:
-    fields = ("-e", "frame.number", "-e", "isakmp.ispi", "-e", "isakmp.rspi", "-e", "isakmp.flag_e",
-              "-e", "isakmp.seq.seq", "-e", "isakmp.notify.msgtype", "-e", "isakmp.typepayload",
-              "-e", "isakmp.sak.spi", "-e", "isakmp.sat.spi", "-e", "ip.src", "-Y", "isakmp.exchangetype == 33")
+def _check_decrypted(
+    tmp_path: Path, pcap: Path, ks_keys: Path, gm_keys: Path, replace_seq: int
+) -> None:
+    fields = (
+        "-e",
+        "frame.number",
+        "-e",
+        "isakmp.ispi",
+        "-e",
+        "isakmp.rspi",
+        "-e",
+        "isakmp.flag_e",
+        "-e",
+        "isakmp.seq.seq",
+        "-e",
+        "isakmp.notify.msgtype",
+        "-e",
+        "isakmp.typepayload",
+        "-e",
+        "isakmp.sak.spi",
+        "-e",
+        "isakmp.sat.spi",
+        "-e",
+        "ip.src",
+        "-Y",
+        "isakmp.exchangetype == 33",
+    )
     # Wireshark alone (key log as its configuration, no -d) sees the pushes, encrypted.
     raw_pushes = _tshark(pcap, ks_keys, *fields)
     assert len(raw_pushes) >= 4 * 2  # 2 scheduled, the removal, the replace-now; to 2 GMs
@@ -338,7 +447,11 @@ def _check_decrypted(tmp_path: Path, pcap: Path, ks_keys: Path, gm_keys: Path, r
     seq = replace_seq
     assert notifies[seq] == {POLICY_REPLACE} and len(types[seq]) == 1
     replace_types = types[seq].pop().split(",")
-    assert replace_types[:3] == [SEQ, NOTIFY, SA] and replace_types[-2:] == [KD, SIG] and sat in replace_types
+    assert (
+        replace_types[:3] == [SEQ, NOTIFY, SA]
+        and replace_types[-2:] == [KD, SIG]
+        and sat in replace_types
+    )
     assert {r[1] + r[2] for r in by_seq[seq]} != {r[1] + r[2] for r in by_seq[2]}  # a later KEK
 
     # compose/capture-summary.sh on the same capture (host tools), laid out as a topology.
@@ -351,8 +464,12 @@ def _check_decrypted(tmp_path: Path, pcap: Path, ks_keys: Path, gm_keys: Path, r
     assert summary.returncode == 0, summary.stderr
     lines = summary.stdout.splitlines()
     assert sum(" GROUPKEY-PUSH  decrypt-pcap SEQ(" in line for line in lines) == len(push_frames)
-    assert sum(" GROUPKEY-PULL  decrypted " in line for line in lines) >= 4 * 4  # 2 GMs, 2 registrations each
-    assert any(" GROUPKEY-PUSH  decrypt-pcap " in line and "N(GM_REMOVAL)" in line for line in lines)
+    assert (
+        sum(" GROUPKEY-PULL  decrypted " in line for line in lines) >= 4 * 4
+    )  # 2 GMs, 2 registrations each
+    assert any(
+        " GROUPKEY-PUSH  decrypt-pcap " in line and "N(GM_REMOVAL)" in line for line in lines
+    )
     assert lines[-1].startswith("capture-summary: ISAKMP ") and "0 still encrypted" in lines[-1]
     assert (topology / "capture" / "capture-decrypted.pcap").exists()
     shutil.rmtree(topology / "capture" / "keys")
@@ -364,11 +481,17 @@ def _check_decrypted(tmp_path: Path, pcap: Path, ks_keys: Path, gm_keys: Path, r
     partial = tmp_path / "partial"
     partial.mkdir(mode=0o700)
     (partial / KEK_TABLE).write_text(
-        "".join(line + "\n" for line in (ks_keys / KEK_TABLE).read_text().splitlines() if not line.startswith(first_kek))
+        "".join(
+            line + "\n"
+            for line in (ks_keys / KEK_TABLE).read_text().splitlines()
+            if not line.startswith(first_kek)
+        )
     )
     res = _decrypt_pcap(pcap, tmp_path / "partial.pcapng", partial)
     assert res.returncode == 0
     assert f"warning: no key for KEK SPI 0x{first_kek} in the key log" in res.stderr
     kept = {int(r[0]) for r in raw_pushes if r[1] + r[2] == first_kek}
     before, after = _frames(pcap), _frames(tmp_path / "partial.pcapng")
-    assert {n for n, (a, b) in enumerate(zip(before, after, strict=True), 1) if a != b} == push_frames - kept
+    assert {
+        n for n, (a, b) in enumerate(zip(before, after, strict=True), 1) if a != b
+    } == push_frames - kept

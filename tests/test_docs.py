@@ -28,32 +28,59 @@ _BLOCK = re.compile(r"(?m)^(#+ .*)$|^```(\w*)\n((?:.*\n)*?)```")
 # (file, heading, first command of the block) -> classification
 RUN, ELSEWHERE, SKIP = "run", "elsewhere", "skip"
 BLOCKS: dict[tuple[str, str], tuple[str, str]] = {
-    ("README.md", "apt-get update && apt-get install -y python3-venv"):
-        (SKIP, "installs Debian packages on the host; .ci/run does the same install"),
-    ("README.md", "apt-get update && DEBIAN_FRONTEND=noninteractive"):
-        (ELSEWHERE, ".ci/run runs this command (it is the test suite itself)"),
+    ("README.md", "apt-get update && apt-get install -y python3-venv"): (
+        SKIP,
+        "installs Debian packages on the host; .ci/run does the same install",
+    ),
+    ("README.md", "apt-get update && DEBIAN_FRONTEND=noninteractive"): (
+        ELSEWHERE,
+        ".ci/run runs this command (it is the test suite itself)",
+    ),
     ("README.md", ". .venv/bin/activate"): (RUN, "test_readme_running_daemons"),
     ("README.md", "compose/demo.sh basic"): (ELSEWHERE, "tests/test_demo.py runs it"),
     ("README.md", "tshark -i lo -f 'udp port 848' -w reg.pcap"): (RUN, "test_readme_wireshark"),
-    ("docs/deploy.md", "docker build -t gdoid:latest ."):
-        (SKIP, "needs Docker Hub (CI has no registry); compose/build-base.sh is tested instead"),
-    ("docs/deploy.md", "python3 -m pip wheel --wheel-dir compose/wheels"):
-        (ELSEWHERE, "compose/build-base.sh runs these steps (tests/interop)"),
-    ("docs/deploy.md", "docker network create --subnet 198.18.100.0/24 gdoid-net"):
-        (SKIP, "creates host-wide Docker networks and /srv/gdoid; the compose tests cover the image"),
-    ("docs/deploy.md", "docker logs -f gdoid-ks"): (SKIP, "day-to-day commands on running containers"),
-    ("docs/deploy.md", "docker rm -f gdoid-gm1 gdoid-ks"): (SKIP, "the cleanup of the docker run example"),
-    ("docs/deploy.md", "compose/build-base.sh"): (ELSEWHERE, "tests/interop builds the images with it"),
+    ("docs/deploy.md", "docker build -t gdoid:latest ."): (
+        SKIP,
+        "needs Docker Hub (CI has no registry); compose/build-base.sh is tested instead",
+    ),
+    ("docs/deploy.md", "python3 -m pip wheel --wheel-dir compose/wheels"): (
+        ELSEWHERE,
+        "compose/build-base.sh runs these steps (tests/interop)",
+    ),
+    ("docs/deploy.md", "docker network create --subnet 198.18.100.0/24 gdoid-net"): (
+        SKIP,
+        "creates host-wide Docker networks and /srv/gdoid; the compose tests cover the image",
+    ),
+    ("docs/deploy.md", "docker logs -f gdoid-ks"): (
+        SKIP,
+        "day-to-day commands on running containers",
+    ),
+    ("docs/deploy.md", "docker rm -f gdoid-gm1 gdoid-ks"): (
+        SKIP,
+        "the cleanup of the docker run example",
+    ),
+    ("docs/deploy.md", "compose/build-base.sh"): (
+        ELSEWHERE,
+        "tests/interop builds the images with it",
+    ),
     ("docs/deploy.md", "cd compose/basic"): (ELSEWHERE, "tests/interop/test_compose.py"),
-    ("docs/deploy.md", "docker run --rm --network none -v \"$PWD/capture:/capture:ro\""):
-        (ELSEWHERE, "tests/interop/test_compose.py reads the captures"),
+    ("docs/deploy.md", 'docker run --rm --network none -v "$PWD/capture:/capture:ro"'): (
+        ELSEWHERE,
+        "tests/interop/test_compose.py reads the captures",
+    ),
     ("docs/deploy.md", "docker-compose down -v"): (ELSEWHERE, "tests/interop/test_compose.py"),
-    ("docs/deploy.md", "python3 -m pytest -q -p no:cacheprovider tests/interop"):
-        (ELSEWHERE, "part of the test suite"),
-    ("docs/deploy.md", "python3 -m venv /opt/gdoid && /opt/gdoid/bin/pip install ."):
-        (ELSEWHERE, "tests/test_systemd_nspawn.py runs it in a booted Debian root"),
-    ("docs/deploy.md", "systemctl status gdoid-ks"):
-        (ELSEWHERE, "tests/test_systemd_nspawn.py (status, journal, reload, health)"),
+    ("docs/deploy.md", "python3 -m pytest -q -p no:cacheprovider tests/interop"): (
+        ELSEWHERE,
+        "part of the test suite",
+    ),
+    ("docs/deploy.md", "python3 -m venv /opt/gdoid && /opt/gdoid/bin/pip install ."): (
+        ELSEWHERE,
+        "tests/test_systemd_nspawn.py runs it in a booted Debian root",
+    ),
+    ("docs/deploy.md", "systemctl status gdoid-ks"): (
+        ELSEWHERE,
+        "tests/test_systemd_nspawn.py (status, journal, reload, health)",
+    ),
 }
 
 
@@ -78,7 +105,9 @@ def _key(name: str, text: str) -> tuple[str, str] | None:
 def test_every_block_is_classified() -> None:
     blocks = sh_blocks()
     unclassified = [f"{n} {h}: {t.splitlines()[0]}" for n, h, t in blocks if _key(n, t) is None]
-    assert not unclassified, "classify these blocks in tests/test_docs.py:\n" + "\n".join(unclassified)
+    assert not unclassified, "classify these blocks in tests/test_docs.py:\n" + "\n".join(
+        unclassified
+    )
     stale = set(BLOCKS) - {_key(n, t) for n, _h, t in blocks}
     assert not stale, f"blocks no longer in the docs: {stale}"
 
@@ -95,8 +124,15 @@ def _commands(tool: str) -> list[list[str]]:
     return found
 
 
-KNOWN = (*KS_ONLY_COMMANDS, *GM_ONLY_COMMANDS, *BOTH_ROLES_COMMANDS, "show crypto gdoi [group <group>]", "reload", "health",
-         "show gdoid health")
+KNOWN = (
+    *KS_ONLY_COMMANDS,
+    *GM_ONLY_COMMANDS,
+    *BOTH_ROLES_COMMANDS,
+    "show crypto gdoi [group <group>]",
+    "reload",
+    "health",
+    "show gdoid health",
+)
 
 
 def test_documented_gdoictl_commands_exist() -> None:
@@ -112,7 +148,9 @@ def test_documented_gdoictl_commands_exist() -> None:
             command, _filters = parse_command_line(words)
         except UsageError as exc:  # pragma: no cover - the assertion message
             raise AssertionError(f"gdoictl {' '.join(words)}: {exc}") from None
-        assert any(match(command, p) is not None for p in KNOWN), f"no daemon serves: gdoictl {' '.join(words)}"
+        assert any(match(command, p) is not None for p in KNOWN), (
+            f"no daemon serves: gdoictl {' '.join(words)}"
+        )
 
 
 def test_documented_gdoid_command_lines_parse() -> None:
@@ -144,8 +182,14 @@ def _run_block(first: str, tmp: Path) -> subprocess.CompletedProcess[str]:
     activate.write_text(f'PATH="{Path(GDOID).parent}:$PATH"\n' if GDOID else "")
     if GDOID:  # the gdoid and gdoictl under test first on PATH
         env["PATH"] = f"{Path(GDOID).parent}:{env['PATH']}"
-    return subprocess.run(["bash", "-c", _script(text, tmp)], cwd=tmp, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        ["bash", "-c", _script(text, tmp)],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.root

@@ -430,7 +430,9 @@ def test_rekeys_carry_activation_and_deactivation_delays(files: Path) -> None:
     cfg = parse_ks_config(ks_text(activation_delay=2, deactivation_delay=3), files)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     g = cfg.groups[0]
-    ks = KeyServerEngine(p1, {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, T0)})
+    ks = KeyServerEngine(
+        p1, {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, T0)}
+    )
     dp = RecordingDataplane()
     gm = make_gm(files, dataplane=dp)
     net = Net(ks, {GM: gm})

@@ -579,7 +579,10 @@ def test_ecn_drop_not_counted_as_decapsulated() -> None:
     outer[1] = 0x03  # CE
     assert b.inbound(bytes(outer), T0).drop == DropReason.MALFORMED
     after = b.stats(T0)["sas"][0]
-    assert (after["pkts_decaps"], after["bytes_decaps"]) == (before["pkts_decaps"], before["bytes_decaps"])
+    assert (after["pkts_decaps"], after["bytes_decaps"]) == (
+        before["pkts_decaps"],
+        before["bytes_decaps"],
+    )
     assert (after["pkts_decaps"], after["bytes_decaps"]) == (1, len(inner))
 
 

@@ -93,7 +93,8 @@ class ForwarderProc:
             if msg.get("event") == event:
                 return msg
         raise AssertionError(
-            f"forwarder in {self.ns} never said {event!r} (exit {self.proc.poll()}):\n" + "".join(self.stderr[-40:])
+            f"forwarder in {self.ns} never said {event!r} (exit {self.proc.poll()}):\n"
+            + "".join(self.stderr[-40:])
         )
 
     def stats(self) -> dict[str, Any]:
@@ -154,7 +155,9 @@ class CoreCapture:
         while time.monotonic() < deadline:
             self.topo.run("ks", "bash", "-c", f"echo {payload} > /dev/udp/192.0.2.1/9", check=False)
             with self._cond:
-                if self._cond.wait_for(lambda: any(KS in x and "UDP" in x for x in self.seen[self._mark :]), 0.3):
+                if self._cond.wait_for(
+                    lambda: any(KS in x and "UDP" in x for x in self.seen[self._mark :]), 0.3
+                ):
                     return
         raise AssertionError("tshark never saw the probe")
 
@@ -175,7 +178,22 @@ class CoreCapture:
     def packets(self) -> list[tuple[int, str, str]]:
         """(IP protocol, src, dst) of every IPv4 packet captured."""
         res = subprocess.run(
-            ["tshark", "-n", "-r", str(self.pcap), "-Y", "ip", "-T", "fields", "-e", "ip.proto", "-e", "ip.src", "-e", "ip.dst"],
+            [
+                "tshark",
+                "-n",
+                "-r",
+                str(self.pcap),
+                "-Y",
+                "ip",
+                "-T",
+                "fields",
+                "-e",
+                "ip.proto",
+                "-e",
+                "ip.src",
+                "-e",
+                "ip.dst",
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -214,7 +232,9 @@ def _state(topo: Topology, ns: str) -> dict[str, str]:
         "link": topo.run(ns, "ip", "-o", "link", "show").stdout,
         "rules": topo.run(ns, "ip", "rule", "show").stdout,
         "table": topo.run(ns, "ip", "route", "show", "table", str(TABLE), check=False).stdout,
-        "local_table": topo.run(ns, "ip", "route", "show", "table", str(LOCAL_TABLE), check=False).stdout,
+        "local_table": topo.run(
+            ns, "ip", "route", "show", "table", str(LOCAL_TABLE), check=False
+        ).stdout,
     }
 
 
@@ -237,7 +257,11 @@ def test_ping_crosses_the_core_only_as_esp(
     inner = ipaddress.IPv4Network("10.0.0.0/8")
     tenant = [p for p in packets if IPv4Address(p[1]) in inner or IPv4Address(p[2]) in inner]
     assert [p for p in tenant if p[0] != 50] == [], "clear tenant traffic on the core"
-    assert not [p for p in packets if p[0] == 1 and (IPv4Address(p[1]) in inner or IPv4Address(p[2]) in inner)]
+    assert not [
+        p
+        for p in packets
+        if p[0] == 1 and (IPv4Address(p[1]) in inner or IPv4Address(p[2]) in inner)
+    ]
     # Address preservation: the ESP carries the hosts' addresses, both ways.
     assert sum(1 for p in tenant if (p[1], p[2]) == (HOST_A, HOST_B)) >= 7
     assert sum(1 for p in tenant if (p[1], p[2]) == (HOST_B, HOST_A)) >= 7
@@ -300,7 +324,9 @@ def test_routes_while_running_and_everything_gone_after_close(
     for ns in ("gm1", "gm2"):
         after = _state(topo, ns)
         assert TUN not in after["link"], after["link"]
-        assert str(TABLE) not in after["rules"] and str(LOCAL_TABLE) not in after["rules"], after["rules"]
+        assert str(TABLE) not in after["rules"] and str(LOCAL_TABLE) not in after["rules"], after[
+            "rules"
+        ]
         assert "fwmark" not in after["rules"], after["rules"]
         assert after["table"].strip() == "" and after["local_table"].strip() == ""
     # Back to plain routing: hostA reaches hostB in the clear through the main tables.
@@ -372,7 +398,9 @@ rules2 = subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout
 tun.close()
 print(json.dumps(dict(first=first, second=second, third=third, rules1=rules1, rules2=rules2)))
 """
-    out = json.loads(topo.run("gm1", sys.executable, "-c", script, cwd=REPO).stdout.splitlines()[-1])
+    out = json.loads(
+        topo.run("gm1", sys.executable, "-c", script, cwd=REPO).stdout.splitlines()[-1]
+    )
     assert "10.2.0.0/16 dev gdoi0" in out["first"]
     assert out["rules1"].count(f"lookup {TABLE}") == 1
     assert "10.2.0.0/16" not in out["second"]
@@ -407,7 +435,9 @@ async def main():
 
 asyncio.run(main())
 """
-    out = json.loads(topo.run("gm1", sys.executable, "-c", script, cwd=REPO).stdout.splitlines()[-1])
+    out = json.loads(
+        topo.run("gm1", sys.executable, "-c", script, cwd=REPO).stdout.splitlines()[-1]
+    )
     assert "10.2.0.0/16 dev gdoi0" in out["first"]
     assert out["ok"] is True
     assert "10.5.0.0/16 dev gdoi0" in out["second"] and "10.2.0.0/16" not in out["second"]

@@ -73,7 +73,9 @@ async def capture_registration(template: Any) -> list[bytes]:
 
     engine = make_engine(template, RECORDING_GM, on_event)
     loop = asyncio.get_running_loop()
-    transport, ep = await loop.create_datagram_endpoint(lambda: GmEndpoint(engine, sent), local_addr=(RECORDING_GM, 0))
+    transport, ep = await loop.create_datagram_endpoint(
+        lambda: GmEndpoint(engine, sent), local_addr=(RECORDING_GM, 0)
+    )
     timers = asyncio.create_task(drive_timers([ep]))
     try:
         ep.send(engine.start(time.time()))
@@ -145,18 +147,24 @@ class Mutator:
     def byte_replace(self, d: bytes) -> bytes:
         b = bytearray(d)
         for _ in range(self.rng.randint(1, 4)):
-            b[self.rng.randrange(len(b))] = self.rng.choice((0, 0xFF, 0x80, 0x7F, self.rng.randrange(256)))
+            b[self.rng.randrange(len(b))] = self.rng.choice(
+                (0, 0xFF, 0x80, 0x7F, self.rng.randrange(256))
+            )
         return bytes(b)
 
     def truncate(self, d: bytes) -> bytes:
         return self.maybe_fix(d[: self.rng.randrange(len(d))])
 
     def extend(self, d: bytes) -> bytes:
-        tail = self.rng.choice((bytes(self.rng.randint(1, 64)), self.rng.randbytes(self.rng.randint(1, 400))))
+        tail = self.rng.choice(
+            (bytes(self.rng.randint(1, 64)), self.rng.randbytes(self.rng.randint(1, 400)))
+        )
         return self.maybe_fix(d + tail)
 
     def header_length(self, d: bytes) -> bytes:
-        value = self.rng.choice((0, 1, 27, 28, len(d) - 1, len(d) + 1, 0xFFFF, 0xFFFFFFFF, self.rng.getrandbits(32)))
+        value = self.rng.choice(
+            (0, 1, 27, 28, len(d) - 1, len(d) + 1, 0xFFFF, 0xFFFFFFFF, self.rng.getrandbits(32))
+        )
         return d[:24] + struct.pack("!I", value) + d[HEADER_LEN:]
 
     def payload_length(self, d: bytes) -> bytes:
@@ -165,7 +173,9 @@ class Mutator:
             return self.bit_flip(d)
         off = self.rng.choice(offsets)
         plen = struct.unpack_from("!H", d, off + 2)[0]
-        value = self.rng.choice((0, 1, 3, 4, 5, plen - 1, plen + 1, plen * 2, 0xFFFF, self.rng.randrange(0x10000)))
+        value = self.rng.choice(
+            (0, 1, 3, 4, 5, plen - 1, plen + 1, plen * 2, 0xFFFF, self.rng.randrange(0x10000))
+        )
         return d[: off + 2] + struct.pack("!H", value & 0xFFFF) + d[off + 4 :]
 
     def cookie_swap(self, d: bytes) -> bytes:
@@ -241,7 +251,10 @@ class Fuzzer:
         deadline = time.monotonic() + guard
         while True:
             c = self.counters()
-            if c.get("received", 0) >= self.base_received + self.sent or time.monotonic() > deadline:
+            if (
+                c.get("received", 0) >= self.base_received + self.sent
+                or time.monotonic() > deadline
+            ):
                 return
 
     def drain_replies(self) -> None:
@@ -267,10 +280,19 @@ class Fuzzer:
 def test_ks_survives_10000_mutated_datagrams(lab: Path) -> None:
     auth = auth_toml("psk.secret")
     ks_cfg = ks_toml(lab, address=KS_ADDRESS, port=KS_PORT, auth=auth)
-    ks_cfg.write_text(ks_cfg.read_text().replace("[ks]\n", f"[ks]\nmax_half_open = {MAX_HALF_OPEN}\n", 1))
+    ks_cfg.write_text(
+        ks_cfg.read_text().replace("[ks]\n", f"[ks]\nmax_half_open = {MAX_HALF_OPEN}\n", 1)
+    )
     template = load_gm_config(
-        gm_toml(lab, address=RECORDING_GM, name="recorder", auth=auth, servers=(KS_ADDRESS,), server_port=KS_PORT,
-                ike="[ike]\ndh_groups = [19]\n")
+        gm_toml(
+            lab,
+            address=RECORDING_GM,
+            name="recorder",
+            auth=auth,
+            servers=(KS_ADDRESS,),
+            server_port=KS_PORT,
+            ike="[ike]\ndh_groups = [19]\n",
+        )
     )
     with Daemon("ks", ks_cfg) as ks:
         ks.wait_for("ks_started")
@@ -299,13 +321,22 @@ def test_ks_survives_10000_mutated_datagrams(lab: Path) -> None:
                 fuzzer.send_batch([mutator.next() for _ in range(min(BATCH, TOTAL - fuzzer.sent))])
             final = fuzzer.counters()
             assert final["received"] - fuzzer.base_received >= 10_000
-            assert final["received"] - fuzzer.base_received == fuzzer.sent  # nothing lost on the way
-            assert after_flood["half_open_evicted"] > 0  # the flood did reach the limit (issue 9: evict, never refuse)...
-            assert fuzzer.max_half_open <= 2 * MAX_HALF_OPEN  # ...and never got past it (MM1 records + past-MM3 machines)
+            assert (
+                final["received"] - fuzzer.base_received == fuzzer.sent
+            )  # nothing lost on the way
+            assert (
+                after_flood["half_open_evicted"] > 0
+            )  # the flood did reach the limit (issue 9: evict, never refuse)...
+            assert (
+                fuzzer.max_half_open <= 2 * MAX_HALF_OPEN
+            )  # ...and never got past it (MM1 records + past-MM3 machines)
 
             # Abandon our half-open exchanges the way an initiator does (an unprotected
             # notify from the same address), so the limit frees up before its 30 s expiry.
-            cleanup = [plain_notify(c, bytes(8), NotifyType.PAYLOAD_MALFORMED) for c in sorted(fuzzer.main_mode_cookies)]
+            cleanup = [
+                plain_notify(c, bytes(8), NotifyType.PAYLOAD_MALFORMED)
+                for c in sorted(fuzzer.main_mode_cookies)
+            ]
             for i in range(0, len(cleanup), BATCH):
                 fuzzer.send_batch(cleanup[i : i + BATCH])
             assert fuzzer.last["half_open"] == 0
@@ -315,14 +346,25 @@ def test_ks_survives_10000_mutated_datagrams(lab: Path) -> None:
 
         assert ks.proc.poll() is None
         rss_after = rss_kib(ks.proc.pid)
-        print(f"fuzz: sent {fuzzer.sent}, max half-open {fuzzer.max_half_open}, RSS {rss_before} -> {rss_after} KiB, counters {fuzzer.last}")
+        print(
+            f"fuzz: sent {fuzzer.sent}, max half-open {fuzzer.max_half_open}, RSS {rss_before} -> {rss_after} KiB, counters {fuzzer.last}"
+        )
         assert rss_after - rss_before < 20 * 1024, (rss_before, rss_after)
 
-        gm_cfg = gm_toml(lab, address=REAL_GM, name="gm", auth=auth, servers=(KS_ADDRESS,),
-                         port=free_udp_port(REAL_GM), server_port=KS_PORT)
+        gm_cfg = gm_toml(
+            lab,
+            address=REAL_GM,
+            name="gm",
+            auth=auth,
+            servers=(KS_ADDRESS,),
+            port=free_udp_port(REAL_GM),
+            server_port=KS_PORT,
+        )
         with Daemon("gm", gm_cfg) as gm:
             gm.wait_for(REGISTERED + r" using address 127\.0\.1\.4", timeout=40)
-        members = gdoictl_json(lab / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"]
+        members = gdoictl_json(lab / "ks.sock", "show", "crypto", "gdoi", "ks", "members")[
+            "groups"
+        ][0]["members"]
         assert REAL_GM in {m["address"] for m in members}
         assert ks.proc.poll() is None
     assert "Traceback" not in ks.text()

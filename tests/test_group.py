@@ -18,7 +18,7 @@ def _config(tmp_path: Path, extra_sa: str = "", lifetime: int = 28800):
     write_private(tmp_path / "psk.secret", "x\n")
     write_signing_key(tmp_path / "rekey.key")
     text = ks_toml(tmp_path, auth=auth_toml("psk.secret"), lifetime=lifetime).read_text()
-    text = text.replace('[group.sa_ipsec.match]', extra_sa + '[group.sa_ipsec.match]')
+    text = text.replace("[group.sa_ipsec.match]", extra_sa + "[group.sa_ipsec.match]")
     return parse_ks_config(text, tmp_path)
 
 

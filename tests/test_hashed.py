@@ -224,7 +224,9 @@ def check(name: str, data: bytes) -> None:
 
 def test_informational_bytes_and_check() -> None:
     gm, ks = sa_pair()
-    data = gm.informational(NotifyPayload(Doi.GDOI, 0, NotifyType.INVALID_ID_INFORMATION, b"", b"why"))
+    data = gm.informational(
+        NotifyPayload(Doi.GDOI, 0, NotifyType.INVALID_ID_INFORMATION, b"", b"why")
+    )
     check("informational", data)
     check("error_notify", error_notify(ks, NotifyType.AUTHENTICATION_FAILED, b"not authorized"))
     n = ks.open_informational(data).get(NotifyPayload)
@@ -272,7 +274,9 @@ def test_pull_tampered_hash_refused(which: int) -> None:
 
 
 def ann() -> AnnPayload:
-    return AnnPayload(SoftwareVersion(1, 0, 2), 100, Role.PRIMARY, 0, 42, GROUP, 3, (AnnBlock(1, b'{"a": 1}'),))
+    return AnnPayload(
+        SoftwareVersion(1, 0, 2), 100, Role.PRIMARY, 0, 42, GROUP, 3, (AnnBlock(1, b'{"a": 1}'),)
+    )
 
 
 def test_ann_bytes_and_check() -> None:
@@ -297,4 +301,3 @@ def test_push_ack_bytes_and_check() -> None:
     assert verify_ack(ack, HashAlgorithm.SHA2_256, key)
     assert not verify_ack(ack, HashAlgorithm.SHA2_256, b"K" * 32)
     assert not verify_ack(parse_ack(flip_last(data)), HashAlgorithm.SHA2_256, key)
-

@@ -44,7 +44,10 @@ def _modules_after_import(modules: list[str]) -> set[str]:
         "    importlib.import_module(m)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     ).stdout
@@ -59,7 +62,9 @@ def _modules_after_import(modules: list[str]) -> set[str]:
 def test_pure_modules_do_not_load_the_config_loader(modules: list[str]) -> None:
     loaded = _modules_after_import(modules)
     config = {m for m in loaded if m == "gdoid.config" or m.startswith("gdoid.config.")}
-    assert config <= ALLOWED_CONFIG_MODULES, f"{modules} load {sorted(config - ALLOWED_CONFIG_MODULES)}"
+    assert config <= ALLOWED_CONFIG_MODULES, (
+        f"{modules} load {sorted(config - ALLOWED_CONFIG_MODULES)}"
+    )
     assert "tomllib" not in loaded, f"{modules} load the TOML reader"
     if modules != PROTOCOL_MODULES:
         # The engines do read configuration: from the model.
@@ -88,8 +93,23 @@ def test_public_class_names_are_unique_across_gdoid() -> None:
 
 
 # Calls that touch the file system (pathlib and builtins).
-_FS_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "stat", "lstat",
-             "exists", "is_file", "is_dir", "iterdir", "glob", "resolve", "chmod", "mkdir"}
+_FS_CALLS = {
+    "open",
+    "read_text",
+    "read_bytes",
+    "write_text",
+    "write_bytes",
+    "stat",
+    "lstat",
+    "exists",
+    "is_file",
+    "is_dir",
+    "iterdir",
+    "glob",
+    "resolve",
+    "chmod",
+    "mkdir",
+}
 _FS_MODULES = {"os", "stat", "grp", "pwd", "shutil", "tomllib", "io", "tempfile"}
 
 

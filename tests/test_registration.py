@@ -48,10 +48,17 @@ def test_psk_registration_spis_versions_and_feature_table(lab: Path) -> None:
                 gm_group = _group(gdoictl_json(lab / sock, "show", "crypto", "gdoi"))
                 assert gm_group["state"] == "REGISTERED"
                 assert gm_group["kek_spi"] == ks_group["kek_spi"]
-                assert gm_group["tek_spis"] == ks_group["tek_spis"] and len(gm_group["tek_spis"]) == 1
+                assert (
+                    gm_group["tek_spis"] == ks_group["tek_spis"] and len(gm_group["tek_spis"]) == 1
+                )
                 assert len(gm_group["sender_ids"]) == 1  # GCM policy: an RFC 6054 sender ID each
 
-            members = {m["address"]: m for m in _group(gdoictl_json(lab / "ks.sock", "show", "crypto", "gdoi", "ks", "members"))["members"]}
+            members = {
+                m["address"]: m
+                for m in _group(
+                    gdoictl_json(lab / "ks.sock", "show", "crypto", "gdoi", "ks", "members")
+                )["members"]
+            }
             assert members["127.0.0.2"]["version"] == "1.0.2"
             assert members["127.0.0.3"]["version"] == "1.0.1"
             assert members["127.0.0.2"]["tek_spis"] == ks_group["tek_spis"]
@@ -70,7 +77,17 @@ def test_psk_registration_spis_versions_and_feature_table(lab: Path) -> None:
                 " 127.0.0.2 1.0.2 Yes\n"
                 " 127.0.0.3 1.0.1 No\n"
             )
-            only_no = gdoictl(lab / "ks.sock", "show", "crypto", "gdoi", "feature", "policy-replace", "|", "include", "No")
+            only_no = gdoictl(
+                lab / "ks.sock",
+                "show",
+                "crypto",
+                "gdoi",
+                "feature",
+                "policy-replace",
+                "|",
+                "include",
+                "No",
+            )
             assert only_no.stdout == " 127.0.0.3 1.0.1 No\n"
 
             # The human-readable GM view names the same SPI the KS shows.
@@ -85,15 +102,29 @@ def test_psk_registration_spis_versions_and_feature_table(lab: Path) -> None:
 
 def test_certificate_registration(lab: Path) -> None:
     pki = generate_test_pki(lab / "pki", ["ks", "gm1"])
-    ks_auth = auth_toml(pki={"ca_file": str(pki["ca.pem"]), "cert_file": str(pki["ks.pem"]), "key_file": str(pki["ks.key"])})
-    gm_auth = auth_toml(pki={"ca_file": str(pki["ca.pem"]), "cert_file": str(pki["gm1.pem"]), "key_file": str(pki["gm1.key"])})
+    ks_auth = auth_toml(
+        pki={
+            "ca_file": str(pki["ca.pem"]),
+            "cert_file": str(pki["ks.pem"]),
+            "key_file": str(pki["ks.key"]),
+        }
+    )
+    gm_auth = auth_toml(
+        pki={
+            "ca_file": str(pki["ca.pem"]),
+            "cert_file": str(pki["gm1.pem"]),
+            "key_file": str(pki["gm1.key"]),
+        }
+    )
     with Daemon("ks", ks_toml(lab, auth=ks_auth)) as ks:
         ks.wait_for("ks_started")
         with Daemon("gm", gm_toml(lab, address="127.0.0.2", name="gm1", auth=gm_auth)) as gm:
             gm.wait_for(REGISTERED)
             line = ks.wait_for("phase1_established")
             assert "rsa_sig" in line
-            members = _group(gdoictl_json(lab / "ks.sock", "show", "crypto", "gdoi", "ks", "members"))["members"]
+            members = _group(
+                gdoictl_json(lab / "ks.sock", "show", "crypto", "gdoi", "ks", "members")
+            )["members"]
             assert members[0]["identity"] == "CN=gm1"
             ks_group = _group(gdoictl_json(lab / "ks.sock", "show", "crypto", "gdoi"))
             gm_group = _group(gdoictl_json(lab / "gm1.sock", "show", "crypto", "gdoi"))
@@ -106,10 +137,14 @@ def test_refusals_are_notified_and_logged_on_both_sides(lab: Path) -> None:
     pki = generate_test_pki(lab / "pki", ["ks"])
     rogue = generate_test_pki(lab / "rogue", ["gm5"])
     ks_auth = auth_toml("psk.secret") + auth_toml(
-        pki={"ca_file": str(pki["ca.pem"]), "cert_file": str(pki["ks.pem"]), "key_file": str(pki["ks.key"])}
+        pki={
+            "ca_file": str(pki["ca.pem"]),
+            "cert_file": str(pki["ks.pem"]),
+            "key_file": str(pki["ks.key"]),
+        }
     )
     good = auth_toml("psk.secret")
-    ks_cfg = ks_toml(lab, auth=ks_auth, ike='[ike]\ndh_groups = [19]\n')
+    ks_cfg = ks_toml(lab, auth=ks_auth, ike="[ike]\ndh_groups = [19]\n")
     cases = [
         ("gm2", "127.0.0.2", auth_toml("wrong.secret"), 1234, "", "AUTHENTICATION_FAILED"),
         ("gm3", "127.0.0.3", good, 999, "", "INVALID_ID_INFORMATION"),
@@ -117,7 +152,13 @@ def test_refusals_are_notified_and_logged_on_both_sides(lab: Path) -> None:
         (
             "gm5",
             "127.0.0.5",
-            auth_toml(pki={"ca_file": str(pki["ca.pem"]), "cert_file": str(rogue["gm5.pem"]), "key_file": str(rogue["gm5.key"])}),
+            auth_toml(
+                pki={
+                    "ca_file": str(pki["ca.pem"]),
+                    "cert_file": str(rogue["gm5.pem"]),
+                    "key_file": str(rogue["gm5.key"]),
+                }
+            ),
             1234,
             "",
             "AUTHENTICATION_FAILED",
@@ -128,8 +169,12 @@ def test_refusals_are_notified_and_logged_on_both_sides(lab: Path) -> None:
         for name, addr, auth, group, ike, notify in cases:
             cfg = gm_toml(lab, address=addr, name=name, auth=auth, group_number=group, ike=ike)
             with Daemon("gm", cfg) as gm:
-                gm_line = gm.wait_for(rf"%(GDOI-4-GM_REG_FAILURE|IKE-4-PHASE1_FAILED): .*received {notify}")
-                ks_line = ks.wait_for(rf"%(GDOI-4-KS_REGS_FAILURE|IKE-4-PHASE1_FAILED): .*{re.escape(addr)}.*sent {notify}")
+                gm_line = gm.wait_for(
+                    rf"%(GDOI-4-GM_REG_FAILURE|IKE-4-PHASE1_FAILED): .*received {notify}"
+                )
+                ks_line = ks.wait_for(
+                    rf"%(GDOI-4-KS_REGS_FAILURE|IKE-4-PHASE1_FAILED): .*{re.escape(addr)}.*sent {notify}"
+                )
                 assert notify in gm_line and notify in ks_line
                 status = _group(gdoictl_json(lab / f"{name}.sock", "show", "crypto", "gdoi"))
                 assert status["registrations"] == 0 and status["tek_spis"] == []
@@ -150,18 +195,46 @@ def test_tshark_decrypts_registration_with_key_log(lab: Path) -> None:
     auth = auth_toml("psk.secret")
     with Capture(pcap), Daemon("ks", ks_toml(lab, auth=auth), "--keylog", str(keylog)) as ks:
         ks.wait_for("ks_started")
-        with Daemon("gm", gm_toml(lab, address="127.0.0.2", name="gm1", auth=auth), "--keylog", str(keylog)) as gm:
+        with Daemon(
+            "gm", gm_toml(lab, address="127.0.0.2", name="gm1", auth=auth), "--keylog", str(keylog)
+        ) as gm:
             gm.wait_for(REGISTERED)
             spis = _group(gdoictl_json(lab / "gm1.sock", "show", "crypto", "gdoi"))["tek_spis"]
     env = {**os.environ, "WIRESHARK_CONFIG_DIR": str(keylog)}
     fields = subprocess.run(
         [
-            "tshark", "-r", str(pcap), "-d", "udp.port==848,isakmp", "-Y", "udp.port==848", "-T", "fields", "-E", "separator=|",
-            "-e", "isakmp.exchangetype", "-e", "isakmp.flag_e", "-e", "isakmp.id.data.key_id",
-            "-e", "isakmp.sat.spi", "-e", "isakmp.kd.payload.spi", "-e", "isakmp.seq.seq",
-            "-e", "isakmp.id.data.ipv4_addr", "-e", "isakmp.typepayload",
+            "tshark",
+            "-r",
+            str(pcap),
+            "-d",
+            "udp.port==848,isakmp",
+            "-Y",
+            "udp.port==848",
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-e",
+            "isakmp.exchangetype",
+            "-e",
+            "isakmp.flag_e",
+            "-e",
+            "isakmp.id.data.key_id",
+            "-e",
+            "isakmp.sat.spi",
+            "-e",
+            "isakmp.kd.payload.spi",
+            "-e",
+            "isakmp.seq.seq",
+            "-e",
+            "isakmp.id.data.ipv4_addr",
+            "-e",
+            "isakmp.typepayload",
         ],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout.splitlines()
     rows = [line.split("|") for line in fields]
     pull = [r for r in rows if r[0] == "32"]
@@ -176,8 +249,19 @@ def test_tshark_decrypts_registration_with_key_log(lab: Path) -> None:
     assert {mm[4][6], mm[5][6]} == {"127.0.0.2", "127.0.0.1"}
     # Nothing malformed, no expert errors or warnings anywhere.
     expert = subprocess.run(
-        ["tshark", "-r", str(pcap), "-d", "udp.port==848,isakmp", "-Y", "udp.port==848 && (_ws.malformed || _ws.expert.severity >= 6291456)"],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            "tshark",
+            "-r",
+            str(pcap),
+            "-d",
+            "udp.port==848,isakmp",
+            "-Y",
+            "udp.port==848 && (_ws.malformed || _ws.expert.severity >= 6291456)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     assert expert.stdout.strip() == ""
     assert "ikev1_decryption_table" in os.listdir(keylog)
@@ -189,7 +273,9 @@ def test_json_logs_carry_mnemonics_and_no_keys(lab: Path) -> None:
     auth = auth_toml("psk.secret")
     with Daemon("ks", ks_toml(lab, auth=auth), "--log-format", "json") as ks:
         ks.wait_for("ks_started")
-        with Daemon("gm", gm_toml(lab, address="127.0.0.2", name="gm1", auth=auth), "--log-format", "json") as gm:
+        with Daemon(
+            "gm", gm_toml(lab, address="127.0.0.2", name="gm1", auth=auth), "--log-format", "json"
+        ) as gm:
             gm.wait_for("GM_REGS_COMPL")
             ks.wait_for("KS_REGS_COMPL")
     records = [json.loads(line) for line in ks.text().splitlines() + gm.text().splitlines()]

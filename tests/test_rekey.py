@@ -65,9 +65,7 @@ POLICY_CHANGE = (
 
 
 def _recv_rekey(gm: str, seq: int) -> str:
-    return (
-        rf"%GDOI-5-GM_RECV_REKEY: Received Rekey for group GET from 127\.0\.0\.1 to {re.escape(gm)} with seq # {seq}$"
-    )
+    return rf"%GDOI-5-GM_RECV_REKEY: Received Rekey for group GET from 127\.0\.0\.1 to {re.escape(gm)} with seq # {seq}$"
 
 
 def _send_rekey(seq: int, replace: bool = False) -> str:
@@ -128,7 +126,9 @@ def running(
 
 def test_scheduled_rekey_with_kek_rollover(lab: Path) -> None:
     """TEK 30 s, KEK 35 s, lead 25 s: rekeys at +5 s (new TEK) and +10 s (new TEK and KEK)."""
-    cfg = ks_toml(lab, auth=auth_toml("psk.secret"), lifetime=30, kek_lifetime=35, rekey={"lead_time": 25})
+    cfg = ks_toml(
+        lab, auth=auth_toml("psk.secret"), lifetime=30, kek_lifetime=35, rekey={"lead_time": 25}
+    )
     with running(lab, cfg, [("gm1", "127.0.0.2", "1.0.2")]) as (ks, gms):
         gm = gms["gm1"]
         first = show(lab / "gm1.sock")
@@ -153,7 +153,10 @@ def test_scheduled_rekey_with_kek_rollover(lab: Path) -> None:
         assert gm_now["registrations"] == 1  # rekeyed, never re-registered
 
         # Both pushes were acknowledged (RFC 8263-style acks).
-        member = poll("two acks on the KS", lambda: (m := members(lab)["127.0.0.2"])["acks_received"] >= 2 and m)
+        member = poll(
+            "two acks on the KS",
+            lambda: (m := members(lab)["127.0.0.2"])["acks_received"] >= 2 and m,
+        )
         assert member["missed_rekeys"] == 0 and member["rekeys_sent"] >= 2
     assert "policy-replace" not in ks.text()
 
@@ -168,7 +171,9 @@ def _pushes_to(pcap: Path, gm: str) -> list[bytes]:
     for pkt in rdpcap(str(pcap)):
         if IP in pkt and UDP in pkt and pkt[IP].dst == gm and pkt[UDP].dport == 848:
             data = bytes(pkt[UDP].payload)
-            if len(data) > 28 and data[18] == 33 and data not in found:  # exchange type 33: GROUPKEY-PUSH
+            if (
+                len(data) > 28 and data[18] == 33 and data not in found
+            ):  # exchange type 33: GROUPKEY-PUSH
                 found.append(data)
     return found
 
@@ -188,7 +193,11 @@ def test_replayed_stale_and_forged_pushes_are_rejected(lab: Path) -> None:
         assert before[2] == 3
 
         flipped = []
-        for at in (28 + 1, len(newer) // 2, len(newer) - 1):  # first, middle and last ciphertext block
+        for at in (
+            28 + 1,
+            len(newer) // 2,
+            len(newer) - 1,
+        ):  # first, middle and last ciphertext block
             bad = bytearray(newer)
             bad[at] ^= 0x01
             flipped.append(bytes(bad))
@@ -198,13 +207,18 @@ def test_replayed_stale_and_forged_pushes_are_rejected(lab: Path) -> None:
             s.bind(("127.0.0.1", 0))
             mark = len(gm.lines)
             s.sendto(newer, ("127.0.0.2", 848))
-            gm.wait_for(r"push_retransmission group=GET seq=3 action=\"?acknowledged again", start=mark)
+            gm.wait_for(
+                r"push_retransmission group=GET seq=3 action=\"?acknowledged again", start=mark
+            )
             ack, _ = s.recvfrom(2048)
             assert ack[18] == 35 and ack[:16] == newer[:16]  # GROUPKEY-PUSH ack under the same KEK
             assert keys_of(show(lab / "gm1.sock")) == before
         cases = [
             (older, r"SEQ 2 is not above 3: replayed or stale"),
-            *[(bad, r"push (does not decrypt under the KEK|signature does not verify)") for bad in flipped],
+            *[
+                (bad, r"push (does not decrypt under the KEK|signature does not verify)")
+                for bad in flipped
+            ],
         ]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
@@ -238,7 +252,9 @@ def test_transitional_removal_with_old_and_new_gms(lab: Path) -> None:
         res = gdoictl(lab / "ks.sock", *command, answers="no\n")
         assert res.returncode == 1 and res.stdout == REMOVAL_PROMPT + "no\n"
         res = gdoictl(lab / "ks.sock", *command, answers="yes\nno\n")
-        assert res.returncode == 1 and res.stdout == REMOVAL_PROMPT + "yes\n" + WARNING_PROMPT + "no\n"
+        assert (
+            res.returncode == 1 and res.stdout == REMOVAL_PROMPT + "yes\n" + WARNING_PROMPT + "no\n"
+        )
         assert show(lab / "ks.sock")["seq"] == 1 and set(members(lab)) == {"127.0.0.2", "127.0.0.3"}
         assert "GM-Removal" not in ks.text()
 
@@ -266,7 +282,13 @@ def test_transitional_removal_with_old_and_new_gms(lab: Path) -> None:
         assert "GM_RECV_DELETE" not in daemons["gm2"].text()
 
         # Both GMs acknowledge the removal push; the KS (its table already clear) just counts them.
-        poll("the removal acks", lambda: gdoictl_json(lab / "ks.sock", "show", "gdoid", "counters").get("acks_unmatched") == 2)
+        poll(
+            "the removal acks",
+            lambda: (
+                gdoictl_json(lab / "ks.sock", "show", "gdoid", "counters").get("acks_unmatched")
+                == 2
+            ),
+        )
         assert "MALFORMED_DROP" not in ks.text()
 
         # The KS switched to keys nobody holds yet and cleared its member table.
@@ -285,12 +307,17 @@ def test_transitional_removal_short_lifetime_reregisters_before_expiry(lab: Path
         mark = len(gm.lines)
         res = gdoictl(lab / "ks.sock", "clear", "crypto", "gdoi", "ks", "members", yes=True)
         assert res.returncode == 0
-        assert res.stdout == REMOVAL_PROMPT + "yes\n" + SENDING_REMOVAL  # only 1.0.2 devices: one prompt
+        assert (
+            res.stdout == REMOVAL_PROMPT + "yes\n" + SENDING_REMOVAL
+        )  # only 1.0.2 devices: one prompt
         ks_new = show(lab / "ks.sock")
         gm.wait_for(re.escape(GM_RECV_DELETE) + "$", start=mark)
         cut = show(lab / "gm1.sock")
         assert cut["kek_spi"] is None
-        assert abs(cut["teks"][0]["remaining"] - shortened_lifetime(old["teks"][0]["remaining"], 20)) <= 2
+        assert (
+            abs(cut["teks"][0]["remaining"] - shortened_lifetime(old["teks"][0]["remaining"], 20))
+            <= 2
+        )
 
         gm.wait_for(REGISTERED, timeout=25, start=mark)
         again = show(lab / "gm1.sock")
@@ -311,10 +338,15 @@ def test_revoked_psk_fails_reregistration_after_removal(lab: Path) -> None:
     write_private(lab / "ks-gm2.secret", "secret-of-gm2\n")
     write_private(lab / "gm1.secret", "secret-of-gm1\n")
     write_private(lab / "gm2.secret", "secret-of-gm2\n")
-    ks_auth = auth_toml("ks-gm1.secret", peer="127.0.0.2/32") + auth_toml("ks-gm2.secret", peer="127.0.0.3/32")
+    ks_auth = auth_toml("ks-gm1.secret", peer="127.0.0.2/32") + auth_toml(
+        "ks-gm2.secret", peer="127.0.0.3/32"
+    )
     # TEK lifetime 100 s: after REMOVAL-NOW the GMs come back within 2 s.
     cfg = ks_toml(lab, auth=ks_auth, lifetime=100, rekey={"lead_time": 10})
-    gm_auth = {"gm1": auth_toml("gm1.secret", peer="127.0.0.1/32"), "gm2": auth_toml("gm2.secret", peer="127.0.0.1/32")}
+    gm_auth = {
+        "gm1": auth_toml("gm1.secret", peer="127.0.0.1/32"),
+        "gm2": auth_toml("gm2.secret", peer="127.0.0.1/32"),
+    }
     gms = [("gm1", "127.0.0.2", "1.0.2"), ("gm2", "127.0.0.3", "1.0.2")]
     with running(lab, cfg, gms, gm_auth) as (ks, daemons):
         # Revoke 127.0.0.3: its key on the KS changes, then reload.
@@ -339,10 +371,12 @@ def test_revoked_psk_fails_reregistration_after_removal(lab: Path) -> None:
         assert not set(gm2["tek_spis"]) & set(ks_new["tek_spis"])
         assert set(members(lab)) == {"127.0.0.2"}
         # It keeps trying, and keeps failing.
-        daemons["gm2"].wait_for(r"AUTHENTICATION_FAILED", start=len(daemons["gm2"].lines), timeout=10)
+        daemons["gm2"].wait_for(
+            r"AUTHENTICATION_FAILED", start=len(daemons["gm2"].lines), timeout=10
+        )
         gm2 = show(lab / "gm2.sock")
         assert not set(gm2["tek_spis"]) & set(ks_new["tek_spis"]) and gm2["registrations"] == 1
-    assert not re.search(REGISTERED, "\n".join(daemons["gm2"].lines[marks["gm2"]:]))
+    assert not re.search(REGISTERED, "\n".join(daemons["gm2"].lines[marks["gm2"] :]))
 
 
 # --- 5. GM removal with immediate SA deletion -----------------------------------------------
@@ -372,7 +406,9 @@ def test_immediate_removal(lab: Path) -> None:
             assert now["kek_spi"] is None and now["tek_spis"] == [] and now["teks"] == []
 
         gm.wait_for(REGISTERED, timeout=period + 5, start=mark)
-        assert time.monotonic() - seen_at <= period + 2  # within the announced period (+ rounding, tick)
+        assert (
+            time.monotonic() - seen_at <= period + 2
+        )  # within the announced period (+ rounding, tick)
         again = show(lab / "gm1.sock")
         assert again["registrations"] == 2
         assert again["kek_spi"] == ks_new["kek_spi"] and again["tek_spis"] == ks_new["tek_spis"]
@@ -415,7 +451,9 @@ def test_policy_change_and_triggered_rekey(lab: Path) -> None:
         assert set(teks1) == {old_spi, new_spi}
         assert teks1[new_spi]["transform"] == gcm and teks1[new_spi]["remaining"] > 3500
         assert teks1[old_spi]["transform"] == cbc
-        assert abs(teks1[old_spi]["remaining"] - shortened_lifetime(3600, 3600)) <= 2  # TEK_SLT = 180 s
+        assert (
+            abs(teks1[old_spi]["remaining"] - shortened_lifetime(3600, 3600)) <= 2
+        )  # TEK_SLT = 180 s
         teks2 = {t["spi"]: t for t in show(lab / "gm2.sock")["teks"]}
         assert set(teks2) == {old_spi, new_spi}
         assert teks2[new_spi]["transform"] == gcm
@@ -450,7 +488,9 @@ def test_policy_change_and_triggered_rekey(lab: Path) -> None:
 
 
 def test_killed_gm_dropped_after_three_missed_rekeys(lab: Path) -> None:
-    cfg = ks_toml(lab, auth=auth_toml("psk.secret"), rekey={"retransmit_interval": 0.2, "retransmit_count": 0})
+    cfg = ks_toml(
+        lab, auth=auth_toml("psk.secret"), rekey={"retransmit_interval": 0.2, "retransmit_count": 0}
+    )
     gms = [("gm1", "127.0.0.2", "1.0.2"), ("gm2", "127.0.0.3", "1.0.2")]
     with running(lab, cfg, gms) as (ks, daemons):
         daemons["gm2"].proc.send_signal(signal.SIGKILL)
@@ -461,7 +501,12 @@ def test_killed_gm_dropped_after_three_missed_rekeys(lab: Path) -> None:
             daemons["gm1"].wait_for(_recv_rekey("127.0.0.2", seq))
             if seq < 4:
                 # Still a member: missed only seq - 1 so far (the count shows once the retransmit timer ran).
-                row = poll(f"{seq - 1} missed", lambda s=seq: (m := members(lab).get("127.0.0.3")) and m["missed_rekeys"] == s - 1 and m)
+                row = poll(
+                    f"{seq - 1} missed",
+                    lambda s=seq: (
+                        (m := members(lab).get("127.0.0.3")) and m["missed_rekeys"] == s - 1 and m
+                    ),
+                )
                 assert row["address"] == "127.0.0.3"
                 assert not re.search(dropped, ks.text())
         ks.wait_for(dropped)

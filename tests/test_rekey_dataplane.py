@@ -70,8 +70,17 @@ REMOVAL_NOW = (
     r"policy now\. Re-registration will start in a randomly chosen period of (\d+) sec$"
 )
 # Drop reasons a rekey must never cause (no-sa is checked against the lost echoes instead).
-BAD_DROPS = ("icv", "replay", "tbar", "malformed", "expired", "too-big", "counter-exhausted", "fail-close",
-             "internal-error")
+BAD_DROPS = (
+    "icv",
+    "replay",
+    "tbar",
+    "malformed",
+    "expired",
+    "too-big",
+    "counter-exhausted",
+    "fail-close",
+    "internal-error",
+)
 
 
 T = TypeVar("T")
@@ -161,7 +170,9 @@ print("END", seq, flush=True)
 class PingStream:
     """A continuous ICMP echo stream from a namespace, its replies and losses as events."""
 
-    def __init__(self, topo: Topology, ns: str, dst: str, interval: float = 0.05, timeout: float = 1.0) -> None:
+    def __init__(
+        self, topo: Topology, ns: str, dst: str, interval: float = 0.05, timeout: float = 1.0
+    ) -> None:
         self.sent: list[int] = []
         self.replies: list[int] = []
         self.lost: list[int] = []
@@ -196,7 +207,10 @@ class PingStream:
         """Wait for ``n`` more echo replies; returns the number of replies so far."""
         with self._cond:
             goal = len(self.replies) + n
-            if not self._cond.wait_for(lambda: len(self.replies) >= goal or self.ended, timeout) or self.ended:
+            if (
+                not self._cond.wait_for(lambda: len(self.replies) >= goal or self.ended, timeout)
+                or self.ended
+            ):
                 raise AssertionError(
                     f"only {len(self.replies)} of {goal} echo replies (sent {len(self.sent)}, lost {self.lost[-10:]})"
                 )
@@ -205,7 +219,10 @@ class PingStream:
     def wait_sent(self, n: int, timeout: float = 15.0) -> None:
         with self._cond:
             goal = len(self.sent) + n
-            assert self._cond.wait_for(lambda: len(self.sent) >= goal or self.ended, timeout) and not self.ended
+            assert (
+                self._cond.wait_for(lambda: len(self.sent) >= goal or self.ended, timeout)
+                and not self.ended
+            )
 
     def stop(self) -> None:
         """Stop sending; returns once every echo is answered or counted lost."""
@@ -247,7 +264,12 @@ def ks_config(d: Path, auth: str | None = None, **kw: Any) -> Path:
 
 @contextmanager
 def running(
-    topo: Topology, d: Path, ks_cfg: Path, *, psk: dict[str, str] | None = None, fail_close: dict[str, bool] | None = None
+    topo: Topology,
+    d: Path,
+    ks_cfg: Path,
+    *,
+    psk: dict[str, str] | None = None,
+    fail_close: dict[str, bool] | None = None,
 ) -> Iterator[tuple[Daemon, dict[str, Daemon]]]:
     """KS in ``ks``, gm1 and gm2 in their namespaces, both registered."""
     with ExitStack() as stack:
@@ -256,11 +278,18 @@ def running(
         gms: dict[str, Daemon] = {}
         for name in ("gm1", "gm2"):
             cfg = d / f"{name}.toml"
-            cfg.write_text(gm_config(
-                GM_ADDRESS[name], control_socket=f"{d}/{name}.sock", tun_name="gdoi0", registration_timeout=3.0,
-                fail_close=(fail_close or {}).get(name, False), dataplane={"enabled": True, "wan_interface": "wan"},
-                auth=psk_auth(f"{KS}/32", (psk or {}).get(name, "psk.secret")), groups=[gm_group([KS])],
-            ))
+            cfg.write_text(
+                gm_config(
+                    GM_ADDRESS[name],
+                    control_socket=f"{d}/{name}.sock",
+                    tun_name="gdoi0",
+                    registration_timeout=3.0,
+                    fail_close=(fail_close or {}).get(name, False),
+                    dataplane={"enabled": True, "wan_interface": "wan"},
+                    auth=psk_auth(f"{KS}/32", (psk or {}).get(name, "psk.secret")),
+                    groups=[gm_group([KS])],
+                )
+            )
             gms[name] = stack.enter_context(NsDaemon(topo, name, "gm", cfg))
         for name, gm in gms.items():
             gm.wait_for(registered(name))
@@ -291,16 +320,28 @@ def bad_drops(data: dict[str, Any]) -> dict[str, int]:
     return {k: v for k, v in data["drops"].items() if k in BAD_DROPS and v}
 
 
-def assert_outbound_on(d: Path, stream: PingStream, spi: str, others: list[str], n: int = 10) -> None:
+def assert_outbound_on(
+    d: Path, stream: PingStream, spi: str, others: list[str], n: int = 10
+) -> None:
     """The next ``n`` echoes cross on ``spi`` (gm1 -> gm2, replies gm2 -> gm1), none on ``others``."""
     before = {gm: ipsec(d, gm) for gm in ("gm1", "gm2")}
     stream.wait_replies(n)
     after = {gm: ipsec(d, gm) for gm in ("gm1", "gm2")}
-    for gm, field in (("gm1", "pkts_encaps"), ("gm2", "pkts_decaps"), ("gm2", "pkts_encaps"), ("gm1", "pkts_decaps")):
+    for gm, field in (
+        ("gm1", "pkts_encaps"),
+        ("gm2", "pkts_decaps"),
+        ("gm2", "pkts_encaps"),
+        ("gm1", "pkts_decaps"),
+    ):
         assert delta(after[gm], before[gm], spi, field) >= n, (gm, field, spi, after[gm]["by_spi"])
         for other in others:
             if other in after[gm]["by_spi"]:
-                assert delta(after[gm], before[gm], other, field) == 0, (gm, field, other, after[gm]["by_spi"])
+                assert delta(after[gm], before[gm], other, field) == 0, (
+                    gm,
+                    field,
+                    other,
+                    after[gm]["by_spi"],
+                )
 
 
 def assert_losses_explained(stream: PingStream, d: Path, max_no_sa: int) -> int:
@@ -311,7 +352,10 @@ def assert_losses_explained(stream: PingStream, d: Path, max_no_sa: int) -> int:
         assert data["clear_out"] == 0, (gm, data["clear_out"])
         assert data["forwarder"]["send_errors"] == 0 and data["forwarder"]["dataplane_errors"] == 0
     no_sa = sum(c["drops"].get("no-sa", 0) for c in counters.values())
-    assert len(stream.lost) == no_sa <= max_no_sa, (stream.lost, {g: c["drops"] for g, c in counters.items()})
+    assert len(stream.lost) == no_sa <= max_no_sa, (
+        stream.lost,
+        {g: c["drops"] for g, c in counters.items()},
+    )
     return no_sa
 
 
@@ -345,7 +389,11 @@ def test_scheduled_rekeys_and_kek_rollover_keep_traffic_flowing(lab: tuple[Topol
         ks_now, g1, g2 = show(d, "ks"), show(d, "gm1"), show(d, "gm2")
         assert g1["kek_spi"] == g2["kek_spi"] == ks_now["kek_spi"] != kek1
         tek3 = g1["tek_spis"][-1]
-        assert tek3 == ks_now["tek_spis"][-1] and g2["tek_spis"] == g1["tek_spis"] == [tek1, tek2, tek3]
+        assert tek3 == ks_now["tek_spis"][-1] and g2["tek_spis"] == g1["tek_spis"] == [
+            tek1,
+            tek2,
+            tek3,
+        ]
         assert_outbound_on(d, stream, tek3, [tek1, tek2])
 
         # seq 4: the first rekey under the rolled-over KEK is accepted.
@@ -376,7 +424,9 @@ def test_scheduled_rekeys_and_kek_rollover_keep_traffic_flowing(lab: tuple[Topol
 
 
 @pytest.mark.root
-def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[Topology, Path]) -> None:
+def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(
+    lab: tuple[Topology, Path],
+) -> None:
     """Per-GM PSKs; gm2's is revoked on the KS, then ``clear crypto gdoi ks members``.
 
     TEK 40 s, so TEK_SLT is the remaining lifetime (under 90 s) and both GMs
@@ -393,7 +443,9 @@ def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[T
     for name in ("gm1", "gm2"):
         write_private(d / f"ks-{name}.secret", f"secret-of-{name}\n")
         write_private(d / f"{name}.secret", f"secret-of-{name}\n")
-    ks_auth = auth_toml("ks-gm1.secret", peer=f"{GM1_WAN}/32") + auth_toml("ks-gm2.secret", peer=f"{GM2_WAN}/32")
+    ks_auth = auth_toml("ks-gm1.secret", peer=f"{GM1_WAN}/32") + auth_toml(
+        "ks-gm2.secret", peer=f"{GM2_WAN}/32"
+    )
     cfg = ks_config(d, auth=ks_auth, lifetime=40, rekey={"lead_time": 1})
     psk = {"gm1": "gm1.secret", "gm2": "gm2.secret"}
     with running(topo, d, cfg, psk=psk) as (ks, gms), PingStream(topo, "hostA", HOST_B) as stream:
@@ -416,7 +468,10 @@ def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[T
             gm.wait_for(re.escape(GM_RECV_DELETE), start=marks[name])
             g = show(d, name)
             assert g["kek_spi"] is None and g["tek_spis"] == [old_tek]
-            assert abs(g["teks"][0]["remaining"] - shortened_lifetime(old["teks"][0]["remaining"], 40)) <= 2
+            assert (
+                abs(g["teks"][0]["remaining"] - shortened_lifetime(old["teks"][0]["remaining"], 40))
+                <= 2
+            )
 
         # The transitional SAs carry the traffic: nothing lost, gm2 decrypts everything.
         assert_outbound_on(d, stream, old_tek, [])
@@ -425,7 +480,11 @@ def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[T
         # gm1 re-registers: the new TEK is installed at once, for receiving only ...
         gms["gm1"].wait_for(registered("gm1"), start=marks["gm1"], timeout=40)
         g1 = show(d, "gm1")
-        assert g1["registrations"] == 2 and g1["tek_spis"] == [old_tek, new_tek] and g1["kek_spi"] is not None
+        assert (
+            g1["registrations"] == 2
+            and g1["tek_spis"] == [old_tek, new_tek]
+            and g1["kek_spi"] is not None
+        )
         sas = ipsec(d, "gm1")["by_spi"]
         assert not sas[new_tek]["active"] and sas[old_tek]["active"], sas
         assert sas[old_tek]["remaining"] > TRANSITION_SWITCH_LEAD, sas
@@ -458,19 +517,29 @@ def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(lab: tuple[T
         assert list(ipsec(d, "gm1")["by_spi"]) == [new_tek] and ipsec(d, "gm2")["sas"] == []
         stream.stop()
 
-        members = gdoictl_json(d / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"]
+        members = gdoictl_json(d / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][
+            0
+        ]["members"]
         assert [m["address"] for m in members] == [GM1_WAN]
         c1, c2 = ipsec(d, "gm1"), ipsec(d, "gm2")
         # Every echo before the switch was answered, every one after it lost: each one
         # gm1 sent on the new SA and gm2 dropped as no-sa; nothing else was lost.
         on_new = c1["by_spi"][new_tek]["pkts_encaps"]
-        assert on_new >= 19 and len(stream.lost) == c2["drops"]["no-sa"] == on_new, (stream.lost, c2["drops"])
+        assert on_new >= 19 and len(stream.lost) == c2["drops"]["no-sa"] == on_new, (
+            stream.lost,
+            c2["drops"],
+        )
         first_lost = min(stream.lost)
-        assert set(stream.replies) == set(range(first_lost)), (first_lost, sorted(stream.replies)[-5:])
+        assert set(stream.replies) == set(range(first_lost)), (
+            first_lost,
+            sorted(stream.replies)[-5:],
+        )
         assert stream.lost == list(range(first_lost, len(stream.sent)))
         assert c1["drops"]["no-sa"] == 0 and not bad_drops(c1) and not bad_drops(c2)
-        assert not re.search(registered("gm2"), "\n".join(gms["gm2"].lines[marks["gm2"]:]))
-    print(f"revocation: {len(stream.replies)} echoes answered, then {len(stream.lost)} lost at gm2 (no-sa)")
+        assert not re.search(registered("gm2"), "\n".join(gms["gm2"].lines[marks["gm2"] :]))
+    print(
+        f"revocation: {len(stream.replies)} echoes answered, then {len(stream.lost)} lost at gm2 (no-sa)"
+    )
 
 
 # --- 3. immediate removal: fail-open / fail-close, then re-registration ----------------------------
@@ -500,9 +569,10 @@ def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) 
     """
     topo, d = lab
     cfg = ks_config(d, lifetime=600)
-    with running(topo, d, cfg, fail_close={"gm1": False, "gm2": True}) as (ks, gms), PingStream(
-        topo, "hostA", HOST_B
-    ) as stream:
+    with (
+        running(topo, d, cfg, fail_close={"gm1": False, "gm2": True}) as (ks, gms),
+        PingStream(topo, "hostA", HOST_B) as stream,
+    ):
         stream.wait_replies(5)
         old_tek = show(d, "gm1")["tek_spis"][0]
         assert_outbound_on(d, stream, old_tek, [])
@@ -551,9 +621,14 @@ def test_immediate_removal_fail_open_and_fail_close(lab: tuple[Topology, Path]) 
         accounted = c2["drops"]["fail-close"] + c1["drops"]["no-sa"] + c2["drops"]["no-sa"]
         assert len(stream.lost) == accounted, (stream.lost, c1["drops"], c2["drops"])
         for name, c in (("gm1", c1), ("gm2", c2)):
-            assert not {k: v for k, v in bad_drops(c).items() if k != "fail-close"}, (name, c["drops"])
+            assert not {k: v for k, v in bad_drops(c).items() if k != "fail-close"}, (
+                name,
+                c["drops"],
+            )
             assert show(d, name)["registrations"] == 2
-    print(f"removal now: {len(stream.lost)} echoes lost while the SAs were gone (periods {periods})")
+    print(
+        f"removal now: {len(stream.lost)} echoes lost while the SAs were gone (periods {periods})"
+    )
 
 
 # --- 4. policy change CBC -> GCM, triggered rekey, replace-now ------------------------------------
@@ -704,7 +779,9 @@ def test_transition_switches_outbound_just_before_the_shortened_teks_expire() ->
     new = make_tek("esp-cbc-256-sha256", spi=0x2000, created=T0 + 50, lifetime=60)
     sadb.install(GroupKeys(1, None, (new,), 2), None, T0 + 50)  # the re-registration
     dp = Dataplane()
-    dp.install(1, list(sadb.group(1).teks.values()), None, None, T0 + 50, sadb.send_delay(1, T0 + 50))
+    dp.install(
+        1, list(sadb.group(1).teks.values()), None, None, T0 + 50, sadb.send_delay(1, T0 + 50)
+    )
 
     def spi_out(now: float) -> int:
         out = dp.outbound(udp(), now)
@@ -716,7 +793,9 @@ def test_transition_switches_outbound_just_before_the_shortened_teks_expire() ->
     # A peer whose copy of the old TEK expires 0.8 s later still sends on it after our
     # switch: we receive it until our copy expires.
     peer = Dataplane()
-    peer.install(1, [replace(sadb.group(1).teks[old.spi], expires_at=end + 0.8)], None, None, T0 + 2)
+    peer.install(
+        1, [replace(sadb.group(1).teks[old.spi], expires_at=end + 0.8)], None, None, T0 + 2
+    )
     packet = peer.outbound(udp(), end - 0.5).to_network[0]
     assert int.from_bytes(packet[20:24], "big") == old.spi
     got = dp.inbound(packet, end - 0.5)

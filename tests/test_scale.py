@@ -43,8 +43,15 @@ def gm_address(i: int) -> str:
 async def test_200_group_members_register_concurrently(lab: Path) -> None:
     auth = auth_toml("psk.secret")
     template = load_gm_config(
-        gm_toml(lab, address=gm_address(0), name="gm-template", auth=auth, servers=(KS_ADDRESS,),
-                server_port=(port := free_udp_port(KS_ADDRESS)), ike="[ike]\ndh_groups = [19]\n")
+        gm_toml(
+            lab,
+            address=gm_address(0),
+            name="gm-template",
+            auth=auth,
+            servers=(KS_ADDRESS,),
+            server_port=(port := free_udp_port(KS_ADDRESS)),
+            ike="[ike]\ndh_groups = [19]\n",
+        )
     )
     with Daemon("ks", ks_toml(lab, address=KS_ADDRESS, port=port, auth=auth)) as ks:
         await asyncio.to_thread(ks.wait_for, "ks_started")
@@ -86,7 +93,9 @@ async def test_200_group_members_register_concurrently(lab: Path) -> None:
         assert all(ep.engine.registrations[GROUP].registered_at is not None for ep in endpoints)
         assert sum(ep.engine.counters["registrations_failed"] for ep in endpoints) == 0
 
-        ks_group = (await asyncio.to_thread(gdoictl_json, lab / "ks.sock", "show", "crypto", "gdoi"))["groups"][0]
+        ks_group = (
+            await asyncio.to_thread(gdoictl_json, lab / "ks.sock", "show", "crypto", "gdoi")
+        )["groups"][0]
         assert len(ks_group["tek_spis"]) == 1
         now = time.time()
         sender_ids: dict[str, tuple[int, ...]] = {}
@@ -99,14 +108,18 @@ async def test_200_group_members_register_concurrently(lab: Path) -> None:
         every_sid = [sid for values in sender_ids.values() for sid in values]
         assert len(set(every_sid)) == len(every_sid) >= GM_COUNT
 
-        members = (await asyncio.to_thread(gdoictl_json, lab / "ks.sock", "show", "crypto", "gdoi", "ks", "members"))[
-            "groups"
-        ][0]["members"]
+        members = (
+            await asyncio.to_thread(
+                gdoictl_json, lab / "ks.sock", "show", "crypto", "gdoi", "ks", "members"
+            )
+        )["groups"][0]["members"]
         assert len(members) == GM_COUNT
         assert {m["address"] for m in members} == set(sender_ids)
         for m in members:
             assert tuple(m["sender_ids"]) == sender_ids[m["address"]]
-        counters = await asyncio.to_thread(gdoictl_json, lab / "ks.sock", "show", "gdoid", "counters")
+        counters = await asyncio.to_thread(
+            gdoictl_json, lab / "ks.sock", "show", "gdoid", "counters"
+        )
         assert counters["registrations"] == GM_COUNT
         assert counters.get("registrations_failed", 0) == 0
         assert ks.proc.poll() is None

@@ -105,7 +105,10 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     p = Pair(tmp_path, ks, gm)
     p.deliver(gm.engine.start(time.time()), time.time())
     assert gm.registered.is_set()
-    servers = [ControlServer(tmp_path / "ks.sock", ks.handle), ControlServer(tmp_path / "gm.sock", gm.handle)]
+    servers = [
+        ControlServer(tmp_path / "ks.sock", ks.handle),
+        ControlServer(tmp_path / "gm.sock", gm.handle),
+    ]
     for s in servers:
         await s.start()
     try:
@@ -137,8 +140,11 @@ async def test_abbreviated_commands_on_both_daemons(pair: Pair) -> None:
 
 async def test_ambiguous_prefixes_are_refused_as_ios_does(pair: Pair) -> None:
     for role in ("ks", "gm"):
-        for line, upto in (("sh cry gdoi g", "sh cry gdoi g"), ("sh cry gdoi fea g", "sh cry gdoi fea g"),
-                           ("c cry gdoi", "c")):  # quoted up to the ambiguous word, as IOS does
+        for line, upto in (
+            ("sh cry gdoi g", "sh cry gdoi g"),
+            ("sh cry gdoi fea g", "sh cry gdoi fea g"),
+            ("c cry gdoi", "c"),
+        ):  # quoted up to the ambiguous word, as IOS does
             res = await pair.ask(role, line)
             assert (res.ok, res.error) == (False, f'% Ambiguous command: "{upto}"')
         res = await pair.ask(role, "sh cry")
@@ -154,8 +160,12 @@ async def test_feature_without_a_name_prints_every_feature_table(pair: Pair) -> 
         assert res.ok and res.output == want, (role, res.output)
         tables = res.data["features"]
         assert set(tables) == {"gm-removal", "policy-replace"}
-        assert tables["gm-removal"][0]["key_servers"] == [{"address": "127.0.0.1", "version": "1.0.2", "supported": True}]
-        assert tables["gm-removal"][0]["members"] == [{"address": "127.0.0.2", "version": "1.0.2", "supported": True}]
+        assert tables["gm-removal"][0]["key_servers"] == [
+            {"address": "127.0.0.1", "version": "1.0.2", "supported": True}
+        ]
+        assert tables["gm-removal"][0]["members"] == [
+            {"address": "127.0.0.2", "version": "1.0.2", "supported": True}
+        ]
 
 
 async def test_gm_without_the_data_path_shows_its_sas_from_the_control_plane(pair: Pair) -> None:

@@ -43,7 +43,9 @@ def _group(tmp_path: Path) -> Group:
 def test_round_trip_restores_keys_seq_members(tmp_path: Path) -> None:
     g = _group(tmp_path)
     keys: GroupKeys = g.snapshot(NOW)
-    g.record_member(IPv4Address("10.0.0.2"), "10.0.0.2", None, keys, None, NOW, port=848, ack_key=b"k" * 32)
+    g.record_member(
+        IPv4Address("10.0.0.2"), "10.0.0.2", None, keys, None, NOW, port=848, ack_key=b"k" * 32
+    )
     g.plan_rekey(NOW + 5, replace=True)
     path = tmp_path / "state" / "state.json"
     state.save(path, {g.number: g})

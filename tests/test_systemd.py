@@ -38,10 +38,15 @@ def test_units_verify(tmp_path: Path, unit: str) -> None:
     text = shipped.replace("/usr/local/bin/gdoictl ", (GDOICTL or sys.executable) + " ")
     text = text.replace("/usr/local/bin/gdoid ", (GDOID or sys.executable) + " ")
     (tmp_path / unit).write_text(text)
-    res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True)
+    res = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     # Reload through the control socket, so that a config that fails to load fails it.
-    assert "Type=notify" in shipped and "ExecReload=/usr/local/bin/gdoictl --socket /run/gdoid/" in shipped
+    assert (
+        "Type=notify" in shipped
+        and "ExecReload=/usr/local/bin/gdoictl --socket /run/gdoid/" in shipped
+    )
     assert "RestartPreventExitStatus=2" in shipped
 
 
@@ -74,7 +79,10 @@ def test_daemons_notify_ready_watchdog_and_reload(tmp_path: Path) -> None:
     auth = auth_toml("psk.secret")
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
     port = free_udp_port()
-    with _listen(tmp_path) as s, Daemon("ks", ks_toml(tmp_path, port=port, auth=auth), env=env) as ks:
+    with (
+        _listen(tmp_path) as s,
+        Daemon("ks", ks_toml(tmp_path, port=port, auth=auth), env=env) as ks,
+    ):
         msgs = [s.recv(4096).decode() for _ in range(3)]
         assert any(m.startswith("READY=1") and "STATUS=listening" in m for m in msgs)
         assert any(m == "WATCHDOG=1" for m in msgs)
@@ -84,8 +92,14 @@ def test_daemons_notify_ready_watchdog_and_reload(tmp_path: Path) -> None:
             seen.append(s.recv(4096).decode())
         assert any(m.startswith("RELOADING=1\nMONOTONIC_USEC=") for m in seen)
         genv = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
-        gm_cfg = gm_toml(tmp_path, address="127.0.0.2", name="gm1", auth=auth, port=free_udp_port("127.0.0.2"),
-                         server_port=port)
+        gm_cfg = gm_toml(
+            tmp_path,
+            address="127.0.0.2",
+            name="gm1",
+            auth=auth,
+            port=free_udp_port("127.0.0.2"),
+            server_port=port,
+        )
         with Daemon("gm", gm_cfg, env=genv) as gm:
             while True:
                 m = s.recv(4096).decode()
@@ -103,15 +117,26 @@ def test_journal_entries_carry_the_ios_message_and_structured_fields(tmp_path: P
     journal.settimeout(20)
     env = {"GDOID_JOURNAL_SOCKET": str(tmp_path / "journal.sock")}
     port = free_udp_port()
-    ks_daemon = Daemon("ks", ks_toml(tmp_path, port=port, auth=auth), "--log-format", "journal", env=env)
-    gm_config = gm_toml(tmp_path, address="127.0.0.2", name="gm1", auth=auth, port=free_udp_port("127.0.0.2"),
-                        server_port=port)
+    ks_daemon = Daemon(
+        "ks", ks_toml(tmp_path, port=port, auth=auth), "--log-format", "journal", env=env
+    )
+    gm_config = gm_toml(
+        tmp_path,
+        address="127.0.0.2",
+        name="gm1",
+        auth=auth,
+        port=free_udp_port("127.0.0.2"),
+        server_port=port,
+    )
     with journal, ks_daemon, Daemon("gm", gm_config) as gm:
         gm.wait_for("GM_REGS_COMPL")
         while True:
             entry = journal_entry(journal.recv(65536))
             if entry.get("GDOI_MNEMONIC") == "GDOI-5-KS_REGS_COMPL":
                 break
-    assert entry["MESSAGE"] == "%GDOI-5-KS_REGS_COMPL: KS completed successful registration in group GET with GM 127.0.0.2"
+    assert (
+        entry["MESSAGE"]
+        == "%GDOI-5-KS_REGS_COMPL: KS completed successful registration in group GET with GM 127.0.0.2"
+    )
     assert entry["PRIORITY"] == "5" and entry["SYSLOG_IDENTIFIER"] == "gdoid"
     assert entry["GDOI_GROUP"] == "GET" and entry["GDOI_GM"] == "127.0.0.2"

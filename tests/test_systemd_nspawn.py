@@ -44,12 +44,20 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # The configs the units run with (paths inside the container).
 KS_TOML = ks_config(
-    "127.0.0.1", control_socket="/run/gdoid/ks.sock", state_dir="/var/lib/gdoid/ks",
-    keylog_dir="/var/lib/gdoid/ks/keylog", auth=psk_auth("127.0.0.0/8", "psk.secret"), groups=[ks_group()],
+    "127.0.0.1",
+    control_socket="/run/gdoid/ks.sock",
+    state_dir="/var/lib/gdoid/ks",
+    keylog_dir="/var/lib/gdoid/ks/keylog",
+    auth=psk_auth("127.0.0.0/8", "psk.secret"),
+    groups=[ks_group()],
 )
 GM_TOML = gm_config(
-    "127.0.0.2", control_socket="/run/gdoid/gm.sock", keylog_dir="/var/lib/gdoid/gm/keylog",
-    registration_timeout=1.0, auth=psk_auth("127.0.0.0/8", "psk.secret"), dataplane={"enabled": True},
+    "127.0.0.2",
+    control_socket="/run/gdoid/gm.sock",
+    keylog_dir="/var/lib/gdoid/gm/keylog",
+    registration_timeout=1.0,
+    auth=psk_auth("127.0.0.0/8", "psk.secret"),
+    dataplane={"enabled": True},
     groups=[gm_group(["127.0.0.1"])],
 )
 
@@ -60,7 +68,9 @@ def _unit_block(doc: Path, heading: str) -> list[str]:
     start = text.index(heading)
     body = text[text.index("```sh\n", start) + 6 :]
     body = body[: body.index("```")]
-    return [line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 class Container:
@@ -71,38 +81,81 @@ class Container:
         self.systemctl_lines: list[str] = []  # docs/deploy.md's, run by the first test
         self.console_log = console_log.open("wb")
         self.proc = subprocess.Popen(
-            ["systemd-nspawn", "--register=no", "--keep-unit", "--private-network", "-q", "-b",
-             "-D", str(root)],
-            stdin=subprocess.DEVNULL, stdout=self.console_log, stderr=subprocess.STDOUT,
+            [
+                "systemd-nspawn",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "-q",
+                "-b",
+                "-D",
+                str(root),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self.console_log,
+            stderr=subprocess.STDOUT,
         )
         self.pid1 = self._find_init()
         # Until boot finished (degraded is fine): systemd-tmpfiles empties /tmp during boot.
         # --wait alone fails at once while PID 1's socket is not up yet.
-        self.wait("the container's boot", lambda: self.sh(
-            "systemctl is-system-running --wait", check=False, timeout=60
-        ).stdout.strip() in ("running", "degraded"), timeout=60)
+        self.wait(
+            "the container's boot",
+            lambda: (
+                self.sh(
+                    "systemctl is-system-running --wait", check=False, timeout=60
+                ).stdout.strip()
+                in ("running", "degraded")
+            ),
+            timeout=60,
+        )
 
     def _find_init(self) -> int:
         # nspawn forks the container's init: wait for that child to appear (bounded).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"systemd-nspawn exited {self.proc.returncode}; see {self.console_log.name}")
-            for child in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split():
+                raise AssertionError(
+                    f"systemd-nspawn exited {self.proc.returncode}; see {self.console_log.name}"
+                )
+            for child in (
+                Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            ):
                 if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
                     return int(child)
             time.sleep(0.05)
         raise AssertionError("the container's systemd never started")
 
-    def sh(self, script: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def sh(
+        self, script: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
-            ["nsenter", "-t", str(self.pid1), "-a", "--", "/usr/bin/env", "-i", f"PATH={PATH}",
-             "LANG=C.UTF-8", "/bin/sh", "-c", script],
-            capture_output=True, text=True, timeout=timeout,
+            [
+                "nsenter",
+                "-t",
+                str(self.pid1),
+                "-a",
+                "--",
+                "/usr/bin/env",
+                "-i",
+                f"PATH={PATH}",
+                "LANG=C.UTF-8",
+                "/bin/sh",
+                "-c",
+                script,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and res.returncode != 0:
-            journal = self.sh("journalctl -n 40 --no-pager", check=False).stdout if "systemctl" in script else ""
-            raise AssertionError(f"{script!r} exited {res.returncode}:\n{res.stdout}\n{res.stderr}\n{journal}")
+            journal = (
+                self.sh("journalctl -n 40 --no-pager", check=False).stdout
+                if "systemctl" in script
+                else ""
+            )
+            raise AssertionError(
+                f"{script!r} exited {res.returncode}:\n{res.stdout}\n{res.stderr}\n{journal}"
+            )
         return res
 
     def prop(self, unit: str, name: str) -> str:
@@ -159,15 +212,30 @@ def _boot(tmp: Path) -> Iterator[Container]:
         shutil.copytree(REPO / name, src / name, ignore=ignore)
     wheels = root / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), str(REPO), "setuptools", "wheel"],
-        check=True, timeout=600, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--wheel-dir",
+            str(wheels),
+            str(REPO),
+            "setuptools",
+            "wheel",
+        ],
+        check=True,
+        timeout=600,
+        capture_output=True,
     )
     box = Container(root, tmp / "console.log")
     try:
         lines = _unit_block(REPO / "docs" / "deploy.md", "### Install")
         setup = [line for line in lines if not line.startswith("systemctl")]
         for line in setup:  # one by one: "a && b" would hide a failing "a" from set -e
-            box.sh("cd /root/gdoid; export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; " + line, timeout=600)
+            box.sh(
+                "cd /root/gdoid; export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; " + line, timeout=600
+            )
         # The configuration the block's comment asks for: owned by gdoid, keys 0600.
         etc = root / "etc" / "gdoid"
         (etc / "ks.toml").write_text(KS_TOML)
@@ -199,12 +267,15 @@ def test_install_start_ready_with_routes_and_health(box: Container) -> None:
     for role in ("ks", "gm"):
         res = box.sh(f"gdoictl --socket /run/gdoid/{role}.sock health")
         assert res.stdout.startswith(f"{role} {'listening' if role == 'ks' else 'registered'}:")
-    assert "1 member(s)" in box.sh("gdoictl --socket /run/gdoid/ks.sock wait registered --timeout 10").stdout
+    assert (
+        "1 member(s)"
+        in box.sh("gdoictl --socket /run/gdoid/ks.sock wait registered --timeout 10").stdout
+    )
     # Documentation= exists after the documented install; the key log is writable.
     for unit in ("gdoid-ks", "gdoid-gm"):
         doc = box.prop(unit, "Documentation")
         assert doc == "file:/usr/share/doc/gdoid/deploy.md"
-        box.sh(f"test -s {doc[len('file:'):]}")
+        box.sh(f"test -s {doc[len('file:') :]}")
         box.sh(f"systemd-analyze verify /etc/systemd/system/{unit}.service")
     box.sh("test -s /var/lib/gdoid/ks/keylog/ikev1_decryption_table")
     box.sh("test -s /var/lib/gdoid/gm/keylog/esp_sa")
@@ -212,7 +283,9 @@ def test_install_start_ready_with_routes_and_health(box: Container) -> None:
     assert box.sh("stat -c '%a %G' /run/gdoid").stdout.split() == ["750", "gdoid"]
     # The journal: an event without mnemonic has its details in MESSAGE.
     messages = [e["MESSAGE"] for e in box.journal("gdoid-ks")]
-    assert any(m.startswith("ks_started address=127.0.0.1 port=848 groups=GET") for m in messages), messages
+    assert any(
+        m.startswith("ks_started address=127.0.0.1 port=848 groups=GET") for m in messages
+    ), messages
     regs = [e for e in box.journal("gdoid-ks") if e.get("GDOI_MNEMONIC") == "GDOI-5-KS_REGS_COMPL"]
     assert regs and regs[0]["PRIORITY"] == "5" and regs[0]["GDOI_GM"] == "127.0.0.2"
 
@@ -221,15 +294,20 @@ def test_reload_gm_keeps_it_running_and_ks_reload_reports_failure(box: Container
     box.sh("systemctl is-active gdoid-gm gdoid-ks")
     pid = box.prop("gdoid-gm", "MainPID")
     box.sh("systemctl reload gdoid-gm")
-    assert box.prop("gdoid-gm", "MainPID") == pid and box.prop("gdoid-gm", "ActiveState") == "active"
-    assert any(
-        e["MESSAGE"].startswith("reload_config_unchanged") for e in box.journal("gdoid-gm")
+    assert (
+        box.prop("gdoid-gm", "MainPID") == pid and box.prop("gdoid-gm", "ActiveState") == "active"
     )
+    assert any(e["MESSAGE"].startswith("reload_config_unchanged") for e in box.journal("gdoid-gm"))
     box.sh("gdoictl --socket /run/gdoid/gm.sock health")  # still registered
     # SIGHUP (docker kill -s HUP, kill -HUP) does the same and does not kill the GM.
     box.sh(f"kill -HUP {pid}")
-    box.wait("the GM's second reload line", lambda: sum(
-        e["MESSAGE"].startswith("reload_config_unchanged") for e in box.journal("gdoid-gm")) == 2)
+    box.wait(
+        "the GM's second reload line",
+        lambda: (
+            sum(e["MESSAGE"].startswith("reload_config_unchanged") for e in box.journal("gdoid-gm"))
+            == 2
+        ),
+    )
     assert box.prop("gdoid-gm", "MainPID") == pid
     # KS: unchanged, then broken: the reload fails, the KS keeps running unchanged.
     box.sh("systemctl reload gdoid-ks")
@@ -238,7 +316,9 @@ def test_reload_gm_keeps_it_running_and_ks_reload_reports_failure(box: Container
     try:
         res = box.sh("systemctl reload gdoid-ks", check=False)
         assert res.returncode != 0
-        assert box.prop("gdoid-ks", "StatusText").startswith("reload failed, running configuration unchanged: ")
+        assert box.prop("gdoid-ks", "StatusText").startswith(
+            "reload failed, running configuration unchanged: "
+        )
         assert box.prop("gdoid-ks", "ActiveState") == "active"
     finally:
         box.sh("cp /tmp/ks.good /etc/gdoid/ks.toml")
@@ -255,8 +335,14 @@ def test_watchdog_restarts_a_hung_ks(box: Container) -> None:
         pid = box.prop("gdoid-ks", "MainPID")
         restarts = int(box.prop("gdoid-ks", "NRestarts"))
         box.sh(f"kill -STOP {pid}")  # a hung event loop: no WATCHDOG=1 any more
-        box.wait("the watchdog restart", lambda: box.prop("gdoid-ks", "MainPID") not in ("0", pid)
-                 and box.prop("gdoid-ks", "ActiveState") == "active", timeout=30)
+        box.wait(
+            "the watchdog restart",
+            lambda: (
+                box.prop("gdoid-ks", "MainPID") not in ("0", pid)
+                and box.prop("gdoid-ks", "ActiveState") == "active"
+            ),
+            timeout=30,
+        )
         assert int(box.prop("gdoid-ks", "NRestarts")) == restarts + 1
         assert "Watchdog timeout" in box.sh("journalctl -u gdoid-ks --no-pager").stdout
     finally:
@@ -277,9 +363,16 @@ def test_no_ks_status_per_attempt_and_config_error_stops_restarting(box: Contain
     box.sh("systemctl start --no-block gdoid-gm")
     try:
         # Activating, with each failed attempt in STATUS= (systemctl status shows it).
-        box.wait("a STATUS line with failed attempts", lambda: re.search(
-            r"gm registering: group GET: \w+ with KS 127\.0\.0\.1, [2-9]\d* failed attempt",
-            box.prop("gdoid-gm", "StatusText")) is not None)
+        box.wait(
+            "a STATUS line with failed attempts",
+            lambda: (
+                re.search(
+                    r"gm registering: group GET: \w+ with KS 127\.0\.0\.1, [2-9]\d* failed attempt",
+                    box.prop("gdoid-gm", "StatusText"),
+                )
+                is not None
+            ),
+        )
         assert box.prop("gdoid-gm", "ActiveState") == "activating"
         assert box.prop("gdoid-gm", "TimeoutStartUSec") == "3min"
     finally:

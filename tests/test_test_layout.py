@@ -27,7 +27,9 @@ def imports_of_test_modules(path: Path) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [f"{node.lineno}: import {a.name}" for a in node.names if _is_test_module(a.name)]
+            found += [
+                f"{node.lineno}: import {a.name}" for a in node.names if _is_test_module(a.name)
+            ]
         elif isinstance(node, ast.ImportFrom):
             module = node.module or ""
             if _is_test_module(module):
@@ -47,13 +49,18 @@ def python_files() -> list[Path]:
     """Every module of the repository but this one (whose strings name test modules)."""
     this = Path(__file__).resolve()
     return sorted(
-        p for d in ("tests", "benchmarks", "gdoid") for p in (ROOT / d).rglob("*.py") if p.resolve() != this
+        p
+        for d in ("tests", "benchmarks", "gdoid")
+        for p in (ROOT / d).rglob("*.py")
+        if p.resolve() != this
     )
 
 
 def test_no_module_imports_a_test_module() -> None:
     offenders = {
-        str(p.relative_to(ROOT)): hits for p in python_files() if (hits := imports_of_test_modules(p))
+        str(p.relative_to(ROOT)): hits
+        for p in python_files()
+        if (hits := imports_of_test_modules(p))
     }
     assert offenders == {}
 

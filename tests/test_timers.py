@@ -50,24 +50,37 @@ def engines(tmp_path: Path) -> tuple[KeyServerEngine, GroupMemberEngine]:
     write_signing_key(tmp_path / "rekey.key")
     auth = auth_toml("psk.secret")
     # Lifetimes of days: a one-hour jump of the wall clock must not be a rekey.
-    ks_cfg = load_ks_config(ks_toml(tmp_path, address=KS[0], auth=auth, lifetime=DAY, kek_lifetime=2 * DAY))
-    gm_cfg = load_gm_config(gm_toml(tmp_path, address=GM[0], name="gm", auth=auth, servers=(KS[0],)))
+    ks_cfg = load_ks_config(
+        ks_toml(tmp_path, address=KS[0], auth=auth, lifetime=DAY, kek_lifetime=2 * DAY)
+    )
+    gm_cfg = load_gm_config(
+        gm_toml(tmp_path, address=GM[0], name="gm", auth=auth, servers=(KS[0],))
+    )
     groups = {
         g.number: Group(g, load_private_key(g.kek.signing_key), ks_cfg.address, ks_cfg.port, T0)
         for g in ks_cfg.groups
     }
     ks = KeyServerEngine(
-        phase1_config(ks_cfg.ike, ks_cfg.auth, ks_cfg.address, ks_cfg.software_version), groups, logger=Quiet()
+        phase1_config(ks_cfg.ike, ks_cfg.auth, ks_cfg.address, ks_cfg.software_version),
+        groups,
+        logger=Quiet(),
     )
     gm = GroupMemberEngine(
-        gm_cfg.address, gm_cfg.groups, phase1_config(gm_cfg.ike, gm_cfg.auth, gm_cfg.address, gm_cfg.software_version),
+        gm_cfg.address,
+        gm_cfg.groups,
+        phase1_config(gm_cfg.ike, gm_cfg.auth, gm_cfg.address, gm_cfg.software_version),
         logger=Quiet(),
     )
     return ks, gm
 
 
-def exchange(ks: KeyServerEngine, gm: GroupMemberEngine, first: list[tuple[bytes, tuple[str, int]]],
-             now: float, mono: float) -> None:
+def exchange(
+    ks: KeyServerEngine,
+    gm: GroupMemberEngine,
+    first: list[tuple[bytes, tuple[str, int]]],
+    now: float,
+    mono: float,
+) -> None:
     """Deliver GM -> KS datagrams and every answer both ways until the wire is quiet."""
     to_ks = [d for d, _ in first]
     while to_ks:
@@ -75,7 +88,9 @@ def exchange(ks: KeyServerEngine, gm: GroupMemberEngine, first: list[tuple[bytes
         to_ks = [d for data in to_gm for d, _ in gm.datagram_received(data, KS, now, mono)]
 
 
-def register(ks: KeyServerEngine, gm: GroupMemberEngine, now: float = T0, mono: float = M0) -> Group:
+def register(
+    ks: KeyServerEngine, gm: GroupMemberEngine, now: float = T0, mono: float = M0
+) -> Group:
     exchange(ks, gm, gm.start(now, mono), now, mono)
     [group] = ks.groups.values()
     assert IPv4Address(GM[0]) in group.members
@@ -94,7 +109,9 @@ def test_rekey_retransmission_follows_the_monotonic_clock(
     assert to == GM
     # The GM's acknowledgement is lost.  Then the wall clock jumps an hour.
     assert ks.on_timer(T0 + 1 + jump + interval / 2, M0 + 1 + interval / 2) == []  # not early
-    assert ks.on_timer(T0 + 1 + jump + interval + 0.01, M0 + 1 + interval + 0.01) == [(push, GM)]  # not late
+    assert ks.on_timer(T0 + 1 + jump + interval + 0.01, M0 + 1 + interval + 0.01) == [
+        (push, GM)
+    ]  # not late
     member = group.members[IPv4Address(GM[0])]
     assert member.rekey_retries == 1 and member.pending is not None
 
@@ -127,7 +144,9 @@ def test_half_open_state_expires_by_the_monotonic_clock(
     ks.datagram_received(mm1, GM, T0, M0)
     ks.on_timer(T0 + jump, M0 + MM1_STATE_LIFETIME - 0.1)
     assert len(ks.half_open_mm1) == 1
-    assert ks.next_deadline(T0 + jump, M0 + MM1_STATE_LIFETIME - 0.1) == pytest.approx(M0 + MM1_STATE_LIFETIME)
+    assert ks.next_deadline(T0 + jump, M0 + MM1_STATE_LIFETIME - 0.1) == pytest.approx(
+        M0 + MM1_STATE_LIFETIME
+    )
     ks.on_timer(T0 + jump, M0 + MM1_STATE_LIFETIME)
     assert len(ks.half_open_mm1) == 0 and ks.counters["half_open_expired"] == 1
 
@@ -162,7 +181,9 @@ class NoScan(dict[IPv4Address, Member]):
         raise AssertionError("the member table was scanned")
 
 
-def test_idle_ks_timer_work_does_not_scan_members(engines: tuple[KeyServerEngine, GroupMemberEngine]) -> None:
+def test_idle_ks_timer_work_does_not_scan_members(
+    engines: tuple[KeyServerEngine, GroupMemberEngine],
+) -> None:
     ks, gm = engines
     group = register(ks, gm)
     ks.on_timer(T0 + 1, M0 + 1)
@@ -174,7 +195,9 @@ def test_idle_ks_timer_work_does_not_scan_members(engines: tuple[KeyServerEngine
     assert member.pending is None
     for i in range(10_000):  # an idle table of 10,000 registered members
         address = IPv4Address(int(IPv4Address("10.0.0.1")) + i)
-        group.members[address] = Member(address, f"gm{i}", None, T0, member.kek_spi, member.tek_spis)
+        group.members[address] = Member(
+            address, f"gm{i}", None, T0, member.kek_spi, member.tek_spis
+        )
     group.members = NoScan(group.members)
     for step in range(1, 200):  # idle wake-ups, past the acknowledged push's retransmission time
         now, mono = T0 + 1 + step, M0 + 1 + step
@@ -192,13 +215,16 @@ class Recorder:
         self.timer_calls: list[float] = []
         self.deadline: float | None = None
 
-    def datagram_received(self, data: bytes, peer: tuple[str, int], now: float,
-                          mono: float | None = None) -> list[tuple[bytes, tuple[str, int]]]:
+    def datagram_received(
+        self, data: bytes, peer: tuple[str, int], now: float, mono: float | None = None
+    ) -> list[tuple[bytes, tuple[str, int]]]:
         assert mono is not None
         self.deadline = mono + float(data.decode())  # "seconds from now"
         return []
 
-    def on_timer(self, now: float, mono: float | None = None) -> list[tuple[bytes, tuple[str, int]]]:
+    def on_timer(
+        self, now: float, mono: float | None = None
+    ) -> list[tuple[bytes, tuple[str, int]]]:
         assert mono is not None
         self.timer_calls.append(mono)
         if self.deadline is not None and mono >= self.deadline:

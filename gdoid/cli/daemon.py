@@ -23,7 +23,9 @@ from gdoid.systemd import Notifier
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--keylog", type=Path, metavar="DIR", help="append Wireshark key-log lines to DIR")
+    p.add_argument(
+        "--keylog", type=Path, metavar="DIR", help="append Wireshark key-log lines to DIR"
+    )
     p.add_argument(
         "--log-format",
         choices=("ios", "json", "journal"),
@@ -34,7 +36,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gdoid", description="GDOI (RFC 6407) key server and group member")
+    parser = argparse.ArgumentParser(
+        prog="gdoid", description="GDOI (RFC 6407) key server and group member"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     ks = sub.add_parser("ks", help="run a key server")
     ks.add_argument("--config", type=Path, required=True)
@@ -44,11 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(gm)
     lab = sub.add_parser("lab", help="one KS and N GMs on loopback in one process")
     lab.add_argument("--gms", type=int, default=2, help="number of group members (default 2)")
-    lab.add_argument("--kss", type=int, default=1, help="number of cooperative key servers (default 1)")
-    lab.add_argument("--duration", type=float, default=0.0, help="keep running SECONDS after registration")
-    lab.add_argument("--base-port", type=int, default=GDOI_PORT, help=f"UDP port for every daemon (default {GDOI_PORT})")
-    lab.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for registrations")
-    lab.add_argument("--export", type=Path, metavar="DIR", help="write configs and keys to DIR and exit")
+    lab.add_argument(
+        "--kss", type=int, default=1, help="number of cooperative key servers (default 1)"
+    )
+    lab.add_argument(
+        "--duration", type=float, default=0.0, help="keep running SECONDS after registration"
+    )
+    lab.add_argument(
+        "--base-port",
+        type=int,
+        default=GDOI_PORT,
+        help=f"UDP port for every daemon (default {GDOI_PORT})",
+    )
+    lab.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for registrations"
+    )
+    lab.add_argument(
+        "--export", type=Path, metavar="DIR", help="write configs and keys to DIR and exit"
+    )
     lab.add_argument(
         "--dataplane",
         action="store_true",
@@ -84,7 +101,9 @@ async def _run_daemon(daemon: Any, reload: Callable[[], Any] | None = None) -> i
                 text = resp.output.strip().removeprefix("% ") or "configuration applied"
                 notifier.ready(f"reloaded: {text}")
             else:
-                notifier.notify("READY=1", f"STATUS={(resp.error or 'reload failed').removeprefix('% ')}")
+                notifier.notify(
+                    "READY=1", f"STATUS={(resp.error or 'reload failed').removeprefix('% ')}"
+                )
             return resp
 
         daemon.reload = notified_reload  # the control handler calls self.reload()
@@ -143,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "gm":
             from gdoid.groupmember.daemon import GroupMemberDaemon
 
-            gm = GroupMemberDaemon(load_gm_config(args.config), args.keylog, config_path=args.config)
+            gm = GroupMemberDaemon(
+                load_gm_config(args.config), args.keylog, config_path=args.config
+            )
             return asyncio.run(_run_daemon(gm, reload=gm.reload))
         from gdoid import lab
 
@@ -154,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             return lab.run_dataplane_lab(keylog=args.keylog, timeout=args.timeout)
         if args.export is not None:
             files = lab.export(args.export, args.gms, args.base_port, args.kss)
-            print(f"gdoid lab: wrote {', '.join(str(p) for p in files.kss)}" + "".join(f", {p.name}" for p in files.gms))
+            print(
+                f"gdoid lab: wrote {', '.join(str(p) for p in files.kss)}"
+                + "".join(f", {p.name}" for p in files.gms)
+            )
             return 0
         return asyncio.run(
-            lab.run_lab(args.gms, args.base_port, args.keylog, args.duration, args.timeout, kss=args.kss)
+            lab.run_lab(
+                args.gms, args.base_port, args.keylog, args.duration, args.timeout, kss=args.kss
+            )
         )
     # Exit 2: a configuration error that a restart cannot fix (the units'
     # RestartPreventExitStatus=2); exit 1: maybe transient (an address not up yet).
@@ -166,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PermissionError as exc:
         # A file (a key, /dev/net/tun) names itself; a bind does not.
-        hint = "" if exc.filename else f" (binding port {GDOI_PORT} needs root or CAP_NET_BIND_SERVICE; try --base-port)"
+        hint = (
+            ""
+            if exc.filename
+            else f" (binding port {GDOI_PORT} needs root or CAP_NET_BIND_SERVICE; try --base-port)"
+        )
         _fatal(args.log_format, f"{exc}{hint}")
         return 2
     except OSError as exc:

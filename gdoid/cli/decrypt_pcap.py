@@ -35,10 +35,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("input", type=Path, metavar="IN", help="pcap or pcapng capture")
     p.add_argument("output", type=Path, metavar="OUT", help="rewritten capture (same format as IN)")
-    p.add_argument("--keylog", type=Path, metavar="DIR", action="append", required=True,
-                   help=f"key-log directory holding {KEK_TABLE} (repeat for several)")
-    p.add_argument("--port", type=int, action="append", metavar="PORT",
-                   help=f"UDP port of GDOI (default {GDOI_PORT}; repeat for several)")
+    p.add_argument(
+        "--keylog",
+        type=Path,
+        metavar="DIR",
+        action="append",
+        required=True,
+        help=f"key-log directory holding {KEK_TABLE} (repeat for several)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        metavar="PORT",
+        help=f"UDP port of GDOI (default {GDOI_PORT}; repeat for several)",
+    )
 
 
 def _say(text: str) -> None:
@@ -70,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         _say(f"{args.input}: {exc}")
         return 2
     try:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
             os.fchmod(fd, 0o600)
             write_all(fd, rewritten)

@@ -11,11 +11,29 @@ from gdoid.config.table import Context, Table, fmt_choices
 
 # RFC 4514 attribute names accepted in ``dn:`` patterns (upper-cased); the KS maps
 # them to OIDs when it matches (gdoid/keyserver/authorization.py).
-DN_ATTRIBUTES = ("CN", "O", "OU", "C", "L", "ST", "STREET", "DC", "UID", "SERIALNUMBER",
-                 "E", "EMAILADDRESS", "T", "TITLE", "GN", "SN")
+DN_ATTRIBUTES = (
+    "CN",
+    "O",
+    "OU",
+    "C",
+    "L",
+    "ST",
+    "STREET",
+    "DC",
+    "UID",
+    "SERIALNUMBER",
+    "E",
+    "EMAILADDRESS",
+    "T",
+    "TITLE",
+    "GN",
+    "SN",
+)
 _DN_PAIR_RE = re.compile(r"\s*([A-Za-z]+)\s*=\s*(\S(?:.*\S)?)\s*")
-_FQDN_PATTERN_RE = re.compile(r"(?=.{1,253}$)(\*|[A-Za-z0-9*]([A-Za-z0-9*-]{0,61}[A-Za-z0-9*])?)"
-                              r"(\.[A-Za-z0-9*]([A-Za-z0-9*-]{0,61}[A-Za-z0-9*])?)*\.?")
+_FQDN_PATTERN_RE = re.compile(
+    r"(?=.{1,253}$)(\*|[A-Za-z0-9*]([A-Za-z0-9*-]{0,61}[A-Za-z0-9*])?)"
+    r"(\.[A-Za-z0-9*]([A-Za-z0-9*-]{0,61}[A-Za-z0-9*])?)*\.?"
+)
 _KEY_ID_RE = re.compile(r"[!-~]{1,128}")
 
 
@@ -41,17 +59,26 @@ def _split_dn(text: str) -> list[str]:
 
 def _identity(ctx: Context, path: str, v: Any) -> AuthorizedIdentity:
     if not isinstance(v, str):
-        raise ctx.error(path, 'must be a string like "dn:CN=gm*,O=Example" or "fqdn:gm1.example.com"')
+        raise ctx.error(
+            path, 'must be a string like "dn:CN=gm*,O=Example" or "fqdn:gm1.example.com"'
+        )
     kind, sep, value = v.partition(":")
     if not sep or kind not in IDENTITY_KINDS:
-        raise ctx.error(path, f"{v!r} must start with one of {fmt_choices([k + ':' for k in IDENTITY_KINDS])}")
+        raise ctx.error(
+            path, f"{v!r} must start with one of {fmt_choices([k + ':' for k in IDENTITY_KINDS])}"
+        )
     if not value or value != value.strip() or any(not c.isprintable() for c in value):
-        raise ctx.error(path, f"{v!r}: the {kind} must be printable, non-empty, without leading or trailing spaces")
+        raise ctx.error(
+            path,
+            f"{v!r}: the {kind} must be printable, non-empty, without leading or trailing spaces",
+        )
     if len(value) > 512:
         raise ctx.error(path, f"{kind} longer than 512 characters")
     if kind == "fqdn":
         if not _FQDN_PATTERN_RE.fullmatch(value):
-            raise ctx.error(path, f"{value!r} is not a host name (letters, digits, '-', '.', '*' wildcards)")
+            raise ctx.error(
+                path, f"{value!r} is not a host name (letters, digits, '-', '.', '*' wildcards)"
+            )
         return AuthorizedIdentity(kind, value.rstrip(".").lower())
     if kind == "key-id":
         if not _KEY_ID_RE.fullmatch(value):
@@ -64,7 +91,9 @@ def _identity(ctx: Context, path: str, v: Any) -> AuthorizedIdentity:
             raise ctx.error(path, f"{part!r} in {value!r} is not ATTRIBUTE=value")
         attr = m.group(1).upper()
         if attr not in DN_ATTRIBUTES:
-            raise ctx.error(path, f"unknown DN attribute {m.group(1)!r} (known: {', '.join(DN_ATTRIBUTES)})")
+            raise ctx.error(
+                path, f"unknown DN attribute {m.group(1)!r} (known: {', '.join(DN_ATTRIBUTES)})"
+            )
         pairs.append((attr, m.group(2)))
     return AuthorizedIdentity(kind, value, tuple(pairs))
 
@@ -90,5 +119,7 @@ def parse_authorization(g: Table) -> GroupAuthorization:
         identities=t.array("identities", ident, ()),
     )
     if not auth.restricted:
-        raise g.err("authorization", "needs addresses or identities (omit the table to allow any peer)")
+        raise g.err(
+            "authorization", "needs addresses or identities (omit the table to allow any peer)"
+        )
     return auth

@@ -34,7 +34,15 @@ _GM_KEYS = (
 )
 
 
-_GM_GROUP_KEYS = ("name", "number", "servers", "server_port", "ks_identities", "ks_pop", "rekey_key_sha256")
+_GM_GROUP_KEYS = (
+    "name",
+    "number",
+    "servers",
+    "server_port",
+    "ks_identities",
+    "ks_pop",
+    "rekey_key_sha256",
+)
 
 
 def _fingerprint(g: Table, key: str) -> bytes | None:
@@ -74,7 +82,10 @@ def _tun_name(gm: Table) -> str:
 
 
 def _parse_dataplane(root: Table) -> DataplaneConfig:
-    t = root.table("dataplane", ("enabled", "wan_interface", "mtu", "icmp_source", "mark", "table", "local_table"))
+    t = root.table(
+        "dataplane",
+        ("enabled", "wan_interface", "mtu", "icmp_source", "mark", "table", "local_table"),
+    )
     if t is None:
         return DataplaneConfig()
     wan = t.string("wan_interface", "") or None
@@ -96,7 +107,9 @@ def _gm_groups(root: Table, auth: AuthConfig) -> tuple[GmGroupConfig, ...]:
     for i, g in enumerate(groups):
         if g.ks_pop == KsPop.CERTIFICATE and auth.pki is None:
             # The KS certificate in message 4 is checked against [auth.pki] ca_file.
-            raise root.ctx.error(f"group[{i}].ks_pop", '"certificate" needs [auth.pki] (its ca_file)')
+            raise root.ctx.error(
+                f"group[{i}].ks_pop", '"certificate" needs [auth.pki] (its ca_file)'
+            )
     return tuple(groups)
 
 

@@ -174,16 +174,23 @@ def _parse_coop(root: Table, own: IPv4Address, auth: AuthConfig) -> CoopConfig |
         psk = p.secret("psk_file") if p.has("psk_file") else None
         # A GM key here would let every GM pose as this KS (issue 9 §2).
         if psk is not None and any(hmac.compare_digest(psk, e.key) for e in auth.psks):
-            raise p.err("psk_file", "is also an [[auth.psk]] (GM) key: a COOP peer needs a key of its own")
+            raise p.err(
+                "psk_file", "is also an [[auth.psk]] (GM) key: a COOP peer needs a key of its own"
+            )
         raw = p.get("identity", [])
         items = [raw] if isinstance(raw, str) else raw
         if not isinstance(items, list):
             raise p.err("identity", "must be a string or an array of strings")
-        identities = tuple(identity_pattern(p.ctx, f"{p.sub('identity')}[{i}]", v) for i, v in enumerate(items))
+        identities = tuple(
+            identity_pattern(p.ctx, f"{p.sub('identity')}[{i}]", v) for i, v in enumerate(items)
+        )
         if identities and auth.pki is None:
             raise p.err("identity", "a pinned certificate identity needs [auth.pki]")
         if psk is None and not identities:
-            raise p.err("address", "needs psk_file or identity: a COOP peer authenticates as a KS, not as a GM")
+            raise p.err(
+                "address",
+                "needs psk_file or identity: a COOP peer authenticates as a KS, not as a GM",
+            )
         peers.append(CoopPeer(address=address, port=port, psk=psk, identities=identities))
     return CoopConfig(
         priority=t.integer("priority", 1, 255, 100),

@@ -87,7 +87,9 @@ def parse_auth(root: Table) -> AuthConfig:
     auth = root.req_table("auth", ("psk", "pki"))
     psks: list[PskEntry] = []
     for e in auth.tables("psk", ("peer", "key_file", "identity")):
-        psks.append(PskEntry(peer=e.network("peer"), key=e.secret("key_file"), identity=_psk_identity(e)))
+        psks.append(
+            PskEntry(peer=e.network("peer"), key=e.secret("key_file"), identity=_psk_identity(e))
+        )
     for peer, path, first in duplicates(
         [(e.peer, f"{auth.sub('psk')}[{i}].peer") for i, e in enumerate(psks)]
     ):
@@ -133,7 +135,9 @@ def parse_groups(
 def identity_pattern(ctx: Context, path: str, v: Any) -> IdentityPattern:
     """A pinned certificate identity (``CN=ks1.example``, ``dns:ks1.example``, ...)."""
     if not isinstance(v, str):
-        raise ctx.error(path, "must be a string such as \"CN=ks1.example.com\" or \"dns:ks1.example.com\"")
+        raise ctx.error(
+            path, 'must be a string such as "CN=ks1.example.com" or "dns:ks1.example.com"'
+        )
     try:
         return IdentityPattern.parse(v)
     except ValueError as exc:

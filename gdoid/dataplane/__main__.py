@@ -101,9 +101,13 @@ def load_factory(spec: str) -> Factory:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gdoid.dataplane", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m gdoid.dataplane", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--dataplane", default="null", help="null, gcm or MODULE:CALLABLE")
-    p.add_argument("--prefix", action="append", default=[], type=IPv4Network, help="protected prefix")
+    p.add_argument(
+        "--prefix", action="append", default=[], type=IPv4Network, help="protected prefix"
+    )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tun", default="gdoi0")
     p.add_argument("--mtu", type=int, default=1400)

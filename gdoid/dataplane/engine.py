@@ -85,7 +85,9 @@ class IntervalLogLimiter:
         return n
 
 
-def log_internal_error(limiter: IntervalLogLimiter, now: float, event: str, **fields: object) -> None:
+def log_internal_error(
+    limiter: IntervalLogLimiter, now: float, event: str, **fields: object
+) -> None:
     """Log the exception being handled, with its (bounded) traceback, if ``limiter`` allows."""
     suppressed = limiter.allow(now)
     if suppressed is None:

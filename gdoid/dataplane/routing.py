@@ -263,7 +263,9 @@ class RouteSetup:
             if not keep:
                 self._del_route(ipr, route)
         for net in sorted(throws):
-            ipr.route("replace", dst=str(net), type="throw", table=self.table, scope=RT_SCOPE_UNIVERSE)
+            ipr.route(
+                "replace", dst=str(net), type="throw", table=self.table, scope=RT_SCOPE_UNIVERSE
+            )
         for net in sorted(wanted):
             ipr.route("replace", dst=str(net), oif=tun, table=self.table)
 

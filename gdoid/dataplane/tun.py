@@ -80,4 +80,6 @@ class TunDevice:
         self.close()
 
     def __repr__(self) -> str:
-        return f"TunDevice(name={self.name!r}, fd={self.fd}, ifindex={self.ifindex}, mtu={self.mtu})"
+        return (
+            f"TunDevice(name={self.name!r}, fd={self.fd}, ifindex={self.ifindex}, mtu={self.mtu})"
+        )

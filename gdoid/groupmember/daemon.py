@@ -32,8 +32,15 @@ class _DataplaneSync:
     def __init__(self, daemon: GroupMemberDaemon) -> None:
         self.daemon = daemon
 
-    def install(self, group: int, teks: Sequence[Tek], sender_ids: SenderIds | None,
-                pseudotime_ms: int | None, now: float, activation_delay: float = 0) -> None:
+    def install(
+        self,
+        group: int,
+        teks: Sequence[Tek],
+        sender_ids: SenderIds | None,
+        pseudotime_ms: int | None,
+        now: float,
+        activation_delay: float = 0,
+    ) -> None:
         assert self.daemon.dataplane is not None
         self.daemon.dataplane.install(group, teks, sender_ids, pseudotime_ms, now, activation_delay)
         self.daemon.routes_changed()
@@ -46,7 +53,10 @@ class _DataplaneSync:
 
 class GroupMemberDaemon:
     def __init__(
-        self, config: GmConfig, keylog_dir: Path | None = None, tick: float = 0.25,
+        self,
+        config: GmConfig,
+        keylog_dir: Path | None = None,
+        tick: float = 0.25,
         config_path: Path | None = None,
     ) -> None:
         self.config = config
@@ -64,7 +74,9 @@ class GroupMemberDaemon:
         self.forwarder: Forwarder | None = None
         dp = config.dataplane
         if dp.enabled:
-            self.dataplane = Dataplane(fail_close=config.fail_close, mtu=dp.mtu, icmp_source=dp.icmp_source)
+            self.dataplane = Dataplane(
+                fail_close=config.fail_close, mtu=dp.mtu, icmp_source=dp.icmp_source
+            )
             self.forwarder = Forwarder(
                 self.dataplane,
                 tun_name=config.tun_name,
@@ -87,8 +99,14 @@ class GroupMemberDaemon:
             software_version=config.software_version,
             dataplane=_DataplaneSync(self) if self.dataplane is not None else None,
         )
-        self.shell = UdpShell("gm", (str(config.address), config.port), config.control_socket, tick, self.log,
-                              control_group=config.control_group)
+        self.shell = UdpShell(
+            "gm",
+            (str(config.address), config.port),
+            config.control_socket,
+            tick,
+            self.log,
+            control_group=config.control_group,
+        )
 
     def _on_event(self, what: str, reg: Registration) -> None:
         if what in ("registered", "failed") and self.on_status is not None:
@@ -123,16 +141,25 @@ class GroupMemberDaemon:
             state, detail = "registering", "; ".join(waiting)
         elif not routes:
             state = "installing-routes" if task is not None and not task.done() else "routes-failed"
-            detail = "registered; data-path routes not in place yet" if state == "installing-routes" \
+            detail = (
+                "registered; data-path routes not in place yet"
+                if state == "installing-routes"
                 else "registered; the data-path route update failed (see the log)"
+            )
         else:
             state = "registered"
             detail = ", ".join(
                 f"group {r.group.name} with KS {r.registered_ks}"
                 for r in self.engine.registrations.values()
             )
-        return {"role": "gm", "state": state, "healthy": registered and bool(routes),
-                "registered": registered, "detail": detail, "line": f"gm {state}: {detail}"}
+        return {
+            "role": "gm",
+            "state": state,
+            "healthy": registered and bool(routes),
+            "registered": registered,
+            "detail": detail,
+            "line": f"gm {state}: {detail}",
+        }
 
     def reload(self) -> ControlResponse:
         """SIGHUP / ``reload``: check the config file; a GM applies changes on restart only.
@@ -146,10 +173,14 @@ class GroupMemberDaemon:
             new = load_gm_config(self.config_path)
         except (ConfigError, PkiError, OSError) as exc:
             self.log.error("reload_failed", error=str(exc))
-            return ControlResponse.failure(f"% reload failed, running configuration unchanged: {exc}")
+            return ControlResponse.failure(
+                f"% reload failed, running configuration unchanged: {exc}"
+            )
         if new == self.config:
             self.log.info("reload_config_unchanged", path=str(self.config_path))
-            return ControlResponse(ok=True, output="% configuration unchanged\n", data={"changed": False})
+            return ControlResponse(
+                ok=True, output="% configuration unchanged\n", data={"changed": False}
+            )
         self.log.warning("reload_config_changed_restart_needed", path=str(self.config_path))
         return ControlResponse(
             ok=True,
@@ -162,7 +193,9 @@ class GroupMemberDaemon:
         if self.forwarder is not None:
             await self.forwarder.start()
         await self.shell.open(self.engine, self.handle)
-        self._watch = asyncio.create_task(self._watch_sender_ids()) if self.dataplane is not None else None
+        self._watch = (
+            asyncio.create_task(self._watch_sender_ids()) if self.dataplane is not None else None
+        )
         self.log.info(
             "gm_started",
             address=str(self.config.address),
@@ -180,9 +213,13 @@ class GroupMemberDaemon:
             # Pending SAs too (not active yet, not expired): a GCM TEK a policy replace
             # brought to a GM registered under CBC waits for the transition to end, and
             # must hold sender IDs by then.
-            low = {sa["group"] for sa in self.dataplane.stats(now)["sas"]
-                   if sa["remaining"] > 0 and sa.get("counter_remaining") is not None
-                   and sa["counter_remaining"] < SID_COUNTER_LOW_WATER}
+            low = {
+                sa["group"]
+                for sa in self.dataplane.stats(now)["sas"]
+                if sa["remaining"] > 0
+                and sa.get("counter_remaining") is not None
+                and sa["counter_remaining"] < SID_COUNTER_LOW_WATER
+            }
             for number in low:
                 reg = self.engine.registrations.get(number)
                 if reg is not None and reg.state == RegState.REGISTERED:
@@ -227,12 +264,20 @@ class GroupMemberDaemon:
             return self._show_gm_replay(regs, now)
         if cmd in (commands.SHOW_GM, commands.SHOW_GDOI):
             me = self.local
-            return ControlResponse(ok=True, output=show.show_gdoi(regs, self.engine.sadb, me, now),
-                                   data=show.gdoi_data(regs, self.engine.sadb, me, now))
+            return ControlResponse(
+                ok=True,
+                output=show.show_gdoi(regs, self.engine.sadb, me, now),
+                data=show.gdoi_data(regs, self.engine.sadb, me, now),
+            )
         if cmd in (commands.SHOW_FEATURE, commands.SHOW_FEATURE_GROUP_AFTER):
-            features = [feature_by_name(m.params["feature"])] if "feature" in m.params else list(FEATURES)
-            return ControlResponse(ok=True, output=show.show_feature(regs, self.local, features),
-                                   data=show.feature_json(regs, self.local, features))
+            features = (
+                [feature_by_name(m.params["feature"])] if "feature" in m.params else list(FEATURES)
+            )
+            return ControlResponse(
+                ok=True,
+                output=show.show_feature(regs, self.local, features),
+                data=show.feature_json(regs, self.local, features),
+            )
         if cmd == commands.CLEAR_GM:
             out = []
             for r in regs:
@@ -245,21 +290,32 @@ class GroupMemberDaemon:
     def _show_ipsec_sa(self, now: float) -> ControlResponse:
         if self.dataplane is None:
             sas = show.control_plane_sas(self.engine.sadb, now)
-            return ControlResponse(ok=True, output=show.show_control_plane_sas(self.local, sas),
-                                   data={"sas": sas, "enabled": False})
+            return ControlResponse(
+                ok=True,
+                output=show.show_control_plane_sas(self.local, sas),
+                data={"sas": sas, "enabled": False},
+            )
         stats = self.dataplane.stats(now)
         fwd = self.forwarder.stats.as_dict() if self.forwarder is not None else {}
-        return ControlResponse(ok=True, output=show.show_ipsec_sa(self.local, stats, fwd),
-                               data={**stats, "forwarder": fwd, "enabled": True})
+        return ControlResponse(
+            ok=True,
+            output=show.show_ipsec_sa(self.local, stats, fwd),
+            data={**stats, "forwarder": fwd, "enabled": True},
+        )
 
     def _show_gm_replay(self, regs: list[Registration], now: float) -> ControlResponse:
         if self.dataplane is None:
             groups = show.control_plane_replay(regs, self.engine.sadb, now)
         else:
             numbers = {r.group.number for r in regs}
-            groups = [g for g in self.dataplane.replay_stats(now)["groups"] if g["group"] in numbers]
-        return ControlResponse(ok=True, output=show.show_replay(regs, groups),
-                               data={"groups": groups, "dataplane": self.dataplane is not None})
+            groups = [
+                g for g in self.dataplane.replay_stats(now)["groups"] if g["group"] in numbers
+            ]
+        return ControlResponse(
+            ok=True,
+            output=show.show_replay(regs, groups),
+            data={"groups": groups, "dataplane": self.dataplane is not None},
+        )
 
     def _select(self, name: str | None) -> list[Registration] | ControlResponse:
         regs = list(self.engine.registrations.values())

@@ -234,7 +234,9 @@ class GroupMemberEngine:
 
     # --- input ---------------------------------------------------------------------
 
-    def datagram_received(self, data: bytes, peer: Address, now: float, mono: float | None = None) -> Outgoing:
+    def datagram_received(
+        self, data: bytes, peer: Address, now: float, mono: float | None = None
+    ) -> Outgoing:
         self._clock(now, mono)
         out = self._datagram(data, peer, now)
         self._track_timers(now)
@@ -271,7 +273,9 @@ class GroupMemberEngine:
                 msg = reg.sa.open_informational(data)
                 for n in msg.all(NotifyPayload):
                     if reg.pull is not None and not reg.pull.finished:
-                        return self._pull_output(reg, reg.pull.notify_received(n.notify_type, n.data), now)
+                        return self._pull_output(
+                            reg, reg.pull.notify_received(n.notify_type, n.data), now
+                        )
                 return []
         except ProtocolError as exc:
             return self._drop(peer, str(exc))
@@ -324,7 +328,9 @@ class GroupMemberEngine:
     def _pinning(self, group: GmGroupConfig) -> KsPinning | None:
         if group.ks_pop == KsPop.NONE and group.rekey_key_sha256 is None:
             return None
-        pop = {KsPop.CERTIFICATE: PopMethod.CERTIFICATE, KsPop.REKEY_KEY: PopMethod.REKEY_KEY}.get(group.ks_pop)
+        pop = {KsPop.CERTIFICATE: PopMethod.CERTIFICATE, KsPop.REKEY_KEY: PopMethod.REKEY_KEY}.get(
+            group.ks_pop
+        )
         validator = self.phase1.signature.validator if self.phase1.signature is not None else None
         return KsPinning(pop, group.ks_identities, validator, group.rekey_key_sha256)
 
@@ -344,7 +350,9 @@ class GroupMemberEngine:
         if reg.pull is not None and reg.pull.parsed is not None:
             self._log_skipped(reg, reg.pull.parsed, str(reg.ks))
         if ev.ks_proof:
-            self.log.info("ks_role_verified", group=reg.group.name, ks=str(reg.ks), proof=ev.ks_proof)
+            self.log.info(
+                "ks_role_verified", group=reg.group.name, ks=str(reg.ks), proof=ev.ks_proof
+            )
         self._install(ev.keys, ev.sender_ids, now)
         if reg.sa is not None:
             reg.ack_hash = reg.sa.hash
@@ -359,14 +367,22 @@ class GroupMemberEngine:
         reg.mm = None
         self.counters["registrations"] += 1
         reg.rereg_at = self._rereg_time(reg, now)
-        log.emit(self.log, log.GM_REGS_COMPL, ks=str(reg.ks), group=reg.group.name, address=str(self.address))
+        log.emit(
+            self.log,
+            log.GM_REGS_COMPL,
+            ks=str(reg.ks),
+            group=reg.group.name,
+            address=str(self.address),
+        )
         self._notify("registered", reg)
         return []
 
     def _log_skipped(self, reg: Registration, parsed: ParsedSa, ks: str) -> None:
         """SATs of a protocol other than ESP are not installed: say so (docs/wire.md)."""
         if parsed.skipped_reason is not None:
-            self.log.warning("sa_tek_skipped", group=reg.group.name, ks=ks, reason=parsed.skipped_reason)
+            self.log.warning(
+                "sa_tek_skipped", group=reg.group.name, ks=ks, reason=parsed.skipped_reason
+            )
 
     def _install(self, keys: GroupKeys, sender_ids: SenderIds | None, now: float) -> None:
         new = self.sadb.install(keys, sender_ids, now)
@@ -391,13 +407,25 @@ class GroupMemberEngine:
         if g.pseudotime_ms is not None:  # the KS's pseudotime, advanced by our clock since
             pseudotime = g.pseudotime_ms + int((now - g.pseudotime_at) * 1000)
         self.dataplane.install(
-            group_number, list(g.teks.values()), g.sender_ids, pseudotime, now, self.sadb.send_delay(group_number, now)
+            group_number,
+            list(g.teks.values()),
+            g.sender_ids,
+            pseudotime,
+            now,
+            self.sadb.send_delay(group_number, now),
         )
 
     # --- GROUPKEY-PUSH ----------------------------------------------------------------
 
     def _push(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
-        g = next((g for g in self.sadb.groups.values() if g.kek is not None and g.kek.spi == header.cookies), None)
+        g = next(
+            (
+                g
+                for g in self.sadb.groups.values()
+                if g.kek is not None and g.kek.spi == header.cookies
+            ),
+            None,
+        )
         if g is None or g.kek is None:
             return self._drop(peer, "GROUPKEY-PUSH under a KEK we do not hold")
         reg = self.registrations.get(g.group_number)
@@ -407,16 +435,23 @@ class GroupMemberEngine:
             # The KS retransmits because our acknowledgement was lost: acknowledge again,
             # install nothing twice.
             self.counters["rekeys_reacked"] += 1
-            self.log.info("push_retransmission", group=reg.group.name, seq=g.seq, action="acknowledged again")
+            self.log.info(
+                "push_retransmission", group=reg.group.name, seq=g.seq, action="acknowledged again"
+            )
             return [(reg.last_ack, peer)] if reg.last_ack else []
         try:
             push = open_push(data, g.kek, crypto.load_public_key_der(g.kek.public_key_der))
             if push.seq <= g.seq:
-                raise NotifyError(NotifyType.INVALID_MESSAGE_ID, f"SEQ {push.seq} is not above {g.seq}: replayed or stale")
+                raise NotifyError(
+                    NotifyType.INVALID_MESSAGE_ID,
+                    f"SEQ {push.seq} is not above {g.seq}: replayed or stale",
+                )
         except ProtocolError as exc:
             reg.rekeys_rejected += 1
             self.counters["rekeys_rejected"] += 1
-            self.log_limit.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=str(exc))
+            self.log_limit.emit(
+                self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=str(exc)
+            )
             return []
         cookies = header.cookies
         g.seq = push.seq
@@ -427,26 +462,52 @@ class GroupMemberEngine:
         modern = supports_removal_and_replace(self.version)
         removal = push.notify(NotifyType.GM_REMOVAL) if modern else None
         replace = push.notify(NotifyType.POLICY_REPLACE) if modern else None
-        ack = [(build_ack(reg.ack_hash, reg.ack_key, cookies, push.seq, self.address.packed), peer)] if reg.ack_key else []
+        ack = (
+            [(build_ack(reg.ack_hash, reg.ack_key, cookies, push.seq, self.address.packed), peer)]
+            if reg.ack_key
+            else []
+        )
         reg.last_push = data
         reg.last_ack = ack[0][0] if ack else b""
-        if removal is not None and removal.data[:1] in (bytes([RemovalMode.TRANSITIONAL]), bytes([RemovalMode.NOW])):
+        if removal is not None and removal.data[:1] in (
+            bytes([RemovalMode.TRANSITIONAL]),
+            bytes([RemovalMode.NOW]),
+        ):
             return ack + self._removal(reg, removal.data[0], now)
-        log.emit(self.log, log.GM_RECV_REKEY, group=reg.group.name, ks=peer[0], address=str(self.address), seq=push.seq)
+        log.emit(
+            self.log,
+            log.GM_RECV_REKEY,
+            group=reg.group.name,
+            ks=peer[0],
+            address=str(self.address),
+            seq=push.seq,
+        )
         if push.sa is not None and push.kd is not None:
             try:
                 parsed = parse_sa(push.sa, now, require_tek=False)
                 keys, _ = parse_keys(parsed, push.kd, push.seq, g.group_number, now, False)
                 self._log_skipped(reg, parsed, peer[0])
             except ProtocolError as exc:
-                self.log_limit.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=f"policy: {exc}")
+                self.log_limit.emit(
+                    self.log,
+                    log.GM_REKEY_REJECTED,
+                    group=reg.group.name,
+                    ks=peer[0],
+                    reason=f"policy: {exc}",
+                )
                 return ack
             pin = reg.group.rekey_key_sha256
-            if pin is not None and keys.kek is not None and not crypto.constant_time_equal(
-                rekey_key_fingerprint(keys.kek.public_key_der), pin
+            if (
+                pin is not None
+                and keys.kek is not None
+                and not crypto.constant_time_equal(
+                    rekey_key_fingerprint(keys.kek.public_key_der), pin
+                )
             ):
                 reason = "policy: the new KEK's rekey key is not the pinned rekey_key_sha256"
-                log.emit(self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=reason)
+                log.emit(
+                    self.log, log.GM_REKEY_REJECTED, group=reg.group.name, ks=peer[0], reason=reason
+                )
                 return ack
             old = set(g.teks)
             if replace is not None:
@@ -485,7 +546,9 @@ class GroupMemberEngine:
             self.sadb.clear(number)
             self._sync_dataplane(number, now)
             delay = self.rng.uniform(0, 0.02 * configured) if configured else 0.0
-            log.emit(self.log, log.GM_RECV_DELETE_IMMEDIATE, group=reg.group.name, seconds=round(delay))
+            log.emit(
+                self.log, log.GM_RECV_DELETE_IMMEDIATE, group=reg.group.name, seconds=round(delay)
+            )
             reg.state = RegState.BACKOFF
             reg.rereg_at = now + delay  # shown to users; retry_at is what fires
             reg.retry_at = self._mono + delay
@@ -513,7 +576,9 @@ class GroupMemberEngine:
             elif reg.state == RegState.REGISTERED and reg.rereg_at is not None:
                 times.append(mono + max(0.0, reg.rereg_at - now))
         for g in self.sadb.groups.values():
-            expiries = [t.expires_at for t in g.teks.values()] + ([g.kek.expires_at] if g.kek is not None else [])
+            expiries = [t.expires_at for t in g.teks.values()] + (
+                [g.kek.expires_at] if g.kek is not None else []
+            )
             if expiries:
                 times.append(mono + max(0.0, min(expiries) - now))
         return min(times) if times else None
@@ -532,21 +597,35 @@ class GroupMemberEngine:
                     pull = reg.pull
                     pull_out = pull.on_timeout(given)
                     if pull.deadline is not None:
-                        reg.timer_for, reg.timer_due = (pull, pull.deadline), mono + max(0.0, pull.deadline - given)
+                        reg.timer_for, reg.timer_due = (
+                            (pull, pull.deadline),
+                            mono + max(0.0, pull.deadline - given),
+                        )
                     out += self._pull_output(reg, pull_out, now)
                 elif machine is reg.mm and reg.mm is not None:
                     mm = reg.mm
                     mm_out = mm.on_timeout(given)
                     if mm.deadline is not None:
-                        reg.timer_for, reg.timer_due = (mm, mm.deadline), mono + max(0.0, mm.deadline - given)
+                        reg.timer_for, reg.timer_due = (
+                            (mm, mm.deadline),
+                            mono + max(0.0, mm.deadline - given),
+                        )
                     out += [(d, reg.ks_addr) for d in mm_out.send]
                     for ev in mm_out.events:
                         out += self._phase1_event(reg, ev, now)
             if reg.attempt_deadline is not None and mono >= reg.attempt_deadline:
-                out += self._failed(reg, f"no answer from KS {reg.ks} within {self.registration_timeout:g} s", now)
-            elif reg.state == RegState.BACKOFF and reg.retry_at is not None and mono >= reg.retry_at:
+                out += self._failed(
+                    reg, f"no answer from KS {reg.ks} within {self.registration_timeout:g} s", now
+                )
+            elif (
+                reg.state == RegState.BACKOFF and reg.retry_at is not None and mono >= reg.retry_at
+            ):
                 out += self._begin(reg, now)
-            elif reg.state == RegState.REGISTERED and reg.rereg_at is not None and now >= reg.rereg_at:
+            elif (
+                reg.state == RegState.REGISTERED
+                and reg.rereg_at is not None
+                and now >= reg.rereg_at
+            ):
                 self.log.info("reregistration_due", group=reg.group.name)
                 out += self._begin(reg, now)
         self.log_limit.flush()

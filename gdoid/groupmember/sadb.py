@@ -41,7 +41,9 @@ class GroupSas:
     deactivation_delay: int = 0  # and replaced TEKs are kept this long after that
 
     def active_teks(self, now: float) -> list[Tek]:
-        return sorted((t for t in self.teks.values() if t.expires_at > now), key=lambda t: t.created_at)
+        return sorted(
+            (t for t in self.teks.values() if t.expires_at > now), key=lambda t: t.created_at
+        )
 
 
 class Sadb:

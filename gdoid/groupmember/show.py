@@ -86,7 +86,9 @@ def show_gdoi(regs: Sequence[Registration], sadb: Sadb, me: LocalMember, now: fl
             "",
             "KEK POLICY:",
         ]
-        lines += kek_policy_lines(g.kek, now) if g is not None and g.kek is not None else ["    none"]
+        lines += (
+            kek_policy_lines(g.kek, now) if g is not None and g.kek is not None else ["    none"]
+        )
         lines += ["", "TEK POLICY for the current KS-Policy ACEs:"]
         for t in g.active_teks(now) if g is not None else []:
             lines += [*tek_sa_lines(t, now), *tek_replay_lines(t)]
@@ -94,7 +96,9 @@ def show_gdoi(regs: Sequence[Registration], sadb: Sadb, me: LocalMember, now: fl
     return "\n".join(lines)
 
 
-def gdoi_data(regs: Sequence[Registration], sadb: Sadb, me: LocalMember, now: float) -> dict[str, Any]:
+def gdoi_data(
+    regs: Sequence[Registration], sadb: Sadb, me: LocalMember, now: float
+) -> dict[str, Any]:
     groups = []
     for r in regs:
         g = sadb.groups.get(r.group.number)
@@ -120,8 +124,14 @@ def gdoi_data(regs: Sequence[Registration], sadb: Sadb, me: LocalMember, now: fl
 
 def _tek_data(t: Tek, now: float) -> dict[str, Any]:
     p = t.policy
-    return {"spi": f"{t.spi:08x}", "remaining": t.remaining(now), "transform": p.transform.name,
-            "replay_window": p.replay_window, "tbar_window_ms": p.tbar_window_ms, "receive_only": p.receive_only}
+    return {
+        "spi": f"{t.spi:08x}",
+        "remaining": t.remaining(now),
+        "transform": p.transform.name,
+        "replay_window": p.replay_window,
+        "tbar_window_ms": p.tbar_window_ms,
+        "receive_only": p.receive_only,
+    }
 
 
 # --- show crypto ipsec sa ------------------------------------------------------------------
@@ -129,9 +139,16 @@ def _tek_data(t: Tek, now: float) -> dict[str, Any]:
 
 def _header(me: LocalMember, dataplane: bool) -> list[str]:
     if dataplane:
-        return [f"interface: {me.tun_name}", f"    Crypto map tag: gdoi-{me.tun_name}, local addr {me.address}", ""]
-    return ["interface: none (data path not enabled: SAs from the control plane, no packet counters)",
-            f"    Crypto map tag: gdoi, local addr {me.address}", ""]
+        return [
+            f"interface: {me.tun_name}",
+            f"    Crypto map tag: gdoi-{me.tun_name}, local addr {me.address}",
+            "",
+        ]
+    return [
+        "interface: none (data path not enabled: SAs from the control plane, no packet counters)",
+        f"    Crypto map tag: gdoi, local addr {me.address}",
+        "",
+    ]
 
 
 def show_ipsec_sa(me: LocalMember, stats: Mapping[str, Any], forwarder: Mapping[str, Any]) -> str:
@@ -140,7 +157,9 @@ def show_ipsec_sa(me: LocalMember, stats: Mapping[str, Any], forwarder: Mapping[
     for sa in stats["sas"]:
         spi = sa["spi"]
         lines += [
-            f"   group {sa['group']} spi: 0x{spi:08X}({spi})" if isinstance(spi, int) else f"   group {sa['group']} spi: {spi}",
+            f"   group {sa['group']} spi: 0x{spi:08X}({spi})"
+            if isinstance(spi, int)
+            else f"   group {sa['group']} spi: {spi}",
             f"     transform: {sa['transform']} , in use settings ={{Tunnel, Address preservation}}",
             f"     #pkts encaps: {sa['pkts_encaps']}, #pkts encrypt: {sa['pkts_encaps']}",
             f"     #pkts decaps: {sa['pkts_decaps']}, #pkts decrypt: {sa['pkts_decaps']}, #pkts verify: {sa['pkts_decaps']}",
@@ -152,7 +171,9 @@ def show_ipsec_sa(me: LocalMember, stats: Mapping[str, Any], forwarder: Mapping[
         ]
     lines.append(f"   clear (unprotected) packets out: {stats.get('clear_out', 0)}")
     lines.append(f"   drops: {counts_text(stats.get('drops', {}))}")
-    lines.append(f"   forwarder: {', '.join(f'{k} {v}' for k, v in forwarder.items() if not isinstance(v, dict))}")
+    lines.append(
+        f"   forwarder: {', '.join(f'{k} {v}' for k, v in forwarder.items() if not isinstance(v, dict))}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +214,9 @@ def show_control_plane_sas(me: LocalMember, sas: Sequence[Mapping[str, Any]]) ->
 # --- show crypto gdoi gm replay -------------------------------------------------------------
 
 
-def control_plane_replay(regs: Sequence[Registration], sadb: Sadb, now: float) -> list[dict[str, Any]]:
+def control_plane_replay(
+    regs: Sequence[Registration], sadb: Sadb, now: float
+) -> list[dict[str, Any]]:
     """Each group's anti-replay settings from its TEKs (the largest window of any SA, as
     the data path reports it) and the KS's pseudotime advanced by our clock."""
     out = []
@@ -204,7 +227,11 @@ def control_plane_replay(regs: Sequence[Registration], sadb: Sadb, now: float) -
         teks = g.active_teks(now)
         windows = [t.policy.tbar_window_ms for t in teks if t.policy.tbar_window_ms]
         replay = [t.policy.replay_window for t in teks if t.policy.replay_window]
-        pseudotime = g.pseudotime_ms + int((now - g.pseudotime_at) * 1000) if g.pseudotime_ms is not None else None
+        pseudotime = (
+            g.pseudotime_ms + int((now - g.pseudotime_at) * 1000)
+            if g.pseudotime_ms is not None
+            else None
+        )
         out.append({"group": g.group_number, "tbar_window_ms": max(windows) if windows else None,
                     "replay_window": max(replay) if replay else None, "pseudotime_ms": pseudotime,
                     "drops": None})  # fmt: skip
@@ -237,7 +264,11 @@ def show_replay(regs: Sequence[Registration], groups: Sequence[Mapping[str, Any]
     shown = {g["group"] for g in groups}
     for r in regs:
         if r.group.number not in shown:
-            lines += [f"Anti-replay Information For Group {r.group.name}:", "    no SAs installed", ""]
+            lines += [
+                f"Anti-replay Information For Group {r.group.name}:",
+                "    no SAs installed",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -265,5 +296,7 @@ def show_feature(regs: Sequence[Registration], me: LocalMember, features: Sequen
     return feature_tables(features, _feature_groups(regs, me))
 
 
-def feature_json(regs: Sequence[Registration], me: LocalMember, features: Sequence[Feature]) -> dict[str, object]:
+def feature_json(
+    regs: Sequence[Registration], me: LocalMember, features: Sequence[Feature]
+) -> dict[str, object]:
     return feature_data(features, _feature_groups(regs, me))

@@ -93,10 +93,22 @@ _enum = fields.enum
 
 # --- members -------------------------------------------------------------------------------
 
-_MEMBER_KEYS = frozenset({
-    "address", "identity", "version", "registered_at", "kek_spi", "tek_spis", "sender_ids",
-    "registrations", "missed_rekeys", "port", "ack_key", "ack_hash",
-})
+_MEMBER_KEYS = frozenset(
+    {
+        "address",
+        "identity",
+        "version",
+        "registered_at",
+        "kek_spi",
+        "tek_spis",
+        "sender_ids",
+        "registrations",
+        "missed_rekeys",
+        "port",
+        "ack_key",
+        "ack_hash",
+    }
+)
 _MEMBER_OPTIONAL = frozenset({"ks_address"})  # absent in ANNs of KSs before it was kept
 
 
@@ -117,10 +129,14 @@ def _member(v: Any, name: str, group: Group) -> Member:
         version=_optional(d["version"], lambda x: _version(x, f"{name}.version")),
         registered_at=_time(d["registered_at"], f"{name}.registered_at"),
         kek_spi=_optional(d["kek_spi"], lambda x: _hex(x, f"{name}.kek_spi", (16,))),
-        tek_spis=tuple(_int(x, f"{name}.tek_spis[{i}]", 0, U32)
-                       for i, x in enumerate(_list(d["tek_spis"], f"{name}.tek_spis", MAX_TEK_SPIS))),
-        sender_ids=tuple(_int(x, f"{name}.sender_ids[{i}]", 0, sid_max)
-                         for i, x in enumerate(_list(d["sender_ids"], f"{name}.sender_ids", MAX_SIDS))),
+        tek_spis=tuple(
+            _int(x, f"{name}.tek_spis[{i}]", 0, U32)
+            for i, x in enumerate(_list(d["tek_spis"], f"{name}.tek_spis", MAX_TEK_SPIS))
+        ),
+        sender_ids=tuple(
+            _int(x, f"{name}.sender_ids[{i}]", 0, sid_max)
+            for i, x in enumerate(_list(d["sender_ids"], f"{name}.sender_ids", MAX_SIDS))
+        ),
         registrations=_int(d["registrations"], f"{name}.registrations", 0, U32),
         missed_rekeys=_int(d["missed_rekeys"], f"{name}.missed_rekeys", 0, 0xFFFF),
         port=_int(d["port"], f"{name}.port", 1, 0xFFFF),
@@ -154,8 +170,10 @@ def parse_members_removed(v: Any, group: Group) -> dict[IPv4Address, float]:
         raise AnnInvalid("MEMBERS_REMOVED", f"must be an object, not {type(v).__name__}")
     if len(v) > MAX_MEMBERS:
         raise AnnInvalid("MEMBERS_REMOVED", f"{len(v)} entries, allowed {MAX_MEMBERS}")
-    return {_address(a, "MEMBERS_REMOVED.address"): _time(t, f"MEMBERS_REMOVED[{str(a)[:15]}]")
-            for a, t in v.items()}
+    return {
+        _address(a, "MEMBERS_REMOVED.address"): _time(t, f"MEMBERS_REMOVED[{str(a)[:15]}]")
+        for a, t in v.items()
+    }
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -163,7 +181,9 @@ def parse_members_removed(v: Any, group: Group) -> dict[IPv4Address, float]:
 
 def parse_group_keys(v: Any, group: Group) -> GroupKeyState:
     """GROUP_KEYS: the sender's key state, whose KEK must name our rekey signing key."""
-    return GroupKeyState.from_json(v, "GROUP_KEYS", signing_key_der=crypto.public_key_der(group.signing_key))
+    return GroupKeyState.from_json(
+        v, "GROUP_KEYS", signing_key_der=crypto.public_key_der(group.signing_key)
+    )
 
 
 def parse_signing_key(v: Any, group: Group) -> bytes:

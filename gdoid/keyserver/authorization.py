@@ -127,7 +127,11 @@ def matches(pattern: AuthorizedIdentity, sa: IkeSa) -> bool:
                 return False
         return True
     if pattern.kind == "fqdn":
-        names = _dns_names(cert) if cert is not None else [n for n in [_psk_id(sa, IdType.ID_FQDN)] if n]
+        names = (
+            _dns_names(cert)
+            if cert is not None
+            else [n for n in [_psk_id(sa, IdType.ID_FQDN)] if n]
+        )
         return any(wildcard_match(pattern.value, n.rstrip(".")) for n in names)
     if pattern.kind == "key-id":
         return _psk_id(sa, IdType.ID_KEY_ID) == pattern.value

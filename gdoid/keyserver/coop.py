@@ -266,7 +266,9 @@ class Coop:
         if sa.proposal.auth == AuthenticationMethod.PRE_SHARED_KEY:
             if conf.psk is None:
                 return "pre-shared key, but this peer must use a certificate"
-            if sa.psk_digest is None or not hmac.compare_digest(sa.psk_digest, hashlib.sha256(conf.psk).digest()):
+            if sa.psk_digest is None or not hmac.compare_digest(
+                sa.psk_digest, hashlib.sha256(conf.psk).digest()
+            ):
                 return "pre-shared key is not this peer's COOP key"
             return None
         if sa.proposal.auth == AuthenticationMethod.RSA_SIG:
@@ -285,17 +287,32 @@ class Coop:
         # credentials: one a GM set up from the peer's address never carries our keys.
         best = peer.sa if peer.sa is not None and peer.sa.expires_at > now else None
         for sa in self.host.phase1_sas(peer.address):
-            if sa.expires_at > now and (
-                best is None or sa.established_at > best.established_at
-            ) and self.auth_failure(peer, sa) is None:
+            if (
+                sa.expires_at > now
+                and (best is None or sa.established_at > best.established_at)
+                and self.auth_failure(peer, sa) is None
+            ):
                 best = sa
         return best
 
     def owns_initiator(self, icky: bytes) -> Peer | None:
-        return next((p for p in self.peers.values() if p.initiator is not None and p.initiator.icky == icky), None)
+        return next(
+            (
+                p
+                for p in self.peers.values()
+                if p.initiator is not None and p.initiator.icky == icky
+            ),
+            None,
+        )
 
-    def _log_limited(self, peer: str, kind: str, mnemonic: log.Mnemonic | None = None,
-                     event: str = "", **fields: Any) -> None:
+    def _log_limited(
+        self,
+        peer: str,
+        kind: str,
+        mnemonic: log.Mnemonic | None = None,
+        event: str = "",
+        **fields: Any,
+    ) -> None:
         suppressed = self._log_limit.allow((peer, kind), self._mono)
         if suppressed is None:
             return
@@ -317,7 +334,9 @@ class Coop:
     # --- phase 1 to peers ----------------------------------------------------------------
 
     def _start_phase1(self, peer: Peer, now: float) -> Outgoing:
-        config = coop_peer_phase1(self.phase1, peer.config) if peer.config is not None else self.phase1
+        config = (
+            coop_peer_phase1(self.phase1, peer.config) if peer.config is not None else self.phase1
+        )
         mm = MainModeInitiator(config, peer.address, now)
         out = mm.start(now)
         peer.initiator = mm
@@ -349,8 +368,12 @@ class Coop:
             if why is not None:
                 peer.failures += 1
                 peer.ike_status = "Failed (not a KS credential)"
-                peer.next_attempt = peer.recheck_at = self._mono + min(30.0, self.period * 2 ** min(peer.failures, 5))
-                self._log_limited(str(peer.address), AUTH, event="coop_peer_not_authenticated", reason=why)
+                peer.next_attempt = peer.recheck_at = self._mono + min(
+                    30.0, self.period * 2 ** min(peer.failures, 5)
+                )
+                self._log_limited(
+                    str(peer.address), AUTH, event="coop_peer_not_authenticated", reason=why
+                )
                 return []
             peer.sa = ev.sa
             peer.failures = 0
@@ -359,8 +382,12 @@ class Coop:
             peer.initiator = peer.initiator_due = None
             peer.failures += 1
             peer.ike_status = f"Failed ({ev.reason})"
-            peer.next_attempt = peer.recheck_at = self._mono + min(30.0, self.period * 2 ** min(peer.failures, 5))
-            self._log_limited(str(peer.address), "phase1", event="coop_phase1_failed", reason=ev.reason)
+            peer.next_attempt = peer.recheck_at = self._mono + min(
+                30.0, self.period * 2 ** min(peer.failures, 5)
+            )
+            self._log_limited(
+                str(peer.address), "phase1", event="coop_phase1_failed", reason=ev.reason
+            )
         return []
 
     def peer_sa_up(self, peer: Peer, now: float, mono: float) -> Outgoing:
@@ -374,11 +401,15 @@ class Coop:
         prove the peer's KS credentials (a GM key or certificate) gets nothing from us:
         _usable_sa never picks it and every ANN on it is rejected (reason ``auth``).
         """
-        latest = max(self.host.phase1_sas(peer.address), key=lambda sa: sa.established_at, default=None)
+        latest = max(
+            self.host.phase1_sas(peer.address), key=lambda sa: sa.established_at, default=None
+        )
         why = self.auth_failure(peer, latest) if latest is not None else None
         if why is not None:
             self.host.counters["coop_sa_not_ks"] += 1
-            self._log_limited(str(peer.address), AUTH, event="coop_peer_not_authenticated", reason=why)
+            self._log_limited(
+                str(peer.address), AUTH, event="coop_peer_not_authenticated", reason=why
+            )
         self._recheck(peer, now)
         if self._usable_sa(peer, now) is None:
             return []
@@ -422,7 +453,9 @@ class Coop:
             blocks: list[AnnBlock] = [self._keys_block(g)] if self.is_primary or self.synced else []
             chunks = self._member_chunks(list(g.members.values()))
             for i, chunk in enumerate(chunks):
-                part = AnnBlock.of(BlockType.MEMBERS_FULL, {"chunk": i, "of": len(chunks), "members": chunk})
+                part = AnnBlock.of(
+                    BlockType.MEMBERS_FULL, {"chunk": i, "of": len(chunks), "members": chunk}
+                )
                 anns.append(([*blocks] if i == 0 else []) + [part])
             peer.full_sent = True
         else:
@@ -433,18 +466,27 @@ class Coop:
                 extra = [AnnBlock.of(BlockType.MEMBERS_DELTA, chunk)] if chunk else []
                 anns.append(([*blocks] if i == 0 else []) + extra)
         if gs.removed and not peer.sync_refused:
-            anns[0].append(AnnBlock.of(BlockType.MEMBERS_REMOVED, {str(a): t for a, t in gs.removed.items()}))
+            anns[0].append(
+                AnnBlock.of(BlockType.MEMBERS_REMOVED, {str(a): t for a, t in gs.removed.items()})
+            )
         if not peer.sync_refused:
             sender_ids.add_block(anns, g.sids, str(self.address), str(peer.address), now)
         out = []
         for i, blocks_i in enumerate(anns):
             self.ann_seq += 1
             # One reply per batch: a reply flag on every chunk would draw a full list per chunk.
-            out.append(AnnPayload(
-                self.version, self.priority, self._role_for_ann(),
-                AnnFlag.REPLY_REQUESTED if reply and i == 0 else 0, self.ann_seq, g.number, g.rekeys_sent & 0xFFFFFFFF,
-                (*blocks_i, fingerprint),
-            ))
+            out.append(
+                AnnPayload(
+                    self.version,
+                    self.priority,
+                    self._role_for_ann(),
+                    AnnFlag.REPLY_REQUESTED if reply and i == 0 else 0,
+                    self.ann_seq,
+                    g.number,
+                    g.rekeys_sent & 0xFFFFFFFF,
+                    (*blocks_i, fingerprint),
+                )
+            )
         return out
 
     def _announce_to(self, peer: Peer, now: float, reply: bool = False) -> Outgoing:
@@ -487,7 +529,9 @@ class Coop:
 
     # --- receiving ------------------------------------------------------------------------
 
-    def receive_ann(self, sa: IkeSa, data: bytes, peer_addr: Address, now: float, mono: float) -> Outgoing:
+    def receive_ann(
+        self, sa: IkeSa, data: bytes, peer_addr: Address, now: float, mono: float
+    ) -> Outgoing:
         """A COOP_ANN datagram on phase-1 SA ``sa``: the datagrams to answer with."""
         self._clock(now, mono)
         try:
@@ -500,7 +544,12 @@ class Coop:
     def _receive_ann(self, sa: IkeSa, data: bytes, peer_addr: Address, now: float) -> Outgoing:
         peer = self.peers.get(sa.peer_address)
         if peer is None or peer_addr[0] != str(sa.peer_address):
-            self._reject(None, str(sa.peer_address), NOT_PEER, "ANN on an SA that is not with a configured COOP peer")
+            self._reject(
+                None,
+                str(sa.peer_address),
+                NOT_PEER,
+                "ANN on an SA that is not with a configured COOP peer",
+            )
             return []
         why = self.auth_failure(peer, sa)
         if why is not None:  # checked before anything is decrypted
@@ -512,11 +561,18 @@ class Coop:
             self._reject(peer, peer_addr[0], DECODE, str(exc))
             return []
         if ann.sequence <= peer.last_seq:
-            self._reject(peer, peer_addr[0], REPLAY, f"replayed ANN sequence {ann.sequence} (last {peer.last_seq})")
+            self._reject(
+                peer,
+                peer_addr[0],
+                REPLAY,
+                f"replayed ANN sequence {ann.sequence} (last {peer.last_seq})",
+            )
             return []
         group = self.host.groups.get(ann.group_number)
         if group is None:
-            self._reject(peer, peer_addr[0], UNKNOWN_GROUP, f"ANN for unknown group {ann.group_number}")
+            self._reject(
+                peer, peer_addr[0], UNKNOWN_GROUP, f"ANN for unknown group {ann.group_number}"
+            )
             return []
         try:
             parsed = parse_ann(ann, group)
@@ -578,7 +634,9 @@ class Coop:
         peer = self.peers.get(IPv4Address(peer_addr[0]))
         self._count_reject(peer, NO_SA)
         key = peer_addr[0] if peer is not None else "*"
-        self._log_limited(key, NO_SA, log.COOP_ANN_REJECTED, reason=f"{NO_SA}: ANN for no phase-1 SA")
+        self._log_limited(
+            key, NO_SA, log.COOP_ANN_REJECTED, reason=f"{NO_SA}: ANN for no phase-1 SA"
+        )
 
     def _count_reject(self, peer: Peer | None, reason: str) -> None:
         if peer is not None:
@@ -608,7 +666,9 @@ class Coop:
             if old is None or m.registered_at >= old.registered_at:
                 if old is not None and old.pending is not None:
                     m.pending = old.pending
-                changed = changed or old is None or state.member_to_json(old) != state.member_to_json(m)
+                changed = (
+                    changed or old is None or state.member_to_json(old) != state.member_to_json(m)
+                )
                 group.members[m.address] = m
                 if m.sender_ids:
                     group.sids.claim(m.identity, m.sender_ids)
@@ -654,7 +714,9 @@ class Coop:
             self._dirty()
 
     def _handover(self, group: Group, keys: GroupKeyState, now: float) -> Outgoing:
-        if keys.kek.spi == group.kek.spi and {t.spi for t in keys.teks} <= {t.spi for t in group.teks}:
+        if keys.kek.spi == group.kek.spi and {t.spi for t in keys.teks} <= {
+            t.spi for t in group.teks
+        }:
             self._install_keys(group, keys)
             return []
         seq = max(group.seq, keys.seq) + 1
@@ -677,14 +739,21 @@ class Coop:
         """Whether GMs may register here: not while listening, not before a first sync."""
         return self.is_primary or (self.role == Role.SECONDARY and self.synced)
 
-    def _become_primary(self, group: Group | None, now: float, previous: IPv4Address | None) -> None:
+    def _become_primary(
+        self, group: Group | None, now: float, previous: IPv4Address | None
+    ) -> None:
         self.role = Role.PRIMARY
         self.synced = True
         self.primary = self.address
         self.host.scheduled_rekeys = True
         for g in self.host.groups.values():
-            log.emit(self.log, log.COOP_KS_TRANS_TO_PRI, ks=str(self.address), group=g.name,
-                     previous=str(previous) if previous else "NONE")
+            log.emit(
+                self.log,
+                log.COOP_KS_TRANS_TO_PRI,
+                ks=str(self.address),
+                group=g.name,
+                previous=str(previous) if previous else "NONE",
+            )
         if self.on_role_change is not None:
             self.on_role_change()
 
@@ -696,17 +765,33 @@ class Coop:
         self.host.scheduled_rekeys = False
         if was != Role.SECONDARY:
             for g in self.host.groups.values():
-                log.emit(self.log, log.COOP_KS_TRANS_TO_SEC, ks=str(self.address), group=g.name, primary=str(primary))
+                log.emit(
+                    self.log,
+                    log.COOP_KS_TRANS_TO_SEC,
+                    ks=str(self.address),
+                    group=g.name,
+                    primary=str(primary),
+                )
         if self.on_role_change is not None:
             self.on_role_change()
 
     def _elect(self, now: float) -> Outgoing:
         previous = self.primary
         for g in self.host.groups.values():
-            log.emit(self.log, log.COOP_KS_ELECTION, group=g.name, previous=str(previous) if previous else "NONE")
+            log.emit(
+                self.log,
+                log.COOP_KS_ELECTION,
+                group=g.name,
+                previous=str(previous) if previous else "NONE",
+            )
         candidates = [(self.my_rank, self.address)]
         for p in self.peers.values():
-            if p.alive(self._mono, self.period) and p.priority is not None and p.address != previous and not p.sync_refused:
+            if (
+                p.alive(self._mono, self.period)
+                and p.priority is not None
+                and p.address != previous
+                and not p.sync_refused
+            ):
                 candidates.append((self._rank(p.priority, p.address), p.address))
         _, winner = max(candidates)
         if winner == self.address:
@@ -728,7 +813,11 @@ class Coop:
         elif self.role == Role.SECONDARY:
             heard = self.last_primary_heard  # (no election while the primary is alive)
             primary_peer = self.peers.get(self.primary) if self.primary else None
-            if primary_peer is not None and primary_peer.role == Role.PRIMARY and primary_peer.last_heard is not None:
+            if (
+                primary_peer is not None
+                and primary_peer.role == Role.PRIMARY
+                and primary_peer.last_heard is not None
+            ):
                 heard = max(heard, primary_peer.last_heard)
             times.append(heard + MISSED_PERIODS * self.period + LATE)
         if any(gs.delta or gs.removed for gs in self.groups_state.values()):
@@ -754,9 +843,16 @@ class Coop:
                 self._internal_error("peer timer", str(peer.address), exc)
         if self.role is None and mono - self.started_at >= LISTEN_PERIODS * self.period:
             out += self._elect(now)
-        elif self.role == Role.SECONDARY and mono - self.last_primary_heard > MISSED_PERIODS * self.period:
+        elif (
+            self.role == Role.SECONDARY
+            and mono - self.last_primary_heard > MISSED_PERIODS * self.period
+        ):
             primary_peer = self.peers.get(self.primary) if self.primary else None
-            if primary_peer is None or not primary_peer.alive(mono, self.period) or primary_peer.role != Role.PRIMARY:
+            if (
+                primary_peer is None
+                or not primary_peer.alive(mono, self.period)
+                or primary_peer.role != Role.PRIMARY
+            ):
                 out += self._elect(now)
         if mono >= self.next_announce:
             self.next_announce = mono + self.period
@@ -785,7 +881,13 @@ class Coop:
         if peer.reachable and not peer.alive(mono, self.period):
             peer.reachable = False
             for g in self.host.groups.values():
-                log.emit(self.log, log.COOP_KS_UNREACH, peer=str(peer.address), group=g.name, status=peer.ike_status)
+                log.emit(
+                    self.log,
+                    log.COOP_KS_UNREACH,
+                    peer=str(peer.address),
+                    group=g.name,
+                    status=peer.ike_status,
+                )
         self._recheck(peer, now)
         return out
 
@@ -819,7 +921,9 @@ class Coop:
                 del self.peers[address]
         for address, conf in wanted.items():
             if address not in self.peers:
-                self.peers[address] = Peer(address, conf.port, conf, next_attempt=self._mono_at(now))
+                self.peers[address] = Peer(
+                    address, conf.port, conf, next_attempt=self._mono_at(now)
+                )
         if set(self.peers) != before:  # the SID space is sliced anew; added groups on first use
             for g in self.host.groups.values():
                 if g.number in self.groups_state:
@@ -852,9 +956,17 @@ class Coop:
                 {
                     "address": str(p.address),
                     "priority": p.priority,
-                    "role": "Primary" if p.role == Role.PRIMARY else "Secondary" if p.role == Role.SECONDARY else "Unknown",
+                    "role": "Primary"
+                    if p.role == Role.PRIMARY
+                    else "Secondary"
+                    if p.role == Role.SECONDARY
+                    else "Unknown",
                     "version": str(p.version) if p.version else "unknown",
-                    "status": "Sync refused" if p.sync_refused else "Alive" if p.alive(mono, self.period) else "Dead",
+                    "status": "Sync refused"
+                    if p.sync_refused
+                    else "Alive"
+                    if p.alive(mono, self.period)
+                    else "Dead",
                     "ann_sent": p.ann_sent,
                     "ann_received": p.ann_received,
                     "ann_rejected": p.ann_rejected,

@@ -48,7 +48,11 @@ SAVE_INTERVAL = 0.2  # seconds: member-table and COOP changes are saved, coalesc
 
 class KeyServerDaemon:
     def __init__(
-        self, config: KsConfig, keylog_dir: Path | None = None, tick: float = 1.0, config_path: Path | None = None
+        self,
+        config: KsConfig,
+        keylog_dir: Path | None = None,
+        tick: float = 1.0,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -61,7 +65,9 @@ class KeyServerDaemon:
             key = load_private_key(g.kek.signing_key)
             self.groups[g.number] = Group(g, key, config.address, config.port, now)
         self.engine = KeyServerEngine(
-            phase1_config(config.ike, config.auth, config.address, config.software_version, coop=config.coop),
+            phase1_config(
+                config.ike, config.auth, config.address, config.software_version, coop=config.coop
+            ),
             self.groups,
             max_half_open=config.max_half_open,
             keylog=self.keylog,
@@ -69,13 +75,26 @@ class KeyServerDaemon:
         )
         self.coop: Coop | None = None
         if config.coop is not None:
-            self.coop = Coop(config.coop, config.address, config.software_version, self.engine.phase1, self.engine, now)
+            self.coop = Coop(
+                config.coop,
+                config.address,
+                config.software_version,
+                self.engine.phase1,
+                self.engine,
+                now,
+            )
             self.engine.coop = self.coop
             self.coop.on_dirty = self.mark_dirty
             self.engine.scheduled_rekeys = False  # until elected primary
             tick = min(tick, config.coop.announce_interval / 4)
-        self.shell = UdpShell("ks", (str(config.address), config.port), config.control_socket, tick, self.log,
-                              control_group=config.control_group)
+        self.shell = UdpShell(
+            "ks",
+            (str(config.address), config.port),
+            config.control_socket,
+            tick,
+            self.log,
+            control_group=config.control_group,
+        )
         self.state_path = config.state_dir / "state.json"
         self._restore_state()
         self.engine.on_state_change = self.save_state
@@ -94,9 +113,13 @@ class KeyServerDaemon:
             restored = state.load(self.state_path)
         except state.StateError as exc:
             aside = state.move_aside(self.state_path)
-            self.log.error("state_file_corrupt", path=str(self.state_path), error=str(exc), moved_to=str(aside))
-            print(f"gdoid ks: state file {self.state_path} is corrupt ({exc}); moved to {aside}, starting with fresh keys",
-                  file=sys.stderr)
+            self.log.error(
+                "state_file_corrupt", path=str(self.state_path), error=str(exc), moved_to=str(aside)
+            )
+            print(
+                f"gdoid ks: state file {self.state_path} is corrupt ({exc}); moved to {aside}, starting with fresh keys",
+                file=sys.stderr,
+            )
             return
         for number, data in restored.items():
             g = self.groups.get(number)
@@ -111,7 +134,9 @@ class KeyServerDaemon:
             state.apply(g, data)
             if self.keylog is not None:  # the restored keys encrypt the next pushes
                 self.keylog.group_keys(g.kek, g.teks)
-            self.log.info("state_restored", group=g.name, seq=g.seq, members=len(g.members), teks=len(g.teks))
+            self.log.info(
+                "state_restored", group=g.name, seq=g.seq, members=len(g.members), teks=len(g.teks)
+            )
 
     def save_state(self) -> None:
         """Persist now (called before any rekey is sent: SEQ never goes backwards)."""
@@ -213,19 +238,36 @@ class KeyServerDaemon:
         detail = ", ".join(f"group {n}: {c} member(s)" for n, c in members.items())
         if self.coop is not None:
             detail = f"COOP {role.lower() if healthy else 'election pending'}; " + detail
-        return {"role": "ks", "state": state, "healthy": healthy,
-                "registered": all(members.values()), "detail": detail,
-                "line": f"ks {state}: {detail}"}
+        return {
+            "role": "ks",
+            "state": state,
+            "healthy": healthy,
+            "registered": all(members.values()),
+            "detail": detail,
+            "line": f"ks {state}: {detail}",
+        }
 
-    def _show_gdoi(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
-        text = show.show_gdoi(groups, self.config.address, self.config.software_version, now, self.role_name)
-        data = {"role": "ks", "ks_role": self.role_name, "address": str(self.config.address),
-                "groups": [show.group_data(g, now) for g in groups]}
+    def _show_gdoi(
+        self, groups: list[Group], params: dict[str, str], now: float
+    ) -> ControlResponse:
+        text = show.show_gdoi(
+            groups, self.config.address, self.config.software_version, now, self.role_name
+        )
+        data = {
+            "role": "ks",
+            "ks_role": self.role_name,
+            "address": str(self.config.address),
+            "groups": [show.group_data(g, now) for g in groups],
+        }
         return ControlResponse(ok=True, output=text, data=data)
 
-    def _show_members(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
+    def _show_members(
+        self, groups: list[Group], params: dict[str, str], now: float
+    ) -> ControlResponse:
         data = {"groups": [show.group_data(g, now) for g in groups]}
-        return ControlResponse(ok=True, output=show.show_members(groups, self.config.address, now), data=data)
+        return ControlResponse(
+            ok=True, output=show.show_members(groups, self.config.address, now), data=data
+        )
 
     def key_servers(self) -> list[tuple[Any, Any]]:
         """Every KS of the group with its version (from COOP announcements)."""
@@ -233,11 +275,15 @@ class KeyServerDaemon:
             return list(self.coop.key_servers())
         return [(self.config.address, self.config.software_version)]
 
-    def _show_feature(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
+    def _show_feature(
+        self, groups: list[Group], params: dict[str, str], now: float
+    ) -> ControlResponse:
         features = [feature_by_name(params["feature"])] if "feature" in params else list(FEATURES)
         key_servers = self.key_servers()
         text = show.show_feature(groups, key_servers, now, features)
-        return ControlResponse(ok=True, output=text, data=show.feature_json(groups, key_servers, features))
+        return ControlResponse(
+            ok=True, output=text, data=show.feature_json(groups, key_servers, features)
+        )
 
     @property
     def role_name(self) -> str:
@@ -256,7 +302,9 @@ class KeyServerDaemon:
         if isinstance(groups, ControlResponse):
             return groups
         if not self.is_primary:
-            return ControlResponse.failure("\n".join(NOT_PRIMARY_REMOVAL.format(group=g.name) for g in groups))
+            return ControlResponse.failure(
+                "\n".join(NOT_PRIMARY_REMOVAL.format(group=g.name) for g in groups)
+            )
         prompts = [REMOVAL_NOW_PROMPT if now_mode else REMOVAL_PROMPT]
         for g in groups:
             if self.unsupported_devices(g):
@@ -279,20 +327,33 @@ class KeyServerDaemon:
         bad += [str(addr) for addr, v in self.key_servers() if not supports_removal_and_replace(v)]
         return bad
 
-    async def _rekey(self, params: dict[str, str], replace_now: bool, now: float) -> ControlResponse:
+    async def _rekey(
+        self, params: dict[str, str], replace_now: bool, now: float
+    ) -> ControlResponse:
         groups = self._groups(params.get("group"))
         if isinstance(groups, ControlResponse):
             return groups
         if not self.is_primary:
-            return ControlResponse.failure("\n".join(NOT_PRIMARY_REKEY.format(group=g.name) for g in groups))
+            return ControlResponse.failure(
+                "\n".join(NOT_PRIMARY_REKEY.format(group=g.name) for g in groups)
+            )
         lines, out = [], []
         for g in groups:
             out += self.engine.rekey(g, now, replace=True, replace_now=replace_now)
-            lines.append(log.KS_SEND_UNICAST_REKEY.text(
-                extra="with policy-replace ", group=g.name, address=str(self.config.address), seq=g.seq
-            ))
+            lines.append(
+                log.KS_SEND_UNICAST_REKEY.text(
+                    extra="with policy-replace ",
+                    group=g.name,
+                    address=str(self.config.address),
+                    seq=g.seq,
+                )
+            )
         await self.shell.send_all(out)
-        return ControlResponse(ok=True, output="\n".join(lines) + "\n", data={"sent": len(out), "seq": [g.seq for g in groups]})
+        return ControlResponse(
+            ok=True,
+            output="\n".join(lines) + "\n",
+            data={"sent": len(out), "seq": [g.seq for g in groups]},
+        )
 
     def reload(self) -> ControlResponse:
         """Re-read the config: auth and IKE apply now; group policy waits for a rekey."""
@@ -302,20 +363,28 @@ class KeyServerDaemon:
             new = load_ks_config(self.config_path)
             if (new.coop is None) != (self.coop is None):
                 raise ConfigError("coop", "adding or removing [coop] needs a restart")
-            phase1 = phase1_config(new.ike, new.auth, new.address, new.software_version, coop=new.coop)
+            phase1 = phase1_config(
+                new.ike, new.auth, new.address, new.software_version, coop=new.coop
+            )
             keys = {g.number: load_private_key(g.kek.signing_key) for g in new.groups}
         except (ConfigError, PkiError, OSError) as exc:
             self.log.error("reload_failed", error=str(exc))
-            return ControlResponse.failure(f"% reload failed, running configuration unchanged: {exc}")
+            return ControlResponse.failure(
+                f"% reload failed, running configuration unchanged: {exc}"
+            )
         self.engine.phase1 = phase1
         now = wall_clock()
         changed = []
         for gconf in new.groups:
             g = self.groups.get(gconf.number)
             if g is None:
-                self.groups[gconf.number] = Group(gconf, keys[gconf.number], new.address, new.port, now)
+                self.groups[gconf.number] = Group(
+                    gconf, keys[gconf.number], new.address, new.port, now
+                )
                 if self.keylog is not None:
-                    self.keylog.group_keys(self.groups[gconf.number].kek, self.groups[gconf.number].teks)
+                    self.keylog.group_keys(
+                        self.groups[gconf.number].kek, self.groups[gconf.number].teks
+                    )
                 changed.append(gconf.name)
                 continue
             staged = _staged(g)
@@ -331,19 +400,27 @@ class KeyServerDaemon:
         self.config = new
         if unchanged and not changed:
             self.log.info("reload_config_unchanged", path=str(self.config_path))
-            return ControlResponse(ok=True, output="% configuration unchanged\n", data={"changed": []})
-        return ControlResponse(ok=True, output="".join(
-            log.POLICY_CHANGE.text(group=name) + "\n" for name in changed
-        ), data={"changed": changed})
+            return ControlResponse(
+                ok=True, output="% configuration unchanged\n", data={"changed": []}
+            )
+        return ControlResponse(
+            ok=True,
+            output="".join(log.POLICY_CHANGE.text(group=name) + "\n" for name in changed),
+            data={"changed": changed},
+        )
 
-    def _show_coop(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
+    def _show_coop(
+        self, groups: list[Group], params: dict[str, str], now: float
+    ) -> ControlResponse:
         if self.coop is None:
             role = show.standalone_role(self.config.address, self.config.software_version)
         else:
             role = self.coop.describe(now)
         return ControlResponse(ok=True, output=show.show_coop(groups, role), data=role)
 
-    def _show_replay(self, groups: list[Group], params: dict[str, str], now: float) -> ControlResponse:
+    def _show_replay(
+        self, groups: list[Group], params: dict[str, str], now: float
+    ) -> ControlResponse:
         data = [show.replay_data(g, now) for g in groups]
         return ControlResponse(ok=True, output=show.show_replay(groups, now), data=data)
 

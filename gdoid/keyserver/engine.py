@@ -104,7 +104,9 @@ class _Pending:
 
     def half_open(self) -> HalfOpen:
         assert self.offer.proposal is not None
-        return HalfOpen(self.offer.sai_b, self.offer.proposal, self.offer.peer_version, self.created)
+        return HalfOpen(
+            self.offer.sai_b, self.offer.proposal, self.offer.peer_version, self.created
+        )
 
 
 @dataclass
@@ -168,7 +170,9 @@ class KeyServerEngine:
         # carries the deadline it was armed for and is ignored if that changed.
         self._timers: list[tuple[float, int, int, tuple[Any, ...]]] = []
         self._timer_seq = 0
-        self._refusal: authorization.Refusal | None = None  # from authorize(), logged with its PullFailed
+        self._refusal: authorization.Refusal | None = (
+            None  # from authorize(), logged with its PullFailed
+        )
         self._authz_log = authorization.LogTokenBucket()
         # Lines that unauthenticated input triggers are rate-limited and length-bounded.
         self.log_limit = log.LogLimiter()
@@ -183,7 +187,10 @@ class KeyServerEngine:
         g = self.groups[group_number]
         sig = self.phase1.signature
         return PopSigner(
-            sig.certificate if sig else None, sig.private_key if sig else None, g.signing_key, g.kek.sig_hash
+            sig.certificate if sig else None,
+            sig.private_key if sig else None,
+            g.signing_key,
+            g.kek.sig_hash,
         )
 
     def snapshot(self, group_number: int, now: float) -> GroupKeys | None:
@@ -237,7 +244,9 @@ class KeyServerEngine:
         self._wall_offset = now - mono
         return mono
 
-    def datagram_received(self, data: bytes, peer: Address, now: float, mono: float | None = None) -> Outgoing:
+    def datagram_received(
+        self, data: bytes, peer: Address, now: float, mono: float | None = None
+    ) -> Outgoing:
         self.counters["received"] += 1
         self._now = now
         self._mono = self._clock(now, mono)
@@ -273,7 +282,14 @@ class KeyServerEngine:
         if entry is not None:
             entry.last_used = self._mono
         if sa is None:
-            sa = next((p.sa for p in self.coop.peers.values() if p.sa is not None and p.sa.cookies == header.cookies), None)
+            sa = next(
+                (
+                    p.sa
+                    for p in self.coop.peers.values()
+                    if p.sa is not None and p.sa.cookies == header.cookies
+                ),
+                None,
+            )
         if sa is None:
             self.counters["dropped"] += 1
             self.coop.reject_no_sa(peer, now, self._mono)  # counted by reason, logged once a minute
@@ -282,7 +298,9 @@ class KeyServerEngine:
 
     # --- Main Mode responder --------------------------------------------------------
 
-    def _unauthenticated(self, kind: str, data: bytes, peer: Address, sends: list[bytes]) -> Outgoing:
+    def _unauthenticated(
+        self, kind: str, data: bytes, peer: Address, sends: list[bytes]
+    ) -> Outgoing:
         """The one send point for replies to peers that have not completed phase 1.
 
         Never more bytes back than the datagram had (no amplification): what would
@@ -335,7 +353,11 @@ class KeyServerEngine:
                 # notify, shorter than message 3) instead of letting it time out.
                 self.counters["half_open_lost"] += 1
                 self.drop(peer, "Main Mode message 3 after its message 1 state expired", now)
-                notify = [] if header.encrypted else [plain_notify(icky, rcky, NotifyType.INVALID_COOKIE)]
+                notify = (
+                    []
+                    if header.encrypted
+                    else [plain_notify(icky, rcky, NotifyType.INVALID_COOKIE)]
+                )
                 return self._unauthenticated(kind, data, peer, notify)
             self._half_open_bytes -= len(half.sai_b)
             if half.offer.key not in self._proven_offers:  # this body leads somewhere: keep it
@@ -344,13 +366,19 @@ class KeyServerEngine:
                 self._proven_offers[half.offer.key] = half.offer
             if self._responders_per_peer[peer[0]] >= MAX_RESPONDERS_PER_PEER:
                 self.counters["half_open_refused"] += 1
-                self.drop(peer, f"more than {MAX_RESPONDERS_PER_PEER} Main Mode exchanges from one address", now)
+                self.drop(
+                    peer,
+                    f"more than {MAX_RESPONDERS_PER_PEER} Main Mode exchanges from one address",
+                    now,
+                )
                 return self._unauthenticated(kind, data, peer, [])
             while len(self.responders) >= self.max_half_open:
                 old, (_, old_peer) = self.responders.popitem(last=False)
                 self._forget_responder(old_peer)
                 self.counters["half_open_evicted"] += 1
-            responder = MainModeResponder.resume(self.phase1, IPv4Address(peer[0]), icky, rcky, half.half_open(), now)
+            responder = MainModeResponder.resume(
+                self.phase1, IPv4Address(peer[0]), icky, rcky, half.half_open(), now
+            )
             self.responders[cookies] = (responder, peer)
             self._arm_machine(_RESPONDER, cookies, responder.deadline, now)
             self._responders_per_peer[peer[0]] += 1
@@ -375,9 +403,15 @@ class KeyServerEngine:
         """Answer message 1 keeping only a HalfOpen record; returns message 2 or a notify."""
         if len(data) > MAX_MM1_LEN:  # refused before any parsing
             self.counters["mm1_oversized"] += 1
-            self.drop(peer, f"Main Mode message 1 of {len(data)} octets (at most {MAX_MM1_LEN})", now)
+            self.drop(
+                peer, f"Main Mode message 1 of {len(data)} octets (at most {MAX_MM1_LEN})", now
+            )
             return []
-        if self.coop is not None and not self.coop.serving and IPv4Address(peer[0]) not in self.coop.peers:
+        if (
+            self.coop is not None
+            and not self.coop.serving
+            and IPv4Address(peer[0]) not in self.coop.peers
+        ):
             self.counters["not_serving"] += 1
             self.drop(peer, "not serving registrations before COOP election and sync", now)
             return []
@@ -399,9 +433,21 @@ class KeyServerEngine:
                 return []
             try:
                 answered, mm2 = respond_mm1(self.phase1, address, data, header, rcky, now)
-                offer = _Offer(key, answered.sai_b, answered.proposal, answered.peer_version, mm2[16:], None, "")
+                offer = _Offer(
+                    key,
+                    answered.sai_b,
+                    answered.proposal,
+                    answered.peer_version,
+                    mm2[16:],
+                    None,
+                    "",
+                )
             except (NotifyError, DecodeError, CryptoError) as exc:
-                notify = NotifyType(exc.notify) if isinstance(exc, NotifyError) else NotifyType.PAYLOAD_MALFORMED
+                notify = (
+                    NotifyType(exc.notify)
+                    if isinstance(exc, NotifyError)
+                    else NotifyType.PAYLOAD_MALFORMED
+                )
                 reason = exc.reason if isinstance(exc, NotifyError) else str(exc)
                 offer = _Offer(key, b"", None, None, b"", notify, reason)
             if len(self._offers) >= OFFER_CACHE_SIZE:
@@ -411,7 +457,10 @@ class KeyServerEngine:
             assert offer.notify is not None
             self.counters["phase1_failed"] += 1
             self.log_limit.emit(
-                self.log, log.PHASE1_FAILED, peer=peer[0], reason=log.with_notify(offer.reason, offer.notify, False)
+                self.log,
+                log.PHASE1_FAILED,
+                peer=peer[0],
+                reason=log.with_notify(offer.reason, offer.notify, False),
             )
             return [plain_notify(icky, rcky, offer.notify)]
         half = _Pending(offer, now, self._mono + MM1_STATE_LIFETIME)
@@ -426,7 +475,8 @@ class KeyServerEngine:
         size = len(half.sai_b)
         while self.half_open_mm1 and (
             len(self.half_open_mm1) >= self.max_half_open
-            or self._half_open_bytes + size + HALF_OPEN_OVERHEAD * len(self.half_open_mm1) > MAX_HALF_OPEN_BYTES
+            or self._half_open_bytes + size + HALF_OPEN_OVERHEAD * len(self.half_open_mm1)
+            > MAX_HALF_OPEN_BYTES
         ):
             _, evicted = self.half_open_mm1.popitem(last=False)
             self._half_open_bytes -= len(evicted.sai_b)
@@ -438,7 +488,9 @@ class KeyServerEngine:
     def _parse_budget(self, data: bytes, now: float) -> bool:
         """Take the cost of decoding ``data`` from the per-second budget, if it is there."""
         if self._parse_at is not None and now > self._parse_at:
-            self._parse_tokens = min(float(PARSE_BUDGET), self._parse_tokens + (now - self._parse_at) * PARSE_BUDGET)
+            self._parse_tokens = min(
+                float(PARSE_BUDGET), self._parse_tokens + (now - self._parse_at) * PARSE_BUDGET
+            )
         self._parse_at = now
         cost = PARSE_BASE_COST + len(data) // PARSE_OCTETS_PER_UNIT
         if self._parse_tokens < cost:
@@ -451,7 +503,9 @@ class KeyServerEngine:
         if self._responders_per_peer[peer[0]] <= 0:
             del self._responders_per_peer[peer[0]]
 
-    def _phase1_events(self, events: Iterable[object], cookies: bytes, peer: Address, now: float) -> Outgoing:
+    def _phase1_events(
+        self, events: Iterable[object], cookies: bytes, peer: Address, now: float
+    ) -> Outgoing:
         """Act on a responder's phase-1 events; returns what COOP sends to a peer KS whose SA came up."""
         out: Outgoing = []
         for ev in events:
@@ -460,10 +514,17 @@ class KeyServerEngine:
                 if entry is not None:
                     self._forget_responder(entry[1])
                     if entry[0].last_received is not None and entry[0].last_sent is not None:
-                        self.completed[cookies] = (entry[0].last_received, entry[0].last_sent, peer, self._mono)
+                        self.completed[cookies] = (
+                            entry[0].last_received,
+                            entry[0].last_sent,
+                            peer,
+                            self._mono,
+                        )
                 self._add_sa(ev.sa, peer, now)
                 self.counters["phase1_established"] += 1
-                coop_peer = self.coop.peers.get(ev.sa.peer_address) if self.coop is not None else None
+                coop_peer = (
+                    self.coop.peers.get(ev.sa.peer_address) if self.coop is not None else None
+                )
                 if self.coop is not None and coop_peer is not None:
                     out += self.coop.peer_sa_up(coop_peer, now, self._mono)
                 if self.keylog is not None:
@@ -539,7 +600,11 @@ class KeyServerEngine:
             self._arm_machine(_PULL, key, pull.deadline, now)
         out = pull.receive(data, now)
         self._pull_events(out, entry, now)
-        if pull.finished and any(isinstance(ev, MemberRegistered) for ev in out.events) and not self._is_coop_peer(entry):
+        if (
+            pull.finished
+            and any(isinstance(ev, MemberRegistered) for ev in out.events)
+            and not self._is_coop_peer(entry)
+        ):
             assert pull.last_received is not None and pull.last_sent is not None
             self.pulls_done[key] = (pull.last_received, pull.last_sent, entry.addr, self._mono)
             self._drop_sa(header.cookies)  # a registered GM needs no phase-1 SA on the KS
@@ -614,9 +679,17 @@ class KeyServerEngine:
         if refusal.kind == "address":
             log.emit(self.log, log.UNAUTHORIZED_IPADDR, group=refusal.group, address=refusal.value)
         else:
-            log.emit(self.log, log.UNAUTHORIZED_IDENTITY, group=refusal.group, identity=refusal.value, peer=peer)
+            log.emit(
+                self.log,
+                log.UNAUTHORIZED_IDENTITY,
+                group=refusal.group,
+                identity=refusal.value,
+                peer=peer,
+            )
 
-    def _informational(self, header: IsakmpHeader, data: bytes, peer: Address, now: float) -> Outgoing:
+    def _informational(
+        self, header: IsakmpHeader, data: bytes, peer: Address, now: float
+    ) -> Outgoing:
         if not header.encrypted:
             self._unauthenticated("notify", data, peer, [])  # never answered
             # An initiator abandoning its exchange (with our cookie, or zero before
@@ -647,7 +720,12 @@ class KeyServerEngine:
             return []
         msg = entry_sa.sa.open_informational(data)
         for n in msg.all(NotifyPayload):
-            self.log.warning("notify_received", peer=peer[0], notify=_notify_name(n.notify_type), text=n.data[:200].decode("utf-8", "replace"))
+            self.log.warning(
+                "notify_received",
+                peer=peer[0],
+                notify=_notify_name(n.notify_type),
+                text=n.data[:200].decode("utf-8", "replace"),
+            )
             for mid in list(self._sa_pulls.get(header.cookies, ())):
                 pull = self.pulls.get((header.cookies, mid))
                 if pull is not None and not pull.finished:
@@ -659,7 +737,9 @@ class KeyServerEngine:
 
     # --- rekeys ------------------------------------------------------------------
 
-    def send_rekey(self, group: Group, messages: RekeyMessages, now: float, mono: float | None = None) -> Outgoing:
+    def send_rekey(
+        self, group: Group, messages: RekeyMessages, now: float, mono: float | None = None
+    ) -> Outgoing:
         """Unicast one rekey to every registered GM and arm its retransmission."""
         mono = self._clock(now, mono)
         rekey = group.config.rekey
@@ -670,7 +750,9 @@ class KeyServerEngine:
                 self._missed(group, m, now)  # the previous rekey was never acknowledged
                 if m.address not in group.members:
                     continue
-            m.pending = PendingPush(messages.seq, data, rekey.retransmit_count, mono + rekey.retransmit_interval)
+            m.pending = PendingPush(
+                messages.seq, data, rekey.retransmit_count, mono + rekey.retransmit_interval
+            )
             self._arm(m.pending.next_at, _PUSH, (group.number, m.address, m.pending.next_at))
             m.rekeys_sent += 1
             out.append((data, (str(m.address), m.port)))
@@ -685,7 +767,13 @@ class KeyServerEngine:
             if self.coop is not None:
                 self.coop.member_removed(group, m.address, now)
             self.counters["members_dropped"] += 1
-            log.emit(self.log, log.KS_MEMBER_DROPPED, gm=str(m.address), group=group.name, missed=m.missed_rekeys)
+            log.emit(
+                self.log,
+                log.KS_MEMBER_DROPPED,
+                gm=str(m.address),
+                group=group.name,
+                missed=m.missed_rekeys,
+            )
 
     def _ack(self, data: bytes, peer: Address, now: float) -> Outgoing:
         ack = parse_ack(data)
@@ -806,7 +894,9 @@ class KeyServerEngine:
         entry = self.sas.get(cookies)
         if entry is None:
             return
-        if now >= entry.sa.expires_at or (mono - entry.last_used >= SA_LINGER and not self._is_coop_peer(entry)):
+        if now >= entry.sa.expires_at or (
+            mono - entry.last_used >= SA_LINGER and not self._is_coop_peer(entry)
+        ):
             self._drop_sa(cookies)
         else:
             self._arm_sa(cookies, entry, now, mono)
@@ -823,8 +913,14 @@ class KeyServerEngine:
                     out += self.rekey(g, now)
                 elif g.sid_rekey_due(now):
                     g.last_sid_rekey_at = now
-                    log.emit(self.log, log.KS_SID_EXHAUSTION_REKEY, group=g.name, free=g.sids.free_count,
-                             size=g.sids.size, released=g.sids.reclaimable())
+                    log.emit(
+                        self.log,
+                        log.KS_SID_EXHAUSTION_REKEY,
+                        group=g.name,
+                        free=g.sids.free_count,
+                        size=g.sids.size,
+                        released=g.sids.reclaimable(),
+                    )
                     out += self.rekey(g, now, replace=True)
         self._expire_half_open(mono)
         self.log_limit.flush()
@@ -832,11 +928,20 @@ class KeyServerEngine:
         _forget_lingering(self.completed, mono)
         return out
 
-    def rekey(self, group: Group, now: float, *, replace: bool = False, replace_now: bool = False) -> Outgoing:
+    def rekey(
+        self, group: Group, now: float, *, replace: bool = False, replace_now: bool = False
+    ) -> Outgoing:
         messages = group.plan_rekey(now, replace=replace, replace_now=replace_now)
         self._after_new_keys(group)
         extra = "with policy-replace " if replace else ""
-        log.emit(self.log, log.KS_SEND_UNICAST_REKEY, extra=extra, group=group.name, address=str(group.ks_address), seq=messages.seq)
+        log.emit(
+            self.log,
+            log.KS_SEND_UNICAST_REKEY,
+            extra=extra,
+            group=group.name,
+            address=str(group.ks_address),
+            seq=messages.seq,
+        )
         return self.send_rekey(group, messages, now)
 
     def remove_members(self, group: Group, now: float, mode: int) -> Outgoing:

@@ -70,7 +70,9 @@ def key_bits_of(key: PrivateKey) -> int:
     return key.curve.key_size if isinstance(key, ec.EllipticCurvePrivateKey) else key.key_size
 
 
-def new_kek(config: KsGroupConfig, signing_key: PrivateKey, ks_address: IPv4Address, port: int, now: float) -> Kek:
+def new_kek(
+    config: KsGroupConfig, signing_key: PrivateKey, ks_address: IPv4Address, port: int, now: float
+) -> Kek:
     bits = 128 if str(config.kek.algorithm).endswith("128") else 256
     return Kek(
         spi=secrets.token_bytes(16),
@@ -158,7 +160,9 @@ class Group:
         self.rekeys_sent = 0
         self.members: dict[IPv4Address, Member] = {}
         # The used-SID record: a SID counts as used under every TEK handed out while held.
-        self.sids = SenderIdAllocator(config.sender_id_bits, lambda: [(t.spi, t.expires_at) for t in self.teks])
+        self.sids = SenderIdAllocator(
+            config.sender_id_bits, lambda: [(t.spi, t.expires_at) for t in self.teks]
+        )
         self.last_sid_rekey_at = -SID_REKEY_MIN_INTERVAL
         self._sid_checked_at = -SID_REKEY_MIN_INTERVAL
         # A reloaded policy waits here for the next rekey (getvpn-features §3.2).
@@ -267,7 +271,9 @@ class Group:
         """Keep a reloaded policy for the next rekey; True if anything changed."""
         # Authorization is the KS's own check, not policy sent to GMs: it applies at once.
         self.config = dataclasses.replace(self.config, authorization=config.authorization)
-        changed_key = signing_key is not None and crypto.public_key_der(signing_key) != crypto.public_key_der(self.signing_key)
+        changed_key = signing_key is not None and crypto.public_key_der(
+            signing_key
+        ) != crypto.public_key_der(self.signing_key)
         if config == self.config and not changed_key:
             self.pending_config = None
             self.pending_signing_key = None
@@ -278,13 +284,19 @@ class Group:
 
     def _kek_policy_changed(self, new: KsGroupConfig) -> bool:
         old = self.config.kek
-        return (old.algorithm, old.sig_hash) != (new.kek.algorithm, new.kek.sig_hash) or self.pending_signing_key is not None
+        return (old.algorithm, old.sig_hash) != (
+            new.kek.algorithm,
+            new.kek.sig_hash,
+        ) or self.pending_signing_key is not None
 
     def next_rekey_at(self) -> float:
         lead = self.config.rekey.lead_time
         newest: dict[int, Tek] = {}
         for t in self.teks:
-            if t.policy.sa_number not in newest or t.created_at > newest[t.policy.sa_number].created_at:
+            if (
+                t.policy.sa_number not in newest
+                or t.created_at > newest[t.policy.sa_number].created_at
+            ):
                 newest[t.policy.sa_number] = t
         times = [t.expires_at - lead for t in newest.values()]
         times.append(self.kek.expires_at - lead)
@@ -298,7 +310,9 @@ class Group:
         sig_hash = self.kek.sig_hash
         return build_push(self.kek, self.signing_key, sig_hash, payloads)
 
-    def plan_rekey(self, now: float, *, replace: bool = False, replace_now: bool = False) -> RekeyMessages:
+    def plan_rekey(
+        self, now: float, *, replace: bool = False, replace_now: bool = False
+    ) -> RekeyMessages:
         """New TEKs (and a new KEK when due or its policy changed), pushed under the current KEK.
 
         ``replace`` marks a triggered policy-replace rekey: the 1.0.2 variant
@@ -313,18 +327,38 @@ class Group:
         next_kek = new_kek(config, next_key, self.ks_address, self.port, now) if kek_due else None
         self.seq += 1
         self.last_rekey_at = now
-        pseudotime = self.pseudotime_ms(now) if any(sa.tbar_window_ms is not None for sa in config.sa_ipsec) else None
-        keys = GroupKeys(self.number, next_kek, tuple(new_teks), self.seq, pseudotime,
-                         config.activation_delay, config.deactivation_delay)
+        pseudotime = (
+            self.pseudotime_ms(now)
+            if any(sa.tbar_window_ms is not None for sa in config.sa_ipsec)
+            else None
+        )
+        keys = GroupKeys(
+            self.number,
+            next_kek,
+            tuple(new_teks),
+            self.seq,
+            pseudotime,
+            config.activation_delay,
+            config.deactivation_delay,
+        )
         if pseudotime is not None and next_kek is None:
             # TBAR needs the pseudotime in every rekey: it rides in a KEK packet, so resend the KEK.
-            keys = GroupKeys(self.number, self.kek, tuple(new_teks), self.seq, pseudotime,
-                             config.activation_delay, config.deactivation_delay)
+            keys = GroupKeys(
+                self.number,
+                self.kek,
+                tuple(new_teks),
+                self.seq,
+                pseudotime,
+                config.activation_delay,
+                config.deactivation_delay,
+            )
         sa = build_sa(keys, now, gap_payloads(keys))
         kd = build_kd(keys)
         legacy = self._sign_and_encrypt([SeqPayload(self.seq), sa, kd])
         modern = (
-            self._sign_and_encrypt([SeqPayload(self.seq), policy_replace_notify(replace_now), sa, kd])
+            self._sign_and_encrypt(
+                [SeqPayload(self.seq), policy_replace_notify(replace_now), sa, kd]
+            )
             if replace
             else legacy
         )
@@ -364,9 +398,15 @@ class Group:
     def plan_handover(self, now: float, kek: Kek, teks: list[Tek], seq: int) -> RekeyMessages:
         """COOP merge: move our GMs onto another KS's KEK and TEKs with a rekey under our KEK."""
         self.seq = seq
-        keys = GroupKeys(self.number, kek, tuple(t for t in teks if t.expires_at > now), seq,
-                         self.pseudotime_ms(now) if self.tbar else None,
-                         self.config.activation_delay, self.config.deactivation_delay)
+        keys = GroupKeys(
+            self.number,
+            kek,
+            tuple(t for t in teks if t.expires_at > now),
+            seq,
+            self.pseudotime_ms(now) if self.tbar else None,
+            self.config.activation_delay,
+            self.config.deactivation_delay,
+        )
         data = self._sign_and_encrypt([SeqPayload(seq), build_sa(keys, now), build_kd(keys)])
         self.rekeys_sent += 1
         return RekeyMessages(seq, data, data, "coop-handover", True)

@@ -24,15 +24,43 @@ from gdoid.protocol.transforms import TekTransform
 VERSION = 1
 MAX_TEKS = 16
 
-_KEK_KEYS = frozenset({
-    "spi", "key_bits", "key", "iv", "configured_lifetime", "created_at", "expires_at", "sig_hash",
-    "sig_algorithm", "sig_key_bits", "public_key", "ks_address", "port",
-})
-_TEK_KEYS = frozenset({
-    "spi", "sa_number", "transform", "src", "dst", "ip_protocol", "src_port", "dst_port",
-    "configured_lifetime", "tbar_window_ms", "replay_window", "receive_only", "cipher_key",
-    "integrity_key", "created_at", "expires_at",
-})
+_KEK_KEYS = frozenset(
+    {
+        "spi",
+        "key_bits",
+        "key",
+        "iv",
+        "configured_lifetime",
+        "created_at",
+        "expires_at",
+        "sig_hash",
+        "sig_algorithm",
+        "sig_key_bits",
+        "public_key",
+        "ks_address",
+        "port",
+    }
+)
+_TEK_KEYS = frozenset(
+    {
+        "spi",
+        "sa_number",
+        "transform",
+        "src",
+        "dst",
+        "ip_protocol",
+        "src_port",
+        "dst_port",
+        "configured_lifetime",
+        "tbar_window_ms",
+        "replay_window",
+        "receive_only",
+        "cipher_key",
+        "integrity_key",
+        "created_at",
+        "expires_at",
+    }
+)
 _KEYS = frozenset({"version", "seq", "epoch", "last_rekey_at", "rekeys_sent", "kek", "teks"})
 
 
@@ -49,7 +77,14 @@ class GroupKeyState:
 
     @classmethod
     def of(cls, group: Group) -> GroupKeyState:
-        return cls(group.seq, group.epoch, group.last_rekey_at, group.rekeys_sent, group.kek, tuple(group.teks))
+        return cls(
+            group.seq,
+            group.epoch,
+            group.last_rekey_at,
+            group.rekeys_sent,
+            group.kek,
+            tuple(group.teks),
+        )
 
     def install(self, group: Group) -> None:
         """Make these the group's keys (the rekey signing key stays the configured one)."""
@@ -62,22 +97,32 @@ class GroupKeyState:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": VERSION, "seq": self.seq, "epoch": self.epoch, "last_rekey_at": self.last_rekey_at,
-            "rekeys_sent": self.rekeys_sent, "kek": _kek_to_json(self.kek),
+            "version": VERSION,
+            "seq": self.seq,
+            "epoch": self.epoch,
+            "last_rekey_at": self.last_rekey_at,
+            "rekeys_sent": self.rekeys_sent,
+            "kek": _kek_to_json(self.kek),
             "teks": [_tek_to_json(t) for t in self.teks],
         }
 
     @classmethod
-    def from_json(cls, v: Any, name: str = "keys", *, signing_key_der: bytes | None = None) -> GroupKeyState:
+    def from_json(
+        cls, v: Any, name: str = "keys", *, signing_key_der: bytes | None = None
+    ) -> GroupKeyState:
         """Validate ``v`` field by field; ``signing_key_der``: the KEK must name this public key."""
         if isinstance(v, dict) and "version" not in v:
             v = {**v, "version": 1}  # written before the field existed
         d = f.fields(v, name, _KEYS)
         version = f.integer(d["version"], f"{name}.version", 0, U32)
         if version != VERSION:
-            raise FieldInvalid(f"{name}.version", f"unknown version {version} (this KS reads {VERSION})")
-        teks = tuple(_tek_from_json(t, f"{name}.teks[{i}]")
-                     for i, t in enumerate(f.array(d["teks"], f"{name}.teks", MAX_TEKS, 1)))
+            raise FieldInvalid(
+                f"{name}.version", f"unknown version {version} (this KS reads {VERSION})"
+            )
+        teks = tuple(
+            _tek_from_json(t, f"{name}.teks[{i}]")
+            for i, t in enumerate(f.array(d["teks"], f"{name}.teks", MAX_TEKS, 1))
+        )
         if len({t.spi for t in teks}) != len(teks):
             raise FieldInvalid(f"{name}.teks", "a TEK SPI appears twice")
         return cls(
@@ -92,10 +137,19 @@ class GroupKeyState:
 
 def _kek_to_json(k: Kek) -> dict[str, Any]:
     return {
-        "spi": k.spi.hex(), "key_bits": k.key_bits, "key": k.key.hex(), "iv": k.iv.hex(),
-        "configured_lifetime": k.configured_lifetime, "created_at": k.created_at, "expires_at": k.expires_at,
-        "sig_hash": int(k.sig_hash), "sig_algorithm": int(k.sig_algorithm), "sig_key_bits": k.sig_key_bits,
-        "public_key": k.public_key_der.hex(), "ks_address": str(k.ks_address), "port": k.port,
+        "spi": k.spi.hex(),
+        "key_bits": k.key_bits,
+        "key": k.key.hex(),
+        "iv": k.iv.hex(),
+        "configured_lifetime": k.configured_lifetime,
+        "created_at": k.created_at,
+        "expires_at": k.expires_at,
+        "sig_hash": int(k.sig_hash),
+        "sig_algorithm": int(k.sig_algorithm),
+        "sig_key_bits": k.sig_key_bits,
+        "public_key": k.public_key_der.hex(),
+        "ks_address": str(k.ks_address),
+        "port": k.port,
     }
 
 
@@ -113,7 +167,9 @@ def _kek_from_json(v: Any, name: str, signing_key_der: bytes | None) -> Kek:
         key_bits=key_bits,
         key=f.hex_bytes(d["key"], f"{name}.key", (key_bits // 8,)),
         iv=f.hex_bytes(d["iv"], f"{name}.iv", (16,)),
-        configured_lifetime=f.integer(d["configured_lifetime"], f"{name}.configured_lifetime", 1, U32),
+        configured_lifetime=f.integer(
+            d["configured_lifetime"], f"{name}.configured_lifetime", 1, U32
+        ),
         created_at=f.time(d["created_at"], f"{name}.created_at"),
         expires_at=f.time(d["expires_at"], f"{name}.expires_at"),
         sig_hash=f.enum(d["sig_hash"], f"{name}.sig_hash", SigHash),
@@ -129,12 +185,22 @@ def _tek_to_json(t: Tek) -> dict[str, Any]:
     p = t.policy
     s = p.selector
     return {
-        "spi": t.spi, "sa_number": p.sa_number, "transform": p.transform.name,
-        "src": str(s.src), "dst": str(s.dst), "ip_protocol": s.ip_protocol,
-        "src_port": s.src_port, "dst_port": s.dst_port, "configured_lifetime": p.configured_lifetime,
-        "tbar_window_ms": p.tbar_window_ms, "replay_window": p.replay_window, "receive_only": p.receive_only,
-        "cipher_key": t.cipher_key.hex(), "integrity_key": t.integrity_key.hex(),
-        "created_at": t.created_at, "expires_at": t.expires_at,
+        "spi": t.spi,
+        "sa_number": p.sa_number,
+        "transform": p.transform.name,
+        "src": str(s.src),
+        "dst": str(s.dst),
+        "ip_protocol": s.ip_protocol,
+        "src_port": s.src_port,
+        "dst_port": s.dst_port,
+        "configured_lifetime": p.configured_lifetime,
+        "tbar_window_ms": p.tbar_window_ms,
+        "replay_window": p.replay_window,
+        "receive_only": p.receive_only,
+        "cipher_key": t.cipher_key.hex(),
+        "integrity_key": t.integrity_key.hex(),
+        "created_at": t.created_at,
+        "expires_at": t.expires_at,
     }
 
 
@@ -148,14 +214,21 @@ def _tek_from_json(v: Any, name: str) -> Tek:
         sa_number=f.integer(d["sa_number"], f"{name}.sa_number", 1, 0xFFFF),
         transform=transform,
         selector=TrafficSelector(
-            f.network(d["src"], f"{name}.src"), f.network(d["dst"], f"{name}.dst"),
+            f.network(d["src"], f"{name}.src"),
+            f.network(d["dst"], f"{name}.dst"),
             f.integer(d["ip_protocol"], f"{name}.ip_protocol", 0, 255),
             f.integer(d["src_port"], f"{name}.src_port", 0, 0xFFFF),
             f.integer(d["dst_port"], f"{name}.dst_port", 0, 0xFFFF),
         ),
-        configured_lifetime=f.integer(d["configured_lifetime"], f"{name}.configured_lifetime", 1, U32),
-        tbar_window_ms=f.optional(d["tbar_window_ms"], lambda x: f.integer(x, f"{name}.tbar_window_ms", 1, U32)),
-        replay_window=f.optional(d["replay_window"], lambda x: f.integer(x, f"{name}.replay_window", 0, U32)),
+        configured_lifetime=f.integer(
+            d["configured_lifetime"], f"{name}.configured_lifetime", 1, U32
+        ),
+        tbar_window_ms=f.optional(
+            d["tbar_window_ms"], lambda x: f.integer(x, f"{name}.tbar_window_ms", 1, U32)
+        ),
+        replay_window=f.optional(
+            d["replay_window"], lambda x: f.integer(x, f"{name}.replay_window", 0, U32)
+        ),
         receive_only=f.boolean(d["receive_only"], f"{name}.receive_only"),
     )
     return Tek(

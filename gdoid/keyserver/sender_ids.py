@@ -114,12 +114,19 @@ class SidRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "owner": self.owner, "first": self.first, "last": self.last, "version": self.version,
-            "next": self.next, "held": [list(r) for r in self.held],
-            "reserved": [list(r) for r in self.reserved], "orphans": [list(r) for r in self.orphans],
+            "owner": self.owner,
+            "first": self.first,
+            "last": self.last,
+            "version": self.version,
+            "next": self.next,
+            "held": [list(r) for r in self.held],
+            "reserved": [list(r) for r in self.reserved],
+            "orphans": [list(r) for r in self.orphans],
             "orphans_before": self.orphans_before,
-            "cooling": [{"until": c.until, "teks": list(c.teks), "sids": [list(r) for r in c.sids]}
-                        for c in self.cooling],
+            "cooling": [
+                {"until": c.until, "teks": list(c.teks), "sids": [list(r) for r in c.sids]}
+                for c in self.cooling
+            ],
             "free": self.free,
         }
 
@@ -130,8 +137,14 @@ class SidRecord:
     def coarsened(self, limit: int) -> SidRecord:
         """The same record in at most ``limit`` ranges per list (more SIDs marked used)."""
         return SidRecord(
-            self.owner, self.first, self.last, self.version, self.next,
-            coarsen(self.held, limit), coarsen(self.reserved, limit), coarsen(self.orphans, limit),
+            self.owner,
+            self.first,
+            self.last,
+            self.version,
+            self.next,
+            coarsen(self.held, limit),
+            coarsen(self.reserved, limit),
+            coarsen(self.orphans, limit),
             self.orphans_before,
             tuple(CoolingEntry(c.until, c.teks, coarsen(c.sids, limit)) for c in self.cooling),
             self.free,
@@ -141,8 +154,19 @@ class SidRecord:
 # --- strict parsing (state file and ANN) ------------------------------------------------
 
 _RECORD_FIELDS = frozenset(
-    {"owner", "first", "last", "version", "next", "held", "reserved", "orphans", "orphans_before",
-     "cooling", "free"}
+    {
+        "owner",
+        "first",
+        "last",
+        "version",
+        "next",
+        "held",
+        "reserved",
+        "orphans",
+        "orphans_before",
+        "cooling",
+        "free",
+    }
 )
 
 
@@ -208,13 +232,31 @@ def parse_record(value: Any, bits: int, field: str = "record", limit: int = 1 <<
         f = f"{field}.cooling[{i}]"
         if not isinstance(c, dict) or set(c) != {"until", "teks", "sids"}:
             raise DecodeError("SENDER_IDS", f, "not an object {until, teks, sids}")
-        teks = tuple(_int(s, f"{f}.teks[{j}]", 0, 0xFFFFFFFF)
-                     for j, s in enumerate(_list(c["teks"], f"{f}.teks", MAX_TEKS_PER_ENTRY)))
-        cooling.append(CoolingEntry(_float(c["until"], f"{f}.until"), teks,
-                                    _ranges(c["sids"], f"{f}.sids", first, last, limit)))
+        teks = tuple(
+            _int(s, f"{f}.teks[{j}]", 0, 0xFFFFFFFF)
+            for j, s in enumerate(_list(c["teks"], f"{f}.teks", MAX_TEKS_PER_ENTRY))
+        )
+        cooling.append(
+            CoolingEntry(
+                _float(c["until"], f"{f}.until"),
+                teks,
+                _ranges(c["sids"], f"{f}.sids", first, last, limit),
+            )
+        )
     free = _int(value["free"], f"{field}.free", 0, last - first + 1)
-    return SidRecord(owner, first, last, version, nxt, held, reserved, orphans, orphans_before,
-                     tuple(cooling), free)
+    return SidRecord(
+        owner,
+        first,
+        last,
+        version,
+        nxt,
+        held,
+        reserved,
+        orphans,
+        orphans_before,
+        tuple(cooling),
+        free,
+    )
 
 
 def parse_block(value: Any, bits: int) -> list[SidRecord]:
@@ -225,7 +267,9 @@ def parse_block(value: Any, bits: int) -> list[SidRecord]:
     if got != bits:
         raise DecodeError("SENDER_IDS", "bits", f"{got}, this group uses {bits}")
     records = _list(value["records"], "records", MAX_ANN_RECORDS)
-    return [parse_record(r, bits, f"records[{i}]", MAX_RECORD_RANGES) for i, r in enumerate(records)]
+    return [
+        parse_record(r, bits, f"records[{i}]", MAX_RECORD_RANGES) for i, r in enumerate(records)
+    ]
 
 
 # --- the allocator ------------------------------------------------------------------------
@@ -418,8 +462,15 @@ class SenderIdAllocator:
             return self._record_cache[1]
         held = to_ranges(s for s in self.held if self._mine(s))
         rec = SidRecord(
-            owner, self.first, self.last, self.version, self.next, held,
-            to_ranges(self.reserved), to_ranges(self.orphans), self.orphans_before,
+            owner,
+            self.first,
+            self.last,
+            self.version,
+            self.next,
+            held,
+            to_ranges(self.reserved),
+            to_ranges(self.orphans),
+            self.orphans_before,
             tuple(CoolingEntry(k[0], k[1], to_ranges(v)) for k, v in sorted(self.cooling.items())),
             self.free_count,
         )
@@ -481,8 +532,10 @@ class SenderIdAllocator:
 
     def peers_low(self) -> bool:
         """A peer KS's slice is low on SIDs a rekey would free (only the primary rekeys)."""
-        return any(r.free < SID_LOW_WATER * (r.last - r.first + 1) and r.cooling_count
-                   for r in self.peer_records.values())
+        return any(
+            r.free < SID_LOW_WATER * (r.last - r.first + 1) and r.cooling_count
+            for r in self.peer_records.values()
+        )
 
 
 # --- state file ------------------------------------------------------------------------------
@@ -520,12 +573,16 @@ def ann_block(alloc: SenderIdAllocator, me: str, to: str, now: float) -> AnnBloc
         records.append(rec.coarsened(MAX_RECORD_RANGES))
     listed = [r.to_json() for r in records]
     value = {"bits": alloc.bits, "records": listed}
-    while len(json.dumps(value, separators=(",", ":"))) > SENDER_IDS_BLOCK_BUDGET and len(listed) > 1:
+    while (
+        len(json.dumps(value, separators=(",", ":"))) > SENDER_IDS_BLOCK_BUDGET and len(listed) > 1
+    ):
         listed.pop()
     return AnnBlock.of(BlockType.SENDER_IDS, value)
 
 
-def add_block(anns: list[list[AnnBlock]], alloc: SenderIdAllocator, me: str, to: str, now: float) -> None:
+def add_block(
+    anns: list[list[AnnBlock]], alloc: SenderIdAllocator, me: str, to: str, now: float
+) -> None:
     """Add the SENDER_IDS block to an announcement batch for ``to``, when it is news.
 
     Sent when any record changed since the last one sent to that peer, with every
@@ -534,7 +591,10 @@ def add_block(anns: list[list[AnnBlock]], alloc: SenderIdAllocator, me: str, to:
     the datagram stays below 32 KiB, else an ANN of its own.
     """
     alloc.expire(now)
-    signature = (alloc.version, tuple(sorted((o, r.version) for o, r in alloc.peer_records.items())))
+    signature = (
+        alloc.version,
+        tuple(sorted((o, r.version) for o, r in alloc.peer_records.items())),
+    )
     full = any(b.type == BlockType.MEMBERS_FULL for blocks in anns for b in blocks)
     sent = alloc.sent_to.get(to)
     if not full and sent is not None and sent[0] == signature and now - sent[1] < RECORD_REFRESH:
@@ -542,7 +602,10 @@ def add_block(anns: list[list[AnnBlock]], alloc: SenderIdAllocator, me: str, to:
     alloc.sent_to[to] = (signature, now)
     block = ann_block(alloc, me, to, now)
     last = anns[-1] if anns else None
-    if last is not None and sum(len(b.data) + 4 for b in last) + len(block.data) + 4 <= ANN_BLOCKS_ROOM:
+    if (
+        last is not None
+        and sum(len(b.data) + 4 for b in last) + len(block.data) + 4 <= ANN_BLOCKS_ROOM
+    ):
         last.append(block)
     else:
         anns.append([block])

@@ -74,7 +74,11 @@ def member_data(m: Member) -> dict[str, Any]:
 
 
 def show_gdoi(
-    groups: list[Group], ks_address: IPv4Address, version: SoftwareVersion, now: float, role: str = "Primary"
+    groups: list[Group],
+    ks_address: IPv4Address,
+    version: SoftwareVersion,
+    now: float,
+    role: str = "Primary",
 ) -> str:
     lines: list[str] = []
     for g in groups:
@@ -115,7 +119,9 @@ def show_gdoi(
 
 def _authorization_lines(g: Group) -> list[str]:
     first, *rest = describe_authorization(g.config.authorization)
-    return [f"    Authorization            : {first}"] + [f"                               {x}" for x in rest]
+    return [f"    Authorization            : {first}"] + [
+        f"                               {x}" for x in rest
+    ]
 
 
 def replay_data(g: Group, now: float) -> dict[str, Any]:
@@ -128,7 +134,11 @@ def replay_data(g: Group, now: float) -> dict[str, Any]:
         "tbar_rekey_period": TBAR_REKEY_INTERVAL if g.tbar else None,
         "next_rekey_in": g.next_rekey_at() - now,
         "sa_ipsec": [
-            {"number": sa.number, "replay_window": sa.replay_window, "tbar_window_ms": sa.tbar_window_ms}
+            {
+                "number": sa.number,
+                "replay_window": sa.replay_window,
+                "tbar_window_ms": sa.tbar_window_ms,
+            }
             for sa in g.config.sa_ipsec
         ],
     }
@@ -187,7 +197,9 @@ def show_members(groups: list[Group], ks_address: IPv4Address, now: float) -> st
 def _feature_groups(
     groups: list[Group], key_servers: Sequence[Device]
 ) -> list[tuple[str, Sequence[Device], Sequence[Device]]]:
-    return [(g.name, key_servers, [(m.address, m.version) for m in g.members.values()]) for g in groups]
+    return [
+        (g.name, key_servers, [(m.address, m.version) for m in g.members.values()]) for g in groups
+    ]
 
 
 def show_feature(
@@ -237,7 +249,10 @@ def show_coop(groups: list[Group], role: Mapping[str, Any]) -> str:
                 f"                    Ann msgs sent: {p['ann_sent']}",
                 f"                    Ann msgs recv: {p['ann_received']}",
                 f"                    Ann msgs rejected: {p['ann_rejected']}",
-                *(f"                      {reason}: {n}" for reason, n in sorted(p.get("rejected", {}).items())),
+                *(
+                    f"                      {reason}: {n}"
+                    for reason, n in sorted(p.get("rejected", {}).items())
+                ),
             ]
             if p.get("sync"):
                 lines.append(f"                Sync refused: {p['sync']}")
@@ -247,8 +262,14 @@ def show_coop(groups: list[Group], role: Mapping[str, Any]) -> str:
 
 def standalone_role(address: IPv4Address, version: SoftwareVersion) -> dict[str, Any]:
     """What ``show crypto gdoi ks coop`` says of a KS without COOP."""
-    return {"address": str(address), "priority": None, "role": "Primary (standalone)",
-            "version": str(version), "primary": str(address), "peers": []}
+    return {
+        "address": str(address),
+        "priority": None,
+        "role": "Primary (standalone)",
+        "version": str(version),
+        "primary": str(address),
+        "peers": [],
+    }
 
 
 def show_counters(counters: Mapping[str, int]) -> str:

@@ -38,22 +38,36 @@ class StateError(Exception):
 
 def member_to_json(m: Member) -> dict[str, Any]:
     return {
-        "address": str(m.address), "identity": m.identity, "version": str(m.version) if m.version else None,
-        "registered_at": m.registered_at, "kek_spi": m.kek_spi.hex() if m.kek_spi else None,
-        "tek_spis": list(m.tek_spis), "sender_ids": list(m.sender_ids), "registrations": m.registrations,
-        "missed_rekeys": m.missed_rekeys, "port": m.port, "ack_key": m.ack_key.hex(), "ack_hash": int(m.ack_hash),
+        "address": str(m.address),
+        "identity": m.identity,
+        "version": str(m.version) if m.version else None,
+        "registered_at": m.registered_at,
+        "kek_spi": m.kek_spi.hex() if m.kek_spi else None,
+        "tek_spis": list(m.tek_spis),
+        "sender_ids": list(m.sender_ids),
+        "registrations": m.registrations,
+        "missed_rekeys": m.missed_rekeys,
+        "port": m.port,
+        "ack_key": m.ack_key.hex(),
+        "ack_hash": int(m.ack_hash),
         "ks_address": str(m.ks_address) if m.ks_address is not None else None,
     }
 
 
 def member_from_json(d: dict[str, Any]) -> Member:
     return Member(
-        address=IPv4Address(d["address"]), identity=str(d["identity"]),
+        address=IPv4Address(d["address"]),
+        identity=str(d["identity"]),
         version=SoftwareVersion.parse(d["version"]) if d["version"] else None,
-        registered_at=float(d["registered_at"]), kek_spi=bytes.fromhex(d["kek_spi"]) if d["kek_spi"] else None,
-        tek_spis=tuple(int(x) for x in d["tek_spis"]), sender_ids=tuple(int(x) for x in d["sender_ids"]),
-        registrations=int(d["registrations"]), missed_rekeys=int(d["missed_rekeys"]), port=int(d["port"]),
-        ack_key=bytes.fromhex(d["ack_key"]), ack_hash=HashAlgorithm(d["ack_hash"]),
+        registered_at=float(d["registered_at"]),
+        kek_spi=bytes.fromhex(d["kek_spi"]) if d["kek_spi"] else None,
+        tek_spis=tuple(int(x) for x in d["tek_spis"]),
+        sender_ids=tuple(int(x) for x in d["sender_ids"]),
+        registrations=int(d["registrations"]),
+        missed_rekeys=int(d["missed_rekeys"]),
+        port=int(d["port"]),
+        ack_key=bytes.fromhex(d["ack_key"]),
+        ack_hash=HashAlgorithm(d["ack_hash"]),
         ks_address=IPv4Address(d["ks_address"]) if d.get("ks_address") else None,
     )
 
@@ -64,10 +78,16 @@ def snapshot(groups: dict[int, Group]) -> dict[str, Any]:
         "saved_at": time.time(),
         "groups": [
             {
-                "number": g.number, "name": g.name, "keys": GroupKeyState.of(g).to_json(),
+                "number": g.number,
+                "name": g.name,
+                "keys": GroupKeyState.of(g).to_json(),
                 "members": [member_to_json(m) for m in g.members.values()],
-                "sender_ids": {"bits": g.sids.bits, "record": sender_ids.state_json(
-                    g.sids, max((m.registered_at for m in g.members.values()), default=0.0))},
+                "sender_ids": {
+                    "bits": g.sids.bits,
+                    "record": sender_ids.state_json(
+                        g.sids, max((m.registered_at for m in g.members.values()), default=0.0)
+                    ),
+                },
             }
             for g in groups.values()
         ],
@@ -131,7 +151,10 @@ def load(path: Path) -> dict[int, dict[str, Any]]:
             raw = {k: g[k] for k in _KEY_FIELDS} if doc["format"] == 1 else g["keys"]
             keys = GroupKeyState.from_json(raw, f"group {number}.keys")
             out[number] = {
-                "keys": keys, "seq": keys.seq, "kek": keys.kek, "teks": list(keys.teks),
+                "keys": keys,
+                "seq": keys.seq,
+                "kek": keys.kek,
+                "teks": list(keys.teks),
                 "members": [member_from_json(m) for m in g["members"]],
                 "sender_ids": _sids_from_json(g.get("sender_ids")),
             }

@@ -72,7 +72,9 @@ def decode_attributes(data: bytes, payload: str) -> tuple[Attribute, ...]:
             continue
         if pos + value > len(data):
             raise DecodeError(
-                payload, f"attribute[{af_type}].length", f"{value} exceeds the {len(data) - pos} left"
+                payload,
+                f"attribute[{af_type}].length",
+                f"{value} exceeds the {len(data) - pos} left",
             )
         out.append(Attribute(af_type, bytes(data[pos : pos + value])))
         pos += value

@@ -74,7 +74,9 @@ AES_BLOCK = 16
 # IKEv1 DH group 14 (MODP-2048) is what GET VPN deployments use; cryptography 50
 # deprecates finite-field DH. The warning must not reach a daemon's log stream
 # (it would break JSON logs); pyproject pins a cryptography that still has FFDH.
-warnings.filterwarnings("ignore", message="Diffie-Hellman over finite fields", category=CryptographyDeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="Diffie-Hellman over finite fields", category=CryptographyDeprecationWarning
+)
 
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey

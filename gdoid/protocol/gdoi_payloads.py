@@ -25,7 +25,11 @@ from gdoid.protocol.reader import Reader
 from gdoid.protocol.version import SoftwareVersion
 
 # Fixed identification-data sizes we can check (RFC 2407 §4.6.2).
-_ID_DATA_LEN: dict[int, int] = {IdType.ID_IPV4_ADDR: 4, IdType.ID_IPV4_ADDR_SUBNET: 8, IdType.ID_IPV4_ADDR_RANGE: 8}
+_ID_DATA_LEN: dict[int, int] = {
+    IdType.ID_IPV4_ADDR: 4,
+    IdType.ID_IPV4_ADDR_SUBNET: 8,
+    IdType.ID_IPV4_ADDR_RANGE: 8,
+}
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,9 @@ class TrafficId:
     def from_network(cls, net: ipaddress.IPv4Network, port: int = 0) -> TrafficId:
         if net.prefixlen == 32:
             return cls(IdType.ID_IPV4_ADDR, port, net.network_address.packed)
-        return cls(IdType.ID_IPV4_ADDR_SUBNET, port, net.network_address.packed + net.netmask.packed)
+        return cls(
+            IdType.ID_IPV4_ADDR_SUBNET, port, net.network_address.packed + net.netmask.packed
+        )
 
     def to_network(self) -> ipaddress.IPv4Network:
         if self.id_type == IdType.ID_IPV4_ADDR and len(self.data) == 4:
@@ -49,12 +55,16 @@ class TrafficId:
             addr = ipaddress.IPv4Address(self.data[:4])
             mask = ipaddress.IPv4Address(self.data[4:])
             return ipaddress.IPv4Network(f"{addr}/{mask}", strict=False)
-        raise DecodeError("TrafficId", "id_type", f"type {self.id_type} is not an IPv4 address/subnet")
+        raise DecodeError(
+            "TrafficId", "id_type", f"type {self.id_type} is not an IPv4 address/subnet"
+        )
 
     def check(self, payload: str, side: str) -> None:
         want = _ID_DATA_LEN.get(self.id_type)
         if want is not None and len(self.data) != want:
-            raise DecodeError(payload, f"{side}_id_data", f"{len(self.data)} octets, type needs {want}")
+            raise DecodeError(
+                payload, f"{side}_id_data", f"{len(self.data)} octets, type needs {want}"
+            )
 
 
 def _decode_traffic_id(r: Reader, side: str, wide_length: bool) -> TrafficId:
@@ -108,7 +118,9 @@ class SakPayload(Payload):
 
 
 # RFC 6407 §5.4.1: the Protocol-IDs whose SAT has the ID-based (ESP/AH) layout.
-ID_LAYOUT_PROTOCOLS = frozenset((GdoiProtocol.GDOI_PROTO_IPSEC_ESP, GdoiProtocol.GDOI_PROTO_IPSEC_AH))
+ID_LAYOUT_PROTOCOLS = frozenset(
+    (GdoiProtocol.GDOI_PROTO_IPSEC_ESP, GdoiProtocol.GDOI_PROTO_IPSEC_AH)
+)
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,9 @@ class SatPayload(Payload):
 
     def __post_init__(self) -> None:
         if self.protocol_id not in ID_LAYOUT_PROTOCOLS:
-            raise ValueError(f"SAT protocol {self.protocol_id} has no ESP/AH layout: OpaqueSatPayload")
+            raise ValueError(
+                f"SAT protocol {self.protocol_id} has no ESP/AH layout: OpaqueSatPayload"
+            )
 
     def encode_body(self) -> bytes:
         return (
@@ -314,7 +328,9 @@ class KdPayload(Payload):
                 raise DecodeError("KD", f"key_packet[{i}].length", f"{length} < 5")
             body = Reader(r.take(length - 4, f"key_packet[{i}].body"), "KD")
             spi = body.take(body.u8(f"key_packet[{i}].spi_size"), f"key_packet[{i}].spi")
-            packets.append(KeyPacket(kd_type, spi, decode_attributes(body.rest(), f"KD key_packet[{i}]")))
+            packets.append(
+                KeyPacket(kd_type, spi, decode_attributes(body.rest(), f"KD key_packet[{i}]"))
+            )
         r.end("number_of_key_packets")
         return cls(tuple(packets))
 
@@ -391,8 +407,18 @@ class AnnPayload(Payload):
     blocks: tuple[AnnBlock, ...] = ()
 
     def encode_body(self) -> bytes:
-        out = [_ANN_FIXED.pack(bytes(self.version), self.priority, self.role, self.flags, 0,
-                           self.sequence, self.group_number, self.policy_epoch)]
+        out = [
+            _ANN_FIXED.pack(
+                bytes(self.version),
+                self.priority,
+                self.role,
+                self.flags,
+                0,
+                self.sequence,
+                self.group_number,
+                self.policy_epoch,
+            )
+        ]
         for b in self.blocks:
             if len(b.data) > 0xFFFF:
                 raise ValueError("ANN block too large")

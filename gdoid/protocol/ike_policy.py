@@ -123,7 +123,6 @@ class Phase1Config:
     half_open_timeout: float = 30.0
 
 
-
 def proposals_from_policy(
     key_bits: Sequence[int],
     hashes: Sequence[HashAlgorithm],
@@ -133,7 +132,11 @@ def proposals_from_policy(
 ) -> tuple[Phase1Proposal, ...]:
     """The cross product of a policy, in preference order (auth, group, cipher, hash)."""
     return tuple(
-        Phase1Proposal(k, h, a, g, lifetime) for a in auths for g in groups for k in key_bits for h in hashes
+        Phase1Proposal(k, h, a, g, lifetime)
+        for a in auths
+        for g in groups
+        for k in key_bits
+        for h in hashes
     )
 
 

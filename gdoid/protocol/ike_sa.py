@@ -34,7 +34,9 @@ NONCE_LEN = 32
 MAX_CBC_PADDING = 255  # peers may pad encrypted bodies generously (RFC 2408 §3.1)
 
 
-def phase2_hash(hash_alg: HashAlgorithm, key: bytes, message_id: int, prefix: bytes, covered: bytes) -> bytes:
+def phase2_hash(
+    hash_alg: HashAlgorithm, key: bytes, message_id: int, prefix: bytes, covered: bytes
+) -> bytes:
     """prf(key, M-ID | prefix | covered): the HASH payload of every hashed phase-2 message."""
     return crypto.prf(hash_alg, key, message_id.to_bytes(4, "big") + prefix + covered)
 
@@ -141,7 +143,9 @@ class IkeSa:
         self, exchange: int, message_id: int, payloads: Sequence[Payload], prefix: bytes = b""
     ) -> bytes:
         """Encrypt ``HASH, payloads`` with HASH = prf(SKEYID_a, M-ID | prefix | payloads)."""
-        h = phase2_hash(self.hash, self.keys.skeyid_a, message_id, prefix, encode_payloads(payloads))
+        h = phase2_hash(
+            self.hash, self.keys.skeyid_a, message_id, prefix, encode_payloads(payloads)
+        )
         return self.seal(exchange, message_id, [HashPayload(h), *payloads])
 
     def open_hashed(self, message: Message, prefix: bytes = b"", name: str = "HASH") -> None:

@@ -26,5 +26,4 @@ def plain_notify(icky: bytes, rcky: bytes, notify: NotifyType, data: bytes = b""
     )
 
 
-
 __all__ = ["plain_notify"]

@@ -80,7 +80,9 @@ class MainModeState(Enum):
 def _local_id(config: Phase1Config, auth: AuthenticationMethod) -> IdPayload:
     if auth == AuthenticationMethod.RSA_SIG:
         assert config.signature is not None
-        return IdPayload(IdType.ID_DER_ASN1_DN, 0, 0, der_subject_name(config.signature.certificate))
+        return IdPayload(
+            IdType.ID_DER_ASN1_DN, 0, 0, der_subject_name(config.signature.certificate)
+        )
     return IdPayload(IdType.ID_IPV4_ADDR, 0, 0, config.local_address.packed)
 
 
@@ -89,7 +91,9 @@ def _id_names(ident: IdPayload, identity: str) -> bool:
     try:
         addr = ipaddress.IPv4Address(identity)
     except ValueError:
-        return ident.id_type == IdType.ID_FQDN and ident.data.lower().rstrip(b".") == identity.encode()
+        return (
+            ident.id_type == IdType.ID_FQDN and ident.data.lower().rstrip(b".") == identity.encode()
+        )
     return ident.id_type == IdType.ID_IPV4_ADDR and ident.data == addr.packed
 
 
@@ -102,7 +106,11 @@ def _describe_id(ident: IdPayload) -> str:
     except ValueError:
         type_name = f"type {ident.id_type}"
     data = ident.data[:64]
-    text = data.decode("ascii") if data.isascii() and data.decode("ascii").isprintable() else data.hex()
+    text = (
+        data.decode("ascii")
+        if data.isascii() and data.decode("ascii").isprintable()
+        else data.hex()
+    )
     return f"{type_name} {text}" + ("..." if len(ident.data) > 64 else "")
 
 
@@ -178,7 +186,9 @@ class MainModeExchange:
                 raise NotifyError(NotifyType.AUTHENTICATION_FAILED, "phase-1 key must be RSA")
             return [
                 ident,
-                CertPayload(CertEncoding.X509_CERT_SIGNATURE, sig.certificate.public_bytes(Encoding.DER)),
+                CertPayload(
+                    CertEncoding.X509_CERT_SIGNATURE, sig.certificate.public_bytes(Encoding.DER)
+                ),
                 SigPayload(crypto.ike_rsa_sign(sig.private_key, h)),
             ]
         return [ident, HashPayload(h)]
@@ -203,18 +213,28 @@ class MainModeExchange:
         sig = msg.get(SigPayload)
         certp = msg.get(CertPayload)
         if sig is None or certp is None:
-            raise NotifyError(NotifyType.AUTHENTICATION_FAILED, "RSA signature auth without CERT/SIG")
+            raise NotifyError(
+                NotifyType.AUTHENTICATION_FAILED, "RSA signature auth without CERT/SIG"
+            )
         if certp.encoding != CertEncoding.X509_CERT_SIGNATURE:
-            raise NotifyError(NotifyType.AUTHENTICATION_FAILED, f"certificate encoding {certp.encoding}")
+            raise NotifyError(
+                NotifyType.AUTHENTICATION_FAILED, f"certificate encoding {certp.encoding}"
+            )
         creds = self.config.signature
         if creds is None:
-            raise NotifyError(NotifyType.AUTHENTICATION_FAILED, "no certificate authority configured")
+            raise NotifyError(
+                NotifyType.AUTHENTICATION_FAILED, "no certificate authority configured"
+            )
         try:
             cert = creds.validator.validate(certp.data, dt.datetime.fromtimestamp(now, dt.UTC))
         except PkiError as exc:
-            raise NotifyError(NotifyType.AUTHENTICATION_FAILED, f"certificate refused: {exc}") from exc
+            raise NotifyError(
+                NotifyType.AUTHENTICATION_FAILED, f"certificate refused: {exc}"
+            ) from exc
         if peer_id.id_type == IdType.ID_DER_ASN1_DN and peer_id.data != der_subject_name(cert):
-            raise NotifyError(NotifyType.INVALID_ID_INFORMATION, "ID does not match the certificate subject")
+            raise NotifyError(
+                NotifyType.INVALID_ID_INFORMATION, "ID does not match the certificate subject"
+            )
         pub = cert.public_key()
         if not isinstance(pub, rsa.RSAPublicKey) or not crypto.ike_rsa_verify(pub, want, sig.data):
             raise NotifyError(NotifyType.AUTHENTICATION_FAILED, "signature does not verify")
@@ -244,7 +264,13 @@ class MainModeExchange:
         ct = crypto.aes_cbc_encrypt(self.cipher_key, self.iv, body)
         self.iv = ct[-16:]
         hdr = build_header(
-            self.icky, self.rcky, payloads[0].payload_type, MAIN_MODE, HeaderFlag.ENCRYPTION, 0, len(ct)
+            self.icky,
+            self.rcky,
+            payloads[0].payload_type,
+            MAIN_MODE,
+            HeaderFlag.ENCRYPTION,
+            0,
+            len(ct),
         )
         return hdr.encode() + ct
 
@@ -272,7 +298,9 @@ class MainModeExchange:
         self.deadline = now + self.config.retransmit_interval if expect_reply else None
         out.send.append(data)
 
-    def _fail(self, out: Phase1Output, reason: str, notify: NotifyType | None, send: bool) -> Phase1Output:
+    def _fail(
+        self, out: Phase1Output, reason: str, notify: NotifyType | None, send: bool
+    ) -> Phase1Output:
         self.state = MainModeState.FAILED
         self.deadline = None
         if send and notify is not None:
@@ -280,7 +308,9 @@ class MainModeExchange:
         out.events.append(Phase1Failed(reason, notify))
         return out
 
-    def _established(self, peer_id: IdPayload, cert: x509.Certificate | None, now: float, out: Phase1Output) -> None:
+    def _established(
+        self, peer_id: IdPayload, cert: x509.Certificate | None, now: float, out: Phase1Output
+    ) -> None:
         assert self.keys is not None and self.proposal is not None
         self.state = MainModeState.ESTABLISHED
         self.sa = IkeSa(
@@ -311,10 +341,16 @@ class MainModeExchange:
 
     def on_timeout(self, now: float) -> Phase1Output:
         out = Phase1Output()
-        if self.deadline is None or now < self.deadline or self.state in (MainModeState.FAILED, MainModeState.ESTABLISHED):
+        if (
+            self.deadline is None
+            or now < self.deadline
+            or self.state in (MainModeState.FAILED, MainModeState.ESTABLISHED)
+        ):
             return out
         if self.last_sent is None or self.retries >= self.config.retransmit_count:
-            return self._fail(out, f"no response from {self.peer} (state {self.state.name})", None, False)
+            return self._fail(
+                out, f"no response from {self.peer} (state {self.state.name})", None, False
+            )
         self.retries += 1
         self.deadline = now + self.config.retransmit_interval * (2 ** min(self.retries, 4))
         out.send.append(self.last_sent)
@@ -348,7 +384,9 @@ class MainModeExchange:
                     out.events.append(Phase1Failed(reason, name, received=True))
                 return out
             if header.exchange_type != MAIN_MODE:
-                raise DecodeError("ISAKMP header", "exchange_type", f"{header.exchange_type} during Main Mode")
+                raise DecodeError(
+                    "ISAKMP header", "exchange_type", f"{header.exchange_type} during Main Mode"
+                )
             self._step(data, header, now, out)
             self.last_received = data
         except NotifyError as exc:
@@ -359,7 +397,6 @@ class MainModeExchange:
 
     def _step(self, data: bytes, header: IsakmpHeader, now: float, out: Phase1Output) -> None:
         raise NotImplementedError
-
 
 
 __all__ = ["MainModeExchange", "MainModeState"]

@@ -83,7 +83,11 @@ class MainModeInitiator(MainModeExchange):
         return out
 
     def receive(self, data: bytes, now: float) -> Phase1Output:
-        if self.state == MainModeState.MM3_SENT and self.restarts < MAX_RESTARTS and self._state_lost(data):
+        if (
+            self.state == MainModeState.MM3_SENT
+            and self.restarts < MAX_RESTARTS
+            and self._state_lost(data)
+        ):
             # The responder kept message 1's state only briefly (a flood evicts it) and
             # says so once our cookie proved our address: start over from message 1.
             self.restarts += 1
@@ -119,13 +123,21 @@ class MainModeInitiator(MainModeExchange):
                 raise DecodeError("ISAKMP header", "responder_cookie", "zero in message 2")
             sa = msg.get(SaPayload)
             if sa is None or len(sa.proposals) != 1 or len(sa.proposals[0].transforms) != 1:
-                raise NotifyError(NotifyType.BAD_PROPOSAL_SYNTAX, "message 2 must choose one transform")
+                raise NotifyError(
+                    NotifyType.BAD_PROPOSAL_SYNTAX, "message 2 must choose one transform"
+                )
             chosen = Phase1Proposal.from_transform(sa.proposals[0].transforms[0])
             ours = [p for p in self.config.proposals if chosen is not None and p.matches(chosen)]
             if chosen is None or not ours:
-                raise NotifyError(NotifyType.NO_PROPOSAL_CHOSEN, "responder chose a transform we did not offer")
+                raise NotifyError(
+                    NotifyType.NO_PROPOSAL_CHOSEN, "responder chose a transform we did not offer"
+                )
             self.proposal = Phase1Proposal(
-                chosen.key_bits, chosen.hash, chosen.auth, chosen.group, min(chosen.lifetime, ours[0].lifetime)
+                chosen.key_bits,
+                chosen.hash,
+                chosen.auth,
+                chosen.group,
+                min(chosen.lifetime, ours[0].lifetime),
             )
             self.peer_version = version_from_vids(msg.all(VendorIdPayload))
             self.dh = DhKeyPair.generate(self.proposal.group)
@@ -165,7 +177,6 @@ class MainModeInitiator(MainModeExchange):
     def _check_rcky(self, header: IsakmpHeader) -> None:
         if header.responder_cookie != self.rcky:
             raise DecodeError("ISAKMP header", "responder_cookie", "changed during Main Mode")
-
 
 
 __all__ = ["MAX_RESTARTS", "MainModeInitiator"]

@@ -157,7 +157,10 @@ def _select(
             offered = Phase1Proposal.from_transform(t)
             if offered is None:
                 continue
-            if offered.auth == AuthenticationMethod.PRE_SHARED_KEY and config.psk_lookup(peer) is None:
+            if (
+                offered.auth == AuthenticationMethod.PRE_SHARED_KEY
+                and config.psk_lookup(peer) is None
+            ):
                 continue
             if offered.auth == AuthenticationMethod.RSA_SIG and config.signature is None:
                 continue
@@ -165,15 +168,26 @@ def _select(
                 if ours.matches(offered):
                     if offered.lifetime >= ours.lifetime:
                         return prop, t, ours  # shared, not one object per message 1
-                    return prop, t, Phase1Proposal(
-                        offered.key_bits, offered.hash, offered.auth, offered.group, offered.lifetime
+                    return (
+                        prop,
+                        t,
+                        Phase1Proposal(
+                            offered.key_bits,
+                            offered.hash,
+                            offered.auth,
+                            offered.group,
+                            offered.lifetime,
+                        ),
                     )
     transforms = [t for prop in sa.proposals for t in prop.transforms]
     offered_text = "; ".join(  # the first few: the reason is logged, and cheap to build
-        p.describe() if p else "unsupported transform" for p in map(Phase1Proposal.from_transform, transforms[:4])
+        p.describe() if p else "unsupported transform"
+        for p in map(Phase1Proposal.from_transform, transforms[:4])
     )
     more = f"; {len(transforms) - 4} more" if len(transforms) > 4 else ""
-    raise NotifyError(NotifyType.NO_PROPOSAL_CHOSEN, f"no acceptable proposal (offered: {offered_text}{more})")
+    raise NotifyError(
+        NotifyType.NO_PROPOSAL_CHOSEN, f"no acceptable proposal (offered: {offered_text}{more})"
+    )
 
 
 def respond_mm1(
@@ -192,7 +206,9 @@ def respond_mm1(
     Raises NotifyError/DecodeError for the notify to answer with.
     """
     if len(data) > MAX_MM1_LEN:
-        raise DecodeError("Main Mode message 1", "length", f"{len(data)} octets, at most {MAX_MM1_LEN}")
+        raise DecodeError(
+            "Main Mode message 1", "length", f"{len(data)} octets, at most {MAX_MM1_LEN}"
+        )
     if header.responder_cookie != bytes(8):
         raise DecodeError("ISAKMP header", "responder_cookie", "must be zero in message 1")
     _check_offer_size(header.next_payload, data)
@@ -205,11 +221,15 @@ def respond_mm1(
     sai_b = msg.payloads[0].body if msg.types[0] == sa.payload_type else sa.encode_body()
     prop, t, proposal = _select(config, peer, sa)
     peer_version = version_from_vids(msg.all(VendorIdPayload))
-    reply_sa = SaPayload(sa.doi, sa.situation, (Proposal(prop.number, prop.protocol_id, prop.spi, (t,)),))
+    reply_sa = SaPayload(
+        sa.doi, sa.situation, (Proposal(prop.number, prop.protocol_id, prop.spi, (t,)),)
+    )
     icky = header.initiator_cookie
     mm2 = encode_plain(icky, rcky, MAIN_MODE, 0, [reply_sa])
     if config.software_version is not None:
-        with_vid = encode_plain(icky, rcky, MAIN_MODE, 0, [reply_sa, version_vid(config.software_version)])
+        with_vid = encode_plain(
+            icky, rcky, MAIN_MODE, 0, [reply_sa, version_vid(config.software_version)]
+        )
         if len(with_vid) <= len(data):
             mm2 = with_vid
     return HalfOpen(sai_b, proposal, peer_version, now), mm2
@@ -254,7 +274,11 @@ class MainModeResponder(MainModeExchange):
         # Responders never retransmit on their own (the initiator drives);
         # they only expire half-open state.
         out = Phase1Output()
-        if self.deadline is not None and now >= self.deadline and self.state != MainModeState.ESTABLISHED:
+        if (
+            self.deadline is not None
+            and now >= self.deadline
+            and self.state != MainModeState.ESTABLISHED
+        ):
             return self._fail(out, f"half-open exchange with {self.peer} timed out", None, False)
         return out
 
@@ -266,7 +290,11 @@ class MainModeResponder(MainModeExchange):
         if self.state == MainModeState.INIT:
             self.icky = header.initiator_cookie
             half, mm2 = respond_mm1(self.config, self.peer, data, header, self.rcky, now)
-            self.sai_b, self.proposal, self.peer_version = half.sai_b, half.proposal, half.peer_version
+            self.sai_b, self.proposal, self.peer_version = (
+                half.sai_b,
+                half.proposal,
+                half.peer_version,
+            )
             self.state = MainModeState.MM2_SENT
             self._send(mm2, now, out)
         elif self.state == MainModeState.MM2_SENT:
@@ -292,7 +320,11 @@ class MainModeResponder(MainModeExchange):
             mm4 = encode_plain(self.icky, self.rcky, MAIN_MODE, 0, payloads)
             if self.proposal.auth == AuthenticationMethod.RSA_SIG:
                 with_cr = encode_plain(
-                    self.icky, self.rcky, MAIN_MODE, 0, [*payloads, CrPayload(CertEncoding.X509_CERT_SIGNATURE)]
+                    self.icky,
+                    self.rcky,
+                    MAIN_MODE,
+                    0,
+                    [*payloads, CrPayload(CertEncoding.X509_CERT_SIGNATURE)],
                 )
                 if len(with_cr) <= len(data):  # CR is a hint; our peers send CERT anyway
                     mm4 = with_cr
@@ -306,7 +338,6 @@ class MainModeResponder(MainModeExchange):
             self._established(peer_id, cert, now, out)
         else:
             raise DecodeError("Main Mode", "state", f"unexpected message in {self.state.name}")
-
 
 
 __all__ = [

@@ -65,7 +65,12 @@ def _decode_one(payload_type: int, body: bytes) -> Payload:
         return SaPayload.decode_body(body)
     klass = _TOP_LEVEL.get(payload_type)
     if klass is None:
-        if payload_type in (PayloadType.PROPOSAL, PayloadType.TRANSFORM, PayloadType.SAK, PayloadType.SAT):
+        if payload_type in (
+            PayloadType.PROPOSAL,
+            PayloadType.TRANSFORM,
+            PayloadType.SAK,
+            PayloadType.SAT,
+        ):
             raise DecodeError("payload chain", "next_payload", f"type {payload_type} outside an SA")
         return UnknownPayload(payload_type, body)
     return klass.decode_body(body)
@@ -154,7 +159,11 @@ def build_header(
 
 
 def encode_plain(
-    icky: bytes, rcky: bytes, exchange: int, mid: int, payloads: Sequence[Payload],
+    icky: bytes,
+    rcky: bytes,
+    exchange: int,
+    mid: int,
+    payloads: Sequence[Payload],
     flags: HeaderFlag = HeaderFlag.NONE,
 ) -> bytes:
     body = encode_payloads(payloads)
@@ -165,5 +174,7 @@ def encode_plain(
 def decode_plain(data: bytes) -> Message:
     header = IsakmpHeader.decode(data)
     if header.encrypted:
-        raise DecodeError("ISAKMP header", "flags", "encrypted message where plaintext was expected")
+        raise DecodeError(
+            "ISAKMP header", "flags", "encrypted message where plaintext was expected"
+        )
     return Message(header, decode_payloads(header.next_payload, data[HEADER_LEN:]))

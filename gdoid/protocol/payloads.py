@@ -89,7 +89,9 @@ class Proposal:
     transforms: tuple[Transform, ...]
 
     def encode_body(self) -> bytes:
-        out = [struct.pack("!BBBB", self.number, self.protocol_id, len(self.spi), len(self.transforms))]
+        out = [
+            struct.pack("!BBBB", self.number, self.protocol_id, len(self.spi), len(self.transforms))
+        ]
         out.append(self.spi)
         for i, t in enumerate(self.transforms):
             body = t.encode_body()
@@ -113,7 +115,9 @@ class Proposal:
             np, body = split_generic(r, "Transform")
             transforms.append(Transform.decode_body(body))
         if np != PayloadType.NONE:
-            raise DecodeError("Proposal", "transform.next_payload", "last transform must end the chain")
+            raise DecodeError(
+                "Proposal", "transform.next_payload", "last transform must end the chain"
+            )
         if len(transforms) != count or count == 0:
             raise DecodeError(
                 "Proposal", "number_of_transforms", f"says {count}, found {len(transforms)}"
@@ -353,4 +357,3 @@ class UnknownPayload(Payload):
 
     def encode_body(self) -> bytes:
         return self.body
-

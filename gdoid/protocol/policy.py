@@ -279,7 +279,9 @@ def parse_sat(sat: SatPayload, now: float) -> tuple[int, TekPolicy, float]:
             raise _refuse(f"{where}: AES-CBC needs HMAC-SHA-256, got {auth}")
         integrity = AuthenticationAlgorithm.HMAC_SHA2_256
     else:
-        raise _refuse(f"{where}: unsupported transform {sat.transform_id}", NotifyType.INVALID_TRANSFORM_ID)
+        raise _refuse(
+            f"{where}: unsupported transform {sat.transform_id}", NotifyType.INVALID_TRANSFORM_ID
+        )
     if key_bits not in (128, 256):
         raise _refuse(f"{where}: key length {key_bits}")
     mode = value(IpsecAttribute.ENCAPSULATION_MODE)
@@ -302,7 +304,9 @@ def parse_sat(sat: SatPayload, now: float) -> tuple[int, TekPolicy, float]:
     try:
         src, dst = sat.src.to_network(), sat.dst.to_network()
     except Exception as exc:  # DecodeError from an unknown ID type
-        raise _refuse(f"{where}: traffic selector: {exc}", NotifyType.INVALID_ID_INFORMATION) from exc
+        raise _refuse(
+            f"{where}: traffic selector: {exc}", NotifyType.INVALID_ID_INFORMATION
+        ) from exc
     policy = TekPolicy(
         sa_number=0,
         transform=TekTransform(EspTransformId(sat.transform_id), key_bits, integrity),
@@ -349,7 +353,14 @@ def parse_sak(sak: SakPayload) -> KekPolicy:
     except Exception as exc:
         raise _refuse(f"SAK: source identity: {exc}", NotifyType.INVALID_ID_INFORMATION) from exc
     return KekPolicy(
-        sak.spi, bits, life, sig_hash, sig_alg, value(KekAttribute.SIG_KEY_LENGTH) or 0, ks, sak.src.port
+        sak.spi,
+        bits,
+        life,
+        sig_hash,
+        sig_alg,
+        value(KekAttribute.SIG_KEY_LENGTH) or 0,
+        ks,
+        sak.src.port,
     )
 
 
@@ -423,7 +434,10 @@ def parse_keys(
         key_attr = find(attrs, KekKeyAttribute.KEK_ALGORITHM_KEY)
         pub_attr = find(attrs, KekKeyAttribute.SIG_ALGORITHM_KEY)
         if key_attr is None or len(key_attr.bytes_value) != 16 + p.key_bits // 8:
-            raise _refuse("KD: KEK_ALGORITHM_KEY must be 16-octet IV plus the key", NotifyType.INVALID_KEY_INFORMATION)
+            raise _refuse(
+                "KD: KEK_ALGORITHM_KEY must be 16-octet IV plus the key",
+                NotifyType.INVALID_KEY_INFORMATION,
+            )
         if pub_attr is None:
             raise _refuse("KD: no SIG_ALGORITHM_KEY", NotifyType.INVALID_KEY_INFORMATION)
         try:
@@ -436,12 +450,25 @@ def parse_keys(
         pseudotime = pt.int_value if pt is not None else None
         if pseudotime is not None and pseudotime > MAX_PSEUDOTIME_MS:
             # The data path adds elapsed time and sends it back in 8 octets: keep the room.
-            raise _refuse(f"KD: GROUP_PSEUDOTIME {pseudotime} out of range", NotifyType.INVALID_KEY_INFORMATION)
+            raise _refuse(
+                f"KD: GROUP_PSEUDOTIME {pseudotime} out of range",
+                NotifyType.INVALID_KEY_INFORMATION,
+            )
         raw = key_attr.bytes_value
         kek = Kek(
-            spi=p.spi, key_bits=p.key_bits, key=raw[16:], iv=raw[:16], configured_lifetime=p.lifetime,
-            created_at=now, expires_at=now + p.lifetime, sig_hash=p.sig_hash, sig_algorithm=p.sig_algorithm,
-            sig_key_bits=p.sig_key_bits, public_key_der=pub_attr.bytes_value, ks_address=p.ks_address, port=p.port,
+            spi=p.spi,
+            key_bits=p.key_bits,
+            key=raw[16:],
+            iv=raw[:16],
+            configured_lifetime=p.lifetime,
+            created_at=now,
+            expires_at=now + p.lifetime,
+            sig_hash=p.sig_hash,
+            sig_algorithm=p.sig_algorithm,
+            sig_key_bits=p.sig_key_bits,
+            public_key_der=pub_attr.bytes_value,
+            ks_address=p.ks_address,
+            port=p.port,
         )
     elif kek_packets:
         raise _refuse("KD: KEK key packet without a SAK", NotifyType.INVALID_SPI)
@@ -468,10 +495,16 @@ def parse_keys(
         ik = find(tek_keys.attributes, TekKeyAttribute.TEK_INTEGRITY_KEY)
         t = policy.transform
         if ck is None or len(ck.bytes_value) != t.cipher_key_len:
-            raise _refuse(f"KD: TEK 0x{spi:08x} cipher key must be {t.cipher_key_len} octets", NotifyType.INVALID_KEY_INFORMATION)
+            raise _refuse(
+                f"KD: TEK 0x{spi:08x} cipher key must be {t.cipher_key_len} octets",
+                NotifyType.INVALID_KEY_INFORMATION,
+            )
         ikey = ik.bytes_value if ik is not None else b""
         if len(ikey) != t.integrity_key_len:
-            raise _refuse(f"KD: TEK 0x{spi:08x} integrity key must be {t.integrity_key_len} octets", NotifyType.INVALID_KEY_INFORMATION)
+            raise _refuse(
+                f"KD: TEK 0x{spi:08x} integrity key must be {t.integrity_key_len} octets",
+                NotifyType.INVALID_KEY_INFORMATION,
+            )
         teks.append(Tek(spi, policy, ck.bytes_value, ikey, now, expires))
 
     sids = None
@@ -481,12 +514,18 @@ def parse_keys(
         bits_attr = find(attrs, SidAttribute.NUMBER_OF_SID_BITS)
         values = tuple(a.int_value for a in attrs if a.type == SidAttribute.SID_VALUE)
         if bits_attr is None or not 1 <= bits_attr.int_value <= 32 or not values:
-            raise _refuse("KD: SID packet without bits or values", NotifyType.INVALID_KEY_INFORMATION)
+            raise _refuse(
+                "KD: SID packet without bits or values", NotifyType.INVALID_KEY_INFORMATION
+            )
         if any(v >= 1 << bits_attr.int_value for v in values):
-            raise _refuse("KD: SID value wider than NUMBER_OF_SID_BITS", NotifyType.INVALID_KEY_INFORMATION)
+            raise _refuse(
+                "KD: SID value wider than NUMBER_OF_SID_BITS", NotifyType.INVALID_KEY_INFORMATION
+            )
         sids = SenderIds(bits_attr.int_value, values)
     if want_sids and sids is None:
-        raise _refuse("KD: sender IDs were requested but none came", NotifyType.INVALID_KEY_INFORMATION)
+        raise _refuse(
+            "KD: sender IDs were requested but none came", NotifyType.INVALID_KEY_INFORMATION
+        )
     activation = deactivation = 0
     if parsed.gap is not None:
         from gdoid.protocol.constants import GapAttribute

@@ -179,7 +179,9 @@ class PullInitiator:
     def start(self, now: float) -> PullOutput:
         out = PullOutput()
         msg = self.sa.seal_hashed(
-            ExchangeType.GROUPKEY_PULL, self.message_id, [NoncePayload(self.ni_b), group_id(self.group_number)]
+            ExchangeType.GROUPKEY_PULL,
+            self.message_id,
+            [NoncePayload(self.ni_b), group_id(self.group_number)],
         )
         self._send(msg, now, out)
         return out
@@ -190,7 +192,14 @@ class PullInitiator:
         self.deadline = now + self.retransmit_interval
         out.send.append(data)
 
-    def _fail(self, out: PullOutput, reason: str, notify: NotifyType | None, tell_peer: bool, received: bool = False) -> PullOutput:
+    def _fail(
+        self,
+        out: PullOutput,
+        reason: str,
+        notify: NotifyType | None,
+        tell_peer: bool,
+        received: bool = False,
+    ) -> PullOutput:
         self.state = _State.FAILED
         self.deadline = None
         if tell_peer and notify is not None:
@@ -238,7 +247,9 @@ class PullInitiator:
             elif self.state == _State.SENT_3:
                 self._on_message_4(msg, now, opened.next_iv, out)
             else:
-                raise DecodeError("GROUPKEY-PULL", "state", f"unexpected message in {self.state.name}")
+                raise DecodeError(
+                    "GROUPKEY-PULL", "state", f"unexpected message in {self.state.name}"
+                )
         except NotifyError as exc:
             return self._fail(out, exc.reason, NotifyType(exc.notify), True)
         except (DecodeError, CryptoError) as exc:
@@ -264,7 +275,11 @@ class PullInitiator:
             payloads.append(GapPayload(tuple(gap)))
         self.state = _State.SENT_3
         prefix = self.ni_b + self.nr_b
-        self._send(self.sa.seal_hashed(ExchangeType.GROUPKEY_PULL, self.message_id, payloads, prefix), now, out)
+        self._send(
+            self.sa.seal_hashed(ExchangeType.GROUPKEY_PULL, self.message_id, payloads, prefix),
+            now,
+            out,
+        )
 
     def _on_message_4(self, msg: Message, now: float, iv: bytes, out: PullOutput) -> None:
         self.sa.open_hashed(msg, self.ni_b + self.nr_b, "HASH(4)")
@@ -288,9 +303,13 @@ class PullInitiator:
         proved: list[str] = []
         if pin.rekey_key_sha256 is not None or pin.pop == PopMethod.REKEY_KEY:
             if keys.kek is None:
-                raise NotifyError(NotifyType.INVALID_KEY_INFORMATION, "no KEK: the rekey key cannot be checked")
+                raise NotifyError(
+                    NotifyType.INVALID_KEY_INFORMATION, "no KEK: the rekey key cannot be checked"
+                )
             got = rekey_key_fingerprint(keys.kek.public_key_der)
-            if pin.rekey_key_sha256 is None or not crypto.constant_time_equal(got, pin.rekey_key_sha256):
+            if pin.rekey_key_sha256 is None or not crypto.constant_time_equal(
+                got, pin.rekey_key_sha256
+            ):
                 raise NotifyError(
                     NotifyType.INVALID_KEY_INFORMATION,
                     f"rekey signing key sha256 {got.hex()} is not the pinned rekey_key_sha256",
@@ -300,24 +319,38 @@ class PullInitiator:
             return ", ".join(proved)
         sig = msg.get(SigPayload)
         if sig is None:
-            raise NotifyError(NotifyType.AUTHENTICATION_FAILED, "message 4 carries no POP_R: the KS did not prove its role")
+            raise NotifyError(
+                NotifyType.AUTHENTICATION_FAILED,
+                "message 4 carries no POP_R: the KS did not prove its role",
+            )
         if pin.pop == PopMethod.REKEY_KEY:
             assert keys.kek is not None
             public = crypto.load_public_key_der(keys.kek.public_key_der)
-            if not crypto.rekey_verify(public, keys.kek.sig_hash, POP_R_LABEL + self.ni_b + self.nr_b, sig.data):
-                raise NotifyError(NotifyType.INVALID_SIGNATURE, "POP_R does not verify with the pinned rekey key")
+            if not crypto.rekey_verify(
+                public, keys.kek.sig_hash, POP_R_LABEL + self.ni_b + self.nr_b, sig.data
+            ):
+                raise NotifyError(
+                    NotifyType.INVALID_SIGNATURE, "POP_R does not verify with the pinned rekey key"
+                )
             return ", ".join([*proved, "POP_R by the rekey key"])
         certp = msg.get(CertPayload)
         if certp is None:
-            raise NotifyError(NotifyType.AUTHENTICATION_FAILED, "message 4 carries no CERT: the KS did not prove its role")
+            raise NotifyError(
+                NotifyType.AUTHENTICATION_FAILED,
+                "message 4 carries no CERT: the KS did not prove its role",
+            )
         if certp.encoding != CertEncoding.X509_CERT_SIGNATURE:
             raise NotifyError(NotifyType.CERT_TYPE_UNSUPPORTED, f"CERT encoding {certp.encoding}")
         if pin.validator is None:
-            raise NotifyError(NotifyType.INVALID_CERT_AUTHORITY, "no CA configured to check the KS certificate")
+            raise NotifyError(
+                NotifyType.INVALID_CERT_AUTHORITY, "no CA configured to check the KS certificate"
+            )
         try:
             cert = pin.validator.validate(certp.data, dt.datetime.fromtimestamp(now, dt.UTC))
         except PkiError as exc:
-            raise NotifyError(NotifyType.INVALID_CERTIFICATE, f"KS certificate refused: {exc}") from exc
+            raise NotifyError(
+                NotifyType.INVALID_CERTIFICATE, f"KS certificate refused: {exc}"
+            ) from exc
         match = matching_pattern(pin.identities, cert)
         if match is None:
             raise NotifyError(
@@ -328,8 +361,12 @@ class PullInitiator:
         if not isinstance(cert_key, rsa.RSAPublicKey) or not crypto.ike_rsa_verify(
             cert_key, pop_hash(self.sa, self.ni_b, self.nr_b), sig.data
         ):
-            raise NotifyError(NotifyType.INVALID_SIGNATURE, "POP_R does not verify with the KS certificate")
-        return ", ".join([*proved, f"CERT+POP_R {describe_certificate(cert, 120)} (matches {match.text})"])
+            raise NotifyError(
+                NotifyType.INVALID_SIGNATURE, "POP_R does not verify with the KS certificate"
+            )
+        return ", ".join(
+            [*proved, f"CERT+POP_R {describe_certificate(cert, 120)} (matches {match.text})"]
+        )
 
 
 # --- KS: responder ----------------------------------------------------------
@@ -344,7 +381,9 @@ class GroupDirectory(Protocol):
 
     def snapshot(self, group_number: int, now: float) -> GroupKeys | None: ...
 
-    def allocate_sender_ids(self, group_number: int, count: int, member: str) -> SenderIds | None: ...
+    def allocate_sender_ids(
+        self, group_number: int, count: int, member: str
+    ) -> SenderIds | None: ...
 
     def authorize(self, group_number: int, sa: IkeSa) -> str | None:
         """None if the peer may join; else the reason it may not."""
@@ -355,7 +394,14 @@ MAX_SIDS_PER_MEMBER = 4
 
 
 class PullResponder:
-    def __init__(self, sa: IkeSa, directory: GroupDirectory, message_id: int, now: float, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        sa: IkeSa,
+        directory: GroupDirectory,
+        message_id: int,
+        now: float,
+        timeout: float = 30.0,
+    ) -> None:
         self.sa = sa
         self.directory = directory
         self.message_id = message_id
@@ -398,7 +444,9 @@ class PullResponder:
             elif self.state == _State.SENT_2:
                 self._on_message_3(msg, now, opened.next_iv, out)
             else:
-                raise DecodeError("GROUPKEY-PULL", "state", f"unexpected message in {self.state.name}")
+                raise DecodeError(
+                    "GROUPKEY-PULL", "state", f"unexpected message in {self.state.name}"
+                )
             self.last_received = data
         except NotifyError as exc:
             self.state = _State.FAILED
@@ -410,7 +458,9 @@ class PullResponder:
         return out
 
     def _reply(self, prefix: bytes, payloads: Sequence[Payload], out: PullOutput) -> None:
-        self.last_sent = self.sa.seal_hashed(ExchangeType.GROUPKEY_PULL, self.message_id, payloads, prefix)
+        self.last_sent = self.sa.seal_hashed(
+            ExchangeType.GROUPKEY_PULL, self.message_id, payloads, prefix
+        )
         out.send.append(self.last_sent)
 
     def _on_message_1(self, msg: Message, now: float, iv: bytes, out: PullOutput) -> None:
@@ -422,7 +472,9 @@ class PullResponder:
         self.group_number = group_number_of(ident)
         keys = self.directory.snapshot(self.group_number, now)
         if keys is None:
-            raise NotifyError(NotifyType.INVALID_ID_INFORMATION, f"unknown group number {self.group_number}")
+            raise NotifyError(
+                NotifyType.INVALID_ID_INFORMATION, f"unknown group number {self.group_number}"
+            )
         refusal = self.directory.authorize(self.group_number, self.sa)
         if refusal is not None:
             # Phase 1 authenticated the GM: it may learn why, though not the list it failed.
@@ -431,7 +483,9 @@ class PullResponder:
         self.keys = keys
         self.nr_b = secrets.token_bytes(NONCE_LEN)
         self.state = _State.SENT_2
-        self._reply(self.ni_b, [NoncePayload(self.nr_b), build_sa(keys, now, gap_payloads(keys))], out)
+        self._reply(
+            self.ni_b, [NoncePayload(self.nr_b), build_sa(keys, now, gap_payloads(keys))], out
+        )
 
     def _on_message_3(self, msg: Message, now: float, iv: bytes, out: PullOutput) -> None:
         self.sa.open_hashed(msg, self.ni_b + self.nr_b, "HASH(3)")
@@ -445,13 +499,19 @@ class PullResponder:
             req = find(gap.attributes, GapAttribute.SENDER_ID_REQUEST)
             if req is not None and req.int_value:
                 count = min(req.int_value, MAX_SIDS_PER_MEMBER)
-                sids = self.directory.allocate_sender_ids(self.group_number, count, self.sa.peer_identity())
+                sids = self.directory.allocate_sender_ids(
+                    self.group_number, count, self.sa.peer_identity()
+                )
                 if sids is None:
-                    raise NotifyError(NotifyType.INVALID_KEY_INFORMATION, "sender-ID space exhausted")
+                    raise NotifyError(
+                        NotifyType.INVALID_KEY_INFORMATION, "sender-ID space exhausted"
+                    )
         self.state = _State.DONE
         self.deadline = None
         self._reply(
-            self.ni_b + self.nr_b, [SeqPayload(self.keys.seq), build_kd(self.keys, sids), *proof], out
+            self.ni_b + self.nr_b,
+            [SeqPayload(self.keys.seq), build_kd(self.keys, sids), *proof],
+            out,
         )
         out.events.append(MemberRegistered(self.group_number, self.sa, self.keys, sids))
 
@@ -461,13 +521,16 @@ class PullResponder:
         try:
             pop = PopMethod(method)
         except ValueError:
-            raise NotifyError(NotifyType.ATTRIBUTES_NOT_SUPPORTED, f"POP method {method} unknown") from None
+            raise NotifyError(
+                NotifyType.ATTRIBUTES_NOT_SUPPORTED, f"POP method {method} unknown"
+            ) from None
         signer = self.directory.pop_signer(self.group_number)
         if pop == PopMethod.CERTIFICATE:
             key = signer.certificate_key
             if signer.certificate is None or not isinstance(key, rsa.RSAPrivateKey):
                 raise NotifyError(
-                    NotifyType.CERT_TYPE_UNSUPPORTED, "KS has no RSA certificate ([auth.pki]) to prove its role"
+                    NotifyType.CERT_TYPE_UNSUPPORTED,
+                    "KS has no RSA certificate ([auth.pki]) to prove its role",
                 )
             der = signer.certificate.public_bytes(Encoding.DER)
             signature = crypto.ike_rsa_sign(key, pop_hash(self.sa, self.ni_b, self.nr_b))

@@ -61,7 +61,13 @@ def removal_notify(mode: int) -> NotifyPayload:
 
 
 def policy_replace_notify(replace_now: bool) -> NotifyPayload:
-    return NotifyPayload(Doi.GDOI, 0, NotifyType.POLICY_REPLACE, b"", bytes([POLICY_REPLACE_NOW if replace_now else 0]))
+    return NotifyPayload(
+        Doi.GDOI,
+        0,
+        NotifyType.POLICY_REPLACE,
+        b"",
+        bytes([POLICY_REPLACE_NOW if replace_now else 0]),
+    )
 
 
 def _signed_data(header: IsakmpHeader, plain_len: int, before_sig: bytes) -> bytes:
@@ -78,7 +84,9 @@ def _signed_data(header: IsakmpHeader, plain_len: int, before_sig: bytes) -> byt
     return b"rekey" + signed_header.encode() + before_sig
 
 
-def build_push(kek: Kek, signing_key: PrivateKey, sig_hash: SigHash, payloads: Sequence[Payload]) -> bytes:
+def build_push(
+    kek: Kek, signing_key: PrivateKey, sig_hash: SigHash, payloads: Sequence[Payload]
+) -> bytes:
     """One signed, KEK-encrypted push; the caller sends the same bytes to every GM of a variant."""
     if not payloads or not isinstance(payloads[0], SeqPayload):
         raise ValueError("a push starts with SEQ")
@@ -89,9 +97,17 @@ def build_push(kek: Kek, signing_key: PrivateKey, sig_hash: SigHash, payloads: S
     plain_len = HEADER_LEN + len(body)
     ct_len = len(crypto.pad_zero(body))
     header = IsakmpHeader(
-        kek.spi[:8], kek.spi[8:], PayloadType.SEQ, ExchangeType.GROUPKEY_PUSH, HeaderFlag.ENCRYPTION, 0, HEADER_LEN + ct_len
+        kek.spi[:8],
+        kek.spi[8:],
+        PayloadType.SEQ,
+        ExchangeType.GROUPKEY_PUSH,
+        HeaderFlag.ENCRYPTION,
+        0,
+        HEADER_LEN + ct_len,
     )
-    signature = crypto.rekey_sign(signing_key, sig_hash, _signed_data(header, plain_len, before_sig))
+    signature = crypto.rekey_sign(
+        signing_key, sig_hash, _signed_data(header, plain_len, before_sig)
+    )
     body = before_sig + body[len(before_sig) : len(before_sig) + 4] + signature
     ct = crypto.kek_encrypt(kek.key, kek.iv, body)
     return header.encode() + ct
@@ -133,7 +149,12 @@ def open_push(data: bytes, kek: Kek, verify_key: PublicKey) -> Push:
         raise NotifyError(NotifyType.PAYLOAD_MALFORMED, "push does not start with SEQ")
     before_sig = b"".join(d.raw for d in payloads[:-1])
     plain_len = HEADER_LEN + len(before_sig) + len(payloads[-1].raw)
-    if not crypto.rekey_verify(verify_key, kek.sig_hash, _signed_data(header, plain_len, before_sig), payloads[-1].payload.data):
+    if not crypto.rekey_verify(
+        verify_key,
+        kek.sig_hash,
+        _signed_data(header, plain_len, before_sig),
+        payloads[-1].payload.data,
+    ):
         raise NotifyError(NotifyType.INVALID_SIGNATURE, "push signature does not verify")
     body = [d.payload for d in payloads[1:-1]]
     sas = [p for p in body if isinstance(p, GdoiSaPayload)]
@@ -158,13 +179,26 @@ def ack_key(hash_alg: HashAlgorithm, skeyid_a: bytes, group_number: int) -> byte
     return crypto.prf(hash_alg, skeyid_a, b"gdoid rekey ack" + group_number.to_bytes(4, "big"))
 
 
-def build_ack(hash_alg: HashAlgorithm, key: bytes, kek_spi: bytes, seq: int, gm_address: bytes) -> bytes:
+def build_ack(
+    hash_alg: HashAlgorithm, key: bytes, kek_spi: bytes, seq: int, gm_address: bytes
+) -> bytes:
     mid = secrets.randbits(32) or 1
-    covered_payloads: list[Payload] = [SeqPayload(seq), IdPayload(IdType.ID_IPV4_ADDR, 0, 0, gm_address)]
+    covered_payloads: list[Payload] = [
+        SeqPayload(seq),
+        IdPayload(IdType.ID_IPV4_ADDR, 0, 0, gm_address),
+    ]
     covered = encode_payloads(covered_payloads)
     h = HashPayload(phase2_hash(hash_alg, key, mid, b"", covered))
     body = encode_payloads([h, *covered_payloads])
-    header = IsakmpHeader(kek_spi[:8], kek_spi[8:], PayloadType.HASH, GROUPKEY_PUSH_ACK, HeaderFlag.NONE, mid, HEADER_LEN + len(body))
+    header = IsakmpHeader(
+        kek_spi[:8],
+        kek_spi[8:],
+        PayloadType.HASH,
+        GROUPKEY_PUSH_ACK,
+        HeaderFlag.NONE,
+        mid,
+        HEADER_LEN + len(body),
+    )
     return header.encode() + body
 
 
@@ -190,7 +224,14 @@ def parse_ack(data: bytes) -> Ack:
         raise DecodeError("PUSH-ACK", "payloads", "must be HASH, SEQ, ID")
     if ident.id_type != IdType.ID_IPV4_ADDR or len(ident.data) != 4:
         raise DecodeError("PUSH-ACK", "id", "must be ID_IPV4_ADDR")
-    return Ack(header.cookies, seq.seq, ident.data, header.message_id, payloads[0].payload.data, payloads[1].raw + payloads[2].raw)
+    return Ack(
+        header.cookies,
+        seq.seq,
+        ident.data,
+        header.message_id,
+        payloads[0].payload.data,
+        payloads[1].raw + payloads[2].raw,
+    )
 
 
 def verify_ack(ack: Ack, hash_alg: HashAlgorithm, key: bytes) -> bool:

@@ -57,7 +57,9 @@ def version_from_vids(vids: list[VendorIdPayload]) -> SoftwareVersion | None:
     for vid in vids:
         if vid.data[:16] == VERSION_VID_TAG:
             if len(vid.data) != 19:
-                raise DecodeError("VID", "software_version", f"{len(vid.data) - 16} octets, must be 3")
+                raise DecodeError(
+                    "VID", "software_version", f"{len(vid.data) - 16} octets, must be 3"
+                )
             return SoftwareVersion(*vid.data[16:19])
     return None
 

@@ -169,7 +169,9 @@ class Topology:
         assert daemons, f"{service}: no gdoid daemon process found"
         for _pid, euid, cap_eff, cmd in daemons:
             assert int(euid) != 0, f"{service}: {cmd!r} runs as root"
-            assert int(cap_eff) == caps, f"{service}: {cmd!r} has CapEff {int(cap_eff):#x}, not {caps:#x}"
+            assert int(cap_eff) == caps, (
+                f"{service}: {cmd!r} has CapEff {int(cap_eff):#x}, not {caps:#x}"
+            )
 
     def logs(self, *services: str) -> str:
         proc = subprocess.run(
@@ -478,7 +480,10 @@ class TestBasic:
             check = json.loads(
                 subprocess.run(
                     ["docker", "inspect", "-f", "{{json .Config.Healthcheck.Test}}", cid],
-                    capture_output=True, text=True, timeout=60, check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=True,
                 ).stdout
             )
             assert check[0] == "CMD" and check[1] == "gdoictl" and check[-1] == "health", check
@@ -615,7 +620,9 @@ class TestBasic:
         after = {gm: t.gm(gm) for gm in gms}
         for gm in gms:
             assert after[gm]["kek_spi"] not in (None, before[gm]["kek_spi"]), after[gm]
-        print(f"basic: transitional removal, both GMs re-registered after {registered_after:.1f} s (seen after {took:.1f} s)")
+        print(
+            f"basic: transitional removal, both GMs re-registered after {registered_after:.1f} s (seen after {took:.1f} s)"
+        )
         # Both on the KS's new keys: LAN traffic flows again.
         t.wait_for(
             "ping on the new keys",
@@ -923,7 +930,9 @@ class TestMixedVersions:
 GDOID_IMAGE = os.environ.get("GDOID_IMAGE", "gdoid:latest")
 
 
-def _docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _docker(
+    *args: str, timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -965,7 +974,9 @@ class TestImage:
         assert check["Test"][0] == "CMD" and check["Test"][1] == "gdoictl", check
         assert check["Test"][-1] == "health", check
         start_period = check["StartPeriod"] / 1e9
-        assert 30 <= start_period <= 120, f"start period {start_period} s: registration needs ~30-60 s"
+        assert 30 <= start_period <= 120, (
+            f"start period {start_period} s: registration needs ~30-60 s"
+        )
 
         # A lab configuration (KS 127.0.0.1, GM 127.0.0.2, fresh keys), sockets where the
         # check looks for them, owned by the image's user.
@@ -973,8 +984,18 @@ class TestImage:
         lab = tmp_path / "lab"
         lab.mkdir()
         _docker(
-            "run", "--rm", "--user", "0", "--network", "none", "-v", f"{lab}:/lab",
-            "--entrypoint", "sh", GDOID_IMAGE, "-c",
+            "run",
+            "--rm",
+            "--user",
+            "0",
+            "--network",
+            "none",
+            "-v",
+            f"{lab}:/lab",
+            "--entrypoint",
+            "sh",
+            GDOID_IMAGE,
+            "-c",
             "gdoid lab --export /lab >/dev/null"
             " && sed -i 's#^control_socket = .*#control_socket = \"/run/gdoid/gm.sock\"#' /lab/gm1.toml"
             " && sed -i 's#^control_socket = .*#control_socket = \"/run/gdoid/ks.sock\"#' /lab/ks.toml"
@@ -984,10 +1005,25 @@ class TestImage:
         fast = ("--health-interval", "1s", "--health-retries", "2", "--health-timeout", "5s")
         try:
             _docker(
-                "run", "-d", "--name", gm, "--network", "none", "--cap-drop", "ALL",
-                "--sysctl", "net.ipv4.ip_unprivileged_port_start=848", *fast,
-                "--health-start-period", "1s", "-v", f"{lab}:/lab", GDOID_IMAGE,
-                "gm", "--config", "/lab/gm1.toml",
+                "run",
+                "-d",
+                "--name",
+                gm,
+                "--network",
+                "none",
+                "--cap-drop",
+                "ALL",
+                "--sysctl",
+                "net.ipv4.ip_unprivileged_port_start=848",
+                *fast,
+                "--health-start-period",
+                "1s",
+                "-v",
+                f"{lab}:/lab",
+                GDOID_IMAGE,
+                "gm",
+                "--config",
+                "/lab/gm1.toml",
             )
             assert _inspect(gm, "{{json .Config.Healthcheck.Test}}") == check["Test"]
             unhealthy = _wait_health(gm, "unhealthy", 30)
@@ -998,15 +1034,29 @@ class TestImage:
             # next attempt and the same check reports it healthy.
             t0 = time.monotonic()
             _docker(
-                "run", "-d", "--name", ks, "--network", f"container:{gm}", "--cap-drop", "ALL",
-                "-v", f"{lab}:/lab", GDOID_IMAGE, "ks", "--config", "/lab/ks.toml",
+                "run",
+                "-d",
+                "--name",
+                ks,
+                "--network",
+                f"container:{gm}",
+                "--cap-drop",
+                "ALL",
+                "-v",
+                f"{lab}:/lab",
+                GDOID_IMAGE,
+                "ks",
+                "--config",
+                "/lab/ks.toml",
             )
             healthy = _wait_health(gm, "healthy", 90)
             last = healthy["Log"][-1]
             assert last["ExitCode"] == 0 and last["Output"].startswith("gm registered"), last
             ks_health = _wait_health(ks, "healthy", 90)  # the image's own 10 s interval
             assert ks_health["Log"][-1]["Output"].startswith("ks listening"), ks_health
-            print(f"image healthcheck: GM healthy {time.monotonic() - t0:.1f} s after the KS started")
+            print(
+                f"image healthcheck: GM healthy {time.monotonic() - t0:.1f} s after the KS started"
+            )
         finally:
             _docker("rm", "-f", "-v", ks, gm, check=False)
         assert not hoststate.leftovers(before, hoststate.snapshot())
@@ -1042,7 +1092,9 @@ class TestImage:
         first, dangling0 = ids(), dangling()
         took = run()
         assert ids() == first, f"same source, new image: {first} -> {ids()}"
-        assert dangling() <= dangling0, f"build-base.sh left untagged images: {dangling() - dangling0}"
+        assert dangling() <= dangling0, (
+            f"build-base.sh left untagged images: {dangling() - dangling0}"
+        )
         ours = _docker("images", "-q", "-f", "dangling=true", "-f", "label=org.gdoid.image").stdout
         assert not ours.split(), f"untagged gdoid images remain: {ours.split()}"
         print(f"build-base.sh again: {took:.1f} s, image {first[GDOID_IMAGE][:19]} unchanged")

@@ -35,11 +35,24 @@ HEADER_LEN = 28
 def test_no_reply_to_an_unauthenticated_peer_is_larger_than_its_datagram(lab: Path) -> None:
     auth = auth_toml("psk.secret")
     ks_cfg = ks_toml(lab, address=KS_ADDRESS, port=KS_PORT, auth=auth)
-    gm = load_gm_config(gm_toml(lab, address=PROBER, name="prober", auth=auth, servers=(KS_ADDRESS,), server_port=KS_PORT))
+    gm = load_gm_config(
+        gm_toml(
+            lab,
+            address=PROBER,
+            name="prober",
+            auth=auth,
+            servers=(KS_ADDRESS,),
+            server_port=KS_PORT,
+        )
+    )
     p1 = phase1_config(gm.ike, gm.auth, gm.address, gm.software_version)
     with Daemon("ks", ks_cfg) as ks:
         ks.wait_for("ks_started")
-        prober = Prober(PROBER, (KS_ADDRESS, KS_PORT), lambda: gdoictl_json(lab / "ks.sock", "show", "gdoid", "counters").get("received", 0))
+        prober = Prober(
+            PROBER,
+            (KS_ADDRESS, KS_PORT),
+            lambda: gdoictl_json(lab / "ks.sock", "show", "gdoid", "counters").get("received", 0),
+        )
         try:
             probes = run_probes(prober, p1)
         finally:

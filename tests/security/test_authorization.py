@@ -70,21 +70,30 @@ def logs() -> Iterator[io.StringIO]:
 
 def ks_text(authorization_toml: str, auth: str = PSK_AUTH) -> str:
     """The KS config; ``authorization_toml``: its ``[group.authorization]`` as TOML text."""
-    group = ks_group(sas=[sa_ipsec(src="10.1.0.0/16", dst="10.2.0.0/16")],
-                     **toml_tables(authorization_toml).get("group", {}))
+    group = ks_group(
+        sas=[sa_ipsec(src="10.1.0.0/16", dst="10.2.0.0/16")],
+        **toml_tables(authorization_toml).get("group", {}),
+    )
     return ks_config(KS, auth=toml_tables(auth)["auth"], groups=[group])
 
 
 def make_ks(base: Path, authorization_toml: str, auth: str = PSK_AUTH) -> KeyServerEngine:
     cfg = parse_ks_config(ks_text(authorization_toml, auth), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
-    groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, T0) for g in cfg.groups}
+    groups = {
+        g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, T0)
+        for g in cfg.groups
+    }
     return KeyServerEngine(p1, groups)
 
 
 def make_gm(base: Path, address: str, auth: str = PSK_AUTH) -> GroupMemberEngine:
-    cfg = parse_gm_config(gm_config(address, auth=toml_tables(auth)["auth"], groups=[gm_group([KS])]), base)
-    return GroupMemberEngine(cfg.address, cfg.groups, phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version))
+    cfg = parse_gm_config(
+        gm_config(address, auth=toml_tables(auth)["auth"], groups=[gm_group([KS])]), base
+    )
+    return GroupMemberEngine(
+        cfg.address, cfg.groups, phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
+    )
 
 
 def run(ks: KeyServerEngine, gm: GroupMemberEngine, now: float = T0) -> list[bytes]:
@@ -129,9 +138,15 @@ def test_address_outside_the_acl_is_refused_with_a_notify(files: Path, logs: io.
     assert IPv4Address("127.0.0.2") not in ks.groups[GROUP].members
     assert ks.counters["unauthorized"] == 1
     text = logs.getvalue()
-    assert "%GDOI-1-UNAUTHORIZED_IPADDR: Group GET received registration from unauthorized ip address: 127.0.0.2" in text
-    assert "%GDOI-4-GM_REG_FAILURE: Registration to KS 127.0.0.1 failed for group GET: KS sent notify " \
-        "AUTHENTICATION_FAILED: not authorized for group 1234 (received AUTHENTICATION_FAILED)" in text
+    assert (
+        "%GDOI-1-UNAUTHORIZED_IPADDR: Group GET received registration from unauthorized ip address: 127.0.0.2"
+        in text
+    )
+    assert (
+        "%GDOI-4-GM_REG_FAILURE: Registration to KS 127.0.0.1 failed for group GET: KS sent notify "
+        "AUTHENTICATION_FAILED: not authorized for group 1234 (received AUTHENTICATION_FAILED)"
+        in text
+    )
 
     for addr in ("127.0.1.77", "127.0.0.9"):
         insider = make_gm(files, addr)
@@ -146,12 +161,19 @@ def test_certificate_identity_outside_the_list_is_refused(files: Path, logs: io.
     def auth(name: str) -> str:
         return f'[auth.pki]\nca_file = "{pki["ca.pem"]}"\ncert_file = "{pki[name + ".pem"]}"\nkey_file = "{pki[name + ".key"]}"\n'
 
-    ks = make_ks(files, '[group.authorization]\nidentities = ["dn:CN=gm1", "fqdn:gm9.example.com"]', auth("ks"))
+    ks = make_ks(
+        files,
+        '[group.authorization]\nidentities = ["dn:CN=gm1", "fqdn:gm9.example.com"]',
+        auth("ks"),
+    )
     gm2 = make_gm(files, "127.0.0.3", auth("gm2"))
     run(ks, gm2)
     reason = refused(gm2)
     assert "received AUTHENTICATION_FAILED" in reason
-    assert "%GDOI-1-UNAUTHORIZED_IDENTITY: Group GET received registration from unauthorized identity: CN=gm2" in logs.getvalue()
+    assert (
+        "%GDOI-1-UNAUTHORIZED_IDENTITY: Group GET received registration from unauthorized identity: CN=gm2"
+        in logs.getvalue()
+    )
     assert not ks.groups[GROUP].members
 
     gm1 = make_gm(files, "127.0.0.2", auth("gm1"))
@@ -162,7 +184,9 @@ def test_certificate_identity_outside_the_list_is_refused(files: Path, logs: io.
 
 def test_address_and_identity_must_both_pass(files: Path, logs: io.StringIO) -> None:
     """Both configured: IOS checks each; the address check comes first."""
-    ks = make_ks(files, '[group.authorization]\naddresses = ["127.0.0.2/32"]\nidentities = ["key-id:site-7"]')
+    ks = make_ks(
+        files, '[group.authorization]\naddresses = ["127.0.0.2/32"]\nidentities = ["key-id:site-7"]'
+    )
     gm = make_gm(files, "127.0.0.2")  # right address, but its ID is ID_IPV4_ADDR, not the key-id
     run(ks, gm)
     refused(gm)
@@ -208,7 +232,9 @@ def _sa(peer: str, id_type: IdType, data: bytes, cert: x509.Certificate | None =
         initiator_cookie=bytes(8),
         responder_cookie=bytes(8),
         is_initiator=False,
-        proposal=Phase1Proposal(256, HashAlgorithm.SHA2_256, AuthenticationMethod.PRE_SHARED_KEY, DhGroup(19), 86400),
+        proposal=Phase1Proposal(
+            256, HashAlgorithm.SHA2_256, AuthenticationMethod.PRE_SHARED_KEY, DhGroup(19), 86400
+        ),
         keys=Phase1Keys(b"", b"", b"", b""),
         cipher_key=b"",
         last_phase1_block=b"",
@@ -225,11 +251,18 @@ def _cert(subject: list[tuple[x509.ObjectIdentifier, str]], dns: list[str]) -> x
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(oid, v) for oid, v in subject])
     b = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(dt.datetime(2020, 1, 1)).not_valid_after(dt.datetime(2040, 1, 1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(dt.datetime(2020, 1, 1))
+        .not_valid_after(dt.datetime(2040, 1, 1))
     )
     if dns:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False
+        )
     return b.sign(key, hashes.SHA256())
 
 
@@ -242,22 +275,45 @@ def test_identity_patterns(files: Path) -> None:
     # New in issue 9: imported here so that on old code each test fails on its own.
     from gdoid.keyserver import authorization
 
-    auth = _auth(files, 'identities = ["dn:CN=gm*, O=Example Corp", "fqdn:*.branch.example.com", "key-id:site-7"]')
-    cert_ok = _cert([(NameOID.COMMON_NAME, "GM12"), (NameOID.ORGANIZATION_NAME, "example corp")], [])
+    auth = _auth(
+        files,
+        'identities = ["dn:CN=gm*, O=Example Corp", "fqdn:*.branch.example.com", "key-id:site-7"]',
+    )
+    cert_ok = _cert(
+        [(NameOID.COMMON_NAME, "GM12"), (NameOID.ORGANIZATION_NAME, "example corp")], []
+    )
     cert_wrong_o = _cert([(NameOID.COMMON_NAME, "gm12"), (NameOID.ORGANIZATION_NAME, "Other")], [])
     cert_san = _cert([(NameOID.COMMON_NAME, "router")], ["r1.Branch.example.com"])
     dn_id = IdType.ID_DER_ASN1_DN
     assert authorization.check(auth, "GET", _sa("10.0.0.1", dn_id, b"", cert_ok)) is None
     assert authorization.check(auth, "GET", _sa("10.0.0.1", dn_id, b"", cert_san)) is None
     r = authorization.check(auth, "GET", _sa("10.0.0.1", dn_id, b"", cert_wrong_o))
-    assert r is not None and r.kind == "identity" and r.value == "O=Other,CN=gm12"  # RFC 4514 order, as the member list shows it
+    assert (
+        r is not None and r.kind == "identity" and r.value == "O=Other,CN=gm12"
+    )  # RFC 4514 order, as the member list shows it
     # Under a PSK: the ID payload; a certificate peer cannot claim an fqdn / key-id in its ID.
-    assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"a.branch.example.com")) is None
+    assert (
+        authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"a.branch.example.com"))
+        is None
+    )
     assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_KEY_ID, b"site-7")) is None
-    assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_KEY_ID, b"site-77")) is not None
-    assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"branch.example.com")) is not None
-    assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"x.branch.example.com", cert_wrong_o)) is not None
-    assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_KEY_ID, b"site-7", cert_wrong_o)) is not None
+    assert (
+        authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_KEY_ID, b"site-77")) is not None
+    )
+    assert (
+        authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"branch.example.com"))
+        is not None
+    )
+    assert (
+        authorization.check(
+            auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"x.branch.example.com", cert_wrong_o)
+        )
+        is not None
+    )
+    assert (
+        authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_KEY_ID, b"site-7", cert_wrong_o))
+        is not None
+    )
 
 
 def test_refused_identity_in_the_log_is_bounded_and_printable(files: Path) -> None:
@@ -278,26 +334,63 @@ def test_wildcards_cost_linear_time_on_hostile_names(files: Path) -> None:
     auth = _auth(files, 'identities = ["fqdn:*a*a*a*a*a*a*a*b.example.com"]')
     start = time.perf_counter()
     for n in (900, 1000, 5000):
-        assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"a" * n)) is not None
-    assert authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"aaaaaaaab.example.com")) is None
+        assert (
+            authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"a" * n)) is not None
+        )
+    assert (
+        authorization.check(auth, "GET", _sa("10.0.0.1", IdType.ID_FQDN, b"aaaaaaaab.example.com"))
+        is None
+    )
     assert time.perf_counter() - start < 1.0
 
 
 @pytest.mark.parametrize(
     ("body", "key", "message"),
     [
-        ('addresses = ["10.1.0.1/16"]', "group[0].authorization.addresses[0]", "invalid IPv4 prefix"),
+        (
+            'addresses = ["10.1.0.1/16"]',
+            "group[0].authorization.addresses[0]",
+            "invalid IPv4 prefix",
+        ),
         ("addresses = [10]", "group[0].authorization.addresses[0]", "must be a string"),
         ("addresses = []", "group[0].authorization.addresses", "must not be empty"),
-        ('identities = ["CN=gm1"]', "group[0].authorization.identities[0]", "must start with one of"),
-        ('identities = ["fqdn:gm1", "ip:1.2.3.4"]', "group[0].authorization.identities[1]", "must start with one of"),
-        ('identities = ["dn:XX=gm1"]', "group[0].authorization.identities[0]", "unknown DN attribute"),
-        ('identities = ["dn:CN"]', "group[0].authorization.identities[0]", "is not ATTRIBUTE=value"),
-        ('identities = ["fqdn:gm 1.example.com"]', "group[0].authorization.identities[0]", "not a host name"),
+        (
+            'identities = ["CN=gm1"]',
+            "group[0].authorization.identities[0]",
+            "must start with one of",
+        ),
+        (
+            'identities = ["fqdn:gm1", "ip:1.2.3.4"]',
+            "group[0].authorization.identities[1]",
+            "must start with one of",
+        ),
+        (
+            'identities = ["dn:XX=gm1"]',
+            "group[0].authorization.identities[0]",
+            "unknown DN attribute",
+        ),
+        (
+            'identities = ["dn:CN"]',
+            "group[0].authorization.identities[0]",
+            "is not ATTRIBUTE=value",
+        ),
+        (
+            'identities = ["fqdn:gm 1.example.com"]',
+            "group[0].authorization.identities[0]",
+            "not a host name",
+        ),
         ('identities = ["key-id:"]', "group[0].authorization.identities[0]", "non-empty"),
-        ('identities = ["fqdn:a.b", "fqdn:A.B"]', "group[0].authorization.identities[1]", "duplicate"),
+        (
+            'identities = ["fqdn:a.b", "fqdn:A.B"]',
+            "group[0].authorization.identities[1]",
+            "duplicate",
+        ),
         ("", "group[0].authorization", "needs addresses or identities"),
-        ('address = ["10.0.0.0/8"]', "group[0].authorization.address", "unknown key (did you mean 'addresses'?)"),
+        (
+            'address = ["10.0.0.0/8"]',
+            "group[0].authorization.address",
+            "unknown key (did you mean 'addresses'?)",
+        ),
     ],
 )
 def test_config_errors_name_the_key(files: Path, body: str, key: str, message: str) -> None:
@@ -307,14 +400,22 @@ def test_config_errors_name_the_key(files: Path, body: str, key: str, message: s
 
 
 def test_show_crypto_gdoi_shows_the_authorization(files: Path) -> None:
-    ks = make_ks(files, '[group.authorization]\naddresses = ["10.1.0.0/16", "10.3.0.0/24"]\n'
-                        'identities = ["dn:CN=gm*,O=Example", "fqdn:gm1.example.com"]')
+    ks = make_ks(
+        files,
+        '[group.authorization]\naddresses = ["10.1.0.0/16", "10.3.0.0/24"]\n'
+        'identities = ["dn:CN=gm*,O=Example", "fqdn:gm1.example.com"]',
+    )
     text = show.show_gdoi(list(ks.groups.values()), IPv4Address(KS), CURRENT_VERSION, T0)
-    assert "    Authorization            : address 10.1.0.0/16, 10.3.0.0/24\n" \
-           "                               identity dn:CN=gm*,O=Example, fqdn:gm1.example.com\n" in text
+    assert (
+        "    Authorization            : address 10.1.0.0/16, 10.3.0.0/24\n"
+        "                               identity dn:CN=gm*,O=Example, fqdn:gm1.example.com\n"
+        in text
+    )
     data = show.group_data(ks.groups[GROUP], T0)
-    assert data["authorization"] == {"addresses": ["10.1.0.0/16", "10.3.0.0/24"],
-                                     "identities": ["dn:CN=gm*,O=Example", "fqdn:gm1.example.com"]}
+    assert data["authorization"] == {
+        "addresses": ["10.1.0.0/16", "10.3.0.0/24"],
+        "identities": ["dn:CN=gm*,O=Example", "fqdn:gm1.example.com"],
+    }
     open_ks = make_ks(files, "")
     text = show.show_gdoi(list(open_ks.groups.values()), IPv4Address(KS), CURRENT_VERSION, T0)
     assert "    Authorization            : none (any authenticated peer)\n" in text
@@ -345,10 +446,23 @@ def test_daemons_unauthorized_gm_refused_authorized_gm_registers(tmp_path: Path)
                 "AUTHENTICATION_FAILED: not authorized for group 1234 (received AUTHENTICATION_FAILED)"
             ), gm_line
             status = gdoictl_json(tmp_path / "gm1.sock", "show", "crypto", "gdoi")["groups"][0]
-            assert status["registrations"] == 0 and status["tek_spis"] == [] and status["kek_spi"] is None
+            assert (
+                status["registrations"] == 0
+                and status["tek_spis"] == []
+                and status["kek_spi"] is None
+            )
             with Daemon("gm", gm_toml(tmp_path, address="127.0.0.3", name="gm2", auth=auth)) as gm2:
-                gm2.wait_for(r"%GDOI-5-GM_REGS_COMPL: Registration to KS 127\.0\.0\.1 complete for group GET")
-                members = gdoictl_json(tmp_path / "ks.sock", "show", "crypto", "gdoi", "ks", "members")
+                gm2.wait_for(
+                    r"%GDOI-5-GM_REGS_COMPL: Registration to KS 127\.0\.0\.1 complete for group GET"
+                )
+                members = gdoictl_json(
+                    tmp_path / "ks.sock", "show", "crypto", "gdoi", "ks", "members"
+                )
                 assert [m["address"] for m in members["groups"][0]["members"]] == ["127.0.0.3"]
-            assert gdoictl_json(tmp_path / "gm1.sock", "show", "crypto", "gdoi")["groups"][0]["registrations"] == 0
+            assert (
+                gdoictl_json(tmp_path / "gm1.sock", "show", "crypto", "gdoi")["groups"][0][
+                    "registrations"
+                ]
+                == 0
+            )
     assert "KS_REGS_COMPL" not in "\n".join(line for line in ks.lines if "127.0.0.2" in line)

@@ -76,7 +76,11 @@ class FieldEvents:
 
     def about(self, peer: str) -> list[str]:
         """COOP's lines about ``peer`` (rejections, refused SAs, failed phase 1)."""
-        return [e for e, f in self.records if f.get("peer") == peer and (e.startswith("coop_") or e.startswith("COOP_"))]
+        return [
+            e
+            for e, f in self.records
+            if f.get("peer") == peer and (e.startswith("coop_") or e.startswith("COOP_"))
+        ]
 
 
 def build_ks(sim: Sim, address: str, text: str) -> KeyServerEngine:
@@ -86,19 +90,33 @@ def build_ks(sim: Sim, address: str, text: str) -> KeyServerEngine:
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    for name, text in (("psk", "gm-secret\n"), ("coop.psk", "coop-secret\n"), ("other.psk", "elsewhere\n")):
+    for name, text in (
+        ("psk", "gm-secret\n"),
+        ("coop.psk", "coop-secret\n"),
+        ("other.psk", "elsewhere\n"),
+    ):
         write_private(tmp_path / name, text)
     for name in ("rekey.key", "other-rekey.key"):
         key = ec.generate_private_key(ec.SECP256R1())
-        write_private(tmp_path / name, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        write_private(
+            tmp_path / name,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
     return tmp_path
 
 
 def gm_register(sim: Sim, gm_address: str, ks_address: str) -> GroupMemberEngine:
     cfg = parse_gm_config(gm_text(gm_address, (ks_address,)), sim.base)
-    gm = GroupMemberEngine(cfg.address, cfg.groups, phase1_config(cfg.ike, cfg.auth, cfg.address, None),
-                           logger=FieldEvents())
+    gm = GroupMemberEngine(
+        cfg.address,
+        cfg.groups,
+        phase1_config(cfg.ike, cfg.auth, cfg.address, None),
+        logger=FieldEvents(),
+    )
     sim.nodes[gm_address] = gm
     sim.send(gm_address, gm.start(sim.now, sim.mono))
     return gm
@@ -120,10 +138,18 @@ def handshake(sim: Sim, p1: Phase1Config, src: str, ks: str) -> IkeSa | None:
 
 
 def rogue_ann(sim: Sim, sa: IkeSa, rogue_keys_from: Coop) -> bytes:
-    """"Primary, priority 255", with the rogue's own keys and a matching fingerprint."""
+    """ "Primary, priority 255", with the rogue's own keys and a matching fingerprint."""
     g = rogue_keys_from.host.groups[GROUP]
-    ann = AnnPayload(SoftwareVersion(1, 0, 2), 255, Role.PRIMARY, 0, 2**62 + secrets.randbits(20), GROUP, 0,
-                     (rogue_keys_from._keys_block(g), signing_key_block(g)))
+    ann = AnnPayload(
+        SoftwareVersion(1, 0, 2),
+        255,
+        Role.PRIMARY,
+        0,
+        2**62 + secrets.randbits(20),
+        GROUP,
+        0,
+        (rogue_keys_from._keys_block(g), signing_key_block(g)),
+    )
     return seal_ann(sa, ann)
 
 
@@ -144,8 +170,11 @@ def test_gm_psk_holder_at_a_peer_address_never_joins_nor_wins(files: Path) -> No
     build_ks(sim, KS1, ks_text(KS1))
     build_ks(sim, KS2, ks_text(KS2))
     # The rogue takes KS3's address and uses the GMs' PSK as its "COOP key".
-    rogue = build_ks(sim, ROGUE, ks_text(ROGUE, priority=255, psk="psk",
-                                         gm_psk="other.psk", gm_prefix="192.168.0.0/16"))
+    rogue = build_ks(
+        sim,
+        ROGUE,
+        ks_text(ROGUE, priority=255, psk="psk", gm_psk="other.psk", gm_prefix="192.168.0.0/16"),
+    )
     sim.run(3 * PERIOD)
     gms = [gm_register(sim, "10.0.0.1", KS1), gm_register(sim, "10.0.0.2", KS2)]
     sim.run(6 * PERIOD)
@@ -191,20 +220,33 @@ def lab(files: Path) -> dict[str, Path]:
 
 
 def pki_table(lab: dict[str, Path], name: str) -> dict[str, str]:
-    return {"ca_file": str(lab["ca.pem"]), "cert_file": str(lab[f"{name}.pem"]),
-            "key_file": str(lab[f"{name}.key"])}
+    return {
+        "ca_file": str(lab["ca.pem"]),
+        "cert_file": str(lab[f"{name}.pem"]),
+        "key_file": str(lab[f"{name}.key"]),
+    }
 
 
 PIN = {KS1: "CN=ks1", KS2: "CN=ks2", KS3: "CN=ks3"}
 
 
-def cert_ks(sim: Sim, address: str, lab: dict[str, Path], cert: str, priority: int | None = None,
-            pin: str | None = None) -> KeyServerEngine:
+def cert_ks(
+    sim: Sim,
+    address: str,
+    lab: dict[str, Path],
+    cert: str,
+    priority: int | None = None,
+    pin: str | None = None,
+) -> KeyServerEngine:
     peers = [{"address": a, "identity": pin or PIN[a]} for a in KSS if a != address]
-    return build_ks(sim, address, ks_text(address, priority=priority, peers=peers, pki=pki_table(lab, cert)))
+    return build_ks(
+        sim, address, ks_text(address, priority=priority, peers=peers, pki=pki_table(lab, cert))
+    )
 
 
-def test_ca_issued_gm_certificate_at_a_peer_address_is_refused(files: Path, lab: dict[str, Path]) -> None:
+def test_ca_issued_gm_certificate_at_a_peer_address_is_refused(
+    files: Path, lab: dict[str, Path]
+) -> None:
     sim = Sim(files, now=time.time())  # the certificates are valid from yesterday
     cert_ks(sim, KS1, lab, "ks1")
     cert_ks(sim, KS2, lab, "ks2")
@@ -240,8 +282,10 @@ def test_pinned_ks_certificates_form_the_group(files: Path, lab: dict[str, Path]
     sim = Sim(files, now=time.time())
     for a, cert in ((KS1, "ks1"), (KS2, "ks2"), (KS3, "ks3")):
         cert_ks(sim, a, lab, cert)
-    sim.run_until(lambda: sim.primaries() == [KS1] and all(sim.coop(a).serving for a in (KS1, KS2, KS3)),
-                  4 * PERIOD)
+    sim.run_until(
+        lambda: sim.primaries() == [KS1] and all(sim.coop(a).serving for a in (KS1, KS2, KS3)),
+        4 * PERIOD,
+    )
     gm = gm_register(sim, "10.0.0.3", KS3)
     sim.run(PERIOD)
     assert gm_keys(gm) == sim.ks_keys(KS1) == sim.ks_keys(KS3)
@@ -251,6 +295,7 @@ def test_pinned_ks_certificates_form_the_group(files: Path, lab: dict[str, Path]
 
 def test_identity_patterns_match_subject_and_subject_alt_names(lab: dict[str, Path]) -> None:
     cert = pki.load_certificates(lab["ks2.pem"])[0]
+
     def pats(*texts: str) -> tuple[IdentityPattern, ...]:
         return tuple(IdentityPattern.parse(t) for t in texts)
 
@@ -280,9 +325,16 @@ def test_peer_with_another_signing_key_is_not_synced(files: Path) -> None:
     assert coop1.is_primary and sim.roles[KS1] == [Role.PRIMARY]
     for ks, peer in ((sim.ks(KS1), p2), (odd, p1)):
         assert ks.counters["ann_rejected_fingerprint"] >= 60
-        assert peer.sync_refused and "rekey signing key differs" in next(iter(peer.sync_refused.values()))
-        described = next(p for p in ks.coop.describe(sim.now)["peers"] if p["address"] == str(peer.address))  # type: ignore[union-attr]  # this KS is configured with COOP
-        assert described["status"] == "Sync refused" and "rekey signing key differs" in described["sync"]
+        assert peer.sync_refused and "rekey signing key differs" in next(
+            iter(peer.sync_refused.values())
+        )
+        described = next(
+            p for p in ks.coop.describe(sim.now)["peers"] if p["address"] == str(peer.address)
+        )  # type: ignore[union-attr]  # this KS is configured with COOP
+        assert (
+            described["status"] == "Sync refused"
+            and "rekey signing key differs" in described["sync"]
+        )
         log: FieldEvents = ks.log  # type: ignore[assignment]  # the engine was built with this recorder
         refused = [f for e, f in log.records if e == "coop_sync_refused"]
         assert 1 <= len(refused) <= 2  # t=0 and t=60 s
@@ -293,12 +345,30 @@ def test_peer_with_another_signing_key_is_not_synced(files: Path) -> None:
 
 LO_KS, LO_ROGUE, LO_GM = "127.0.2.1", "127.0.2.3", "127.0.2.10"
 
-def lo_ks_text(directory: Path, address: str, name: str, *, gm_prefix: str, gm_psk: str, signing_key: str,
-               priority: int, peer: str, coop_psk: str) -> str:
+
+def lo_ks_text(
+    directory: Path,
+    address: str,
+    name: str,
+    *,
+    gm_prefix: str,
+    gm_psk: str,
+    signing_key: str,
+    priority: int,
+    peer: str,
+    coop_psk: str,
+) -> str:
     return configgen.ks_config(
-        address, control_socket=f"{directory}/{name}.sock", state_dir=f"{directory}/{name}-state",
-        auth=configgen.psk_auth(gm_prefix, gm_psk), groups=[configgen.ks_group(signing_key=signing_key)],
-        coop={"priority": priority, "announce_interval": 0.5, "peer": [{"address": peer, "psk_file": coop_psk}]},
+        address,
+        control_socket=f"{directory}/{name}.sock",
+        state_dir=f"{directory}/{name}-state",
+        auth=configgen.psk_auth(gm_prefix, gm_psk),
+        groups=[configgen.ks_group(signing_key=signing_key)],
+        coop={
+            "priority": priority,
+            "announce_interval": 0.5,
+            "peer": [{"address": peer, "psk_file": coop_psk}],
+        },
     )
 
 
@@ -310,18 +380,44 @@ def test_daemons_rogue_with_the_gm_psk_at_the_peer_address(tmp_path: Path) -> No
     write_signing_key(tmp_path / "rekey.key")
     write_signing_key(tmp_path / "rogue-rekey.key")
     ks_cfg = tmp_path / "ks.toml"
-    ks_cfg.write_text(lo_ks_text(tmp_path, LO_KS, "ks", gm_prefix="127.0.0.0/8",
-                                        gm_psk="gm.psk", signing_key="rekey.key", priority=100,
-                                        peer=LO_ROGUE, coop_psk="coop.psk"))
+    ks_cfg.write_text(
+        lo_ks_text(
+            tmp_path,
+            LO_KS,
+            "ks",
+            gm_prefix="127.0.0.0/8",
+            gm_psk="gm.psk",
+            signing_key="rekey.key",
+            priority=100,
+            peer=LO_ROGUE,
+            coop_psk="coop.psk",
+        )
+    )
     # The rogue: KS software at the configured peer's address, priority 255, the GM PSK as its "COOP key".
     rogue_cfg = tmp_path / "rogue.toml"
-    rogue_cfg.write_text(lo_ks_text(tmp_path, LO_ROGUE, "rogue", gm_prefix="10.9.0.0/16",
-                                           gm_psk="unused.psk", signing_key="rogue-rekey.key", priority=255,
-                                           peer=LO_KS, coop_psk="gm.psk"))
+    rogue_cfg.write_text(
+        lo_ks_text(
+            tmp_path,
+            LO_ROGUE,
+            "rogue",
+            gm_prefix="10.9.0.0/16",
+            gm_psk="unused.psk",
+            signing_key="rogue-rekey.key",
+            priority=255,
+            peer=LO_KS,
+            coop_psk="gm.psk",
+        )
+    )
     gm_cfg = tmp_path / "gm.toml"
-    gm_cfg.write_text(configgen.gm_config(
-        LO_GM, control_socket=f"{tmp_path}/gm.sock", registration_timeout=5.0,
-        auth=configgen.psk_auth("127.0.0.0/8", "gm.psk"), groups=[configgen.gm_group([LO_KS])]))
+    gm_cfg.write_text(
+        configgen.gm_config(
+            LO_GM,
+            control_socket=f"{tmp_path}/gm.sock",
+            registration_timeout=5.0,
+            auth=configgen.psk_auth("127.0.0.0/8", "gm.psk"),
+            groups=[configgen.gm_group([LO_KS])],
+        )
+    )
     with Daemon("ks", ks_cfg) as ks, Daemon("ks", rogue_cfg) as rogue:
         ks.wait_for(r"COOP_KS_TRANS_TO_PRI: KS 127\.0\.2\.1")
         # Both directions fail at message 5: each side's key for the other's address differs.
@@ -332,9 +428,15 @@ def test_daemons_rogue_with_the_gm_psk_at_the_peer_address(tmp_path: Path) -> No
             coop = gdoictl_json(tmp_path / "ks.sock", "show", "crypto", "gdoi", "ks", "coop")
             assert coop["role"] == "Primary"
             peer = coop["peers"][0]
-            assert peer["address"] == LO_ROGUE and peer["ann_received"] == 0 and peer["priority"] is None
+            assert (
+                peer["address"] == LO_ROGUE
+                and peer["ann_received"] == 0
+                and peer["priority"] is None
+            )
             ks_group = gdoictl_json(tmp_path / "ks.sock", "show", "crypto", "gdoi")["groups"][0]
-            rogue_group = gdoictl_json(tmp_path / "rogue.sock", "show", "crypto", "gdoi")["groups"][0]
+            rogue_group = gdoictl_json(tmp_path / "rogue.sock", "show", "crypto", "gdoi")["groups"][
+                0
+            ]
             gm_group = gdoictl_json(tmp_path / "gm.sock", "show", "crypto", "gdoi")["groups"][0]
             assert gm_group["kek_spi"] == ks_group["kek_spi"] != rogue_group["kek_spi"]
             assert gm_group["tek_spis"] == ks_group["tek_spis"]

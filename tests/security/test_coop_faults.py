@@ -51,6 +51,7 @@ from tests.procs import (
 
 # --- reload while COOP runs (KeyServerDaemon objects, datagrams passed in memory) -------------
 
+
 class Pair:
     """Two KS daemons (not started: no sockets) whose engines exchange datagrams in memory."""
 
@@ -65,18 +66,29 @@ class Pair:
         self.now = time.time()
         self.daemons = {a: self._daemon(a, priority) for a, priority in ((KS1, 100), (KS2, 50))}
 
-    def config(self, address: str, groups: tuple[tuple[str, int], ...] = (("GET", 1234),),
-               coop_psk: str = "coop.psk") -> Path:
+    def config(
+        self,
+        address: str,
+        groups: tuple[tuple[str, int], ...] = (("GET", 1234),),
+        coop_psk: str = "coop.psk",
+    ) -> Path:
         name = "ks1" if address == KS1 else "ks2"
         path = self.dir / f"{name}.toml"
         signing_key = self.ks2_signing_key if address == KS2 else "rekey.key"
-        path.write_text(ks_config(
-            address, control_socket=f"{self.dir}/{name}.sock", state_dir=f"{self.dir}/{name}-state",
-            auth=psk_auth("10.0.0.0/8", "gm.psk"),
-            groups=[ks_group(name=n, number=num, signing_key=signing_key) for n, num in groups],
-            coop={"priority": 100 if address == KS1 else 50, "announce_interval": 0.5,
-                  "peer": [{"address": KS2 if address == KS1 else KS1, "psk_file": coop_psk}]},
-        ))
+        path.write_text(
+            ks_config(
+                address,
+                control_socket=f"{self.dir}/{name}.sock",
+                state_dir=f"{self.dir}/{name}-state",
+                auth=psk_auth("10.0.0.0/8", "gm.psk"),
+                groups=[ks_group(name=n, number=num, signing_key=signing_key) for n, num in groups],
+                coop={
+                    "priority": 100 if address == KS1 else 50,
+                    "announce_interval": 0.5,
+                    "peer": [{"address": KS2 if address == KS1 else KS1, "psk_file": coop_psk}],
+                },
+            )
+        )
         return path
 
     def _daemon(self, address: str, priority: int) -> KeyServerDaemon:
@@ -147,12 +159,15 @@ def test_reload_refreshes_coop_credentials(tmp_path: Path) -> None:
         assert pair.coop(a).phase1 is pair.daemons[a].engine.phase1
     new_digest = hashlib.sha256(b"ks-pair-secret-2").digest()
     # The SAs proved with the old key are gone; phase 1 is redone with the new one.
-    assert not any(e.sa.peer_address == IPv4Address(KS2) for e in pair.daemons[KS1].engine.sas.values())
+    assert not any(
+        e.sa.peer_address == IPv4Address(KS2) for e in pair.daemons[KS1].engine.sas.values()
+    )
     received = pair.coop(KS1).peers[IPv4Address(KS2)].ann_received
 
     def fresh() -> bool:
         sa = pair.coop(KS1)._usable_sa(pair.coop(KS1).peers[IPv4Address(KS2)], pair.now)
         return sa is not None and sa.psk_digest == new_digest
+
     pair.run_until(fresh, 10.0)
     pair.tick(1.0)
     assert pair.coop(KS1).peers[IPv4Address(KS2)].ann_received > received
@@ -161,11 +176,15 @@ def test_reload_refreshes_coop_credentials(tmp_path: Path) -> None:
 
 def test_show_coop_says_why_sync_is_refused(tmp_path: Path) -> None:
     pair = Pair(tmp_path, ks2_signing_key="other-rekey.key")
-    pair.run_until(lambda: pair.coop(KS1).is_primary and pair.coop(KS2).is_primary, 5.0)  # no sync: two
+    pair.run_until(
+        lambda: pair.coop(KS1).is_primary and pair.coop(KS2).is_primary, 5.0
+    )  # no sync: two
     for a, peer in ((KS1, KS2), (KS2, KS1)):
         res = pair.daemons[a]._show_coop(list(pair.daemons[a].groups.values()), {}, pair.now)
         assert res.ok
-        assert f"Peer Address: {peer}" in res.output and "Peer KS Status: Sync refused" in res.output
+        assert (
+            f"Peer Address: {peer}" in res.output and "Peer KS Status: Sync refused" in res.output
+        )
         assert "Sync refused: rekey signing key differs in group GET: peer sha256:" in res.output
         assert "fingerprint: " in res.output  # the per-reason rejection counter
         assert "Authentication: psk" in res.output
@@ -182,7 +201,9 @@ class AnnTarget:
         self.sim = Sim(files_dir)
         self.sim.add_ks(KS1)
         self.sim.add_ks(KS2)
-        self.sim.run_until(lambda: self.sim.primaries((KS1, KS2)) == [KS1] and self.sim.coop(KS2).synced, 5.0)
+        self.sim.run_until(
+            lambda: self.sim.primaries((KS1, KS2)) == [KS1] and self.sim.coop(KS2).synced, 5.0
+        )
         self.coop1, self.coop2 = self.sim.coop(KS1), self.sim.coop(KS2)
         self.peer = self.coop1.peers[IPv4Address(KS2)]
         sa2 = self.coop2._usable_sa(self.coop2.peers[IPv4Address(KS1)], self.sim.now)
@@ -196,11 +217,22 @@ class AnnTarget:
 
     def valid_blocks(self) -> dict[int, Any]:
         g = self.group
-        members = [state.member_to_json(m) for m in g.members.values()] or [{
-            "address": "10.0.0.77", "identity": "10.0.0.77", "version": "1.0.2", "registered_at": self.sim.now,
-            "kek_spi": g.kek.spi.hex(), "tek_spis": [t.spi for t in g.teks], "sender_ids": [5],
-            "registrations": 1, "missed_rekeys": 0, "port": 848, "ack_key": "00" * 32, "ack_hash": 4,
-        }]
+        members = [state.member_to_json(m) for m in g.members.values()] or [
+            {
+                "address": "10.0.0.77",
+                "identity": "10.0.0.77",
+                "version": "1.0.2",
+                "registered_at": self.sim.now,
+                "kek_spi": g.kek.spi.hex(),
+                "tek_spis": [t.spi for t in g.teks],
+                "sender_ids": [5],
+                "registrations": 1,
+                "missed_rekeys": 0,
+                "port": 848,
+                "ack_key": "00" * 32,
+                "ack_hash": 4,
+            }
+        ]
         return {
             BlockType.GROUP_KEYS: json.loads(self.coop2._keys_block(g).data),
             BlockType.MEMBERS_FULL: {"chunk": 0, "of": 1, "members": members},
@@ -210,8 +242,16 @@ class AnnTarget:
     def send(self, blocks: list[tuple[int, bytes]], role: Role = Role.SECONDARY) -> bool:
         """Seal and hand to KS1's receive path; True if it was accepted."""
         self.seq += 1
-        ann = AnnPayload(SoftwareVersion(1, 0, 2), 75, role, 0, self.seq, GROUP, 0,
-                         tuple(AnnBlock(t, d) for t, d in blocks))
+        ann = AnnPayload(
+            SoftwareVersion(1, 0, 2),
+            75,
+            role,
+            0,
+            self.seq,
+            GROUP,
+            0,
+            tuple(AnnBlock(t, d) for t, d in blocks),
+        )
         before = self.peer.ann_received
         self.coop1._receive_ann(self.sa1, seal_ann(self.sa2, ann), (KS2, 848), self.sim.now)
         return self.peer.ann_received > before
@@ -222,18 +262,36 @@ class AnnTarget:
 
     def snapshot(self) -> tuple[Any, ...]:
         g = self.sim.group(KS1)
-        return (self.peer.last_seq, g.kek, tuple(g.teks), g.seq,
-                {a: state.member_to_json(m) for a, m in g.members.items()}, self.coop1.role,
-                self.peer.priority, self.peer.role)
+        return (
+            self.peer.last_seq,
+            g.kek,
+            tuple(g.teks),
+            g.seq,
+            {a: state.member_to_json(m) for a, m in g.members.items()},
+            self.coop1.role,
+            self.peer.priority,
+            self.peer.role,
+        )
 
 
 def raw(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
-@pytest.mark.parametrize("members_full", [[], {}, {"chunk": 0, "of": 1, "members": [{}]},
-                                          {"chunk": 0, "of": 1, "members": [[]]}, "x", None])
-def test_malformed_members_full_is_rejected_before_any_change(files: Path, members_full: Any) -> None:  # noqa: F811
+@pytest.mark.parametrize(
+    "members_full",
+    [
+        [],
+        {},
+        {"chunk": 0, "of": 1, "members": [{}]},
+        {"chunk": 0, "of": 1, "members": [[]]},
+        "x",
+        None,
+    ],
+)
+def test_malformed_members_full_is_rejected_before_any_change(
+    files: Path, members_full: Any
+) -> None:  # noqa: F811
     t = AnnTarget(files)
     before = t.snapshot()
     assert not t.send([(BlockType.MEMBERS_FULL, raw(members_full)), t.fingerprint()])
@@ -260,9 +318,15 @@ def test_json_nested_past_the_stack_is_rejected(files: Path) -> None:  # noqa: F
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
-    | st.text(max_size=24) | st.sampled_from(["10.0.0.1", "0.0.0.0", "ff" * 16, "esp-gcm-256", "10.0.0.0/8"]),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=24)
+    | st.sampled_from(["10.0.0.1", "0.0.0.0", "ff" * 16, "esp-gcm-256", "10.0.0.0/8"]),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=24,
 )
 block_types = st.sampled_from([*BlockType, 0, 99, 0xFFFF])
@@ -312,7 +376,9 @@ def test_fuzzed_ann_blocks_never_raise_and_move_last_seq_only_when_valid(files: 
     target = AnnTarget(files)
     base = target.snapshot()
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(
+        max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
         blocks = data.draw(mutated_anns(target))
@@ -341,14 +407,18 @@ def _state(path: Path) -> dict[int, dict[str, Any]]:
         return {}
 
 
-def wait_state(path: Path, check: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
+def wait_state(
+    path: Path, check: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+) -> dict[str, Any]:
     """Poll the state file (a KS saves within 0.2 s) until ``check`` holds for group 1234."""
     deadline = time.monotonic() + timeout
     while True:
         g = _state(path).get(1234)
         if g is not None and check(g):
             return g
-        assert time.monotonic() < deadline, f"state file never showed the change: {g and len(g['members'])} members"
+        assert time.monotonic() < deadline, (
+            f"state file never showed the change: {g and len(g['members'])} members"
+        )
         time.sleep(0.02)
 
 
@@ -357,8 +427,12 @@ def test_member_dropped_for_missed_rekeys_is_saved(tmp_path: Path) -> None:
     write_private(tmp_path / "psk.secret", "s3cret\n")
     write_signing_key(tmp_path / "rekey.key")
     auth = auth_toml("psk.secret")
-    ks_cfg = ks_toml(tmp_path, address="127.0.3.1", auth=auth,
-                     rekey={"retransmit_interval": 0.2, "retransmit_count": 0, "max_missed": 1})
+    ks_cfg = ks_toml(
+        tmp_path,
+        address="127.0.3.1",
+        auth=auth,
+        rekey={"retransmit_interval": 0.2, "retransmit_count": 0, "max_missed": 1},
+    )
     state_file = tmp_path / "ks-state" / "state.json"
     gm_cfg = gm_toml(tmp_path, address="127.0.3.2", name="gm1", auth=auth, servers=("127.0.3.1",))
     ks = Daemon("ks", ks_cfg)
@@ -375,7 +449,12 @@ def test_member_dropped_for_missed_rekeys_is_saved(tmp_path: Path) -> None:
         ks.stop()
     with Daemon("ks", ks_cfg) as again:
         again.wait_for("state_restored group=GET seq=2 members=0")
-        assert gdoictl_json(tmp_path / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][0]["members"] == []
+        assert (
+            gdoictl_json(tmp_path / "ks.sock", "show", "crypto", "gdoi", "ks", "members")["groups"][
+                0
+            ]["members"]
+            == []
+        )
 
 
 @pytest.mark.root
@@ -388,8 +467,10 @@ def test_members_merged_and_keys_adopted_from_coop_are_saved(tmp_path: Path) -> 
     cfgs = {}
     for name, (address, priority, peer) in kss.items():
         path = ks_toml(tmp_path, address=address, auth=auth, name=name)
-        path.write_text(path.read_text() + f'\n[coop]\npriority = {priority}\nannounce_interval = 0.5\n'
-                        f'[[coop.peer]]\naddress = "{peer}"\npsk_file = "coop.psk"\n')
+        path.write_text(
+            path.read_text() + f"\n[coop]\npriority = {priority}\nannounce_interval = 0.5\n"
+            f'[[coop.peer]]\naddress = "{peer}"\npsk_file = "coop.psk"\n'
+        )
         cfgs[name] = path
     gm_cfg = gm_toml(tmp_path, address="127.0.3.20", name="gm1", auth=auth, servers=("127.0.3.11",))
     state2 = tmp_path / "ks2-state" / "state.json"
@@ -412,5 +493,8 @@ def test_members_merged_and_keys_adopted_from_coop_are_saved(tmp_path: Path) -> 
     with Daemon("ks", cfgs["ks2"]) as again:  # alone: everything it shows came from its file
         again.wait_for(r"state_restored group=GET seq=\d+ members=1")
         restored = gdoictl_json(tmp_path / "ks2.sock", "show", "crypto", "gdoi")["groups"][0]
-        assert restored["kek_spi"] == primary["kek_spi"] and restored["tek_spis"] == primary["tek_spis"]
+        assert (
+            restored["kek_spi"] == primary["kek_spi"]
+            and restored["tek_spis"] == primary["tek_spis"]
+        )
         assert [m["address"] for m in restored["members"]] == ["127.0.3.20"]

@@ -126,7 +126,9 @@ def test_inbound_bug_is_internal_error() -> None:
     sender, receiver = Dataplane(), Dataplane()
     sender.install(2, [tek], sids(1), None, T0)
     # A replay window SequenceWindow cannot have: the receiver's first packet trips on it.
-    receiver.install(2, [replace(tek, policy=replace(tek.policy, replay_window=-1))], sids(2), None, T0)
+    receiver.install(
+        2, [replace(tek, policy=replace(tek.policy, replay_window=-1))], sids(2), None, T0
+    )
     inner = udp("10.3.0.1", "10.4.0.1")
     out = [sender.outbound(inner, T0).to_network[0] for _ in range(3)]
 
@@ -171,8 +173,13 @@ def test_traceback_log_is_rate_limited() -> None:
 def test_show_crypto_ipsec_sa_shows_internal_errors(tmp_path: Path) -> None:
     (tmp_path / "psk").write_text("secret\n")
     (tmp_path / "psk").chmod(0o600)
-    text = gm_config("127.0.0.2", control_socket=tmp_path / "ctl", dataplane={"enabled": True},
-                     auth=psk_auth("127.0.0.0/8", "psk"), groups=[gm_group(["127.0.0.1"], number=1)])
+    text = gm_config(
+        "127.0.0.2",
+        control_socket=tmp_path / "ctl",
+        dataplane={"enabled": True},
+        auth=psk_auth("127.0.0.0/8", "psk"),
+        groups=[gm_group(["127.0.0.1"], number=1)],
+    )
     cfg = parse_gm_config(text, tmp_path)
     daemon = GroupMemberDaemon(cfg)  # nothing is opened before start()
     assert daemon.dataplane is not None

@@ -72,7 +72,9 @@ def gm_mm1(files: Path) -> bytes:
 class Link:
     """One GM and the KS; a flood burst runs between every two datagrams of the GM."""
 
-    def __init__(self, ks: KeyServerEngine, gm: GroupMemberEngine, flood: Flood, burst: int) -> None:
+    def __init__(
+        self, ks: KeyServerEngine, gm: GroupMemberEngine, flood: Flood, burst: int
+    ) -> None:
         self.ks, self.gm, self.flood, self.burst = ks, gm, flood, burst
         self.gm_addr = (str(gm.address), 848)
 
@@ -87,7 +89,9 @@ class Link:
         return now
 
 
-def test_spoofed_mm1_flood_fills_no_more_than_the_cap_and_a_gm_registers_mid_flood(files: Path) -> None:
+def test_spoofed_mm1_flood_fills_no_more_than_the_cap_and_a_gm_registers_mid_flood(
+    files: Path,
+) -> None:
     ks = make_ks(files, max_half_open=CAP)
     flood = Flood(ks, gm_mm1(files))
     now = flood.send(3 * CAP, T0)  # the table is full long before the GM starts
@@ -207,7 +211,10 @@ def test_mm3_with_a_forged_responder_cookie_is_dropped_before_any_lookup(files: 
     assert ks.counters["dh_computations"] == 0
     # The real exchange is untouched and completes.
     net_out = ks.datagram_received(mm3, peer, T0)
-    assert len(net_out) == 1 and IsakmpHeader.decode(net_out[0][0]).exchange_type == ExchangeType.IDENTITY_PROTECTION
+    assert (
+        len(net_out) == 1
+        and IsakmpHeader.decode(net_out[0][0]).exchange_type == ExchangeType.IDENTITY_PROTECTION
+    )
 
 
 # --- cheap refusal, bounded and rate-limited log lines -------------------------------------
@@ -233,7 +240,9 @@ def _lines(stream: io.StringIO) -> list[str]:
     return stream.getvalue().splitlines()
 
 
-def test_oversized_mm1_is_refused_cheaply_with_a_bounded_log_line(files: Path, log_stream: io.StringIO) -> None:
+def test_oversized_mm1_is_refused_cheaply_with_a_bounded_log_line(
+    files: Path, log_stream: io.StringIO
+) -> None:
     ks = make_ks(files)
     big = mm1_with(9, 244, cipher=5)  # about 61 KB: 2,196 transforms, none acceptable
     assert 60_000 < len(big) < 65_000
@@ -255,11 +264,17 @@ def test_oversized_mm1_is_refused_cheaply_with_a_bounded_log_line(files: Path, l
         assert sum(len(d) for d, _ in out) <= len(many)
 
 
-def test_a_burst_of_bad_mm1s_logs_n_lines_then_one_summary(files: Path, log_stream: io.StringIO) -> None:
+def test_a_burst_of_bad_mm1s_logs_n_lines_then_one_summary(
+    files: Path, log_stream: io.StringIO
+) -> None:
     ks = make_ks(files)
     clock = Clock()
     ks.log_limit = log.LogLimiter(clock=clock)
-    bad = [mm1_with(9, 244, cipher=5), mm1_with(9, 1), mm1_with(1, 1, vid_bytes=3000)[:40]]  # big, many, truncated
+    bad = [
+        mm1_with(9, 244, cipher=5),
+        mm1_with(9, 1),
+        mm1_with(1, 1, vid_bytes=3000)[:40],
+    ]  # big, many, truncated
     for i in range(300):
         ks.datagram_received(bad[i % 3], (f"10.1.{i // 250}.{i % 250 + 1}", 500), T0)
     lines = _lines(log_stream)
@@ -269,7 +284,11 @@ def test_a_burst_of_bad_mm1s_logs_n_lines_then_one_summary(files: Path, log_stre
     ks.on_timer(T0 + 1)
     summaries = [line for line in _lines(log_stream) if "similar messages suppressed" in line]
     assert summaries, _lines(log_stream)[-3:]
-    counts = [int(m[1]) for s in summaries if (m := re.search(r": (\d+) similar messages suppressed in the last 10 s", s))]
+    counts = [
+        int(m[1])
+        for s in summaries
+        if (m := re.search(r": (\d+) similar messages suppressed in the last 10 s", s))
+    ]
     assert len(counts) == len(summaries)
     assert sum(counts) + len(lines) >= 300
     assert len(_lines(log_stream)) == len(lines) + len(summaries)
@@ -286,7 +305,9 @@ def test_log_limiter_bounds_fields_and_summarises(log_stream: io.StringIO) -> No
     lines = _lines(log_stream)
     assert len(lines) == 4
     assert all(len(line) < 400 for line in lines[:3])
-    assert lines[3].endswith("%GDOI-4-MALFORMED_DROP: 7 similar messages suppressed in the last 5 s")
+    assert lines[3].endswith(
+        "%GDOI-4-MALFORMED_DROP: 7 similar messages suppressed in the last 5 s"
+    )
 
 
 def test_forged_rekeys_log_a_bounded_number_of_lines(files: Path, log_stream: io.StringIO) -> None:
@@ -300,14 +321,18 @@ def test_forged_rekeys_log_a_bounded_number_of_lines(files: Path, log_stream: io
     before = len(_lines(log_stream))
     for i in range(200):  # garbage under the group's KEK cookies: each fails verification
         body = os.urandom(64 + i % 32)
-        hdr = kek.spi + struct.pack("!BBBBII", 8, 0x10, ExchangeType.GROUPKEY_PUSH, 1, 0, HEADER_LEN + len(body))
+        hdr = kek.spi + struct.pack(
+            "!BBBBII", 8, 0x10, ExchangeType.GROUPKEY_PUSH, 1, 0, HEADER_LEN + len(body)
+        )
         assert gm.datagram_received(hdr + body, (KS, 848), T0) == []
     rejected = [line for line in _lines(log_stream)[before:] if "GM_REKEY_REJECTED" in line]
     assert gm.counters["rekeys_rejected"] == 200
     assert len(rejected) <= log.LIMIT_LINES
 
 
-def test_novel_mm1_bodies_cost_a_bounded_budget_and_proven_offers_stay_answered(files: Path) -> None:
+def test_novel_mm1_bodies_cost_a_bounded_budget_and_proven_offers_stay_answered(
+    files: Path,
+) -> None:
     """A flood whose every message 1 differs (random VID) cannot use the parse cache:
     decoding is budgeted, and the offer of a GM that once reached message 3 stays cached."""
     ks = make_ks(files)
@@ -320,7 +345,9 @@ def test_novel_mm1_bodies_cost_a_bounded_budget_and_proven_offers_stay_answered(
     for i in range(20_000):  # 20,000 novel bodies in one second
         data = mm1_with(1, 1, vid_bytes=16 + i % 200, cipher=7)
         data = data[:-16] + os.urandom(16)
-        parsed += bool(ks.datagram_received(data, (f"127.20.{i >> 8}.{i & 255}", 500), now + i / 20_000))
+        parsed += bool(
+            ks.datagram_received(data, (f"127.20.{i >> 8}.{i & 255}", 500), now + i / 20_000)
+        )
     assert ks.counters["mm1_shed"] > 10_000
     assert parsed < 3_000  # about PARSE_BUDGET / (cost of one body) per second
     gm2 = make_gm(files, address="127.0.0.3")  # same configuration: same message 1 body

@@ -25,7 +25,9 @@ def ivs(packets: list[bytes]) -> list[int]:
     return [struct.unpack_from("!Q", p, 28)[0] for p in packets]
 
 
-def send(dp: Dataplane, n: int, now: float, src: str = "10.1.0.1", dst: str = "10.2.0.1") -> list[bytes]:
+def send(
+    dp: Dataplane, n: int, now: float, src: str = "10.1.0.1", dst: str = "10.2.0.1"
+) -> list[bytes]:
     out = []
     for _ in range(n):
         r = dp.outbound(udp(src, dst), now)

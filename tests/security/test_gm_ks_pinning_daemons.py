@@ -48,7 +48,13 @@ def lab(tmp_path: Path) -> Path:
 
 
 def pki_auth(pki: dict[str, Path], name: str) -> str:
-    return auth_toml(pki={"ca_file": str(pki["ca.pem"]), "cert_file": str(pki[f"{name}.pem"]), "key_file": str(pki[f"{name}.key"])})
+    return auth_toml(
+        pki={
+            "ca_file": str(pki["ca.pem"]),
+            "cert_file": str(pki[f"{name}.pem"]),
+            "key_file": str(pki[f"{name}.key"]),
+        }
+    )
 
 
 def pinned_gm(lab: Path, auth: str, pins: str) -> Path:
@@ -75,7 +81,9 @@ def test_rogue_ks_daemon_with_a_gm_certificate_is_refused_by_identity_pinning(la
             gm.wait_for(REGISTERED_REAL)
             assert "CN=gm9" in refusal and "matches none of ks_identities" in refusal
             assert rogue.wait_for("phase1_established")  # the rogue did complete phase 1 ...
-            [rogue_group] = gdoictl_json(lab / "rogue" / "rogue.sock", "show", "crypto", "gdoi", "ks", "members")["groups"]
+            [rogue_group] = gdoictl_json(
+                lab / "rogue" / "rogue.sock", "show", "crypto", "gdoi", "ks", "members"
+            )["groups"]
             assert rogue_group["members"] == []  # ... and never got to hand out keys
             installed = tek_spis(lab / "gm1.sock")
             assert installed == tek_spis(lab / "ks.sock")
@@ -83,7 +91,9 @@ def test_rogue_ks_daemon_with_a_gm_certificate_is_refused_by_identity_pinning(la
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
-def test_psk_holder_posing_as_ks_fails_rekey_key_pop_and_wireshark_decodes_message_4(lab: Path) -> None:
+def test_psk_holder_posing_as_ks_fails_rekey_key_pop_and_wireshark_decodes_message_4(
+    lab: Path,
+) -> None:
     auth = auth_toml("psk.secret")
     pin = hashlib.sha256(crypto.public_key_der(load_private_key(lab / "rekey.key"))).hexdigest()
     real_cfg = ks_toml(lab, auth=auth)
@@ -105,10 +115,28 @@ def test_psk_holder_posing_as_ks_fails_rekey_key_pop_and_wireshark_decodes_messa
         line.split("|")
         for line in subprocess.run(
             [
-                "tshark", "-r", str(pcap), "-d", "udp.port==848,isakmp", "-Y", "isakmp.exchangetype == 32",
-                "-T", "fields", "-E", "separator=|", "-e", "ip.src", "-e", "isakmp.typepayload", "-e", "isakmp.kd.payload.spi",
+                "tshark",
+                "-r",
+                str(pcap),
+                "-d",
+                "udp.port==848,isakmp",
+                "-Y",
+                "isakmp.exchangetype == 32",
+                "-T",
+                "fields",
+                "-E",
+                "separator=|",
+                "-e",
+                "ip.src",
+                "-e",
+                "isakmp.typepayload",
+                "-e",
+                "isakmp.kd.payload.spi",
             ],
-            capture_output=True, text=True, env=env, check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
         ).stdout.splitlines()
     ]
     # Message 4 from each KS, decrypted: HASH(8), SEQ(18), KD(17), POP_R as SIG(9).
@@ -117,7 +145,18 @@ def test_psk_holder_posing_as_ks_fails_rekey_key_pop_and_wireshark_decodes_messa
     for src, types, _ in m4:
         assert types.split(",")[:4] == ["8", "18", "17", "9"], (src, types)
     expert = subprocess.run(
-        ["tshark", "-r", str(pcap), "-d", "udp.port==848,isakmp", "-Y", "udp.port==848 && (_ws.malformed || _ws.expert.severity >= 6291456)"],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            "tshark",
+            "-r",
+            str(pcap),
+            "-d",
+            "udp.port==848,isakmp",
+            "-Y",
+            "udp.port==848 && (_ws.malformed || _ws.expert.severity >= 6291456)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     assert expert.stdout.strip() == ""

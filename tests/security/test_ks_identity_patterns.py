@@ -23,7 +23,9 @@ from gdoid.config.model import KsPop
 from gdoid.protocol.identity import IdentityPattern, describe_certificate, matching_pattern
 
 
-def cert(cn: str, org: str | None = None, sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
+def cert(
+    cn: str, org: str | None = None, sans: list[x509.GeneralName] | None = None
+) -> x509.Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
     if org is not None:
@@ -31,15 +33,28 @@ def cert(cn: str, org: str | None = None, sans: list[x509.GeneralName] | None = 
     name = x509.Name(attrs)
     now = dt.datetime.now(dt.UTC)
     b = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
     )
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return b.sign(key, hashes.SHA256())
 
 
-KS1 = cert("ks1.example.com", "Example", [x509.DNSName("ks1.example.com"), x509.IPAddress(ipaddress.ip_address("192.0.2.1")), x509.RFC822Name("ks@example.com")])
+KS1 = cert(
+    "ks1.example.com",
+    "Example",
+    [
+        x509.DNSName("ks1.example.com"),
+        x509.IPAddress(ipaddress.ip_address("192.0.2.1")),
+        x509.RFC822Name("ks@example.com"),
+    ],
+)
 GM9 = cert("gm9.example.com", "Example", [x509.DNSName("gm9.example.com")])
 EVIL = cert("ks1.example.com", "Evil")
 
@@ -73,7 +88,9 @@ def test_first_matching_pattern_and_description() -> None:
     assert len(describe_certificate(KS1, limit=40)) == 40
 
 
-@pytest.mark.parametrize("bad", ["", "ks1.example.com", "XX=1", "CN=", "ip:ks1", "dns:", "CN=a,,O=b"])
+@pytest.mark.parametrize(
+    "bad", ["", "ks1.example.com", "XX=1", "CN=", "ip:ks1", "dns:", "CN=a,,O=b"]
+)
 def test_bad_patterns_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         IdentityPattern.parse(bad)
@@ -111,7 +128,11 @@ PKI = '[auth.pki]\nca_file = "k.pem"\ncert_file = "k.pem"\nkey_file = "k.pem"\n'
 
 def test_gm_config_pinning_keys(base: Path) -> None:
     pin = "ab" * 32
-    cfg = gm(base, f'ks_identities = ["CN=ks*"]\nks_pop = "certificate"\nrekey_key_sha256 = "{pin.upper()}"', PKI)
+    cfg = gm(
+        base,
+        f'ks_identities = ["CN=ks*"]\nks_pop = "certificate"\nrekey_key_sha256 = "{pin.upper()}"',
+        PKI,
+    )
     [g] = cfg.groups  # type: ignore[attr-defined]  # gm() returns the parsed GM config
     assert g.ks_pop == KsPop.CERTIFICATE and g.ks_identities == (IdentityPattern.parse("CN=ks*"),)
     assert g.rekey_key_sha256 == bytes.fromhex(pin)
@@ -122,7 +143,11 @@ def test_gm_config_pinning_keys(base: Path) -> None:
     [
         ('ks_identities = ["bogus"]', "", "group[0].ks_identities[0]: 'bogus' is not ATTR=value"),
         ('ks_pop = "certificate"', PKI, 'group[0].ks_pop: "certificate" needs ks_identities'),
-        ('ks_identities = ["CN=ks"]\nks_pop = "certificate"', "", 'group[0].ks_pop: "certificate" needs [auth.pki]'),
+        (
+            'ks_identities = ["CN=ks"]\nks_pop = "certificate"',
+            "",
+            'group[0].ks_pop: "certificate" needs [auth.pki]',
+        ),
         ('ks_pop = "rekey-key"', "", 'group[0].ks_pop: "rekey-key" needs rekey_key_sha256'),
         ('rekey_key_sha256 = "abcd"', "", "group[0].rekey_key_sha256: must be the SHA-256"),
         ('ks_pop = "maybe"', "", "group[0].ks_pop"),
@@ -137,7 +162,9 @@ def test_gm_config_pinning_errors(base: Path, pins: str, pki: str, message: str)
 
 def test_psk_identity_config(base: Path) -> None:
     text = GM.format(pins="", pki="").replace(
-        'key_file = "psk"\n', 'key_file = "psk"\n[[auth.psk]]\npeer = "10.9.0.7/32"\nkey_file = "psk"\nidentity = "GM7.Example.com."\n', 1
+        'key_file = "psk"\n',
+        'key_file = "psk"\n[[auth.psk]]\npeer = "10.9.0.7/32"\nkey_file = "psk"\nidentity = "GM7.Example.com."\n',
+        1,
     )
     cfg = parse_gm_config(text, base)
     assert cfg.auth.psk_identity_for(ipaddress.IPv4Address("10.9.0.7")) == "gm7.example.com"

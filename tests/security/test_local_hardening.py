@@ -84,7 +84,9 @@ def test_keylog_world_writable_dir_refused_at_startup(tmp_path: Path) -> None:
     try:
         proc = subprocess.run(
             [*gdoid_cmd(), "ks", "--config", str(config), "--keylog", str(keys)],
-            capture_output=True, text=True, timeout=15,
+            capture_output=True,
+            text=True,
+            timeout=15,
         )
     except subprocess.TimeoutExpired:
         pytest.fail("the KS started with a world-writable key-log directory")
@@ -157,9 +159,21 @@ def test_lab_keylog_creates_private_dir(tmp_path: Path) -> None:
     """``gdoid lab --keylog DIR`` keeps working: DIR is created 0700, the keys land in it."""
     keys = tmp_path / "new" / "keys"
     proc = subprocess.run(
-        [*gdoid_cmd(), "lab", "--gms", "1", "--base-port", str(free_udp_port()),
-         "--timeout", "20", "--keylog", str(keys)],
-        capture_output=True, text=True, timeout=60,
+        [
+            *gdoid_cmd(),
+            "lab",
+            "--gms",
+            "1",
+            "--base-port",
+            str(free_udp_port()),
+            "--timeout",
+            "20",
+            "--keylog",
+            str(keys),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert stat.S_IMODE(keys.stat().st_mode) == 0o700
@@ -282,7 +296,9 @@ def test_control_socket_peercred(shared_dir: Path) -> None:
     show; an outsider gets ``% Permission denied`` for clear, reload and show (even on a
     socket whose mode was loosened), and the denial is logged, rate-limited."""
     group = _other_group()
-    config = _ks_config(shared_dir, port=free_udp_port(), extra_ks=f'control_group = "{group.gr_name}"')
+    config = _ks_config(
+        shared_dir, port=free_udp_port(), extra_ks=f'control_group = "{group.gr_name}"'
+    )
     sock = shared_dir / "ks.sock"
     with Daemon("ks", config) as ks:
         ks.wait_for("ks_started")
@@ -295,8 +311,12 @@ def test_control_socket_peercred(shared_dir: Path) -> None:
 
         # The credential check holds on its own, e.g. after a careless chmod.
         sock.chmod(0o666)
-        for words in (["clear", "crypto", "gdoi", "ks", "members"], ["reload"],
-                      ["show", "crypto", "gdoi"], ["sh", "cry", "gdoi", "ks", "mem"]):
+        for words in (
+            ["clear", "crypto", "gdoi", "ks", "members"],
+            ["reload"],
+            ["show", "crypto", "gdoi"],
+            ["sh", "cry", "gdoi", "ks", "mem"],
+        ):
             answer = _as_user(sock, words, NOBODY, NOBODY)
             assert answer["ok"] is False and answer["error"] == PERMISSION_DENIED, (words, answer)
             assert not answer["output"] and answer["data"] is None

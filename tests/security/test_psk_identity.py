@@ -39,13 +39,18 @@ KS = "127.0.0.1"
 REAL_SOURCE = "127.0.0.2"  # where the rogue GM's datagrams really come from
 CLAIMED = "127.0.0.3"  # the address (another GM's) it claims in its ID payload
 
+
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
     (tmp_path / "psk").write_text("group-wide-secret\n")
     os.chmod(tmp_path / "psk", 0o600)
     key = ec.generate_private_key(ec.SECP256R1())
     (tmp_path / "rekey.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
     os.chmod(tmp_path / "rekey.key", 0o600)
     return tmp_path
@@ -58,17 +63,24 @@ def make_ks(base: Path, extra: str = "") -> KeyServerEngine:
     group = ks_group(sas=[sa_ipsec(src="10.1.0.0/16", dst="10.2.0.0/16")])
     cfg = parse_ks_config(ks_config(KS, auth=auth, groups=[group]), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
-    groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, 0.0) for g in cfg.groups}
+    groups = {
+        g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, 0.0)
+        for g in cfg.groups
+    }
     return KeyServerEngine(p1, groups, logger=Events())
 
 
 def make_gm(base: Path, address: str) -> GroupMemberEngine:
-    cfg = parse_gm_config(gm_config(address, auth=psk_auth("127.0.0.0/8", "psk"), groups=[gm_group([KS])]), base)
+    cfg = parse_gm_config(
+        gm_config(address, auth=psk_auth("127.0.0.0/8", "psk"), groups=[gm_group([KS])]), base
+    )
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
     return GroupMemberEngine(cfg.address, cfg.groups, p1, logger=Events())
 
 
-def run_from(gm: GroupMemberEngine, ks: KeyServerEngine, source: str, now: float = 10.0) -> list[bytes]:
+def run_from(
+    gm: GroupMemberEngine, ks: KeyServerEngine, source: str, now: float = 10.0
+) -> list[bytes]:
     """The GM's datagrams reach the KS from ``source``, whatever its config claims."""
     to_gm: list[bytes] = []
     queue = [d for d, _ in gm.start(now)]

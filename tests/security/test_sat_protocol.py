@@ -88,8 +88,9 @@ def _log_stream() -> io.StringIO:
     return stream
 
 
-def _offer(monkeypatch: pytest.MonkeyPatch, module: object, sats: list, keys: list,
-           esp: bool = True) -> None:
+def _offer(
+    monkeypatch: pytest.MonkeyPatch, module: object, sats: list, keys: list, esp: bool = True
+) -> None:
     """Make ``module``'s build_sa/build_kd add ``sats``/``keys`` (and drop ESP if not ``esp``)."""
     real_sa, real_kd = module.build_sa, module.build_kd  # type: ignore[attr-defined]  # module is one of the protocol modules with these builders
 
@@ -226,7 +227,8 @@ def test_gm_logs_the_real_reason(files: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_gm_registers_with_the_esp_teks_and_warns(
-    files: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    files: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     stream = _log_stream()
     _offer(monkeypatch, pull, [IEC_SAT], [IEC_KEYS])
@@ -244,7 +246,9 @@ def test_gm_registers_with_the_esp_teks_and_warns(
 
 @pytest.mark.parametrize("with_esp", [True, False], ids=["esp-and-rfc8052", "rfc8052-only"])
 def test_rekey_with_an_unsupported_tek_loses_nothing(
-    files: Path, monkeypatch: pytest.MonkeyPatch, with_esp: bool  # noqa: F811
+    files: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    with_esp: bool,  # noqa: F811
 ) -> None:
     dp = Dataplane()
     ks, gm = make_ks(files), make_gm(files, dataplane=dp)

@@ -28,8 +28,10 @@ from tests.recorder import Events
 def make_ks(base: Path, bits: int = 16, now: float = T0) -> KeyServerEngine:
     cfg: KsConfig = parse_ks_config(ks_text(sender_id_bits=bits), base)
     p1 = phase1_config(cfg.ike, cfg.auth, cfg.address, cfg.software_version)
-    groups = {g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, now)
-              for g in cfg.groups}
+    groups = {
+        g.number: Group(g, load_private_key(g.kek.signing_key), cfg.address, cfg.port, now)
+        for g in cfg.groups
+    }
     return KeyServerEngine(p1, groups, logger=Events())
 
 
@@ -109,10 +111,18 @@ def restarted(base: Path, path: Path, bits: int = 16) -> KeyServerEngine:
 def test_ks_restart_from_the_state_file_never_reissues(files: Path, tmp_path: Path) -> None:
     path = tmp_path / "state" / "state.json"
     ks = saving_ks(files, path)
-    before = [s for i in range(30) for s in registered_sids(ks, address=f"127.0.0.{2 + i % 5}", now=T0 + i)]
+    before = [
+        s
+        for i in range(30)
+        for s in registered_sids(ks, address=f"127.0.0.{2 + i % 5}", now=T0 + i)
+    ]
     state.save(path, ks.groups)  # a clean save, as the daemon's save loop does
     ks = restarted(files, path)
-    after = [s for i in range(30) for s in registered_sids(ks, address=f"127.0.0.{2 + i % 5}", now=T0 + 100 + i)]
+    after = [
+        s
+        for i in range(30)
+        for s in registered_sids(ks, address=f"127.0.0.{2 + i % 5}", now=T0 + 100 + i)
+    ]
     assert not set(before) & set(after)
     assert len(set(after)) == len(after)
 
@@ -132,7 +142,11 @@ def test_crash_between_message_4_and_the_save_never_reissues(files: Path, tmp_pa
     # The crash: of these 40 registrations only the first row (saved with the reservation) is on disk.
     assert [m.address for m in members_on_disk] == [IPv4Address("127.0.0.2")]
     ks = restarted(files, path)
-    again = [s for i in range(40) for s in registered_sids(ks, address=f"127.0.0.{2 + i}", now=T0 + 100 + i)]
+    again = [
+        s
+        for i in range(40)
+        for s in registered_sids(ks, address=f"127.0.0.{2 + i}", now=T0 + 100 + i)
+    ]
     assert not set(handed_out) & set(again)
     # The rows of the 40 GMs came back as registrations after the restart: the orphaned
     # reservation stays blocked only until no member registered before the save remains.
@@ -169,7 +183,9 @@ def test_reservation_is_on_disk_before_message_4_leaves(files: Path, tmp_path: P
     sid = gm.sadb.groups[GROUP].sender_ids.values[0]  # type: ignore[union-attr]  # registered GMs have sender IDs
     on_disk = state.load(path)[GROUP]
     record = on_disk["sender_ids"]["record"]
-    assert on_disk["members"][0].sender_ids == (sid,) and any(a <= sid <= b for a, b in record["held"])
+    assert on_disk["members"][0].sender_ids == (sid,) and any(
+        a <= sid <= b for a, b in record["held"]
+    )
     assert record["reserved"]  # the rest of the block, reserved ahead of later registrations
 
 
@@ -190,7 +206,9 @@ def test_low_sid_space_triggers_a_rekey_and_a_log_line(files: Path) -> None:
     assert not g.sids.low() and g.sids.cooling_count == 0
     # Space again: the next registrations get SIDs, none used with a TEK still handed out.
     held = set(g.sids.held)
-    got = [s for i in range(10) for s in registered_sids(ks, address=f"127.0.0.{3 + i}", now=now + 7)]
+    got = [
+        s for i in range(10) for s in registered_sids(ks, address=f"127.0.0.{3 + i}", now=now + 7)
+    ]
     assert len(set(got)) == 10 and not set(got) & held
     # No second exhaustion rekey while nothing more can be freed.
     names.clear()
@@ -210,9 +228,17 @@ def test_the_log_line_is_an_ios_mnemonic() -> None:
 
 def good_record() -> dict[str, object]:
     return {
-        "owner": "10.0.8.1", "first": 1, "last": 1365, "version": 7, "next": 40,
-        "held": [[1, 3], [9, 9]], "reserved": [[38, 39]], "orphans": [], "orphans_before": 5.0,
-        "cooling": [{"until": 100.5, "teks": [4096, 70000], "sids": [[4, 8]]}], "free": 1330,
+        "owner": "10.0.8.1",
+        "first": 1,
+        "last": 1365,
+        "version": 7,
+        "next": 40,
+        "held": [[1, 3], [9, 9]],
+        "reserved": [[38, 39]],
+        "orphans": [],
+        "orphans_before": 5.0,
+        "cooling": [{"until": 100.5, "teks": [4096, 70000], "sids": [[4, 8]]}],
+        "free": 1330,
     }
 
 
@@ -236,13 +262,18 @@ def good_record() -> dict[str, object]:
         ({"cooling": [{"until": 1.0, "teks": [], "sids": [], "x": 1}]}, "record.cooling[0]"),
         ({"cooling": [{"until": 1.0, "teks": [1 << 32], "sids": []}]}, "record.cooling[0].teks[0]"),
         ({"cooling": [{"until": -1, "teks": [], "sids": []}]}, "record.cooling[0].until"),
-        ({"cooling": [{"until": 1.0, "teks": [], "sids": [[9999, 9999]]}]}, "record.cooling[0].sids[0][0]"),
+        (
+            {"cooling": [{"until": 1.0, "teks": [], "sids": [[9999, 9999]]}]},
+            "record.cooling[0].sids[0][0]",
+        ),
         ({"free": 99999}, "record.free"),
         ({"owner": 5}, "record.owner"),
         ({"extra": 1}, "record"),
     ],
 )
-def test_malformed_record_is_rejected_naming_the_field(change: dict[str, object], field: str) -> None:
+def test_malformed_record_is_rejected_naming_the_field(
+    change: dict[str, object], field: str
+) -> None:
     rec = {**good_record(), **change}
     with pytest.raises(ProtocolError) as exc:
         sender_ids.parse_record(rec, 12)
@@ -299,7 +330,9 @@ def test_state_file_with_a_malformed_sid_record_is_refused(files: Path, tmp_path
     registered_sids(ks)
     state.save(path, ks.groups)
     doc = json.loads(path.read_bytes())
-    doc["groups"][0]["sender_ids"]["record"]["reserved"] = [[70000, 70001]]  # outside the 16-bit space
+    doc["groups"][0]["sender_ids"]["record"]["reserved"] = [
+        [70000, 70001]
+    ]  # outside the 16-bit space
     path.write_text(json.dumps(doc))
     with pytest.raises(state.StateError, match="reserved"):
         state.load(path)

@@ -56,7 +56,9 @@ def test_ks_with_lost_state_recovers_its_record_from_a_peer(files: Path) -> None
     record = sim.group(KS1).sids.peer_records[KS2]
     assert record.cooling_count == 11
     fresh: KeyServerEngine = restart(sim, KS2)  # the state file is gone
-    assert fresh.groups[GROUP].sids.version < record.version and not fresh.groups[GROUP].sids.cooling
+    assert (
+        fresh.groups[GROUP].sids.version < record.version and not fresh.groups[GROUP].sids.cooling
+    )
     sim.run_until(lambda: fresh.coop is not None and fresh.coop.serving, ELECTED_WITHIN)
     sim.run(PERIOD)
     alloc = fresh.groups[GROUP].sids
@@ -69,7 +71,9 @@ def test_ks_with_lost_state_recovers_its_record_from_a_peer(files: Path) -> None
         again += got.values
     assert not set(again) & set(used_at_ks2)
     # Only the peers' ANNs on SAs the restarted KS no longer has may be refused; no block was.
-    assert fresh.counters["ann_rejected"] == fresh.counters["ann_rejected_no_sa"], dict(fresh.counters)
+    assert fresh.counters["ann_rejected"] == fresh.counters["ann_rejected_no_sa"], dict(
+        fresh.counters
+    )
 
 
 def test_malformed_sender_ids_block_is_rejected(files: Path) -> None:
@@ -91,16 +95,26 @@ def test_malformed_sender_ids_block_is_rejected(files: Path) -> None:
     ]
     for i, data in enumerate(bad_blocks):
         rejected = ks1.counters["ann_rejected"]
-        ann = AnnPayload(coop2.version, coop2.priority, Role.SECONDARY, 0, coop2.ann_seq + 1000 + i, GROUP, 0,
-                         (signing_key_block(sim.group(KS2)), AnnBlock(BlockType.SENDER_IDS, data)))
+        ann = AnnPayload(
+            coop2.version,
+            coop2.priority,
+            Role.SECONDARY,
+            0,
+            coop2.ann_seq + 1000 + i,
+            GROUP,
+            0,
+            (signing_key_block(sim.group(KS2)), AnnBlock(BlockType.SENDER_IDS, data)),
+        )
         sim.send(KS2, [(seal_ann(sa, ann), (KS1, 848))])
         assert ks1.counters["ann_rejected"] == rejected + 1, data
     # Logged once: ANN rejections are rate-limited per peer and reason.
     assert events(ks1).count("COOP_ANN_REJECTED") == 1
     assert ks1.counters["ann_rejected_invalid"] == len(bad_blocks), dict(ks1.counters)
     assert ks1.groups[GROUP].sids.record(KS1) == before
-    assert KS2 not in ks1.groups[GROUP].sids.peer_records or \
-        ks1.groups[GROUP].sids.peer_records[KS2].held == sim.group(KS2).sids.record(KS2).held
+    assert (
+        KS2 not in ks1.groups[GROUP].sids.peer_records
+        or ks1.groups[GROUP].sids.peer_records[KS2].held == sim.group(KS2).sids.record(KS2).held
+    )
 
 
 def test_primary_rekeys_when_a_secondary_runs_low(files: Path) -> None:

@@ -63,7 +63,15 @@ def test_gm_restarted_under_the_same_tek_never_repeats_an_iv(tmp_path: Path) -> 
         tek_before = {sa["spi"] for sa in g.ipsec(1)["sas"]}
         pcap = tmp_path / "core.pcap"
         blasters = [
-            topo.popen(ns, sys.executable, "-c", BLASTER, dst, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            topo.popen(
+                ns,
+                sys.executable,
+                "-c",
+                BLASTER,
+                dst,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             for ns, dst in (("hostA", HOST_B), ("hostB", HOST_A))
         ]
         try:
@@ -75,14 +83,22 @@ def test_gm_restarted_under_the_same_tek_never_repeats_an_iv(tmp_path: Path) -> 
                 assert isinstance(gm1, NsDaemon) and gm1.role == "gm@gm1"
                 gm1.proc.kill()  # SIGKILL: no goodbye, the KS keeps its row
                 gm1.proc.wait(10)
-                restarted = NsDaemon(topo, "gm1", "gm", g.dir / "gm1.toml", "--keylog", str(g.keylog))
+                restarted = NsDaemon(
+                    topo, "gm1", "gm", g.dir / "gm1.toml", "--keylog", str(g.keylog)
+                )
                 g.daemons.append(restarted)
                 g.wait_registered(1)
                 new_sids = set(g.show(1)["sender_ids"])
                 # Same TEK: the KS did not rekey in between.
                 assert {sa["spi"] for sa in g.ipsec(1)["sas"]} == tek_before
                 # Traffic both ways again, from the restarted GM1 too.
-                g.wait_counter(1, "encaps after the restart", lambda s: total(s, "pkts_encaps"), 1000, timeout=20)
+                g.wait_counter(
+                    1,
+                    "encaps after the restart",
+                    lambda s: total(s, "pkts_encaps"),
+                    1000,
+                    timeout=20,
+                )
                 wait_until("GM2 decrypts GM1 again", lambda: total(g.ipsec(2), "pkts_decaps") > 0)
         finally:
             for b in blasters:

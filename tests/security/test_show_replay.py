@@ -26,21 +26,43 @@ from tests.procs import Daemon, gdoictl, gdoictl_json, write_private, write_sign
 
 def ks_text(d: Path) -> str:
     """Two groups; GET has two SAs with their own replay settings."""
-    get = ks_group(sas=[
-        sa_ipsec(1, src="10.1.0.0/16", dst="10.2.0.0/16", replay_window=64, tbar_window_ms=5000),
-        sa_ipsec(2, transform="esp-gcm-128", src="10.3.0.0/16", dst="10.4.0.0/16", replay_window=256,
-                 tbar_window_ms=900),
-    ])
-    other = ks_group(name="OTHER", number=5678, sas=[sa_ipsec(src="10.5.0.0/16", dst="10.6.0.0/16")])
-    return ks_config("127.0.0.1", control_socket=f"{d}/ks.sock", state_dir=f"{d}/ks-state",
-                     auth=psk_auth("127.0.0.0/8", "psk"), groups=[get, other])
+    get = ks_group(
+        sas=[
+            sa_ipsec(
+                1, src="10.1.0.0/16", dst="10.2.0.0/16", replay_window=64, tbar_window_ms=5000
+            ),
+            sa_ipsec(
+                2,
+                transform="esp-gcm-128",
+                src="10.3.0.0/16",
+                dst="10.4.0.0/16",
+                replay_window=256,
+                tbar_window_ms=900,
+            ),
+        ]
+    )
+    other = ks_group(
+        name="OTHER", number=5678, sas=[sa_ipsec(src="10.5.0.0/16", dst="10.6.0.0/16")]
+    )
+    return ks_config(
+        "127.0.0.1",
+        control_socket=f"{d}/ks.sock",
+        state_dir=f"{d}/ks-state",
+        auth=psk_auth("127.0.0.0/8", "psk"),
+        groups=[get, other],
+    )
 
 
 def gm_text(d: Path) -> str:
     """A GM of both groups, with the data path on."""
     groups = [gm_group(["127.0.0.1"]), gm_group(["127.0.0.1"], name="OTHER", number=5678)]
-    return gm_config("127.0.0.2", control_socket=f"{d}/gm.sock", auth=psk_auth("127.0.0.0/8", "psk"),
-                     dataplane={"enabled": True}, groups=groups)
+    return gm_config(
+        "127.0.0.2",
+        control_socket=f"{d}/gm.sock",
+        auth=psk_auth("127.0.0.0/8", "psk"),
+        dataplane={"enabled": True},
+        groups=groups,
+    )
 
 
 @pytest.fixture
@@ -58,8 +80,13 @@ async def test_gm_replay_honours_the_group(files: Path) -> None:
     """A GM with both groups registered (real engines, real data path engine; no sockets)."""
     now = time.time()
     ks_cfg = parse_ks_config(ks_text(files), files)
-    groups = {g.number: Group(g, load_private_key(g.kek.signing_key), ks_cfg.address, 848, now) for g in ks_cfg.groups}
-    ks = KeyServerEngine(phase1_config(ks_cfg.ike, ks_cfg.auth, ks_cfg.address, ks_cfg.software_version), groups)
+    groups = {
+        g.number: Group(g, load_private_key(g.kek.signing_key), ks_cfg.address, 848, now)
+        for g in ks_cfg.groups
+    }
+    ks = KeyServerEngine(
+        phase1_config(ks_cfg.ike, ks_cfg.auth, ks_cfg.address, ks_cfg.software_version), groups
+    )
     gm = GroupMemberDaemon(parse_gm_config(gm_text(files), files))
     queue = gm.engine.start(now)
     while queue:
@@ -105,10 +132,12 @@ def test_ks_replay_shows_each_groups_configured_windows(files: Path) -> None:
         assert "Group OTHER" not in text
         # Every SA's windows, from the policy; not the first SA's TBAR window alone.
         assert re.search(
-            r"sa ipsec 1:\n\s+Counter-based Replay Window : 64\n\s+Time-based Replay Window\s+: 5000 msec\n", text
+            r"sa ipsec 1:\n\s+Counter-based Replay Window : 64\n\s+Time-based Replay Window\s+: 5000 msec\n",
+            text,
         ), text
         assert re.search(
-            r"sa ipsec 2:\n\s+Counter-based Replay Window : 256\n\s+Time-based Replay Window\s+: 900 msec\n", text
+            r"sa ipsec 2:\n\s+Counter-based Replay Window : 256\n\s+Time-based Replay Window\s+: 900 msec\n",
+            text,
         ), text
         assert f"TBAR Rekey Period  : {TBAR_REKEY_INTERVAL} secs" in text
         # No packet counters a KS does not have (they were constant zeros).
@@ -116,15 +145,18 @@ def test_ks_replay_shows_each_groups_configured_windows(files: Path) -> None:
         # The pseudotime is the group's, and it moves.
         [get] = gdoictl_json(sock, "show", "crypto", "gdoi", "group", "GET", "ks", "replay")
         assert get["tbar"] is True and get["pseudotime_ms"] >= 0
-        assert [(s["number"], s["replay_window"], s["tbar_window_ms"]) for s in get["sa_ipsec"]] == [
-            (1, 64, 5000), (2, 256, 900)
-        ]
+        assert [
+            (s["number"], s["replay_window"], s["tbar_window_ms"]) for s in get["sa_ipsec"]
+        ] == [(1, 64, 5000), (2, 256, 900)]
         m = re.search(r"Replay Value       : ([0-9.]+) secs", text)
         assert m is not None and abs(float(m.group(1)) * 1000 - get["pseudotime_ms"]) < 5000
 
         other = gdoictl(sock, "show", "crypto", "gdoi", "group", "OTHER", "ks", "replay").stdout
         assert "Group GET" not in other and "Replay Value       : disabled" in other
-        assert re.search(r"sa ipsec 1:\n\s+Counter-based Replay Window : disabled\n\s+Time-based Replay Window\s+: disabled\n", other), other
+        assert re.search(
+            r"sa ipsec 1:\n\s+Counter-based Replay Window : disabled\n\s+Time-based Replay Window\s+: disabled\n",
+            other,
+        ), other
         [o] = gdoictl_json(sock, "show", "crypto", "gdoi", "group", "OTHER", "ks", "replay")
         assert o["tbar"] is False and o["pseudotime_ms"] is None and o["next_rekey_in"] > 3000
 
