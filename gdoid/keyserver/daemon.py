@@ -86,7 +86,6 @@ class KeyServerDaemon:
             self.engine.coop = self.coop
             self.coop.on_dirty = self.mark_dirty
             self.engine.scheduled_rekeys = False  # until elected primary
-            tick = min(tick, config.coop.announce_interval / 4)
         self.shell = UdpShell(
             "ks",
             (str(config.address), config.port),
