@@ -14,6 +14,7 @@ Blocking netlink work (MTU, link up) goes through a synchronous pyroute2
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
@@ -31,10 +32,9 @@ READ_SIZE = 65535
 
 def _no_ipv6_link_local(name: str) -> None:
     path = Path("/proc/sys/net/ipv6/conf", name, "addr_gen_mode")
-    try:
+    # No IPv6 here, or a read-only /proc/sys: harmless either way.
+    with contextlib.suppress(OSError):
         path.write_text("1\n")
-    except OSError:
-        pass  # no IPv6 here, or a read-only /proc/sys: harmless either way
 
 
 class TunDevice:
