@@ -458,6 +458,8 @@ class EspSa:
         if padlen and pt[stop : m - 2] != _PADS[padlen]:
             raise EspError(DropReason.MALFORMED, "padding bytes")
         if nh in (NH_IPV4, NH_IPV6):
+            if nh == NH_IPV6 and (stop < 40 or pt[0] >> 4 != 6):
+                raise EspError(DropReason.MALFORMED, "next header 41 on a non-IPv6 packet")
             self.pkts_decaps += 1
             self.bytes_decaps += stop
             return pt[:stop], None, seq
@@ -467,6 +469,8 @@ class EspSa:
             orig_nh, length, _res, pseudotime = _TBAR.unpack_from(pt)
             if orig_nh not in (NH_IPV4, NH_IPV6) or length != TBAR_LEN:
                 raise EspError(DropReason.MALFORMED, "TBAR metadata")
+            if orig_nh == NH_IPV6 and (stop < TBAR_LEN + 40 or pt[TBAR_LEN] >> 4 != 6):
+                raise EspError(DropReason.MALFORMED, "next header 41 on a non-IPv6 packet")
             self.pkts_decaps += 1
             self.bytes_decaps += stop - TBAR_LEN
             return pt[TBAR_LEN:stop], pseudotime, seq
