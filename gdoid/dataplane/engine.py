@@ -261,7 +261,7 @@ def icmp_frag_needed(inner: bytes, mtu: int, source: int) -> bytes:
 def icmp6_packet_too_big(inner: bytes, mtu: int, source: bytes) -> bytes:
     """An ICMPv6 Packet Too Big (type 2, RFC 4443 §3.2) about ``inner`` from ``source``
     (16 octets) to the inner source: as much of ``inner`` as fits in 1280 octets."""
-    dst = inner[8:40]
+    dst = inner[8:24]  # the inner source
     quote = inner[: _IPV6_MIN_MTU - 48]
     length = 8 + len(quote)
     body = bytearray(struct.pack("!BBHI", 2, 0, 0, mtu) + quote)
