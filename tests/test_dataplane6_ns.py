@@ -428,7 +428,7 @@ def test_packet_too_big_then_fragments(run: Run) -> None:
     # The first request dies at gm1 (PTB to hostA), the first reply at gm2 (PTB to hostB);
     # both hosts fragment from then on and the other pings go through.
     assert run.big_pings >= 2
-    assert run.stats[0]["drops"].get("too-big", 0) >= 1
+    assert run.stats[0]["drops"].get("TOO_BIG", 0) >= 1
 
 
 def _tek(key: bytes) -> Tek:
@@ -439,7 +439,7 @@ def _tek(key: bytes) -> Tek:
 
 def test_extension_header_before_esp_is_dropped_by_reason(run: Run) -> None:
     """An attacker on the core sends ESP behind a destination-options header: gm2 drops
-    and counts it (``ipv6-ext-header``); the same ESP without it is delivered."""
+    and counts it (``ipv6-ext-header``, by name in the forwarder stats); the same ESP without it is delivered."""
     sa = EspSa(_tek(run.key6), SenderIds(8, (0xEE,)))
     inner = raw(IPv6(src=A6, dst=B6, nh=59) / Raw(b"ext-header-probe"))
     outer = sa.encapsulate(inner)
@@ -451,7 +451,7 @@ def test_extension_header_before_esp_is_dropped_by_reason(run: Run) -> None:
 
     def dropped() -> dict[str, Any] | None:
         s = f2.stats()
-        return s if s["drops"].get("ipv6-ext-header", 0) > before["drops"].get("ipv6-ext-header", 0) else None
+        return s if s["drops"].get("IPV6_EXT_HEADER", 0) > before["drops"].get("IPV6_EXT_HEADER", 0) else None
 
     after = wait_until("gm2 to count the ipv6-ext-header drop", dropped)
     assert after["dataplane_errors"] == 0
