@@ -59,6 +59,7 @@ _IP6H = struct.Struct("!IHBB16s16s")
 # Extension headers an inner IPv6 packet may carry before TCP/UDP (RFC 8200 §4):
 # hop-by-hop, routing, destination options (length in 8-octet units), fragment, AH.
 _EXT_8 = frozenset((0, 43, 60))
+_EXT_ALL = frozenset((0, 43, 44, 51, 60))
 _IPV6_MIN_MTU = 1280
 
 INTERNAL_ERROR_LOG_INTERVAL = 10.0  # seconds between two logged tracebacks
@@ -605,7 +606,10 @@ class Dataplane:
         pending: _Entry | None = None
         matched = False
         for e in entries:
-            if not _sel_match(e.sel, src, dst, proto, ports, nonfirst):
+            snet, smask, dnet, dmask, sproto, sp, dp = e.sel
+            if (src & smask) != snet or (dst & dmask) != dnet or (sproto and sproto != proto):
+                continue
+            if (sp or dp) and not _sel_match(e.sel, src, dst, proto, ports, nonfirst):
                 continue
             matched = True
             if e.expires_at <= now:
@@ -628,7 +632,11 @@ class Dataplane:
             return self._drop(DropReason.MALFORMED)
         src = int.from_bytes(packet[8:24], "big")
         dst = int.from_bytes(packet[24:40], "big")
-        proto, ports, nonfirst = _ports6(packet, packet[6])
+        proto = packet[6]
+        ports: tuple[int, int] | None = None
+        nonfirst = False
+        if self._need_ports or proto in _EXT_ALL:
+            proto, ports, nonfirst = _ports6(packet, proto)
         use = self._select(self._out6, self._ghosts6, src, dst, proto, ports, nonfirst, now)
         if use is None:
             return self._clear(packet)
@@ -819,13 +827,19 @@ class Dataplane:
             return self._drop_decrypted(DropReason.MALFORMED, e, inner)
         isrc = int.from_bytes(inner[8:24], "big")
         idst = int.from_bytes(inner[24:40], "big")
-        proto, ports, nonfirst = _ports6(inner, inner[6])
-        rports = (ports[1], ports[0]) if ports is not None else None
-        sel = e.sel
-        if not (
-            _sel_match(sel, isrc, idst, proto, ports, nonfirst)
-            or _sel_match(sel, idst, isrc, proto, rports, nonfirst)
-        ):
+        snet, smask, dnet, dmask, sproto, sp, dp = sel = e.sel
+        if sp or dp or (sproto and inner[6] in _EXT_ALL):
+            proto, ports, nonfirst = _ports6(inner, inner[6])
+            rports = (ports[1], ports[0]) if ports is not None else None
+            ok = _sel_match(sel, isrc, idst, proto, ports, nonfirst) or _sel_match(
+                sel, idst, isrc, proto, rports, nonfirst
+            )
+        else:
+            ok = (not sproto or sproto == inner[6]) and (
+                ((isrc & smask) == snet and (idst & dmask) == dnet)
+                or ((idst & smask) == snet and (isrc & dmask) == dnet)
+            )
+        if not ok:
             return self._drop_decrypted(DropReason.MALFORMED, e, inner)
         oecn = (packet[1] >> 4) & 3
         iecn = (inner[1] >> 4) & 3

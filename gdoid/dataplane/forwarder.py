@@ -416,10 +416,12 @@ class Forwarder:
         send = self._send
         if sock is None or tun is None or send is None:
             return
+        fd = tun.fd
+        write = os.write
         inbound = self.dataplane.inbound
         stats = self.stats
         now = self.clock()
-        n_read = 0
+        n_read = n_written = 0
         try:
             for _ in range(self.batch):
                 try:
@@ -432,11 +434,20 @@ class Forwarder:
                 n_read += 1
                 try:
                     result = inbound(ipv6_header(data, anc, peer[0]) + data, now)
-                    self._deliver(result, tun, send)
+                    out = result.to_tun
+                    if len(out) == 1 and not result.to_network and result.drop is None:
+                        try:
+                            write(fd, out[0])
+                            n_written += 1
+                        except OSError:
+                            stats.tun_write_errors += 1
+                    else:
+                        self._deliver(result, tun, send)
                 except Exception:
                     self._dataplane_failed("inbound")
         finally:
             stats.net_read += n_read
+            stats.tun_written += n_written
 
     def _deliver(self, result: ResultLike, tun: TunDevice, sock: socket.socket) -> None:
         """The general case: any number of packets both ways, and a drop reason."""
