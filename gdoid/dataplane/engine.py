@@ -673,8 +673,8 @@ class Dataplane:
             source = dst
         if src == bytes(16) or src[0] == 0xFF:
             return []
-        # The MTU we report is for the inner packet; below 1280 we still report 1280
-        # only if it fits, else nothing sensible can be said: report what we have.
+        # The room for the inner packet, even below IPv6's 1280 minimum (a WAN MTU too
+        # small for IPv6: wire.md says so; hosts will not go below 1280).
         return [icmp6_packet_too_big(packet, max(room, 0), source)]
 
     def _too_big(
