@@ -459,3 +459,24 @@ def test_extension_header_before_esp_is_dropped_by_reason(run: Run) -> None:
     run.topo.run("ks", sys.executable, "-c", INJECT6, input=good.hex() + "\n", stdin=None)
     wait_until("gm2 to deliver the same ESP without the header",
                lambda: f2.stats()["tun_written"] > after["tun_written"])  # fmt: skip
+
+
+def test_ipv6_policy_routing_installed_then_removed(run: Run) -> None:
+    """gm1 has the IPv6 rules 99/100/101 and table T routes fd00::/16 into the TUN (its own
+    LAN thrown back to main); stopping the forwarder removes all of it.  Runs last: it
+    stops gm1's forwarder."""
+    topo = run.topo
+    rules = topo.run("gm1", "ip", "-6", "rule").stdout
+    assert "99:" in rules and "ipproto esp" in rules and "lookup 26469" in rules
+    assert "100:" in rules and "fwmark 0x6764 lookup main" in rules
+    assert "101:" in rules and "lookup 26468" in rules
+    table = topo.run("gm1", "ip", "-6", "route", "show", "table", "26468").stdout
+    assert "fd00::/16 dev gdoi0" in table and "throw fd00:1::/64" in table
+    assert "local default dev lo" in topo.run("gm1", "ip", "-6", "route", "show", "table", "26469").stdout
+    assert topo.run("gm1", "sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "1"
+    run.fwd[0].stop()
+    assert run.fwd[0].proc.returncode == 0
+    rules = topo.run("gm1", "ip", "-6", "rule").stdout
+    assert "26468" not in rules and "26469" not in rules and "0x6764" not in rules
+    assert topo.run("gm1", "ip", "-6", "route", "show", "table", "26468").stdout.strip() == ""
+    assert topo.run("gm1", "ip", "-6", "route", "show", "table", "26469").stdout.strip() == ""
