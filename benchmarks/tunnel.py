@@ -15,7 +15,10 @@ Prints both sets of figures and the TCP ratio crypto / baseline (target >= 0.7),
 plus the forwarders' CPU time per packet (less sensitive to other load on a
 shared machine than throughput), and one JSON line with everything.  With
 ``--rounds N`` baseline and crypto runs alternate N times and medians are
-compared.  Needs root, iproute2, iperf3.
+compared.  ``--family both`` (default) also gives every GM IPv6 ULAs (LANs
+fd00:1::/64, fd00:2::/64, core fd01::/64), a second TEK for fd00::/16 and runs
+the same iperf3 pair over IPv6 (ESP over IPv6): the figures appear per family.
+Needs root, iproute2, iperf3.
 """
 
 from __future__ import annotations
@@ -39,6 +42,31 @@ from gdoid.dataplane.__main__ import BUILTIN  # noqa: E402
 from gdoid.netlab import HOST_B, Topology, netns_unavailable_reason  # noqa: E402
 
 TUN = "gdoi0"
+HOST_B6 = "fd00:2::2"
+# (namespace, interface, address, LAN default route via) for the IPv6 half.
+IPV6_ADDRESSES = (
+    ("hostA", "eth0", "fd00:1::2/64", "fd00:1::1"),
+    ("gm1", "lan", "fd00:1::1/64", None),
+    ("hostB", "eth0", "fd00:2::2/64", "fd00:2::1"),
+    ("gm2", "lan", "fd00:2::1/64", None),
+    ("gm1", "wan", "fd01::1/64", None),
+    ("gm2", "wan", "fd01::2/64", None),
+)
+
+
+def add_ipv6(topo: Topology) -> None:
+    """ULAs on the netlab topology (which switches IPv6 off), no DAD, GM WAN routes."""
+    for ns in ("hostA", "gm1", "gm2", "hostB"):
+        for key, value in (("accept_dad", "0"), ("accept_ra", "0"), ("disable_ipv6", "0")):
+            for dev in ("all", "default"):
+                topo.sysctl(ns, f"net.ipv6.conf.{dev}.{key}", value)
+    for ns, ifname, address, via in IPV6_ADDRESSES:
+        topo.sysctl(ns, f"net.ipv6.conf.{ifname}.disable_ipv6", "0")
+        topo.ip(ns, "-6", "addr", "add", address, "dev", ifname, "nodad")
+        if via is not None:
+            topo.ip(ns, "-6", "route", "add", "default", "via", via)
+    topo.ip("gm1", "-6", "route", "add", "fd00:2::/64", "via", "fd01::2", "dev", "wan")
+    topo.ip("gm2", "-6", "route", "add", "fd00:1::/64", "via", "fd01::1", "dev", "wan")
 
 
 def start_forwarder(
@@ -88,13 +116,13 @@ def stop_forwarder(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return stats
 
 
-def iperf(topo: Topology, seconds: int, udp: bool) -> dict[str, float]:
+def iperf(topo: Topology, seconds: int, udp: bool, dst: str = HOST_B) -> dict[str, float]:
     server = topo.popen(
         "hostB", "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         time.sleep(0.5)
-        cmd = ["iperf3", "-c", HOST_B, "-t", str(seconds), "-J"]
+        cmd = ["iperf3", "-c", dst, "-t", str(seconds), "-J"]
         if udp:
             cmd += ["-u", "-b", "0", "-l", "1300"]
         res = topo.run("hostA", *cmd, check=False, timeout=seconds + 60)
@@ -128,7 +156,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(topo: Topology, spec: str, seconds: int, options: dict[str, str]) -> dict[str, Any]:
+def measure(
+    topo: Topology, spec: str, seconds: int, options: dict[str, str], ipv6: bool = False
+) -> dict[str, Any]:
     # The same TEK in both GMs, each with its own RFC 6054 sender ID.
     gm1 = start_forwarder(topo, "gm1", spec, "10.2.0.0/16", {**options, "sid": "1"})
     gm2 = start_forwarder(topo, "gm2", spec, "10.1.0.0/16", {**options, "sid": "2"})
@@ -138,6 +168,12 @@ def measure(topo: Topology, spec: str, seconds: int, options: dict[str, str]) ->
         cpu0 = cpu_seconds(gm1.pid) + cpu_seconds(gm2.pid)
         tcp = iperf(topo, seconds, udp=False)
         udp = iperf(topo, seconds, udp=True)
+        six: dict[str, Any] = {}
+        if ipv6:
+            six = {
+                "tcp6": iperf(topo, seconds, False, HOST_B6),
+                "udp6": iperf(topo, seconds, True, HOST_B6),
+            }
         cpu = cpu_seconds(gm1.pid) + cpu_seconds(gm2.pid) - cpu0
     finally:
         s1 = stop_forwarder(gm1)
@@ -147,6 +183,7 @@ def measure(topo: Topology, spec: str, seconds: int, options: dict[str, str]) ->
         "dataplane": spec,
         "tcp": tcp,
         "udp": udp,
+        **six,
         "forwarder_cpu_s": cpu,
         # CPU of both forwarder processes per packet handled (TCP + UDP runs): less
         # sensitive than throughput to other load on the machine.
@@ -169,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rounds", type=int, default=1, help="alternating baseline/crypto rounds (medians)"
     )
+    p.add_argument(
+        "--family", choices=["4", "both"], default="both", help="IPv4 only, or IPv4 and IPv6"
+    )
     args = p.parse_args(argv)
 
     reason = netns_unavailable_reason()
@@ -178,12 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     # One TEK for both GMs, made up here: no key server in this benchmark.
     # 64 random octets: enough for every transform (cipher key, salt, integrity key).
     options = {"key": secrets.token_hex(64), "spi": str(0x1000_0001), "transform": args.transform}
+    ipv6 = args.family == "both"
+    if ipv6:  # a second TEK (own key: never an IV reused under one key) for fd00::/16
+        options.update(src6="fd00::/16", dst6="fd00::/16", key6=secrets.token_hex(64))
     runs: dict[str, list[dict[str, Any]]] = {args.baseline: [], args.crypto: []}
     with Topology() as topo:
+        if ipv6:
+            add_ipv6(topo)
         # Alternate baseline and crypto rounds so both see the same machine load.
         for rnd in range(args.rounds):
             for spec in (args.baseline, args.crypto):
-                r = measure(topo, spec, args.seconds, options)
+                r = measure(topo, spec, args.seconds, options, ipv6)
                 runs[spec].append(r)
                 print(
                     f"round {rnd + 1} {spec:>8}: TCP {r['tcp']['received_mbps']:7.1f} Mbit/s"
@@ -193,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
                     f" forwarder CPU {r['cpu_us_per_packet']:.1f} us/packet",
                     flush=True,
                 )
+                if ipv6:
+                    print(
+                        f"round {rnd + 1} {spec:>8} IPv6: TCP {r['tcp6']['received_mbps']:7.1f} Mbit/s"
+                        f" (retransmits {r['tcp6']['retransmits']}),"
+                        f" UDP {r['udp6']['received_mbps']:7.1f} Mbit/s received"
+                        f" of {r['udp6']['sent_mbps']:.1f} sent ({r['udp6']['lost_percent']:.1f}% lost)",
+                        flush=True,
+                    )
 
     def med(spec: str, *path: str) -> float:
         values = []
@@ -214,12 +267,20 @@ def main(argv: list[str] | None = None) -> int:
             "udp_mbps": med(spec, "udp", "received_mbps"),
             "cpu_us_per_packet": med(spec, "cpu_us_per_packet"),
         }
+        if ipv6:
+            summary[spec]["tcp6_mbps"] = med(spec, "tcp6", "received_mbps")
+            summary[spec]["udp6_mbps"] = med(spec, "udp6", "received_mbps")
         print(
             f"{spec:>8}: TCP {summary[spec]['tcp_mbps']:7.1f} Mbit/s,"
             f" UDP {summary[spec]['udp_mbps']:7.1f} Mbit/s received,"
             f" {summary[spec]['cpu_us_per_packet']:.1f} us CPU/packet"
             + (" (medians)" if args.rounds > 1 else "")
         )
+        if ipv6:
+            print(
+                f"{spec:>8}: TCP {summary[spec]['tcp6_mbps']:7.1f} Mbit/s,"
+                f" UDP {summary[spec]['udp6_mbps']:7.1f} Mbit/s received over IPv6"
+            )
     base, crypto = summary[args.baseline], summary[args.crypto]
     tcp_ratio = crypto["tcp_mbps"] / max(base["tcp_mbps"], 1e-9)
     udp_ratio = crypto["udp_mbps"] / max(base["udp_mbps"], 1e-9)

@@ -4,7 +4,8 @@
 # the same TUN / policy-routing setup, in one run.  Prints both and the ratio
 # (target: crypto >= 0.7 x no-crypto for TCP).  Needs root, iproute2 and iperf3.
 #
-#   benchmarks/tunnel.sh [--seconds 10] [--transform esp-gcm-256] [--crypto gcm] [--baseline null]
+#   benchmarks/tunnel.sh [--seconds 10] [--transform esp-gcm-256] [--crypto gcm] [--baseline null] [--family 4|both]
+# --family both (default) measures IPv6 (ESP over IPv6) beside IPv4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"

@@ -131,7 +131,7 @@ def test_outer_header(name: str) -> None:
     o3 = sa.encapsulate(with_opts)
     assert o3[0] == 0x45 and EspSa(sa.tek).decapsulate(o3)[0] == with_opts
     for bad, reason in (
-        (b"\x60" + bytes(39), DropReason.NOT_IPV4),
+        (b"\x50" + bytes(39), DropReason.NOT_IPV4),  # version 5: IPv6 is handled now
         (inner[:-1], DropReason.MALFORMED),
     ):
         with pytest.raises(EspError) as ei:
@@ -541,7 +541,7 @@ def test_address_preservation_enforced() -> None:
 def test_not_ipv4_and_malformed_outbound() -> None:
     dp = Dataplane()
     dp.install(7, [make_tek()], sids(1), None, T0)
-    v6 = bytes([0x60]) + bytes(39)
+    v6 = bytes([0x50]) + bytes(39)  # version 5: IPv6 is handled now (test_esp6.py)
     assert dp.outbound(v6, T0).drop == DropReason.NOT_IPV4
     bad_len = bytearray(udp())
     struct.pack_into("!H", bad_len, 2, 1000)

@@ -22,17 +22,19 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from ipaddress import IPv4Network
-from typing import Any
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Any, cast
 
 from gdoid import log
 from gdoid.dataplane.forwarder import Forwarder
 from gdoid.dataplane.routing import DEFAULT_LOCAL_TABLE, DEFAULT_MARK, DEFAULT_TABLE
 
-Factory = Callable[[list[IPv4Network], dict[str, str]], Any]
+Factory = Callable[[list[IPv4Network | IPv6Network], dict[str, str]], Any]
 
 
-def engine_dataplane(null: bool, prefixes: list[IPv4Network], options: dict[str, str]) -> Any:
+def engine_dataplane(
+    null: bool, prefixes: list[IPv4Network | IPv6Network], options: dict[str, str]
+) -> Any:
     """The real engine (or its NullDataplane) with one TEK made up from ``options``.
 
     Options: ``key`` (hex, at least the transform's cipher+integrity key length;
@@ -40,7 +42,9 @@ def engine_dataplane(null: bool, prefixes: list[IPv4Network], options: dict[str,
     ``transform`` (default esp-gcm-256), ``src``/``dst`` (the TEK's selector,
     default 10.0.0.0/8 both ways, as a GET VPN ACL), ``sid`` (this GM's RFC 6054
     sender ID, 8 bits: give each GM its own), ``wan_mtu`` (largest outer packet,
-    default 1500), ``fail_close`` (1/0).  The protected prefixes come from the
+    default 1500), ``fail_close`` (1/0).  ``src``/``dst`` may be IPv6 prefixes; ``src6``,
+    ``dst6``, ``key6`` (required with them: a second TEK must not share the first's key
+    and sender ID) and ``spi6`` (default spi + 1) add a second TEK for a dual-stack group.  The protected prefixes come from the
     selector, not from ``--prefix``.
     """
     import time
@@ -61,29 +65,47 @@ def engine_dataplane(null: bool, prefixes: list[IPv4Network], options: dict[str,
         raise ValueError("--option key=HEX is required (the same in every GM)")
     if len(key) < need:
         raise ValueError(f"{transform.name} needs a {need}-octet key")
-    selector = TrafficSelector(
-        IPv4Network(options.get("src", "10.0.0.0/8")), IPv4Network(options.get("dst", "10.0.0.0/8"))
-    )
     now = time.time()
-    tek = Tek(
-        spi=int(options.get("spi", "0x10000001"), 0),
-        policy=TekPolicy(1, transform, selector, configured_lifetime=86400),
-        cipher_key=key[: transform.cipher_key_len],
-        integrity_key=key[transform.cipher_key_len : need],
-        created_at=now,
-        expires_at=now + 86400,
-    )
+
+    def make(spi: int, src: str, dst: str, key: bytes) -> Tek:
+        # TrafficSelector is typed IPv4 by the control plane; the dataplane takes IPv6 in it.
+        selector = TrafficSelector(
+            cast(IPv4Network, ip_network(src)), cast(IPv4Network, ip_network(dst))
+        )
+        return Tek(
+            spi=spi,
+            policy=TekPolicy(1, transform, selector, configured_lifetime=86400),
+            cipher_key=key[: transform.cipher_key_len],
+            integrity_key=key[transform.cipher_key_len : need],
+            created_at=now,
+            expires_at=now + 86400,
+        )
+
+    spi = int(options.get("spi", "0x10000001"), 0)
+    teks = [make(spi, options.get("src", "10.0.0.0/8"), options.get("dst", "10.0.0.0/8"), key)]
+    if "src6" in options or "dst6" in options:
+        if "key6" in options:
+            key6 = bytes.fromhex(options["key6"])
+        elif null:
+            key6 = bytes(need)
+        else:
+            raise ValueError("--option key6=HEX is required with src6/dst6")
+        if len(key6) < need:
+            raise ValueError(f"{transform.name} needs a {need}-octet key6")
+        src6 = options.get("src6", options.get("dst6", ""))
+        dst6 = options.get("dst6", src6)
+        teks.append(make(int(options.get("spi6", hex(spi + 1)), 0), src6, dst6, key6))
     cls = NullDataplane if null else Dataplane
     dp = cls(fail_close=options.get("fail_close") == "1", mtu=int(options.get("wan_mtu", "1500")))
-    dp.install(1, [tek], SenderIds(8, (int(options.get("sid", "1")),)), None, now)
+    dp.install(1, teks, SenderIds(8, (int(options.get("sid", "1")),)), None, now)
     return dp
 
 
-def _null(prefixes: list[IPv4Network], options: dict[str, str]) -> Any:
+def _null(prefixes: list[IPv4Network | IPv6Network], options: dict[str, str]) -> Any:
     return engine_dataplane(True, prefixes, options)
 
 
-def _engine(prefixes: list[IPv4Network], options: dict[str, str]) -> Any:
+def _engine(prefixes: list[IPv4Network | IPv6Network], options: dict[str, str]) -> Any:
     return engine_dataplane(False, prefixes, options)
 
 
@@ -106,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataplane", default="null", help="null, gcm or MODULE:CALLABLE")
     p.add_argument(
-        "--prefix", action="append", default=[], type=IPv4Network, help="protected prefix"
+        "--prefix", action="append", default=[], type=ip_network, help="protected prefix"
     )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tun", default="gdoi0")

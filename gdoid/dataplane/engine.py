@@ -1,8 +1,11 @@
-"""The GM data path, sans-I/O: classify, protect and unprotect IPv4 packets.
+"""The GM data path, sans-I/O: classify, protect and unprotect IPv4 and IPv6 packets.
 
 The I/O side reads plaintext IPv4 packets from a TUN device and hands them to
 :meth:`Dataplane.outbound`; it reads IPv4/ESP packets (header included, as a
 Linux raw socket delivers them) and hands them to :meth:`Dataplane.inbound`.
+IPv6 works the same way (wire.md, ESP over IPv6): plaintext IPv6 packets from the
+TUN, outer IPv6/ESP packets with a plain 40-octet header (the I/O side rebuilds it
+from what an AF_INET6 raw socket reports), TEKs whose selectors are IPv6 prefixes.
 Each call returns a :class:`Result`: packets to send on the WAN (complete IPv4
 packets for an ``IP_HDRINCL`` raw socket, protected or in the clear) and
 packets to write to the TUN.  Nothing here raises out of ``outbound`` /
@@ -25,7 +28,7 @@ import struct
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from gdoid.dataplane.esp import (
@@ -34,6 +37,7 @@ from gdoid.dataplane.esp import (
     EspSa,
     NullEspSa,
     ipv4_checksum,
+    parse_outer6,
 )
 from gdoid.dataplane.replay import SequenceWindow, TbarClock
 from gdoid.log import get_logger
@@ -47,6 +51,7 @@ __all__ = [
     "NullDataplane",
     "fragment_ipv4",
     "icmp_frag_needed",
+    "icmp6_packet_too_big",
 ]
 
 _IPH = struct.Struct("!BBHHHBBHII")
@@ -55,6 +60,12 @@ _SPI = struct.Struct("!I")
 _ICMP_HDR = struct.Struct("!BBHHH")
 _TCP_UDP = (6, 17)
 _ICMP_ERRORS = frozenset((3, 4, 5, 11, 12))
+_IP6H = struct.Struct("!IHBB16s16s")
+# Extension headers an inner IPv6 packet may carry before TCP/UDP (RFC 8200 §4):
+# hop-by-hop, routing, destination options (length in 8-octet units), fragment, AH.
+_EXT_8 = frozenset((0, 43, 60))
+_EXT_ALL = frozenset((0, 43, 44, 51, 60))
+_IPV6_MIN_MTU = 1280
 
 INTERNAL_ERROR_LOG_INTERVAL = 10.0  # seconds between two logged tracebacks
 _TRACEBACK_MAX = 4000  # octets of traceback per log line (the tail: where it was raised)
@@ -107,6 +118,16 @@ class Result:
 _Sel = tuple[int, int, int, int, int, int, int]
 
 
+def _family(sel: TrafficSelector) -> int:
+    """4 or 6.  ``TrafficSelector`` is typed IPv4 by the control plane; the dataplane
+    accepts IPv6 prefixes in it as well (both ends of one selector in one family)."""
+    src: IPv4Network | IPv6Network = sel.src
+    dst: IPv4Network | IPv6Network = sel.dst
+    if src.version != dst.version:
+        raise ValueError(f"selector {sel.describe()} mixes address families")
+    return src.version
+
+
 def _compile(sel: TrafficSelector) -> _Sel:
     return (
         int(sel.src.network_address),
@@ -137,6 +158,33 @@ def _sel_match(
     return True
 
 
+def _ports6(packet: bytes, nh: int) -> tuple[int, tuple[int, int] | None, bool]:
+    """Walk an inner IPv6 packet's extension headers: (upper protocol, ports or None,
+    non-first fragment).  A truncated chain gives protocol 255 and no ports."""
+    off = 40
+    n = len(packet)
+    nonfirst = False
+    for _ in range(8):
+        if nh in _EXT_8:
+            if off + 8 > n:
+                return 255, None, nonfirst
+            nh, off = packet[off], off + ((packet[off + 1] + 1) << 3)
+        elif nh == 44:  # fragment header
+            if off + 8 > n:
+                return 255, None, nonfirst
+            nonfirst = bool(((packet[off + 2] << 8) | packet[off + 3]) & 0xFFF8)
+            nh, off = packet[off], off + 8
+        elif nh == 51:  # AH
+            if off + 8 > n:
+                return 255, None, nonfirst
+            nh, off = packet[off], off + ((packet[off + 1] + 2) << 2)
+        else:
+            break
+    if nh in _TCP_UDP and not nonfirst and off + 4 <= n:
+        return nh, _PORTS.unpack_from(packet, off), False
+    return nh, None, nonfirst
+
+
 def _packet_ports(
     packet: bytes, ihl: int, proto: int, frag: int
 ) -> tuple[tuple[int, int] | None, bool]:
@@ -150,7 +198,8 @@ class _Entry:
     """One installed TEK: its EspSa and what the engine needs per packet."""
 
     __slots__ = ("group", "tek", "sa", "sel", "activate_at", "expires_at", "created_at", "receive_only",
-                 "tbar_window", "replay_size", "windows", "clock", "grp", "room", "ready")  # fmt: skip
+                 "tbar_window", "replay_size", "windows", "clock", "grp", "room", "room6", "ready",
+                 "family")  # fmt: skip
 
     def __init__(self, grp: _Group, tek: Tek, sa: EspSa, activate_at: float) -> None:
         self.group = grp.number
@@ -161,6 +210,7 @@ class _Entry:
         self.windows: dict[int, SequenceWindow] = {}
         self.replay_size = 0
         self.room = 0  # largest inner packet that fits the MTU (set by the Dataplane)
+        self.room6 = 0  # the same for an inner IPv6 packet in outer IPv6 (20 octets more header)
         self.ready = True  # can send: False for AES-GCM without sender IDs (set by the Dataplane)
         self.update(tek)
 
@@ -169,6 +219,7 @@ class _Entry:
         self.tek = tek
         self.sa.set_tek(tek)
         self.sel = _compile(p.selector)
+        self.family = _family(p.selector)
         self.expires_at = tek.expires_at
         self.created_at = tek.created_at
         self.receive_only = p.receive_only
@@ -195,7 +246,8 @@ class _Group:
         self.entries: dict[int, _Entry] = {}
         self.sender_ids: SenderIds | None = None
         self.clock = TbarClock()
-        self.last_selectors: list[_Sel] = []  # of the last non-empty TEK set, for fail-close
+        # (family, selector) of the last non-empty TEK set, for fail-close
+        self.last_selectors: list[tuple[int, _Sel]] = []
         self.tbar_drops = 0
         self.replay_drops = 0
 
@@ -212,6 +264,18 @@ def icmp_frag_needed(inner: bytes, mtu: int, source: int) -> bytes:
     hdr = bytearray(_IPH.pack(0x45, 0xC0, total, 0, 0, 64, 1, 0, source, dst))
     struct.pack_into("!H", hdr, 10, ipv4_checksum(hdr))
     return bytes(hdr + body)
+
+
+def icmp6_packet_too_big(inner: bytes, mtu: int, source: bytes) -> bytes:
+    """An ICMPv6 Packet Too Big (type 2, RFC 4443 §3.2) about ``inner`` from ``source``
+    (16 octets) to the inner source: as much of ``inner`` as fits in 1280 octets."""
+    dst = inner[8:24]  # the inner source
+    quote = inner[: _IPV6_MIN_MTU - 48]
+    length = 8 + len(quote)
+    body = bytearray(struct.pack("!BBHI", 2, 0, 0, mtu) + quote)
+    pseudo = source + dst + struct.pack("!IxxxB", length, 58)
+    struct.pack_into("!H", body, 2, ipv4_checksum(pseudo + body))
+    return _IP6H.pack(0x60000000, length, 58, 255, source, dst) + bytes(body)
 
 
 def _copied_options(options: bytes) -> bytes:
@@ -282,16 +346,24 @@ class Dataplane:
     _sa_class: type[EspSa] = EspSa
 
     def __init__(
-        self, *, fail_close: bool = False, mtu: int = 1400, icmp_source: IPv4Address | None = None
+        self,
+        *,
+        fail_close: bool = False,
+        mtu: int = 1400,
+        icmp_source: IPv4Address | None = None,
+        icmp6_source: IPv6Address | None = None,
     ) -> None:
         self.fail_close = fail_close
         self._mtu = mtu
         self._need_ports = False
         self.icmp_source = int(icmp_source) if icmp_source is not None else None
+        self.icmp6_source = icmp6_source.packed if icmp6_source is not None else None
         self._groups: dict[int, _Group] = {}
         self._by_spi: dict[int, _Entry] = {}
-        self._out: list[_Entry] = []  # newest first
-        self._ghosts: list[_Sel] = []  # selectors of groups that currently have no TEK
+        self._out: list[_Entry] = []  # IPv4 selectors, newest first
+        self._out6: list[_Entry] = []  # IPv6 selectors, newest first
+        self._ghosts: list[_Sel] = []  # IPv4 selectors of groups that currently have no TEK
+        self._ghosts6: list[_Sel] = []
         self._drops: dict[DropReason, int] = {r: 0 for r in DropReason}
         # SPI -> (TEK expiry, IV ranges used) of GCM SAs removed before their TEK expired:
         # if the TEK comes back (clear crypto gdoi, re-registration) its new EspSa skips them,
@@ -365,7 +437,7 @@ class Dataplane:
                 entries[tek.spi] = _Entry(g, tek, sa, tek.created_at + activation_delay)
         g.entries = entries
         if entries:
-            g.last_selectors = list(dict.fromkeys(e.sel for e in entries.values()))
+            g.last_selectors = list(dict.fromkeys((e.family, e.sel) for e in entries.values()))
         self._rebuild()
 
     def remove_group(self, group: int) -> None:
@@ -387,22 +459,33 @@ class Dataplane:
 
     def _rebuild(self) -> None:
         entries = [e for g in self._groups.values() for e in g.entries.values()]
-        self._out = sorted(entries, key=lambda e: e.created_at, reverse=True)
+        newest = sorted(entries, key=lambda e: e.created_at, reverse=True)
+        self._out = [e for e in newest if e.family == 4]
+        self._out6 = [e for e in newest if e.family == 6]
         self._by_spi = {e.sa.spi: e for e in sorted(entries, key=lambda e: e.created_at)}
-        self._ghosts = [s for g in self._groups.values() if not g.entries for s in g.last_selectors]
+        ghosts = [fs for g in self._groups.values() if not g.entries for fs in g.last_selectors]
+        self._ghosts = [s for f, s in ghosts if f == 4]
+        self._ghosts6 = [s for f, s in ghosts if f == 6]
         for e in entries:
             e.room = e.sa.max_inner(self._mtu, e.sa.tbar)
+            e.room6 = e.sa.max_inner(self._mtu - 20, e.sa.tbar)
             e.ready = not e.sa.is_gcm or e.sa.sender_ids is not None
-        self._need_ports = any(s[5] or s[6] for s in [e.sel for e in entries] + self._ghosts)
+        self._need_ports = any(
+            s[5] or s[6] for s in [e.sel for e in entries] + self._ghosts + self._ghosts6
+        )
 
-    def protected_prefixes(self) -> list[IPv4Network]:
+    def protected_prefixes(self) -> list[IPv4Network | IPv6Network]:
         """Destination prefixes to route into the TUN (including groups that lost
-        their TEKs, so that fail-close can drop their traffic)."""
+        their TEKs, so that fail-close can drop their traffic), IPv4 first."""
         sels = [e.sel for e in self._out] + self._ghosts
-        nets = {
+        sels6 = [e.sel for e in self._out6] + self._ghosts6
+        nets: set[IPv4Network | IPv6Network] = {
             ipaddress.IPv4Network((dnet, bin(dmask).count("1"))) for _, _, dnet, dmask, *_ in sels
         }
-        return sorted(nets, key=lambda n: (int(n.network_address), n.prefixlen))
+        nets |= {
+            ipaddress.IPv6Network((dnet, bin(dmask).count("1"))) for _, _, dnet, dmask, *_ in sels6
+        }
+        return sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
 
     # --- counting ------------------------------------------------------------
 
@@ -449,6 +532,8 @@ class Dataplane:
             if n == 0:
                 return self._drop(DropReason.MALFORMED)
             if packet[0] >> 4 != 4:
+                if packet[0] >> 4 == 6:
+                    return self._outbound6(packet, n, now)
                 return self._drop(DropReason.NOT_IPV4)
             if n < 20:
                 return self._drop(DropReason.MALFORMED)
@@ -512,6 +597,93 @@ class Dataplane:
         except Exception:  # a bug: never let it out; counted and logged, not "malformed"
             return self._internal_error("outbound", now, use)
 
+    def _select(
+        self,
+        entries: list[_Entry],
+        ghosts: list[_Sel],
+        src: int,
+        dst: int,
+        proto: int,
+        ports: tuple[int, int] | None,
+        nonfirst: bool,
+        now: float,
+    ) -> _Entry | DropReason | None:
+        """The entry to protect with (newest usable first, else the oldest pending one),
+        FAIL_CLOSE, or None to send in the clear (the IPv4 path inlines this)."""
+        pending: _Entry | None = None
+        matched = False
+        for e in entries:
+            snet, smask, dnet, dmask, sproto, sp, dp = e.sel
+            if (src & smask) != snet or (dst & dmask) != dnet or (sproto and sproto != proto):
+                continue
+            if (sp or dp) and not _sel_match(e.sel, src, dst, proto, ports, nonfirst):
+                continue
+            matched = True
+            if e.expires_at <= now:
+                continue
+            if e.activate_at > now or not e.ready:
+                pending = e
+                continue
+            return e
+        if pending is not None:
+            return pending
+        if not matched:
+            matched = any(_sel_match(s, src, dst, proto, ports, nonfirst) for s in ghosts)
+        if matched and self.fail_close:
+            return DropReason.FAIL_CLOSE
+        return None
+
+    def _outbound6(self, packet: bytes, n: int, now: float) -> Result:
+        """A plaintext IPv6 packet read from the TUN (called from :meth:`outbound`)."""
+        if n < 40 or 40 + ((packet[4] << 8) | packet[5]) != n:
+            return self._drop(DropReason.MALFORMED)
+        src = int.from_bytes(packet[8:24], "big")
+        dst = int.from_bytes(packet[24:40], "big")
+        proto = packet[6]
+        ports: tuple[int, int] | None = None
+        nonfirst = False
+        if self._need_ports or proto in _EXT_ALL:
+            proto, ports, nonfirst = _ports6(packet, proto)
+        use = self._select(self._out6, self._ghosts6, src, dst, proto, ports, nonfirst, now)
+        if use is None:
+            return self._clear(packet)
+        if isinstance(use, DropReason):
+            return self._drop(use)
+        if use.receive_only:
+            return self._clear(packet)
+        sa = use.sa
+        pseudotime = None
+        if sa.tbar:
+            pseudotime = use.clock.estimate(now)
+            if pseudotime is None:
+                return self._drop(DropReason.TBAR, use)
+        if n > use.room6:
+            # IPv6 routers never fragment (RFC 8200 §5): tell the sender the room we have.
+            return self._drop(DropReason.TOO_BIG, use, self._icmp6_for(packet, use.room6))
+        try:
+            out = sa.seal6(packet, n, pseudotime)
+        except EspError as exc:
+            return self._drop(exc.reason, use)
+        return Result([out], [])
+
+    def _icmp6_for(self, packet: bytes, room: int) -> list[bytes]:
+        proto, _ports, nonfirst = _ports6(packet, packet[6])
+        if nonfirst:
+            return []
+        if proto == 58 and len(packet) > 40 and packet[6] == 58 and packet[40] < 128:
+            return []  # never an ICMPv6 error about an ICMPv6 error (RFC 4443 §2.4 e.1)
+        src, dst = packet[8:24], packet[24:40]
+        source = self.icmp6_source
+        if source is None:
+            if dst[0] == 0xFF:
+                return []  # multicast destination: no usable source
+            source = dst
+        if src == bytes(16) or src[0] == 0xFF:
+            return []
+        # The room for the inner packet, even below IPv6's 1280 minimum (a WAN MTU too
+        # small for IPv6: wire.md says so; hosts will not go below 1280).
+        return [icmp6_packet_too_big(packet, max(room, 0), source)]
+
     def _too_big(
         self, entry: _Entry, packet: bytes, ihl: int, df: int, pseudotime: int | None
     ) -> Result:
@@ -553,6 +725,9 @@ class Dataplane:
         e: _Entry | None = None
         try:
             n = len(packet)
+            if n and packet[0] >> 4 == 6:
+                e = None
+                return self._inbound6(packet, now)
             if n < 20:
                 return self._drop(
                     DropReason.NOT_IPV4 if n and packet[0] >> 4 != 4 else DropReason.MALFORMED
@@ -589,7 +764,14 @@ class Dataplane:
                 inner
             )
             ihl = (ivihl & 15) << 2
-            if ivihl >> 4 != 4 or ihl < 20 or itotal != m or isrc != src or idst != dst:
+            if (
+                ivihl >> 4 != 4
+                or ihl < 20
+                or itotal != m
+                or isrc != src
+                or idst != dst
+                or e.family != 4
+            ):
                 return self._drop_decrypted(DropReason.MALFORMED, e, inner)
             snet, smask, dnet, dmask, sproto, sp, dp = sel = e.sel
             if sp or dp:
@@ -616,6 +798,71 @@ class Dataplane:
             return self._drop(exc.reason)
         except Exception:  # a bug: never let it out; counted and logged, not "malformed"
             return self._internal_error("inbound", now, e)
+
+    def _inbound6(self, packet: bytes, now: float) -> Result:
+        """An outer IPv6/ESP packet (called from :meth:`inbound`, which catches)."""
+        e: _Entry | None = None
+        end = parse_outer6(packet)  # EspError: counted by the caller
+        e = self._by_spi.get(_SPI.unpack_from(packet, 40)[0])
+        if e is None:
+            return self._drop(DropReason.NO_SA)
+        if e.expires_at <= now:
+            return self._drop(DropReason.EXPIRED, e)
+        try:
+            inner, pseudotime, seq = e.sa.open(packet, 40, end)
+        except EspError as exc:
+            return self._drop(exc.reason, e)
+        if e.tbar_window is not None:
+            est = e.clock.estimate(now)
+            if pseudotime is None or est is None or abs(pseudotime - est) > e.tbar_window:
+                return self._drop_decrypted(DropReason.TBAR, e, inner)
+        if e.replay_size:
+            key = int.from_bytes(packet[8:24], "big")
+            w = e.windows.get(key)
+            if w is None:
+                w = e.windows[key] = SequenceWindow(e.replay_size)
+            if not w.check_and_update(seq):
+                return self._drop_decrypted(DropReason.REPLAY, e, inner)
+        m = len(inner)
+        if (
+            m < 40
+            or inner[0] >> 4 != 6
+            or e.family != 6
+            or 40 + ((inner[4] << 8) | inner[5]) != m
+            or inner[8:40] != packet[8:40]  # address preservation: both addresses
+        ):
+            return self._drop_decrypted(DropReason.MALFORMED, e, inner)
+        isrc = int.from_bytes(inner[8:24], "big")
+        idst = int.from_bytes(inner[24:40], "big")
+        snet, smask, dnet, dmask, sproto, sp, dp = sel = e.sel
+        if sp or dp or (sproto and inner[6] in _EXT_ALL):
+            proto, ports, nonfirst = _ports6(inner, inner[6])
+            rports = (ports[1], ports[0]) if ports is not None else None
+            ok = _sel_match(sel, isrc, idst, proto, ports, nonfirst) or _sel_match(
+                sel, idst, isrc, proto, rports, nonfirst
+            )
+        else:
+            ok = (not sproto or sproto == inner[6]) and (
+                ((isrc & smask) == snet and (idst & dmask) == dnet)
+                or ((idst & smask) == snet and (isrc & dmask) == dnet)
+            )
+        if not ok:
+            return self._drop_decrypted(DropReason.MALFORMED, e, inner)
+        oecn = (packet[1] >> 4) & 3
+        iecn = (inner[1] >> 4) & 3
+        if oecn and oecn != iecn:
+            # RFC 6040 §4.2, as for IPv4; the ECN field is bits 4-5 of octet 1.
+            if oecn == 3:
+                if iecn == 0:
+                    return self._drop_decrypted(DropReason.MALFORMED, e, inner)
+                new = 3
+            elif oecn == 1 and iecn == 2:
+                new = 1
+            else:
+                new = iecn
+            if new != iecn:
+                inner = inner[:1] + bytes(((inner[1] & 0xCF) | (new << 4),)) + inner[2:]
+        return Result([], [inner])
 
     @staticmethod
     def _ecn_decap(inner: bytes, ihl: int, itos: int, oecn: int) -> bytes | None:

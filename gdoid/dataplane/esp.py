@@ -52,6 +52,10 @@ __all__ = [
     "NullEspSa",
     "IPPROTO_ESP",
     "NH_IPV4",
+    "NH_IPV6",
+    "IPV6_EXT_HEADERS",
+    "parse_outer6",
+    "parse_inner6",
     "NH_TBAR",
     "TBAR_LEN",
     "ICV_LEN",
@@ -68,7 +72,8 @@ class DropReason(StrEnum):
     FAIL_CLOSE = "fail-close"
     TOO_BIG = "too-big"
     COUNTER_EXHAUSTED = "counter-exhausted"
-    NOT_IPV4 = "not-ipv4"
+    NOT_IPV4 = "not-ipv4"  # neither IPv4 nor IPv6 (the name predates IPv6 support)
+    IPV6_EXT_HEADER = "ipv6-ext-header"  # an IPv6 extension header before ESP
     EXPIRED = "expired"
     INTERNAL_ERROR = "internal-error"  # a bug in the data path, not a bad packet
 
@@ -83,6 +88,10 @@ class EspError(Exception):
 
 IPPROTO_ESP = 50
 NH_IPV4 = 4
+NH_IPV6 = 41
+# Next-header values that are IPv6 extension headers (RFC 8200 §4, RFC 7045): hop-by-hop,
+# routing, fragment, AH, destination options, mobility, HIP, shim6, experimental.
+IPV6_EXT_HEADERS = frozenset((0, 43, 44, 51, 60, 135, 139, 140, 253, 254))
 NH_TBAR = 253
 TBAR_LEN = 12
 ICV_LEN = 16
@@ -101,6 +110,11 @@ _urandom = os.urandom
 _PADS = [bytes(range(1, n + 1)) for n in range(256)]
 _TRAILER_IPV4 = [_PADS[n] + bytes((n, NH_IPV4)) for n in range(16)]
 _TRAILER_TBAR = [_PADS[n] + bytes((n, NH_TBAR)) for n in range(16)]
+_TRAILER_IPV6 = [_PADS[n] + bytes((n, NH_IPV6)) for n in range(16)]
+_IP6H = struct.Struct(
+    "!4sHBB16s16s"
+)  # vtcfl | payload length | next header | hop limit | src | dst
+_IP6_OUT = struct.Struct("!4sHBB")  # outer IPv6 header up to the addresses
 
 # Outer overhead beyond the (padded) plaintext: IPv4 20 + ESP 8 + IV + ICV 16.
 _GCM_FIXED = 20 + 8 + 8 + ICV_LEN
@@ -158,6 +172,45 @@ def parse_inner(inner: bytes) -> tuple[int, int, int, int, int, int]:
     if (vihl & 15) < 5 or total != n:
         raise EspError(DropReason.MALFORMED, "IPv4 lengths")
     return n, tos, frag, ttl, src, dst
+
+
+def parse_outer6(packet: bytes) -> int:
+    """Check an outer IPv6/ESP packet (40-octet header, then ESP); returns its end."""
+    n = len(packet)
+    if n < 40:
+        raise EspError(DropReason.MALFORMED, "short IPv6 header")
+    if packet[0] >> 4 != 6:
+        raise EspError(DropReason.NOT_IPV4)
+    plen = (packet[4] << 8) | packet[5]
+    nh = packet[6]
+    if nh != IPPROTO_ESP:
+        if nh in IPV6_EXT_HEADERS:
+            raise EspError(DropReason.IPV6_EXT_HEADER, f"next header {nh}")
+        raise EspError(DropReason.MALFORMED, "not ESP")
+    if 40 + plen > n or plen < 8:
+        raise EspError(DropReason.MALFORMED, "IPv6 payload length")
+    return 40 + plen
+
+
+def parse_inner6(inner: bytes) -> int:
+    """Check a plaintext IPv6 packet; returns its length (no jumbograms)."""
+    n = len(inner)
+    if n < 40:
+        raise EspError(DropReason.MALFORMED, "short IPv6 header")
+    if inner[0] >> 4 != 6:
+        raise EspError(DropReason.NOT_IPV4)
+    if 40 + ((inner[4] << 8) | inner[5]) != n:
+        raise EspError(DropReason.MALFORMED, "IPv6 payload length")
+    return n
+
+
+def outer6_header(inner: bytes, esp_len: int) -> bytes:
+    """The outer IPv6 header for ``inner`` (wire.md, ESP over IPv6): version, traffic
+    class (DSCP and ECN, RFC 6040 normal mode), flow label, hop limit and both
+    addresses copied from the inner header; next header ESP."""
+    if esp_len > 0xFFFF:
+        raise EspError(DropReason.TOO_BIG)
+    return _IP6_OUT.pack(inner[:4], esp_len, IPPROTO_ESP, inner[7]) + inner[8:40]
 
 
 class EspSa:
@@ -345,6 +398,9 @@ class EspSa:
         ``pseudotime_ms`` not None adds the TBAR metadata (next header 253).
         """
         n = len(inner)
+        if n and inner[0] >> 4 == 6:
+            parse_inner6(inner)
+            return self.seal6(inner, n, pseudotime_ms)
         if n < 20:
             parse_inner(inner)  # raises with the right reason
         vihl, tos, total, _i, frag, ttl, _p, _c, src, dst = _IPH.unpack_from(inner)
@@ -354,8 +410,10 @@ class EspSa:
         return self.seal(inner, n, tos, frag & 0x4000, ttl, src, dst, pseudotime_ms)
 
     def decapsulate(self, outer: bytes) -> tuple[bytes, int | None]:
-        """Unprotect one outer IPv4 packet; returns (inner packet, pseudotime or None)."""
+        """Unprotect one outer IPv4 or IPv6 packet; returns (inner packet, pseudotime or None)."""
         n = len(outer)
+        if n and outer[0] >> 4 == 6:
+            return self.open(outer, 40, parse_outer6(outer))[:2]
         if n >= 20:
             vihl, _tos, total, _i, frag, _ttl, proto, _c, _s, _d = _IPH.unpack_from(outer)
             if vihl == 0x45 and 28 <= total <= n and proto == IPPROTO_ESP and not frag & 0x3FFF:
@@ -377,8 +435,22 @@ class EspSa:
         """Encapsulate an already parsed inner packet (``df`` = 0x4000 or 0)."""
         raise NotImplementedError
 
+    def seal6(self, inner: bytes, n: int, pseudotime_ms: int | None) -> bytes:
+        """Encapsulate an already checked inner IPv6 packet of ``n`` octets in outer IPv6."""
+        esp = self.esp6(inner, n, pseudotime_ms)
+        self.pkts_encaps += 1
+        self.bytes_encaps += n
+        return outer6_header(inner, len(esp)) + esp
+
+    def esp6(self, inner: bytes, n: int, pseudotime_ms: int | None) -> bytes:
+        """SPI | seq | [IV] | ciphertext | ICV for an inner IPv6 packet (next header 41)."""
+        raise NotImplementedError
+
     def open(self, pkt: bytes, off: int, end: int) -> tuple[bytes, int | None, int]:
-        """Verify and decrypt the ESP packet at pkt[off:end]; returns (inner, pseudotime, seq)."""
+        """Verify and decrypt the ESP packet at pkt[off:end]; returns (inner, pseudotime, seq).
+
+        The inner packet's family is the ESP next header's (4 or 41): callers check
+        the inner version nibble against the outer family."""
         raise NotImplementedError
 
     def _unpad(self, pt: bytes, seq: int) -> tuple[bytes, int | None, int]:
@@ -392,7 +464,9 @@ class EspSa:
             raise EspError(DropReason.MALFORMED, "pad length")
         if padlen and pt[stop : m - 2] != _PADS[padlen]:
             raise EspError(DropReason.MALFORMED, "padding bytes")
-        if nh == NH_IPV4:
+        if nh in (NH_IPV4, NH_IPV6):
+            if nh == NH_IPV6 and (stop < 40 or pt[0] >> 4 != 6):
+                raise EspError(DropReason.MALFORMED, "next header 41 on a non-IPv6 packet")
             self.pkts_decaps += 1
             self.bytes_decaps += stop
             return pt[:stop], None, seq
@@ -400,8 +474,10 @@ class EspSa:
             if stop < TBAR_LEN:
                 raise EspError(DropReason.MALFORMED, "short TBAR metadata")
             orig_nh, length, _res, pseudotime = _TBAR.unpack_from(pt)
-            if orig_nh != NH_IPV4 or length != TBAR_LEN:
+            if orig_nh not in (NH_IPV4, NH_IPV6) or length != TBAR_LEN:
                 raise EspError(DropReason.MALFORMED, "TBAR metadata")
+            if orig_nh == NH_IPV6 and (stop < TBAR_LEN + 40 or pt[TBAR_LEN] >> 4 != 6):
+                raise EspError(DropReason.MALFORMED, "next header 41 on a non-IPv6 packet")
             self.pkts_decaps += 1
             self.bytes_decaps += stop - TBAR_LEN
             return pt[TBAR_LEN:stop], pseudotime, seq
@@ -468,6 +544,29 @@ class GcmEspSa(EspSa):
         self.bytes_encaps += n
         return hdr + self._aead.encrypt(_NONCE.pack(self._salt, iv), pt, hdr[20:28])
 
+    def esp6(self, inner: bytes, n: int, pseudotime_ms: int | None) -> bytes:
+        if pseudotime_ms is None:
+            pt = inner + _TRAILER_IPV6[-(n + 2) & 3]
+        else:
+            pt = (
+                _TBAR.pack(NH_IPV6, TBAR_LEN, 0, pseudotime_ms)
+                + inner
+                + _TRAILER_TBAR[-(n + 14) & 3]
+            )
+        if 16 + len(pt) + ICV_LEN > 0xFFFF:
+            raise EspError(DropReason.TOO_BIG)
+        c = self._ctr
+        if c >= self._ctr_end:
+            c = self._next_range()
+        seq = self._seq + 1
+        if seq > _SEQ_MAX:
+            seq = self._next_seq()
+        self._ctr = c + 1
+        self._seq = seq
+        iv = self._iv_base | c
+        hdr = _ESP_HDR.pack(self.spi, seq, iv)
+        return hdr + self._aead.encrypt(_NONCE.pack(self._salt, iv), pt, hdr[:8])
+
     def decapsulate(self, outer: bytes) -> tuple[bytes, int | None]:
         # parse_outer + open, inlined: this is the hot path
         n = len(outer)
@@ -475,8 +574,7 @@ class GcmEspSa(EspSa):
             parse_outer(outer)
         vihl, _tos, total, _i, frag, _ttl, proto, _c, _s, _d = _IPH.unpack_from(outer)
         if vihl != 0x45 or total > n or proto != IPPROTO_ESP or frag & 0x3FFF:
-            hl, total, _tos, _src, _dst = parse_outer(outer)
-            return self.open(outer, hl, total)[:2]
+            return EspSa.decapsulate(self, outer)
         if total < 20 + 8 + 8 + 2 + ICV_LEN:
             raise EspError(DropReason.MALFORMED, "short ESP packet")
         spi, seq, iv = _ESP_HDR.unpack_from(outer, 20)
@@ -577,6 +675,25 @@ class CbcEspSa(EspSa):
         self.bytes_encaps += n
         return b"".join((hdr, ct, mac.finalize()[:16]))
 
+    def esp6(self, inner: bytes, n: int, pseudotime_ms: int | None) -> bytes:
+        if pseudotime_ms is None:
+            pt = b"".join((_urandom(16), inner, _TRAILER_IPV6[-(n + 2) & 15]))
+        else:
+            meta = _TBAR.pack(NH_IPV6, TBAR_LEN, 0, pseudotime_ms)
+            pt = b"".join((_urandom(16), meta, inner, _TRAILER_TBAR[-(n + 14) & 15]))
+        if 8 + len(pt) + ICV_LEN > 0xFFFF:
+            raise EspError(DropReason.TOO_BIG)
+        seq = self._seq + 1
+        if seq > _SEQ_MAX:
+            seq = self._next_seq()
+        self._seq = seq
+        hdr = _SPISEQ.pack(self.spi, seq)
+        ct = self._enc.update(pt)  # IV | ciphertext
+        mac = self._mac.copy()
+        mac.update(hdr)
+        mac.update(ct)
+        return b"".join((hdr, ct, mac.finalize()[:16]))
+
     def open(self, pkt: bytes, off: int, end: int) -> tuple[bytes, int | None, int]:
         n = end - off
         if n < 8 + 16 + 16 + ICV_LEN or (n - 8 - ICV_LEN) & 15:
@@ -648,7 +765,13 @@ class NullEspSa(EspSa):
         self.bytes_encaps += n
         return hdr + meta + inner
 
+    def esp6(self, inner: bytes, n: int, pseudotime_ms: int | None) -> bytes:
+        meta = b"" if pseudotime_ms is None else _TBAR.pack(NH_IPV6, TBAR_LEN, 0, pseudotime_ms)
+        return _SPISEQ.pack(self.spi, self._next_seq()) + meta + inner
+
     def open(self, pkt: bytes, off: int, end: int) -> tuple[bytes, int | None, int]:
+        if end - off < 8:
+            raise EspError(DropReason.MALFORMED, "short ESP packet")
         spi, seq = _SPISEQ.unpack_from(pkt, off)
         if spi != self.spi:
             raise EspError(DropReason.NO_SA)
@@ -658,7 +781,7 @@ class NullEspSa(EspSa):
             if end - start < TBAR_LEN:
                 raise EspError(DropReason.MALFORMED, "short TBAR metadata")
             orig_nh, length, _res, pseudotime = _TBAR.unpack_from(pkt, start)
-            if orig_nh != NH_IPV4 or length != TBAR_LEN:
+            if orig_nh not in (NH_IPV4, NH_IPV6) or length != TBAR_LEN:
                 raise EspError(DropReason.MALFORMED, "TBAR metadata")
             start += TBAR_LEN
         self.pkts_decaps += 1

@@ -12,6 +12,10 @@ send".  Three rules and two tables sort it out::
               throw <connected prefix>         # the GM's own networks never enter the TUN
     table L:  local 0.0.0.0/0 dev lo           # ESP for hosts behind us is delivered locally
 
+IPv6 prefixes get the same rules and tables in the IPv6 routing (``ip -6 rule``,
+``ip -6 route``; table L then holds ``local ::/0 dev lo``); IPv6 forwarding is
+switched on only once an IPv6 prefix is protected.
+
 Unmarked traffic (from the LAN, or the GM itself) for a protected prefix goes
 into the TUN; the forwarder's raw send socket carries mark M, so what it emits
 is routed by the main table (the WAN routes).  ESP that arrives on the WAN for
@@ -30,7 +34,7 @@ import atexit
 import errno
 import socket
 from collections.abc import Iterable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +61,20 @@ _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 log = get_logger("gdoid.dataplane")
 
 
-def _networks(prefixes: Iterable[IPv4Network | str]) -> set[IPv4Network]:
-    return {IPv4Network(p, strict=False) for p in prefixes}
+Network = IPv4Network | IPv6Network
+_FAMILIES = ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"))
+
+
+def _networks(prefixes: Iterable[Network | str]) -> set[Network]:
+    return {ip_network(p, strict=False) for p in prefixes}
+
+
+def _order(net: Network) -> tuple[int, int, int]:
+    return net.version, int(net.network_address), net.prefixlen
+
+
+def _family(net: Network) -> int:
+    return socket.AF_INET6 if net.version == 6 else socket.AF_INET
 
 
 def write_sysctl(parts: Iterable[str], value: str, root: Path = Path("/proc/sys")) -> None:
@@ -82,7 +98,7 @@ class RouteSetup:
     def __init__(
         self,
         tun_name: str,
-        prefixes: Iterable[IPv4Network | str] = (),
+        prefixes: Iterable[Network | str] = (),
         *,
         wan_interface: str | None = None,
         mark: int = DEFAULT_MARK,
@@ -100,11 +116,12 @@ class RouteSetup:
         self.local_table = local_table
         self.sysctl_root = sysctl_root
         self.applied = False
+        self._v6_applied = False  # IPv6 rules in place (added once an IPv6 prefix shows up)
         self._atexit = False
 
     # --- public ---------------------------------------------------------
 
-    def apply(self, prefixes: Iterable[IPv4Network | str] | None = None) -> None:
+    def apply(self, prefixes: Iterable[Network | str] | None = None) -> None:
         """Install everything, first clearing leftovers of an earlier run (idempotent)."""
         if prefixes is not None:
             self.prefixes = _networks(prefixes)
@@ -126,16 +143,20 @@ class RouteSetup:
             self._sync_tun_table(ipr, tun)
             if wan is not None:
                 lo = self._ifindex(ipr, "lo")
-                ipr.route(
-                    "replace",
-                    dst="0.0.0.0/0",
-                    type="local",
-                    oif=lo,
-                    table=self.local_table,
-                    scope=RT_SCOPE_HOST,
-                )
-            for spec in self._rule_specs():
-                ipr.rule("add", **spec)
+                for family, anyaddr in self._families():
+                    ipr.route(
+                        "replace",
+                        family=family,
+                        dst=f"{anyaddr}/0",
+                        type="local",
+                        oif=lo,
+                        table=self.local_table,
+                        scope=RT_SCOPE_HOST,
+                    )
+            for family, _any in self._families():
+                for spec in self._rule_specs():
+                    ipr.rule("add", family=family, **spec)
+            self._v6_applied = self._v6
         self.applied = True
         if not self._atexit:
             atexit.register(self.remove)
@@ -147,7 +168,7 @@ class RouteSetup:
             prefixes=sorted(str(p) for p in self.prefixes),
         )
 
-    def update(self, prefixes: Iterable[IPv4Network | str]) -> None:
+    def update(self, prefixes: Iterable[Network | str]) -> None:
         """Replace the TUN routes with ``prefixes`` (and refresh the connected throws)."""
         self.prefixes = _networks(prefixes)
         if not self.applied:
@@ -156,6 +177,8 @@ class RouteSetup:
             tun = self._ifindex(ipr, self.tun_name)
             if tun is None:
                 raise ValueError(f"TUN interface {self.tun_name!r} does not exist")
+            if self._v6 and not self._v6_applied:
+                self._add_v6(ipr)
             self._sync_tun_table(ipr, tun)
         log.info("dataplane_routes_updated", prefixes=sorted(str(p) for p in self.prefixes))
 
@@ -172,20 +195,41 @@ class RouteSetup:
                 atexit.unregister(self.remove)
                 self._atexit = False
 
-    def connected_prefixes(self, ipr: IPRoute | None = None) -> set[IPv4Network]:
-        """The prefixes of every IPv4 address on this host, except the TUN's."""
+    def connected_prefixes(self, ipr: IPRoute | None = None) -> set[Network]:
+        """The prefixes of every IPv4 and IPv6 address on this host, except the TUN's."""
         if ipr is None:
             with IPRoute() as own:
                 return self.connected_prefixes(own)
         tun = self._ifindex(ipr, self.tun_name)
-        out: set[IPv4Network] = set()
-        for msg in ipr.get_addr(family=socket.AF_INET):
-            if msg["index"] == tun:
-                continue
-            address = msg.get("address") or msg.get("local")
-            if address:
-                out.add(IPv4Network(f"{address}/{msg['prefixlen']}", strict=False))
+        out: set[Network] = set()
+        for family, _any in _FAMILIES:
+            for msg in ipr.get_addr(family=family):
+                if msg["index"] == tun:
+                    continue
+                address = msg.get("address") or msg.get("local")
+                if address:
+                    out.add(ip_network(f"{address}/{msg['prefixlen']}", strict=False))
         return out
+
+    @property
+    def _v6(self) -> bool:
+        return any(p.version == 6 for p in self.prefixes)
+
+    def _families(self) -> list[tuple[int, str]]:
+        """The families whose rules are installed: IPv4 always, IPv6 with an IPv6 prefix."""
+        return list(_FAMILIES) if self._v6 else [_FAMILIES[0]]
+
+    def _add_v6(self, ipr: IPRoute) -> None:
+        """The IPv6 half of :meth:`apply`, when the first IPv6 prefix comes with an update."""
+        self._sysctls()
+        if self.wan_interface is not None:
+            ipr.route(
+                "replace", family=socket.AF_INET6, dst="::/0", type="local",
+                oif=self._ifindex(ipr, "lo"), table=self.local_table, scope=RT_SCOPE_HOST,
+            )  # fmt: skip
+        for spec in self._rule_specs():
+            ipr.rule("add", family=socket.AF_INET6, **spec)
+        self._v6_applied = True
 
     # --- internals ------------------------------------------------------
 
@@ -218,10 +262,17 @@ class RouteSetup:
         return False
 
     def _remove_rules(self, ipr: IPRoute) -> None:
-        for rule in ipr.get_rules(family=socket.AF_INET):
+        self._v6_applied = False
+        for family, _any in _FAMILIES:
+            self._remove_family_rules(ipr, family)
+
+    def _remove_family_rules(self, ipr: IPRoute, family: int) -> None:
+        for rule in ipr.get_rules(family=family):
             if not self._ours(rule):
                 continue
-            spec: dict[str, Any] = dict(priority=rule.get("priority"), table=rule.get("table"))
+            spec: dict[str, Any] = dict(
+                family=family, priority=rule.get("priority"), table=rule.get("table")
+            )
             for key in ("fwmark", "iifname", "ip_proto"):
                 if rule.get(key) is not None:
                     spec[key] = rule.get(key)
@@ -232,12 +283,16 @@ class RouteSetup:
                     raise
 
     def _flush(self, ipr: IPRoute, table: int) -> None:
-        for route in ipr.get_routes(family=socket.AF_INET, table=table):
-            self._del_route(ipr, route)
+        for family, _any in _FAMILIES:
+            for route in ipr.get_routes(family=family, table=table):
+                self._del_route(ipr, route)
 
     def _del_route(self, ipr: IPRoute, route: Any) -> None:
+        family = route["family"]
+        anyaddr = "::" if family == socket.AF_INET6 else "0.0.0.0"
         spec: dict[str, Any] = dict(
-            dst=f"{route.get('dst') or '0.0.0.0'}/{route['dst_len']}",
+            family=family,
+            dst=f"{route.get('dst') or anyaddr}/{route['dst_len']}",
             table=route.get("table"),
             type=route["type"],
             scope=route["scope"],
@@ -254,26 +309,31 @@ class RouteSetup:
         wanted = {p for p in self.prefixes if p not in throws}
         for p in self.prefixes - wanted:
             log.warning("dataplane_prefix_is_connected", prefix=str(p))
-        current = ipr.get_routes(family=socket.AF_INET, table=self.table)
-        for route in current:
-            net = IPv4Network(f"{route.get('dst') or '0.0.0.0'}/{route['dst_len']}")
-            keep = (route["type"] == RTN_THROW and net in throws) or (
-                route["type"] == RTN_UNICAST and route.get("oif") == tun and net in wanted
-            )
-            if not keep:
-                self._del_route(ipr, route)
-        for net in sorted(throws):
+        if not self._v6:
+            throws = {t for t in throws if t.version == 4}
+        for family, anyaddr in _FAMILIES:
+            for route in ipr.get_routes(family=family, table=self.table):
+                net = ip_network(f"{route.get('dst') or anyaddr}/{route['dst_len']}")
+                keep = (route["type"] == RTN_THROW and net in throws) or (
+                    route["type"] == RTN_UNICAST and route.get("oif") == tun and net in wanted
+                )
+                if not keep:
+                    self._del_route(ipr, route)
+        for net in sorted(throws, key=_order):
             ipr.route(
-                "replace", dst=str(net), type="throw", table=self.table, scope=RT_SCOPE_UNIVERSE
-            )
-        for net in sorted(wanted):
-            ipr.route("replace", dst=str(net), oif=tun, table=self.table)
+                "replace", family=_family(net), dst=str(net), type="throw", table=self.table,
+                scope=RT_SCOPE_UNIVERSE,
+            )  # fmt: skip
+        for net in sorted(wanted, key=_order):
+            ipr.route("replace", family=_family(net), dst=str(net), oif=tun, table=self.table)
 
     def _sysctls(self) -> None:
         write_sysctl(("net", "ipv4", "ip_forward"), "1", self.sysctl_root)
         for dev in ("all", self.tun_name, self.wan_interface):
             if dev is not None:
                 write_sysctl(("net", "ipv4", "conf", dev, "rp_filter"), "0", self.sysctl_root)
+        if self._v6:
+            write_sysctl(("net", "ipv6", "conf", "all", "forwarding"), "1", self.sysctl_root)
 
     @staticmethod
     def _ifindex(ipr: IPRoute, name: str) -> int | None:

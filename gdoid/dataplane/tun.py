@@ -1,7 +1,10 @@
 """A layer-3 TUN device for the userspace ESP data path.
 
 The device is opened without packet information (``IFF_NO_PI``), so every
-``read`` returns exactly one IPv4 packet and every ``write`` takes one.  It is
+``read`` returns exactly one IPv4 or IPv6 packet and every ``write`` takes one
+(the kernel tells the families apart by the version nibble).  No IPv6 address
+is generated on it (``addr_gen_mode`` 1): a link-local address would make the
+kernel send router solicitations and MLD reports into the data path.  It is
 not persistent: closing the file descriptor removes the interface (and with it
 every route that pointed at it).
 
@@ -11,9 +14,11 @@ Blocking netlink work (MTU, link up) goes through a synchronous pyroute2
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
+from pathlib import Path
 
 from pyroute2 import IPRoute
 
@@ -23,6 +28,13 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
 READ_SIZE = 65535
+
+
+def _no_ipv6_link_local(name: str) -> None:
+    path = Path("/proc/sys/net/ipv6/conf", name, "addr_gen_mode")
+    # No IPv6 here, or a read-only /proc/sys: harmless either way.
+    with contextlib.suppress(OSError):
+        path.write_text("1\n")
 
 
 class TunDevice:
@@ -46,6 +58,7 @@ class TunDevice:
             actual = ifr[:IFNAMSIZ].rstrip(b"\0").decode()
             with IPRoute() as ipr:
                 (ifindex,) = ipr.link_lookup(ifname=actual)
+                _no_ipv6_link_local(actual)
                 ipr.link("set", index=ifindex, mtu=mtu, txqlen=txqlen)
                 ipr.link("set", index=ifindex, state="up")
         except BaseException:
