@@ -12,6 +12,10 @@ Two output formats:
 * ``json``: one object per line with ``timestamp``, ``level``, ``event`` (the
   full IOS text for mnemonic events), ``mnemonic`` and every field.
 
+Over 600 lines because the mnemonic catalogue is one list on purpose: every
+console text an operator can see is in one place, next to the renderers that
+print it.
+
 Key material never reaches a log line: :func:`redact` runs before rendering.
 """
 

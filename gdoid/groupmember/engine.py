@@ -3,6 +3,10 @@
 One :class:`Registration` per configured group walks phase 1 and
 GROUPKEY-PULL against the group's key servers in order, installs the result
 in the :class:`~gdoid.groupmember.sadb.Sadb`, and schedules re-registration
+
+Over 600 lines because registration, push handling and re-registration all
+drive the same per-group :class:`Registration` state; phase 1 and PULL live in
+gdoid/protocol, the SA database in sadb.py and the show text in show.py.
 before the keys run out.
 """
 

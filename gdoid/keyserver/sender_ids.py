@@ -24,6 +24,10 @@ Every SID of this KS's slice is in exactly one pool:
   member registered before the record was written has re-registered or left;
 - *free*: recycled, safe to hand out (a queue).
 
+Over 600 lines because the six pools, their transitions and the record that
+persists them are one invariant (a SID in exactly one pool); split, each half
+would have to re-check the other's.
+
 The record (``to_json``) is range-encoded and part of the KS state file and of
 the COOP ANN block SENDER_IDS (docs/wire.md).  Pure: callers pass ``now``.
 """
