@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import secrets
 from collections.abc import Iterator
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
@@ -51,23 +50,27 @@ KS_ADDR = IPv4Address("10.0.0.1")
 # --- fixed inputs ------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def fixed_rng(monkeypatch: pytest.MonkeyPatch) -> None:
+class CountingRandom:
     """Message IDs and nonces from a counter: the same bytes on every run."""
-    counter: Iterator[int] = itertools.count(1)
 
-    def token_bytes(n: int | None = None) -> bytes:
-        seed = hashlib.sha256(b"golden %d" % next(counter)).digest()
-        return (seed * (1 + (n or 32) // 32))[: n or 32]
+    def __init__(self) -> None:
+        self.counter: Iterator[int] = itertools.count(1)
 
-    def randbits(k: int) -> int:
-        return int.from_bytes(token_bytes(8), "big") & ((1 << k) - 1)
+    def token_bytes(self, nbytes: int | None = None) -> bytes:
+        seed = hashlib.sha256(b"golden %d" % next(self.counter)).digest()
+        return (seed * (1 + (nbytes or 32) // 32))[: nbytes or 32]
 
-    monkeypatch.setattr(secrets, "token_bytes", token_bytes)
-    monkeypatch.setattr(secrets, "randbits", randbits)
+    def randbits(self, k: int) -> int:
+        return int.from_bytes(self.token_bytes(8), "big") & ((1 << k) - 1)
 
 
-def sa_pair() -> tuple[IkeSa, IkeSa]:
+@pytest.fixture
+def rng() -> CountingRandom:
+    """Injected into the SAs and build_ack: nothing patches ``secrets``."""
+    return CountingRandom()
+
+
+def sa_pair(rng: CountingRandom) -> tuple[IkeSa, IkeSa]:
     """A GM's and a KS's view of one phase-1 SA, from fixed keys (no Main Mode run)."""
     proposal = Phase1Proposal(
         256, HashAlgorithm.SHA2_256, AuthenticationMethod.PRE_SHARED_KEY, DhGroup.ECP_256, 86400
@@ -85,6 +88,7 @@ def sa_pair() -> tuple[IkeSa, IkeSa]:
         peer_version=SoftwareVersion(1, 0, 2),
         established_at=T0,
         expires_at=T0 + 86400,
+        rng=rng,
     )
     ks = replace(
         gm,
@@ -222,8 +226,8 @@ def check(name: str, data: bytes) -> None:
 # --- Informational ------------------------------------------------------------------
 
 
-def test_informational_bytes_and_check() -> None:
-    gm, ks = sa_pair()
+def test_informational_bytes_and_check(rng: CountingRandom) -> None:
+    gm, ks = sa_pair(rng)
     data = gm.informational(
         NotifyPayload(Doi.GDOI, 0, NotifyType.INVALID_ID_INFORMATION, b"", b"why")
     )
@@ -239,8 +243,8 @@ def test_informational_bytes_and_check() -> None:
 # --- GROUPKEY-PULL --------------------------------------------------------------------
 
 
-def test_pull_bytes_and_checks() -> None:
-    gm_sa, ks_sa = sa_pair()
+def test_pull_bytes_and_checks(rng: CountingRandom) -> None:
+    gm_sa, ks_sa = sa_pair(rng)
     gm = PullInitiator(gm_sa, GROUP)
     [m1] = gm.start(T0).send
     ks = PullResponder(ks_sa, Directory(), IsakmpHeader.decode(m1).message_id, T0)  # type: ignore[arg-type]
@@ -256,8 +260,8 @@ def test_pull_bytes_and_checks() -> None:
 
 
 @pytest.mark.parametrize("which", [1, 2])
-def test_pull_tampered_hash_refused(which: int) -> None:
-    gm_sa, ks_sa = sa_pair()
+def test_pull_tampered_hash_refused(which: int, rng: CountingRandom) -> None:
+    gm_sa, ks_sa = sa_pair(rng)
     gm = PullInitiator(gm_sa, GROUP)
     [m1] = gm.start(T0).send
     ks = PullResponder(ks_sa, Directory(), IsakmpHeader.decode(m1).message_id, T0)  # type: ignore[arg-type]
@@ -279,8 +283,8 @@ def ann() -> AnnPayload:
     )
 
 
-def test_ann_bytes_and_check() -> None:
-    ks1, ks2 = sa_pair()
+def test_ann_bytes_and_check(rng: CountingRandom) -> None:
+    ks1, ks2 = sa_pair(rng)
     data = seal_ann(ks1, ann())
     check("ann", data)
     assert open_ann(ks2, data) == ann()
@@ -292,9 +296,9 @@ def test_ann_bytes_and_check() -> None:
 # --- GROUPKEY-PUSH acknowledgement -----------------------------------------------------
 
 
-def test_push_ack_bytes_and_check() -> None:
+def test_push_ack_bytes_and_check(rng: CountingRandom) -> None:
     key = b"k" * 32
-    data = build_ack(HashAlgorithm.SHA2_256, key, bytes(range(16)), 9, GM_ADDR.packed)
+    data = build_ack(HashAlgorithm.SHA2_256, key, bytes(range(16)), 9, GM_ADDR.packed, rng)
     check("push_ack", data)
     ack = parse_ack(data)
     assert (ack.seq, ack.gm_address) == (9, GM_ADDR.packed)

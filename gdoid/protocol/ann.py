@@ -13,19 +13,18 @@ lists are split across several ANNs.  The payload's codec is
 
 from __future__ import annotations
 
-import secrets
-
 from gdoid.protocol.constants import ExchangeType, NotifyType
 from gdoid.protocol.errors import DecodeError, NotifyError
 from gdoid.protocol.gdoi_payloads import AnnPayload
 from gdoid.protocol.ike_sa import IkeSa
 from gdoid.protocol.payloads import HashPayload
+from gdoid.protocol.rng import message_id
 
 MAX_ANN_DATAGRAM = 32 * 1024
 
 
 def seal_ann(sa: IkeSa, ann: AnnPayload) -> bytes:
-    mid = secrets.randbits(32) or 1
+    mid = message_id(sa.rng)
     data = sa.seal_hashed(ExchangeType.COOP_ANN, mid, [ann])
     sa.forget_exchange(mid)
     if len(data) > MAX_ANN_DATAGRAM:

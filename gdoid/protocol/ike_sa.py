@@ -14,7 +14,6 @@ acknowledgements (``push.py``) use :func:`phase2_hash` with their own key.
 from __future__ import annotations
 
 import ipaddress
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from gdoid.protocol.header import HEADER_LEN, IsakmpHeader
 from gdoid.protocol.ike_policy import Phase1Proposal
 from gdoid.protocol.message import Message, build_header, decode_payloads, encode_payloads
 from gdoid.protocol.payloads import DeletePayload, HashPayload, IdPayload, NotifyPayload, Payload
+from gdoid.protocol.rng import SYSTEM_RANDOM, RandomSource, message_id
 from gdoid.protocol.version import SoftwareVersion
 
 NONCE_LEN = 32
@@ -77,6 +77,8 @@ class IkeSa:
     # check that a KS peer proved its own key, not a GM's.
     psk_digest: bytes | None = field(default=None, repr=False)
     _ivs: dict[int, bytes] = field(default_factory=dict, repr=False)
+    # Message IDs of the SA's own exchanges (Informational, ANN): injectable for tests.
+    rng: RandomSource = field(default=SYSTEM_RANDOM, repr=False, compare=False)
 
     @property
     def cookies(self) -> bytes:
@@ -164,7 +166,7 @@ class IkeSa:
 
     # Informational exchange (RFC 2409 §5.7): HDR*, HASH(1), N/D
     def informational(self, payload: NotifyPayload | DeletePayload) -> bytes:
-        mid = secrets.randbits(32) or 1
+        mid = message_id(self.rng)
         out = self.seal_hashed(ExchangeType.INFORMATIONAL, mid, [payload])
         self.forget_exchange(mid)
         return out

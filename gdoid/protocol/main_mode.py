@@ -61,6 +61,7 @@ from gdoid.protocol.payloads import (
     SigPayload,
 )
 from gdoid.protocol.pki import PkiError, der_subject_name
+from gdoid.protocol.rng import SYSTEM_RANDOM, RandomSource
 from gdoid.protocol.version import SoftwareVersion
 
 
@@ -117,8 +118,15 @@ def _describe_id(ident: IdPayload) -> str:
 class MainModeExchange:
     """What initiator and responder share: keys, auth payloads, retransmission."""
 
-    def __init__(self, config: Phase1Config, peer: ipaddress.IPv4Address, now: float) -> None:
+    def __init__(
+        self,
+        config: Phase1Config,
+        peer: ipaddress.IPv4Address,
+        now: float,
+        rng: RandomSource = SYSTEM_RANDOM,
+    ) -> None:
         self.config = config
+        self.rng = rng  # cookies, nonces; handed to the SA
         self.peer = peer
         self.state = MainModeState.INIT
         self.icky = b""
@@ -328,6 +336,7 @@ class MainModeExchange:
             expires_at=now + self.proposal.lifetime,
             peer_certificate=cert,
             psk_digest=self.psk_digest,
+            rng=self.rng,
         )
         out.events.append(Phase1Established(self.sa))
 

@@ -8,7 +8,6 @@ lost its state (INVALID_COOKIE, see ``main_mode_responder.py``).
 from __future__ import annotations
 
 import ipaddress
-import secrets
 
 from gdoid.protocol.constants import (
     MAIN_MODE,
@@ -38,6 +37,7 @@ from gdoid.protocol.payloads import (
     SaPayload,
     VendorIdPayload,
 )
+from gdoid.protocol.rng import SYSTEM_RANDOM, RandomSource
 from gdoid.protocol.version import version_from_vids, version_vid
 
 MAX_RESTARTS = 3  # times an initiator starts over from message 1 when the responder asks
@@ -46,8 +46,14 @@ MAX_RESTARTS = 3  # times an initiator starts over from message 1 when the respo
 class MainModeInitiator(MainModeExchange):
     """The GM side (and the KS that initiates to a COOP peer)."""
 
-    def __init__(self, config: Phase1Config, peer: ipaddress.IPv4Address, now: float) -> None:
-        super().__init__(config, peer, now)
+    def __init__(
+        self,
+        config: Phase1Config,
+        peer: ipaddress.IPv4Address,
+        now: float,
+        rng: RandomSource = SYSTEM_RANDOM,
+    ) -> None:
+        super().__init__(config, peer, now, rng)
         self.mm1 = b""
         self.restarts = 0
 
@@ -57,7 +63,7 @@ class MainModeInitiator(MainModeExchange):
 
     def start(self, now: float) -> Phase1Output:
         out = Phase1Output()
-        self.icky = secrets.token_bytes(8)
+        self.icky = self.rng.token_bytes(8)
         proposals = list(self.config.proposals)
         if self.config.signature is None:
             proposals = [p for p in proposals if p.auth != AuthenticationMethod.RSA_SIG]
@@ -142,7 +148,7 @@ class MainModeInitiator(MainModeExchange):
             self.peer_version = version_from_vids(msg.all(VendorIdPayload))
             self.dh = DhKeyPair.generate(self.proposal.group)
             self.gxi = self.dh.public_bytes
-            self.ni_b = secrets.token_bytes(NONCE_LEN)
+            self.ni_b = self.rng.token_bytes(NONCE_LEN)
             payloads: list[Payload] = [KePayload(self.gxi), NoncePayload(self.ni_b)]
             if self.proposal.auth == AuthenticationMethod.RSA_SIG:
                 payloads.append(CrPayload(CertEncoding.X509_CERT_SIGNATURE))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import secrets
 import struct
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ from gdoid.protocol.payloads import (
     Transform,
     VendorIdPayload,
 )
+from gdoid.protocol.rng import SYSTEM_RANDOM, RandomSource
 from gdoid.protocol.version import SoftwareVersion, version_from_vids, version_vid
 
 # What unauthenticated message 1 may cost (RFC 2409 gives no limits; real offers are
@@ -63,9 +63,12 @@ class ResponderCookies:
     ``lifetime`` seconds; cookies made with the previous secret stay valid.
     """
 
-    def __init__(self, lifetime: float = COOKIE_SECRET_LIFETIME) -> None:
+    def __init__(
+        self, lifetime: float = COOKIE_SECRET_LIFETIME, rng: RandomSource = SYSTEM_RANDOM
+    ) -> None:
         self.lifetime = lifetime
-        self._current = secrets.token_bytes(32)
+        self.rng = rng
+        self._current = rng.token_bytes(32)
         self._previous: bytes | None = None
         self._rotated_at: float | None = None
 
@@ -75,7 +78,7 @@ class ResponderCookies:
         elif now - self._rotated_at >= self.lifetime:
             # Two lifetimes without a message: the old secret goes too.
             self._previous = self._current if now - self._rotated_at < 2 * self.lifetime else None
-            self._current = secrets.token_bytes(32)
+            self._current = self.rng.token_bytes(32)
             self._rotated_at = now
 
     @staticmethod
@@ -248,9 +251,15 @@ class MainModeResponder(MainModeExchange):
     def is_initiator(self) -> bool:
         return False
 
-    def __init__(self, config: Phase1Config, peer: ipaddress.IPv4Address, now: float) -> None:
-        super().__init__(config, peer, now)
-        self.rcky = secrets.token_bytes(8)
+    def __init__(
+        self,
+        config: Phase1Config,
+        peer: ipaddress.IPv4Address,
+        now: float,
+        rng: RandomSource = SYSTEM_RANDOM,
+    ) -> None:
+        super().__init__(config, peer, now, rng)
+        self.rcky = self.rng.token_bytes(8)
         self.deadline = now + config.half_open_timeout
 
     @classmethod
@@ -314,7 +323,7 @@ class MainModeResponder(MainModeExchange):
                 raise NotifyError(NotifyType.INVALID_KEY_INFORMATION, str(exc)) from exc
             self.ni_b = ni.data
             # Nr as long as Ni (RFC 2409 allows 8..256 octets): message 4 stays no longer than 3.
-            self.nr_b = secrets.token_bytes(min(NONCE_LEN, max(MIN_NONCE_LEN, len(ni.data))))
+            self.nr_b = self.rng.token_bytes(min(NONCE_LEN, max(MIN_NONCE_LEN, len(ni.data))))
             self._derive(gxy)
             payloads: list[Payload] = [KePayload(self.gxr), NoncePayload(self.nr_b)]
             mm4 = encode_plain(self.icky, self.rcky, MAIN_MODE, 0, payloads)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum, auto
@@ -68,6 +67,7 @@ from gdoid.protocol.policy import (
     parse_keys,
     parse_sa,
 )
+from gdoid.protocol.rng import message_id
 
 # GAP attribute in message 3 asking the KS to prove its role in message 4; the
 # value is a PopMethod. Private-use range of RFC 6407's GAP attribute registry.
@@ -161,10 +161,11 @@ class PullInitiator:
         pinning: KsPinning | None = None,
     ) -> None:
         self.sa = sa
+        rng = sa.rng
         self.pinning = pinning
         self.group_number = group_number
-        self.message_id = secrets.randbits(32) or 1
-        self.ni_b = secrets.token_bytes(NONCE_LEN)
+        self.message_id = message_id(rng)
+        self.ni_b = rng.token_bytes(NONCE_LEN)
         self.nr_b = b""
         self.state = _State.SENT_1
         self.parsed: ParsedSa | None = None
@@ -481,7 +482,7 @@ class PullResponder:
             self.notify_text = f"not authorized for group {self.group_number}".encode()
             raise NotifyError(NotifyType.AUTHENTICATION_FAILED, refusal)
         self.keys = keys
-        self.nr_b = secrets.token_bytes(NONCE_LEN)
+        self.nr_b = self.sa.rng.token_bytes(NONCE_LEN)
         self.state = _State.SENT_2
         self._reply(
             self.ni_b, [NoncePayload(self.nr_b), build_sa(keys, now, gap_payloads(keys))], out

@@ -20,7 +20,6 @@ group number), known to both sides from the registration's phase 1; computed by
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +40,7 @@ from gdoid.protocol.payloads import (
     SigPayload,
 )
 from gdoid.protocol.policy import Kek
+from gdoid.protocol.rng import SYSTEM_RANDOM, RandomSource, message_id
 
 GROUPKEY_PUSH_ACK = 35  # RFC 8263-style acknowledgement (project choice of number)
 MAX_PUSH_PADDING = 16
@@ -180,9 +180,14 @@ def ack_key(hash_alg: HashAlgorithm, skeyid_a: bytes, group_number: int) -> byte
 
 
 def build_ack(
-    hash_alg: HashAlgorithm, key: bytes, kek_spi: bytes, seq: int, gm_address: bytes
+    hash_alg: HashAlgorithm,
+    key: bytes,
+    kek_spi: bytes,
+    seq: int,
+    gm_address: bytes,
+    rng: RandomSource = SYSTEM_RANDOM,
 ) -> bytes:
-    mid = secrets.randbits(32) or 1
+    mid = message_id(rng)
     covered_payloads: list[Payload] = [
         SeqPayload(seq),
         IdPayload(IdType.ID_IPV4_ADDR, 0, 0, gm_address),
