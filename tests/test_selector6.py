@@ -10,10 +10,13 @@ TEK whose source and destination families differ with INVALID_ID_INFORMATION.
 from __future__ import annotations
 
 import dataclasses
+import json
 from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 
+from gdoid.keyserver.fields import FieldInvalid
+from gdoid.keyserver.group_keys import GroupKeyState
 from gdoid.protocol.constants import IdType, NotifyType
 from gdoid.protocol.errors import NotifyError
 from gdoid.protocol.gdoi_payloads import SatPayload, TrafficId
@@ -24,7 +27,7 @@ from gdoid.protocol.policy import (
     build_sat,
     parse_sat,
 )
-from tests.pullsim import make_tek
+from tests.pullsim import make_kek, make_tek
 
 NOW = 1_000_000.0
 LAN6 = IPv6Network("fd00:1::/48")
@@ -131,3 +134,15 @@ def test_gm_refuses_a_tek_with_mixed_families() -> None:
         parse_sat(decoded, NOW)
     assert exc.value.notify == NotifyType.INVALID_ID_INFORMATION
     assert "IPv6" in exc.value.reason and "IPv4" in exc.value.reason
+
+
+def test_ks_key_state_keeps_ipv6_selectors() -> None:
+    """The KS's state file and COOP replication carry TEKs as JSON: IPv6 prefixes survive."""
+    keys = GroupKeyState(1, NOW, NOW, 0, make_kek(NOW), (tek6(ip_protocol=6, src_port=80),))
+    doc = json.loads(json.dumps(keys.to_json()))
+    assert doc["teks"][0]["src"] == "fd00:1::/48"
+    assert GroupKeyState.from_json(doc) == keys
+    doc["teks"][0]["dst"] = "10.2.0.0/16"
+    with pytest.raises(FieldInvalid) as exc:
+        GroupKeyState.from_json(doc)
+    assert exc.value.field == "keys.teks[0].dst"
