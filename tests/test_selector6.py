@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
 
 import pytest
 
+from gdoid.groupmember.engine import RegState
 from gdoid.keyserver.fields import FieldInvalid
 from gdoid.keyserver.group_keys import GroupKeyState
 from gdoid.protocol.constants import IdType, NotifyType
@@ -27,6 +29,7 @@ from gdoid.protocol.policy import (
     build_sat,
     parse_sat,
 )
+from tests import enginenet
 from tests.pullsim import make_kek, make_tek
 
 NOW = 1_000_000.0
@@ -146,3 +149,28 @@ def test_ks_key_state_keeps_ipv6_selectors() -> None:
     with pytest.raises(FieldInvalid) as exc:
         GroupKeyState.from_json(doc)
     assert exc.value.field == "keys.teks[0].dst"
+
+
+def test_registration_hands_an_ipv6_and_an_ipv4_tek_to_the_gm(
+    files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KS config with one SA per family -> GROUPKEY-PULL -> the GM holds both selectors."""
+    monkeypatch.setattr(
+        enginenet,
+        "SAS",
+        (
+            ("esp-gcm-256", "fd00:1::/48", "fd00:2::/48"),
+            ("esp-gcm-128", "10.1.0.0/16", "10.2.0.0/16"),
+        ),
+    )
+    ks, gm = enginenet.make_ks(files), enginenet.make_gm(files)
+    enginenet.register(ks, gm)
+    assert gm.registrations[enginenet.GROUP].state == RegState.REGISTERED
+    teks = gm.sadb.groups[enginenet.GROUP].teks.values()
+    assert {t.policy.selector for t in teks} == {
+        TrafficSelector(LAN6, LAN6B),
+        TrafficSelector(IPv4Network("10.1.0.0/16"), IPv4Network("10.2.0.0/16")),
+    }
+    assert {t.spi: t.cipher_key for t in teks} == {
+        t.spi: t.cipher_key for t in ks.groups[enginenet.GROUP].teks
+    }
