@@ -41,7 +41,7 @@ from gdoid.netlab import (
 )
 from gdoid.protocol.policy import SenderIds, Tek, TekPolicy, TekTransform, TrafficSelector
 from tests.dpnet import read_pcap, tshark_fields, wait_until
-from tests.netns import netns_required, require_netns  # noqa: F401  (a fixture)
+from tests.netns import require_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("netns_required")]
 
