@@ -60,13 +60,15 @@ def ikev1_line(sa: IkeSa) -> str:
 def esp_sa_line(tek: Tek) -> str:
     t = tek.policy.transform
     spi = f"0x{tek.spi:08x}"
+    # Wireshark matches a row only for ESP of its family: an "IPv4" row decrypts no ESPv6.
+    family = f"IPv{tek.policy.selector.src.version}"
     if t.is_gcm:
         return (
-            f'"IPv4","*","*","{spi}","AES-GCM with 16 octet ICV [RFC4106]",'
+            f'"{family}","*","*","{spi}","AES-GCM with 16 octet ICV [RFC4106]",'
             f'"0x{tek.cipher_key.hex()}","NULL",""\n'
         )
     return (
-        f'"IPv4","*","*","{spi}","AES-CBC [RFC3602]","0x{tek.cipher_key.hex()}",'
+        f'"{family}","*","*","{spi}","AES-CBC [RFC3602]","0x{tek.cipher_key.hex()}",'
         f'"HMAC-SHA-256-128 [RFC4868]","0x{tek.integrity_key.hex()}"\n'
     )
 

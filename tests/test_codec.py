@@ -162,6 +162,9 @@ _FIXED_ID_LEN = {
     IdType.ID_IPV4_ADDR: 4,
     IdType.ID_IPV4_ADDR_SUBNET: 8,
     IdType.ID_IPV4_ADDR_RANGE: 8,
+    IdType.ID_IPV6_ADDR: 16,
+    IdType.ID_IPV6_ADDR_SUBNET: 32,
+    IdType.ID_IPV6_ADDR_RANGE: 32,
 }
 traffic_ids = st.one_of(
     st.sampled_from(sorted(_FIXED_ID_LEN)).flatmap(

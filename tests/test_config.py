@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -544,3 +544,41 @@ def test_transform_and_sig_hash_names_are_the_protocol_tables(confdir: Path) -> 
     assert (
         f'| `sig_hash` | string | `"sha256"` | {", ".join(f"`{n}`" for n in SIG_HASHES)} |' in docs
     )
+
+
+# ---------------------------------------------------------------- IPv6 (issue 11 §3)
+def test_match_accepts_ipv6_prefixes(confdir: Path) -> None:
+    text = KS_TOML.replace('src = "10.1.0.0/16"', 'src = "fd00:1::/48"').replace(
+        'dst = "10.2.0.0/16"', 'dst = "fd00:2::/48"'
+    )
+    match = parse_ks_config(text, confdir).groups[0].sa_ipsec[0].match
+    assert (match.src, match.dst) == (IPv6Network("fd00:1::/48"), IPv6Network("fd00:2::/48"))
+
+
+def test_match_refuses_mixed_families(confdir: Path) -> None:
+    err = _ks_err(KS_TOML.replace('src = "10.1.0.0/16"', 'src = "fd00:1::/48"'), confdir)
+    assert err.key_path == "group[0].sa_ipsec[0].match.dst"
+    assert "IPv4" in str(err) and "IPv6" in str(err)
+
+
+def test_match_ipv6_prefix_with_host_bits_is_refused(confdir: Path) -> None:
+    err = _ks_err(KS_TOML.replace('src = "10.1.0.0/16"', 'src = "fd00:1::1/48"'), confdir)
+    assert err.key_path == "group[0].sa_ipsec[0].match.src"
+
+
+def test_dataplane_icmp6_source(confdir: Path) -> None:
+    text = GM_TOML + '\n[dataplane]\nenabled = true\nicmp6_source = "fd00:1::fe"\n'
+    assert parse_gm_config(text, confdir).dataplane.icmp6_source == IPv6Address("fd00:1::fe")
+    assert parse_gm_config(GM_TOML, confdir).dataplane.icmp6_source is None
+    for bad in ('"10.0.0.1"', '"ff02::1"', '"::"', "7"):
+        err = _gm_err(GM_TOML + f"\n[dataplane]\nicmp6_source = {bad}\n", confdir)
+        assert err.key_path == "dataplane.icmp6_source"
+
+
+def test_gm_daemon_hands_icmp6_source_to_the_dataplane(confdir: Path) -> None:
+    from gdoid.groupmember.daemon import GroupMemberDaemon
+
+    text = GM_TOML + '\n[dataplane]\nenabled = true\nicmp6_source = "fd00:1::fe"\n'
+    daemon = GroupMemberDaemon(parse_gm_config(text, confdir))
+    assert daemon.dataplane is not None
+    assert daemon.dataplane.icmp6_source == IPv6Address("fd00:1::fe").packed

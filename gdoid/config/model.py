@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from gdoid.protocol.constants import GDOI_PORT
@@ -136,8 +136,8 @@ class AuthConfig:
 class TrafficSelectorConfig:
     """``match address ipv4 ACL`` reduced to one permit line (``[group.sa_ipsec.match]``)."""
 
-    src: IPv4Network
-    dst: IPv4Network
+    src: IPv4Network | IPv6Network  # one family on both (checked by the schema)
+    dst: IPv4Network | IPv6Network
     protocol: int = 0  # 0 = any
     src_port: int = 0  # 0 = any
     dst_port: int = 0
@@ -298,6 +298,7 @@ class DataplaneConfig:
     wan_interface: str | None = None  # ESP arriving here for addresses behind us is taken in
     mtu: int = 1500  # the WAN MTU: largest outer (ESP) packet; the TUN gets mtu - 100
     icmp_source: IPv4Address | None = None  # source of ICMP "fragmentation needed" we send
+    icmp6_source: IPv6Address | None = None  # source of ICMPv6 "Packet Too Big" we send
     mark: int = 0x6764
     table: int = 26468
     local_table: int = 26469

@@ -84,7 +84,16 @@ def _tun_name(gm: Table) -> str:
 def _parse_dataplane(root: Table) -> DataplaneConfig:
     t = root.table(
         "dataplane",
-        ("enabled", "wan_interface", "mtu", "icmp_source", "mark", "table", "local_table"),
+        (
+            "enabled",
+            "wan_interface",
+            "mtu",
+            "icmp_source",
+            "icmp6_source",
+            "mark",
+            "table",
+            "local_table",
+        ),
     )
     if t is None:
         return DataplaneConfig()
@@ -96,6 +105,7 @@ def _parse_dataplane(root: Table) -> DataplaneConfig:
         wan_interface=wan,
         mtu=t.integer("mtu", 676, 9000, 1500),
         icmp_source=t.address("icmp_source") if t.has("icmp_source") else None,
+        icmp6_source=t.address6("icmp6_source") if t.has("icmp6_source") else None,
         mark=t.integer("mark", 1, 2**32 - 1, 0x6764),
         table=t.integer("table", 1, 2**31 - 1, 26468),
         local_table=t.integer("local_table", 1, 2**31 - 1, 26469),

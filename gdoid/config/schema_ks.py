@@ -46,9 +46,13 @@ def _parse_selector(t: Table) -> TrafficSelectorConfig:
     if (src_port or dst_port) and protocol not in (6, 17):
         key = "src_port" if src_port else "dst_port"
         raise t.err(key, "ports can only be matched with protocol tcp or udp")
+    src, dst = t.any_network("src"), t.any_network("dst")
+    if src.version != dst.version:
+        # One ESP packet has one IP header: a mixed-family match could protect nothing.
+        raise t.err("dst", f"is IPv{dst.version} but src is IPv{src.version}: use one family")
     return TrafficSelectorConfig(
-        src=t.network("src"),
-        dst=t.network("dst"),
+        src=src,
+        dst=dst,
         protocol=protocol,
         src_port=src_port,
         dst_port=dst_port,

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -155,6 +155,29 @@ class Table:
             return IPv4Network(v)  # strict: host bits set is an error, not silently masked
         except ValueError as exc:
             raise self.err(key, f"invalid IPv4 prefix {v!r}: {exc}") from None
+
+    def any_network(self, key: str) -> IPv4Network | IPv6Network:
+        """An IPv4 or IPv6 prefix (traffic selectors)."""
+        v = self.get(key, REQUIRED)
+        if not isinstance(v, str):
+            raise self.err(key, 'must be a string like "10.1.0.0/16" or "fd00:1::/48"')
+        try:
+            return ip_network(v)  # strict: host bits set is an error, not silently masked
+        except ValueError as exc:
+            raise self.err(key, f"invalid IPv4 or IPv6 prefix {v!r}: {exc}") from None
+
+    def address6(self, key: str) -> IPv6Address:
+        """A unicast IPv6 address."""
+        v = self.get(key, REQUIRED)
+        if not isinstance(v, str):
+            raise self.err(key, 'must be a string like "fd00::1"')
+        try:
+            addr = IPv6Address(v)
+        except ValueError as exc:
+            raise self.err(key, f"invalid IPv6 address {v!r}: {exc}") from None
+        if addr.is_unspecified or addr.is_multicast:
+            raise self.err(key, f"{v} is not a unicast address")
+        return addr
 
     def path(self, key: str, default: Path | None | Missing = REQUIRED) -> Path | None:
         v = self.get(key, default)

@@ -23,7 +23,7 @@ import signal
 import sys
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Any, cast
+from typing import Any
 
 from gdoid import log
 from gdoid.dataplane.forwarder import Forwarder
@@ -68,10 +68,7 @@ def engine_dataplane(
     now = time.time()
 
     def make(spi: int, src: str, dst: str, key: bytes) -> Tek:
-        # TrafficSelector is typed IPv4 by the control plane; the dataplane takes IPv6 in it.
-        selector = TrafficSelector(
-            cast(IPv4Network, ip_network(src)), cast(IPv4Network, ip_network(dst))
-        )
+        selector = TrafficSelector(ip_network(src), ip_network(dst))
         return Tek(
             spi=spi,
             policy=TekPolicy(1, transform, selector, configured_lifetime=86400),

@@ -75,7 +75,10 @@ class GroupMemberDaemon:
         dp = config.dataplane
         if dp.enabled:
             self.dataplane = Dataplane(
-                fail_close=config.fail_close, mtu=dp.mtu, icmp_source=dp.icmp_source
+                fail_close=config.fail_close,
+                mtu=dp.mtu,
+                icmp_source=dp.icmp_source,
+                icmp6_source=dp.icmp6_source,
             )
             self.forwarder = Forwarder(
                 self.dataplane,

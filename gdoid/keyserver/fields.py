@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from enum import IntEnum
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from typing import Any, TypeVar
 
 from gdoid.protocol.errors import ProtocolError
@@ -105,12 +105,12 @@ def address(v: Any, name: str) -> IPv4Address:
     return a
 
 
-def network(v: Any, name: str) -> IPv4Network:
-    s = string(v, name, 18)
+def network(v: Any, name: str) -> IPv4Network | IPv6Network:
+    s = string(v, name, 43)  # the longest IPv6 prefix text
     try:
-        return IPv4Network(s)
+        return ip_network(s)
     except ValueError:
-        raise FieldInvalid(name, f"{s!r} is not an IPv4 prefix") from None
+        raise FieldInvalid(name, f"{s!r} is not an IPv4 or IPv6 prefix") from None
 
 
 def enum(v: Any, name: str, cls: type[_E]) -> _E:

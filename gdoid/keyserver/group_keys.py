@@ -18,7 +18,7 @@ from gdoid.keyserver import fields as f
 from gdoid.keyserver.fields import U32, FieldInvalid
 from gdoid.keyserver.group import Group
 from gdoid.protocol.crypto import SigAlgorithm, SigHash
-from gdoid.protocol.policy import Kek, Tek, TekPolicy, TrafficSelector
+from gdoid.protocol.policy import Kek, SelectorFamilyError, Tek, TekPolicy, TrafficSelector
 from gdoid.protocol.transforms import TekTransform
 
 VERSION = 1
@@ -210,16 +210,20 @@ def _tek_from_json(v: Any, name: str) -> Tek:
         transform = TekTransform.from_name(f.string(d["transform"], f"{name}.transform", 32))
     except ValueError as exc:
         raise FieldInvalid(f"{name}.transform", str(exc)) from None
-    policy = TekPolicy(
-        sa_number=f.integer(d["sa_number"], f"{name}.sa_number", 1, 0xFFFF),
-        transform=transform,
-        selector=TrafficSelector(
+    try:
+        selector = TrafficSelector(
             f.network(d["src"], f"{name}.src"),
             f.network(d["dst"], f"{name}.dst"),
             f.integer(d["ip_protocol"], f"{name}.ip_protocol", 0, 255),
             f.integer(d["src_port"], f"{name}.src_port", 0, 0xFFFF),
             f.integer(d["dst_port"], f"{name}.dst_port", 0, 0xFFFF),
-        ),
+        )
+    except SelectorFamilyError as exc:  # IPv4 src with IPv6 dst or the reverse
+        raise FieldInvalid(f"{name}.dst", str(exc)) from None
+    policy = TekPolicy(
+        sa_number=f.integer(d["sa_number"], f"{name}.sa_number", 1, 0xFFFF),
+        transform=transform,
+        selector=selector,
         configured_lifetime=f.integer(
             d["configured_lifetime"], f"{name}.configured_lifetime", 1, U32
         ),

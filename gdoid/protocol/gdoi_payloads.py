@@ -29,7 +29,27 @@ _ID_DATA_LEN: dict[int, int] = {
     IdType.ID_IPV4_ADDR: 4,
     IdType.ID_IPV4_ADDR_SUBNET: 8,
     IdType.ID_IPV4_ADDR_RANGE: 8,
+    IdType.ID_IPV6_ADDR: 16,
+    IdType.ID_IPV6_ADDR_SUBNET: 32,  # address | mask
+    IdType.ID_IPV6_ADDR_RANGE: 32,  # start | end
 }
+# Per identity type: the address family's octet count and whether data is one address.
+_ID_SHAPE: dict[int, tuple[int, str]] = {
+    IdType.ID_IPV4_ADDR: (4, "addr"),
+    IdType.ID_IPV4_ADDR_SUBNET: (4, "subnet"),
+    IdType.ID_IPV4_ADDR_RANGE: (4, "range"),
+    IdType.ID_IPV6_ADDR: (16, "addr"),
+    IdType.ID_IPV6_ADDR_SUBNET: (16, "subnet"),
+    IdType.ID_IPV6_ADDR_RANGE: (16, "range"),
+}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _address(octets: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if len(octets) == 4:
+        return ipaddress.IPv4Address(octets)
+    return ipaddress.IPv6Address(octets)
 
 
 @dataclass(frozen=True)
@@ -41,23 +61,47 @@ class TrafficId:
     data: bytes
 
     @classmethod
-    def from_network(cls, net: ipaddress.IPv4Network, port: int = 0) -> TrafficId:
-        if net.prefixlen == 32:
-            return cls(IdType.ID_IPV4_ADDR, port, net.network_address.packed)
-        return cls(
-            IdType.ID_IPV4_ADDR_SUBNET, port, net.network_address.packed + net.netmask.packed
-        )
+    def from_network(cls, net: Network, port: int = 0) -> TrafficId:
+        """A host is ID_IPV4_ADDR / ID_IPV6_ADDR, a prefix ID_IPV4/IPV6_ADDR_SUBNET."""
+        host = net.prefixlen == net.max_prefixlen
+        if net.version == 4:
+            id_type = IdType.ID_IPV4_ADDR if host else IdType.ID_IPV4_ADDR_SUBNET
+        else:
+            id_type = IdType.ID_IPV6_ADDR if host else IdType.ID_IPV6_ADDR_SUBNET
+        data = net.network_address.packed + (b"" if host else net.netmask.packed)
+        return cls(id_type, port, data)
 
-    def to_network(self) -> ipaddress.IPv4Network:
-        if self.id_type == IdType.ID_IPV4_ADDR and len(self.data) == 4:
-            return ipaddress.IPv4Network((self.data, 32))
-        if self.id_type == IdType.ID_IPV4_ADDR_SUBNET and len(self.data) == 8:
-            addr = ipaddress.IPv4Address(self.data[:4])
-            mask = ipaddress.IPv4Address(self.data[4:])
-            return ipaddress.IPv4Network(f"{addr}/{mask}", strict=False)
-        raise DecodeError(
-            "TrafficId", "id_type", f"type {self.id_type} is not an IPv4 address/subnet"
-        )
+    def to_network(self) -> Network:
+        """The prefix this identity names; a range must be exactly one prefix."""
+        shape = _ID_SHAPE.get(self.id_type)
+        if shape is None:
+            raise DecodeError(
+                "TrafficId", "id_type", f"type {self.id_type} is not an IP address/subnet/range"
+            )
+        size, kind = shape
+        want = _ID_DATA_LEN[self.id_type]
+        if len(self.data) != want:
+            raise DecodeError("TrafficId", "id_data", f"{len(self.data)} octets, type needs {want}")
+        first = _address(self.data[:size])
+        if kind == "addr":
+            return ipaddress.ip_network(first)
+        second = _address(self.data[size:])
+        if kind == "subnet":
+            bits, mask = size * 8, int(second)
+            host_bits = ((1 << bits) - 1 ^ mask).bit_length()
+            if mask != (1 << bits) - (1 << host_bits):
+                raise DecodeError("TrafficId", "id_data", f"mask {second} is not a prefix")
+            return ipaddress.ip_network((first, bits - host_bits), strict=False)
+        if int(second) < int(first):
+            raise DecodeError(
+                "TrafficId", "id_data", f"range {first}-{second} ends before it starts"
+            )
+        count = int(second) - int(first) + 1  # a prefix: a power of two, aligned on it
+        if count & (count - 1) or int(first) % count:
+            raise DecodeError(
+                "TrafficId", "id_data", f"range {first}-{second} is not a single prefix"
+            )
+        return ipaddress.ip_network((first, size * 8 - (count.bit_length() - 1)))
 
     def check(self, payload: str, side: str) -> None:
         want = _ID_DATA_LEN.get(self.id_type)

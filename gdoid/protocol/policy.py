@@ -35,7 +35,7 @@ from gdoid.protocol.constants import (
     TekKeyAttribute,
 )
 from gdoid.protocol.crypto import SigAlgorithm, SigHash
-from gdoid.protocol.errors import CryptoError, NotifyError
+from gdoid.protocol.errors import CryptoError, NotifyError, ProtocolError
 from gdoid.protocol.gdoi_payloads import (
     GapPayload,
     GdoiSaPayload,
@@ -56,13 +56,27 @@ MAX_PSEUDOTIME_MS = (1 << 63) - 1  # leaves 2**63 ms of room in the 8-octet TBAR
 _PRIVATE_ATTRIBUTES = range(32001, 32768)
 
 
+class SelectorFamilyError(ProtocolError, ValueError):
+    """A traffic selector whose source and destination are of different IP families."""
+
+
 @dataclass(frozen=True)
 class TrafficSelector:
-    src: ipaddress.IPv4Network
-    dst: ipaddress.IPv4Network
+    """What a TEK protects: IPv4 or IPv6 prefixes, both of one family (an ESP
+    packet has one IP header, so a mixed selector could match nothing)."""
+
+    src: ipaddress.IPv4Network | ipaddress.IPv6Network
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network
     ip_protocol: int = 0
     src_port: int = 0
     dst_port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.src.version != self.dst.version:
+            raise SelectorFamilyError(
+                f"traffic selector: src {self.src} is IPv{self.src.version}, "
+                f"dst {self.dst} is IPv{self.dst.version}"
+            )
 
     def describe(self) -> str:
         proto = "ip" if self.ip_protocol == 0 else str(self.ip_protocol)
@@ -302,15 +316,19 @@ def parse_sat(sat: SatPayload, now: float) -> tuple[int, TekPolicy, float]:
         # The data path keeps a bitmap of this many bits per sender: bound what a KS can make it hold.
         raise _refuse(f"{where}: replay window {replay} above {MAX_REPLAY_WINDOW}")
     try:
-        src, dst = sat.src.to_network(), sat.dst.to_network()
-    except Exception as exc:  # DecodeError from an unknown ID type
+        # DecodeError from an unknown ID type or a bad mask/range; SelectorFamilyError
+        # when src and dst are of different families (no partial install of such a TEK).
+        selector = TrafficSelector(
+            sat.src.to_network(), sat.dst.to_network(), sat.ip_protocol, sat.src.port, sat.dst.port
+        )
+    except (ProtocolError, ValueError) as exc:
         raise _refuse(
             f"{where}: traffic selector: {exc}", NotifyType.INVALID_ID_INFORMATION
         ) from exc
     policy = TekPolicy(
         sa_number=0,
         transform=TekTransform(EspTransformId(sat.transform_id), key_bits, integrity),
-        selector=TrafficSelector(src, dst, sat.ip_protocol, sat.src.port, sat.dst.port),
+        selector=selector,
         configured_lifetime=value(IpsecAttribute.CONFIGURED_LIFETIME) or life,
         tbar_window_ms=value(IpsecAttribute.TBAR_WINDOW),
         replay_window=replay,
@@ -352,6 +370,9 @@ def parse_sak(sak: SakPayload) -> KekPolicy:
         ks = sak.src.to_network().network_address
     except Exception as exc:
         raise _refuse(f"SAK: source identity: {exc}", NotifyType.INVALID_ID_INFORMATION) from exc
+    if not isinstance(ks, ipaddress.IPv4Address):
+        # Rekeys from an IPv6 KS are issue 11 §2 (control plane over IPv6), not done yet.
+        raise _refuse(f"SAK: KS address {ks} is not IPv4", NotifyType.INVALID_ID_INFORMATION)
     return KekPolicy(
         sak.spi,
         bits,
