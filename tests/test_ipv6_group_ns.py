@@ -1,6 +1,6 @@
 """An IPv6 group policy end to end with real daemons (issue 11 §3, control plane to data path).
 
-The dual-stack namespace topology of :mod:`tests.test_dataplane6_ns` (ULA LANs
+The dual-stack namespace topology of :mod:`tests.dp6net` (ULA LANs
 fd00:1::/64 and fd00:2::/64 behind gm1 and gm2) with a real KS and two GM daemons
 (``[dataplane]`` on) instead of static SAs.  The KS and GMs talk over IPv4 on the core
 (IPv6 UDP 848 is issue 11 §2); the group's policy is ``fd00::/16 -> fd00::/16``, so the
@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dpnet import DpGroup, tshark_fields
-from tests.netns import require_netns
-from tests.test_dataplane6_ns import (
+from tests.dp6net import (
     A6,
     B6,
     GM1_WAN6,
@@ -33,6 +31,8 @@ from tests.test_dataplane6_ns import (
     ipv6_packets,
     tenant6,
 )
+from tests.dpnet import DpGroup, tshark_fields
+from tests.netns import require_netns
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("netns_required")]
 

@@ -19,7 +19,7 @@ from scapy.utils import wrpcap
 from gdoid.keylog import ESP_TABLE, KeyLog, esp_sa_line
 from gdoid.protocol.policy import TrafficSelector
 from tests.dpnet import tshark_fields
-from tests.test_esp6 import T0, make_tek, pair, udp6
+from tests.esp6data import T0, make_tek, pair, udp6
 
 NET4 = IPv4Network("10.0.0.0/8")
 
