@@ -321,7 +321,7 @@ def kernel_clock_synchronized() -> bool:
         state = _libc.adjtimex(timex)
     except (OSError, AttributeError):
         return False  # no way to know: mark the stamp as IOS does an unsynchronized clock
-    return bool(0 <= state != _TIME_ERROR)
+    return state >= 0 and state != _TIME_ERROR
 
 
 # Which clock-sync query the ios renderer asks; configure_logging() sets it (tests inject one).
