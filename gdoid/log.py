@@ -7,8 +7,9 @@ calls on a logger from :func:`get_logger`.
 
 Two output formats:
 
-* ``ios``:  ``2024-05-01 12:00:00.123 %GDOI-5-GM_REGS_COMPL: Registration to ...``
-  (ordinary events: ``2024-05-01 12:00:00.123 event key=value ...``)
+* ``ios``:  ``*May  1 12:00:00.123: %GDOI-5-GM_REGS_COMPL: Registration to ...``
+  (ordinary events: ``*May  1 12:00:00.123: event key=value ...``), the stamp of IOS's
+  ``service timestamps log datetime msec``; the ``*`` only while the clock is unsynchronized.
 * ``json``: one object per line with ``timestamp``, ``level``, ``event`` (the
   full IOS text for mnemonic events), ``mnemonic`` and every field.
 
@@ -21,6 +22,8 @@ Key material never reaches a log line: :func:`redact` runs before rendering.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import re
@@ -64,6 +67,9 @@ __all__ = [
     "configure_logging",
     "emit",
     "get_logger",
+    "ios_line_time",
+    "ios_timestamp",
+    "kernel_clock_synchronized",
     "redact",
     "severity_to_level",
     "with_notify",
@@ -300,6 +306,58 @@ def redact(
 # --------------------------------------------------------------------------- rendering
 
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_TIME_ERROR = 5  # adjtimex(2): the clock is not synchronized (STA_UNSYNC or STA_CLOCKERR)
+_libc: ctypes.CDLL | None = None
+
+
+def kernel_clock_synchronized() -> bool:
+    """Whether the kernel says the clock is synchronized (a read-only adjtimex(2))."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        timex = ctypes.create_string_buffer(512)  # struct timex, modes = 0: only read
+        state = _libc.adjtimex(timex)
+    except (OSError, AttributeError):
+        return False  # no way to know: mark the stamp as IOS does an unsynchronized clock
+    return state >= 0 and state != _TIME_ERROR
+
+
+# Which clock-sync query the ios renderer asks; configure_logging() sets it (tests inject one).
+_clock_synchronized: Callable[[], bool] = kernel_clock_synchronized
+
+
+def ios_timestamp(stamp: datetime, synchronized: bool) -> str:
+    """IOS ``service timestamps log datetime msec``: ``*Jan  8 08:37:03.103`` (``*``: unsynced)."""
+    mark = "" if synchronized else "*"
+    return (
+        f"{mark}{_MONTHS[stamp.month - 1]} {stamp.day:2d} "
+        f"{stamp:%H:%M:%S}.{stamp.microsecond // 1000:03d}"
+    )
+
+
+_IOS_STAMP = re.compile(r"^\*?([A-Z][a-z]{2}) +(\d{1,2}) (\d\d):(\d\d):(\d\d)\.(\d{3}): ")
+
+
+def ios_line_time(line: str, year: int | None = None) -> float:
+    """The time (epoch seconds, local time) of an ``ios`` log line; IOS stamps carry no year."""
+    m = _IOS_STAMP.match(line)
+    if m is None:
+        raise ValueError(f"not an ios log line: {line!r}")
+    mon, day, hh, mm, ss, ms = m.groups()
+    stamp = datetime(
+        datetime.now().year if year is None else year,
+        _MONTHS.index(mon) + 1,
+        int(day),
+        int(hh),
+        int(mm),
+        int(ss),
+        int(ms) * 1000,
+    )
+    return stamp.timestamp()
+
+
 def _add_timestamp(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -342,7 +400,7 @@ def _kv_value(value: Any) -> str:
 
 def _ios_renderer(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
     stamp: datetime = event_dict.pop("timestamp")
-    head = stamp.strftime("%Y-%m-%d %H:%M:%S.") + f"{stamp.microsecond // 1000:03d}"
+    head = ios_timestamp(stamp, _clock_synchronized()) + ":"
     exc = event_dict.pop("exception", None)
     event = str(event_dict.pop("event", ""))
     if "mnemonic" in event_dict:
@@ -443,12 +501,17 @@ def configure_logging(
     stream: TextIO = sys.stderr,
     level: int = logging.INFO,
     journal_socket: str = JOURNAL_SOCKET,
+    clock_synchronized: Callable[[], bool] = kernel_clock_synchronized,
 ) -> None:
     """Configure structlog process-wide; callable again (tests, SIGHUP) to switch.
+
+    ``clock_synchronized`` decides the ``*`` of ``ios`` stamps (the kernel's view by default).
 
     ``journal`` sends entries to journald natively: MESSAGE is the IOS line and
     every structured field is a GDOI_* journal field (``journalctl -o verbose``).
     """
+    global _clock_synchronized
+    _clock_synchronized = clock_synchronized
     if fmt not in ("ios", "json", "journal"):
         raise ValueError(f"unknown log format {fmt!r} (expected 'ios', 'json' or 'journal')")
     if fmt == "journal":

@@ -53,6 +53,15 @@ def tbar_window_text(window_ms: int | None) -> str:
     return f"{window_ms} msec" if window_ms else "disabled"
 
 
+def tbar_interval_text(window_ms: int | None) -> str:
+    """IOS's ``Anti-Replay(Time Based) : 5 sec interval``; msec for a sub-second window."""
+    if not window_ms:
+        return "disabled"
+    if window_ms % 1000 == 0:
+        return f"{window_ms // 1000} sec interval"
+    return f"{window_ms} msec interval"
+
+
 def replay_window_text(window: int | None) -> str:
     return str(window) if window else "disabled"
 
@@ -87,8 +96,7 @@ def tek_sa_lines(tek: Tek, now: float) -> list[str]:
 def tek_replay_lines(tek: Tek) -> list[str]:
     p = tek.policy
     return [
-        "        Anti-Replay(Time Based) : "
-        + (f"{p.tbar_window_ms} msec window" if p.tbar_window_ms else "disabled"),
+        "        Anti-Replay(Time Based) : " + tbar_interval_text(p.tbar_window_ms),
         "        Anti-Replay(Counter Based) : " + replay_window_text(p.replay_window),
         f"        receive-only: {'yes' if p.receive_only else 'no'}",
     ]

@@ -582,3 +582,23 @@ def test_gm_daemon_hands_icmp6_source_to_the_dataplane(confdir: Path) -> None:
     daemon = GroupMemberDaemon(parse_gm_config(text, confdir))
     assert daemon.dataplane is not None
     assert daemon.dataplane.icmp6_source == IPv6Address("fd00:1::fe").packed
+
+
+def test_replay_time_window_size_is_ios_seconds(confdir: Path) -> None:
+    """IOS ``replay time window-size 5`` (seconds) is the TBAR window; tbar_window_ms still works."""
+    cfg = parse_ks_config(
+        KS_TOML.replace("tbar_window_ms = 5000", "replay_time_window_size = 5"), confdir
+    )
+    assert cfg.groups[0].sa_ipsec[0].tbar_window_ms == 5000
+    assert parse_ks_config(KS_TOML, confdir).groups[0].sa_ipsec[0].tbar_window_ms == 5000
+    both = KS_TOML.replace(
+        "tbar_window_ms = 5000", "tbar_window_ms = 5000\nreplay_time_window_size = 5"
+    )
+    err = _ks_err(both, confdir)
+    assert err.key_path == "group[0].sa_ipsec[0].replay_time_window_size"
+    err = _ks_err(
+        KS_TOML.replace("tbar_window_ms = 5000", "replay_time_window_size = 101"), confdir
+    )
+    assert str(err) == (
+        "ks.toml: group[0].sa_ipsec[0].replay_time_window_size: must be an integer between 1 and 100"
+    )

@@ -6,7 +6,9 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 import structlog
@@ -28,7 +30,8 @@ from gdoid.log import (
     get_logger,
 )
 
-IOS_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (?P<text>.*)$")
+# IOS "service timestamps log datetime msec": "*Jan 28 08:37:03.103: %GDOI-..." ("*": unsynced).
+IOS_LINE = re.compile(r"^\*?[A-Z][a-z]{2} [ 1-3]\d \d\d:\d\d:\d\d\.\d{3}: (?P<text>.*)$")
 
 
 @pytest.fixture(autouse=True)
@@ -243,3 +246,36 @@ def test_keys_never_appear_in_logs(fmt: str) -> None:
 def test_redact_processor_nested_values() -> None:
     ev = log.redact(None, "info", {"event": "x", "payload": {"psk": "a", "n": [b"z" * 20, 1]}})
     assert ev["payload"] == {"psk": REDACTED, "n": [REDACTED, 1]}
+
+
+# --------------------------------------------------------------------------- ios timestamps
+
+
+def test_ios_timestamp_is_ios_datetime_msec_form() -> None:
+    """``service timestamps log datetime msec``: month, space-padded day, time with ms."""
+    assert log.ios_timestamp(datetime(2026, 1, 28, 8, 37, 3, 103_999), False) == (
+        "*Jan 28 08:37:03.103"
+    )
+    assert log.ios_timestamp(datetime(2026, 3, 1, 0, 0, 53, 5_000), True) == "Mar  1 00:00:53.005"
+    stamp = datetime(2026, 12, 1, 23, 59, 59, 999_000)
+    assert log.ios_line_time(log.ios_timestamp(stamp, False) + ": x", 2026) == stamp.timestamp()
+
+
+@pytest.mark.parametrize(("synced", "mark"), [(True, ""), (False, "*")])
+def test_ios_line_marks_an_unsynchronized_clock(synced: bool, mark: str) -> None:
+    stream = io.StringIO()
+    configure_logging("ios", stream=stream, clock_synchronized=lambda: synced)
+    emit(get_logger("t"), GM_RECV_DELETE, group="GET")
+    get_logger("t").info("plain", a=1)
+    first, second = stream.getvalue().splitlines()
+    stamp = r"[A-Z][a-z]{2} [ 1-3]\d \d\d:\d\d:\d\d\.\d{3}: "
+    assert re.fullmatch(
+        re.escape(mark) + stamp + re.escape(GM_RECV_DELETE.text(group="GET")), first
+    )
+    assert re.fullmatch(re.escape(mark) + stamp + "plain a=1", second)
+    assert abs(log.ios_line_time(first) - time.time()) < 5  # the local time of now
+
+
+def test_kernel_clock_query_answers() -> None:
+    """adjtimex(2) answers here (a container may well be unsynchronized: either is fine)."""
+    assert log.kernel_clock_synchronized() in (True, False)

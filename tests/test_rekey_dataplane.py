@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +45,7 @@ import pytest
 from gdoid.configgen import gm_config, gm_group, psk_auth
 from gdoid.dataplane.engine import Dataplane, DropReason
 from gdoid.groupmember.sadb import TRANSITION_SWITCH_LEAD, shortened_lifetime
+from gdoid.log import ios_line_time
 from gdoid.netlab import GM1_WAN, GM2_WAN, HOST_B, KS, Topology
 from tests.dpnet import NsDaemon
 from tests.procs import (
@@ -546,8 +546,8 @@ def test_revoked_gm_loses_the_group_while_valid_gm_keeps_forwarding(
 
 
 def stamp(line: str) -> float:
-    """The time of an ``ios`` format log line (``2024-05-01 12:00:00.123 ...``), in seconds."""
-    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    """The time of an ``ios`` format log line (``*May  1 12:00:00.123: ...``), in seconds."""
+    return ios_line_time(line)
 
 
 def in_echos(topo: Topology, ns: str) -> int:

@@ -95,10 +95,15 @@ class Pair:
 
 
 @pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+async def pair(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
     write_private(tmp_path / "psk", "secret\n")
     write_signing_key(tmp_path / "rekey.key")
-    (tmp_path / "ks.toml").write_text(KS_TOML.format(d=tmp_path, transform="esp-gcm-256"))
+    ks_toml = KS_TOML.format(d=tmp_path, transform="esp-gcm-256")
+    # Indirect parametrization: a test may give its own TBAR line for the SA.
+    ks_toml = ks_toml.replace(
+        "tbar_window_ms = 5000", getattr(request, "param", "tbar_window_ms = 5000")
+    )
+    (tmp_path / "ks.toml").write_text(ks_toml)
     (tmp_path / "gm.toml").write_text(GM_TOML.format(d=tmp_path))
     ks = KeyServerDaemon(load_ks_config(tmp_path / "ks.toml"), config_path=tmp_path / "ks.toml")
     gm = GroupMemberDaemon(load_gm_config(tmp_path / "gm.toml"))
@@ -195,7 +200,7 @@ async def test_gm_without_the_data_path_shows_its_sas_from_the_control_plane(pai
 
     text = await pair.text("gm", "show crypto gdoi")
     assert f"        spi: {spi}\n" in text
-    assert "        Anti-Replay(Time Based) : 5000 msec window\n" in text
+    assert "        Anti-Replay(Time Based) : 5 sec interval\n" in text
     assert "        Anti-Replay(Counter Based) : 64\n" in text
 
 
@@ -224,3 +229,19 @@ async def test_reload_announces_a_staged_policy_change_once(pair: Pair) -> None:
     # A further edit is a new change, announced again.
     (d / "ks.toml").write_text(KS_TOML.format(d=d, transform="esp-cbc-256-sha256"))
     assert (await pair.ask("ks", "reload")).output == POLICY_CHANGE
+
+
+@pytest.mark.parametrize(
+    ("pair", "shown"),
+    [
+        ("replay_time_window_size = 5", "5 sec interval"),  # IOS: replay time window-size 5
+        ("replay_time_window_size = 100", "100 sec interval"),
+        ("tbar_window_ms = 500", "500 msec interval"),
+    ],
+    indirect=["pair"],
+)
+async def test_tbar_window_as_ios_configures_and_shows_it(pair: Pair, shown: str) -> None:
+    """``replay time window-size N`` (seconds): KS and GM show ``Anti-Replay(Time Based)``."""
+    for role in ("ks", "gm"):
+        text = await pair.text(role, "show crypto gdoi")
+        assert f"        Anti-Replay(Time Based) : {shown}\n" in text, (role, text)

@@ -66,6 +66,7 @@ _SA_KEYS = (
     "lifetime",
     "replay_window",
     "tbar_window_ms",
+    "replay_time_window_size",
     "receive_only",
     "match",
 )
@@ -80,9 +81,18 @@ def _parse_sa(t: Table) -> SaIpsec:
         lifetime=t.integer("lifetime", 20, 86400),
         match=_parse_selector(t.req_table("match", _MATCH_KEYS)),
         replay_window=t.opt_integer("replay_window", 64, 1024),
-        tbar_window_ms=t.opt_integer("tbar_window_ms", 100, 3600000),
+        tbar_window_ms=_tbar_window_ms(t),
         receive_only=t.boolean("receive_only", False),
     )
+
+
+def _tbar_window_ms(t: Table) -> int | None:
+    """The TBAR window: IOS's ``replay time window-size N`` (seconds) or ``tbar_window_ms``."""
+    if t.has("replay_time_window_size"):
+        if t.has("tbar_window_ms"):
+            raise t.err("replay_time_window_size", "give either this or tbar_window_ms, not both")
+        return t.integer("replay_time_window_size", 1, 100) * 1000
+    return t.opt_integer("tbar_window_ms", 100, 3600000)
 
 
 def _parse_kek(g: Table) -> KekConfig:

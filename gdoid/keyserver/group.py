@@ -317,10 +317,13 @@ class Group:
 
         ``replace`` marks a triggered policy-replace rekey: the 1.0.2 variant
         carries POLICY_REPLACE, and the KS stops handing out the old TEKs.
+        ``replace_now`` replaces the KEK too (GET VPN: the GMs' old TEK and KEK go at once).
         """
         config = self.pending_config or self.config
-        kek_due = self.kek.expires_at - config.rekey.lead_time <= now or (
-            self.pending_config is not None and self._kek_policy_changed(config)
+        kek_due = (
+            replace_now
+            or self.kek.expires_at - config.rekey.lead_time <= now
+            or (self.pending_config is not None and self._kek_policy_changed(config))
         )
         next_key = self.pending_signing_key or self.signing_key
         new_teks = [new_tek(sa, now) for sa in config.sa_ipsec]

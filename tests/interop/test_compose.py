@@ -51,12 +51,12 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
+from gdoid.log import ios_line_time
 from tests.interop import hoststate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,9 +106,9 @@ def images() -> None:
     print(f"build-base.sh: {time.monotonic() - start:.0f} s")
 
 
-# "2026-11-28 08:49:56.707 %GDOI-4-GM_RECV_DELETE_IMMEDIATE: GM receive ..." (gdoid.log, ios format)
+# "*Nov 28 08:49:56.707: %GDOI-4-GM_RECV_DELETE_IMMEDIATE: GM receive ..." (gdoid.log, ios format)
 _MNEMONIC_LINE = re.compile(
-    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) %GDOI-\d-([A-Z0-9_]+): (.*?)\s*$"
+    r"(\*?[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d\.\d{3}: )%GDOI-\d-([A-Z0-9_]+): (.*?)\s*$"
 )
 
 
@@ -196,7 +196,7 @@ class Topology:
         for line in proc.stdout.splitlines():
             m = _MNEMONIC_LINE.search(line)
             if m and m.group(2) == mnemonic:
-                stamp = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+                stamp = ios_line_time(m.group(1))
                 found.append((stamp, m.group(3)))
         return found
 
